@@ -1,0 +1,212 @@
+"""CLIP ViT-L/14 text transformer (`cond_stage_model.transformer.text_model`) and SD tokenisation.
+
+The output SD v1 feeds to cross-attention is HF's `last_hidden_state`: after `final_layer_norm`,
+all 77 positions, padding included. Pre-LN layers, quick_gelu, causal mask, no padding mask.
+Tokenisation is CLIP's byte-level BPE with the vocabulary file open_clip ships; prompts become
+BOS 49406, at most 75 content tokens, EOS 49407, then 49407 up to 77.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPTextConfig
+
+BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+def bpe_vocab_path() -> Path:
+    """open_clip's `bpe_simple_vocab_16e6.txt.gz`, found without importing open_clip (which needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the CLIP BPE vocabulary comes from the open_clip_torch package: "
+                          "pip install --no-deps open_clip_torch")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall open_clip_torch")
+    return path
+
+
+@functools.lru_cache()
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer with SD v1's padding (pad = EOS = 49407)."""
+
+    PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+    def __init__(self, vocab_path: str | Path | None = None):
+        import regex
+
+        with gzip.open(vocab_path or bpe_vocab_path(), "rt", encoding="utf-8") as f:
+            merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.pat = regex.compile(self.PATTERN, regex.IGNORECASE)
+        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS
+
+    def bpe(self, token: str) -> str:
+        if token in self.cache:
+            return self.cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = set(zip(word, word[1:]))
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        out = " ".join(word)
+        self.cache[token] = out
+        return out
+
+    @staticmethod
+    def normalize(text: str) -> str:
+        try:
+            import ftfy
+            text = ftfy.fix_text(text)
+        except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected
+            pass
+        text = html.unescape(html.unescape(text))
+        return " ".join(text.split()).strip().lower()
+
+    def encode(self, text: str) -> list[int]:
+        """Content token ids, without BOS/EOS."""
+        ids = []
+        for chunk in self.pat.findall(self.normalize(text)):
+            chunk = "".join(self.byte_encoder[b] for b in chunk.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(chunk).split(" "))
+        return ids
+
+    def decode(self, ids) -> str:
+        text = "".join(self.decoder[int(i)] for i in ids)
+        text = bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ")
+
+    def __call__(self, prompts: list[str] | str, length: int = CONTEXT_LENGTH) -> torch.Tensor:
+        """(N, 77) int64: BOS, content truncated to 75 tokens (with a warning), EOS, EOS padding."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = []
+        for p in prompts:
+            ids = self.encode(p)
+            if len(ids) > length - 2:
+                warnings.warn(f"prompt has {len(ids)} tokens; CLIP takes {length - 2}: truncated to "
+                              f"{self.decode(ids[:length - 2]).strip()!r}", stacklevel=2)
+                ids = ids[:length - 2]
+            rows.append([BOS] + ids + [EOS] * (length - 1 - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+@functools.lru_cache()
+def default_tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+# ----------------------------------------------------------------------------------- text model
+class Embeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.width)
+
+    def forward(self, ids):
+        # position ids are regenerated, never read from a checkpoint (merged files carry broken float ones)
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.token_embedding(ids) + self.position_embedding(pos)[None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, cfg.width)
+        self.act = cfg.hidden_act
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else F.gelu(x)
+        return self.fc2(x)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class CLIPTextModel(nn.Module):
+    """Token ids (N, 77) -> last_hidden_state (N, 77, width), after final_layer_norm."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, ids):
+        return self.final_layer_norm(self.encoder(self.embeddings(ids)))

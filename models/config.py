@@ -1,0 +1,163 @@
+"""Frozen architecture configs, read from CompVis-style YAML (`v1-inference.yaml`) or built in code.
+
+The defaults are Stable Diffusion v1.x. `SDConfig.from_ldm(d)` reads the dict of a CompVis
+`v1-inference.yaml` (the file users keep beside their checkpoints, also stored as JSON in the
+safetensors metadata key `ldm_config` of the files `weights_tools.make_tiny` writes). A real
+`v1-inference.yaml` names `FrozenCLIPEmbedder` without parameters: that is CLIP ViT-L/14. Tiny
+test models add a `tiny_clip_text` block to `cond_stage_config.params`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple = (4, 2, 1)  # downsample factors that get a SpatialTransformer
+    num_heads: int = 8
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    resolution: int = 256
+    attn_resolutions: tuple = ()  # SD v1 has attention only in the mid block
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    unet: UNetConfig = UNetConfig()
+    vae: VAEConfig = VAEConfig()
+    text: CLIPTextConfig = CLIPTextConfig()
+    scale_factor: float = 0.18215
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    num_train_timesteps: int = 1000
+    image_size: int = 64  # latent side the model was trained at (64 -> 512 px for SD v1)
+
+    @property
+    def default_height(self) -> int:
+        return self.image_size * self.vae.downsample
+
+    # ---- reading and writing CompVis-style configs ----
+    @classmethod
+    def from_ldm(cls, cfg: dict) -> "SDConfig":
+        """Build from the dict of a CompVis `v1-inference.yaml` (keys model.params....)."""
+        p = cfg["model"]["params"] if "model" in cfg else cfg["params"]
+        u = p["unet_config"]["params"]
+        if u.get("num_head_channels", -1) not in (-1, None):
+            raise ValueError("config uses num_head_channels (SD 2.x style heads); SD v1.x configs give num_heads")
+        unet = UNetConfig(
+            in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4),
+            model_channels=u["model_channels"], channel_mult=tuple(u["channel_mult"]),
+            num_res_blocks=u["num_res_blocks"], attention_resolutions=tuple(u["attention_resolutions"]),
+            num_heads=u["num_heads"], transformer_depth=u.get("transformer_depth", 1),
+            context_dim=u["context_dim"], use_linear_in_transformer=u.get("use_linear_in_transformer", False))
+        fs = p["first_stage_config"]["params"]
+        dd = fs["ddconfig"]
+        vae = VAEConfig(
+            in_channels=dd.get("in_channels", 3), out_ch=dd.get("out_ch", 3), ch=dd["ch"],
+            ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"],
+            embed_dim=fs.get("embed_dim", dd["z_channels"]), resolution=dd.get("resolution", 256),
+            attn_resolutions=tuple(dd.get("attn_resolutions", ())))
+        cs = (p.get("cond_stage_config") or {}).get("params") or {}
+        if "tiny_clip_text" in cs:
+            t = cs["tiny_clip_text"]
+            text = CLIPTextConfig(
+                vocab_size=t["vocab_size"], max_position_embeddings=t["max_position_embeddings"],
+                width=t["width"], layers=t["layers"], heads=t["heads"],
+                intermediate_size=t["intermediate_size"], hidden_act=t.get("hidden_act", "quick_gelu"),
+                layer_norm_eps=t.get("layer_norm_eps", 1e-5))
+        else:
+            text = CLIPTextConfig()
+        return cls(unet=unet, vae=vae, text=text, scale_factor=p.get("scale_factor", 0.18215),
+                   linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
+                   num_train_timesteps=p.get("timesteps", 1000), image_size=p.get("image_size", 64))
+
+    def to_ldm(self) -> dict:
+        """The inverse of `from_ldm`: a CompVis-style config dict (JSON/YAML serialisable)."""
+        u, v, t = self.unet, self.vae, self.text
+        unet = dict(image_size=self.image_size, in_channels=u.in_channels, out_channels=u.out_channels,
+                    model_channels=u.model_channels, attention_resolutions=list(u.attention_resolutions),
+                    num_res_blocks=u.num_res_blocks, channel_mult=list(u.channel_mult), num_heads=u.num_heads,
+                    use_spatial_transformer=True, transformer_depth=u.transformer_depth,
+                    context_dim=u.context_dim, use_checkpoint=False, legacy=False)
+        if u.use_linear_in_transformer:
+            unet["use_linear_in_transformer"] = True
+        ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=v.resolution, in_channels=v.in_channels,
+                        out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks,
+                        attn_resolutions=list(v.attn_resolutions), dropout=0.0)
+        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+        if t != CLIPTextConfig():
+            cond["params"] = {"tiny_clip_text": dict(
+                vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, width=t.width,
+                layers=t.layers, heads=t.heads, intermediate_size=t.intermediate_size,
+                hidden_act=t.hidden_act, layer_norm_eps=t.layer_norm_eps)}
+        params = dict(
+            linear_start=self.linear_start, linear_end=self.linear_end, num_timesteps_cond=1,
+            timesteps=self.num_train_timesteps, first_stage_key="jpg", cond_stage_key="txt",
+            image_size=self.image_size, channels=u.in_channels, cond_stage_trainable=False,
+            conditioning_key="crossattn", scale_factor=self.scale_factor, use_ema=False,
+            unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL",
+                                "params": dict(embed_dim=v.embed_dim, ddconfig=ddconfig,
+                                               lossconfig={"target": "torch.nn.Identity"})},
+            cond_stage_config=cond)
+        return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_ldm(), sort_keys=True)
+
+    def replace(self, **kw) -> "SDConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def load_config(path_or_name) -> SDConfig:
+    """An `SDConfig` from a YAML/JSON file path, or a name in configs/ ("sd-v1", "tiny")."""
+    import yaml
+
+    path = Path(path_or_name)
+    if not path.exists():
+        path = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"config {path_or_name!r} not found (looked for a file and for {path})")
+    with open(path) as f:
+        d = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
+    if not isinstance(d, dict) or not ("model" in d or "params" in d):
+        raise ValueError(f"{path}: not a CompVis-style model config (expected a top-level 'model:' key)")
+    return SDConfig.from_ldm(d)

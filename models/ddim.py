@@ -1,0 +1,52 @@
+"""DDIM (eta = 0) as Stable Diffusion v1 uses it.
+
+Scaled-linear betas from 0.00085 to 0.012 over 1000 steps; "leading" timesteps with an offset
+(steps_offset=1 gives 981, 961, ..., 1 for 50 steps, as CompVis and diffusers' DDIMScheduler with
+steps_offset=1); the last step lands on alpha_cumprod[0], not on 1 (set_alpha_to_one=False).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DDIM:
+    alphas_cumprod: torch.Tensor  # (1000,) fp32, on the CPU
+    timesteps: torch.Tensor       # (S,) int64, descending
+    step_size: int                # 1000 // S: the gap between consecutive timesteps
+
+    @classmethod
+    def create(cls, num_steps: int = 50, steps_offset: int = 1, beta_start: float = 0.00085,
+               beta_end: float = 0.012, num_train_timesteps: int = 1000) -> "DDIM":
+        if not 1 <= num_steps <= num_train_timesteps:
+            raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        step = num_train_timesteps // num_steps
+        timesteps = torch.arange(0, num_steps, dtype=torch.int64).flip(0) * step + steps_offset
+        return cls(alphas_cumprod, timesteps, step)
+
+    def alpha(self, t: int) -> torch.Tensor:
+        """alpha_cumprod at a timestep; negative t (before the first) is alpha_cumprod[0]."""
+        return self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod[0]
+
+    def prev_timestep(self, t: int) -> int:
+        return int(t) - self.step_size
+
+    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """x_t -> x_{t-step}: x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
+        t = int(t)
+        a_t, a_prev = self.alpha(t), self.alpha(self.prev_timestep(t))
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+    def inverse_step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """x_{t-step} -> x_t, the step DDIM inversion takes: the same update with the roles swapped.
+
+        The reference evaluates eps at the destination timestep t (not at t - step)."""
+        t = int(t)
+        a_t, a_prev = self.alpha(t), self.alpha(self.prev_timestep(t))
+        x0 = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+        return a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps

@@ -1,0 +1,224 @@
+"""The SD v1.x UNet (CompVis `openaimodel.UNetModel`), with the checkpoint's own module names.
+
+`unet.input_blocks[1][1].proj_in` is `model.diffusion_model.input_blocks.1.1.proj_in` in the file,
+so loading is a strict `load_state_dict` after the prefix is stripped. Dropout sits at the indices
+where the checkpoint has no tensors (`out_layers.2`, `ff.net.1`, `to_out.1`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import CrossAttention, Site
+from .config import UNetConfig
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 and cast back (CompVis `GroupNorm32`), eps 1e-5."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(ch: int) -> nn.GroupNorm:
+    return GroupNorm32(32, ch, eps=1e-5)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cosine first (CompVis `util.timestep_embedding`; not `model.py`'s sin-first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, emb_ch: int, out_ch: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
+        self.out_layers = nn.Sequential(normalization(out_ch), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)         # self-attention
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)  # cross-attention on the text
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context, attn_override=None, hw=None):
+        x = x + self.attn1(self.norm1(x), None, attn_override, hw)
+        x = x + self.attn2(self.norm2(x), context, attn_override, hw)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, ch: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear = linear
+        self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+
+    def forward(self, x, context, attn_override=None):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear:
+            y = self.proj_in(y)
+        y = rearrange(y, "b c h w -> b (h w) c")  # (B, HW, C)
+        if self.linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context, attn_override, (h, w))
+        if self.linear:
+            y = self.proj_out(y)
+        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+        if not self.linear:
+            y = self.proj_out(y)
+        return x + y
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)  # symmetric padding in the UNet (not the VAE)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    def forward(self, x, emb, context, attn_override=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, attn_override)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, heads = cfg.model_channels, cfg.num_heads
+        emb_ch = mc * 4
+
+        def transformer(ch):
+            return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim,
+                                      cfg.use_linear_in_transformer)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+
+        # Input blocks: every output is kept as a skip for the output blocks.
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_ch, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch), transformer(ch), ResBlock(ch, emb_ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_ch, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.sites = self._assign_sites()
+
+    def _assign_sites(self) -> list[Site]:
+        """Give every attention module its Site, in the order one forward pass calls them."""
+        sites = []
+        parts = [("down", self.input_blocks), ("mid", [self.middle_block]), ("up", self.output_blocks)]
+        n_levels = len(self.cfg.channel_mult)
+        for place, blocks in parts:
+            level = 0 if place == "down" else n_levels - 1
+            for block in blocks:
+                for layer in block:
+                    if isinstance(layer, Downsample):
+                        level += 1
+                    if isinstance(layer, SpatialTransformer):
+                        for tb in layer.transformer_blocks:
+                            for attn, is_cross in ((tb.attn1, False), (tb.attn2, True)):
+                                attn.site = Site(place, level, len(sites), is_cross)
+                                sites.append(attn.site)
+                    if isinstance(layer, Upsample):
+                        level -= 1
+        return sites
+
+    def forward(self, x, t, context, attn_override=None):
+        """eps = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h and w multiples of 2**levels."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context, attn_override)
+            hs.append(h)
+        h = self.middle_block(h, emb, context, attn_override)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, attn_override)
+        return self.out(h)

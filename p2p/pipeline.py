@@ -1,0 +1,75 @@
+"""Algorithm 1 of the paper: `generate()` (plain text-to-image) and `edit()` (Prompt-to-Prompt).
+
+Both run the reference's loop: one CPU noise draw shared by the batch, classifier-free guidance
+with the batch ordered [uncond..., cond...] in one UNet call, DDIM with eta 0, and images made
+uint8 by truncation. The loop knows the step index and asks the controller for that step's
+attention override; nothing advances as a side effect of a forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Output:
+    images: np.ndarray            # uint8 (N, H, W, 3)
+    latents: torch.Tensor         # z_0 (N, 4, h, w), before decoding
+    x_T: torch.Tensor             # the initial latent (1 or N, 4, h, w)
+    attention: object = None      # stored attention maps (p2p.store.AttentionStore), when kept
+    trajectory: list = field(default_factory=list)
+
+
+def initial_latent(sd, seed: int, height: int, width: int, latents=None, batch: int = 1) -> torch.Tensor:
+    """x_T: `latents` if given (1 or N rows), else ONE CPU draw from manual_seed(seed), expanded to the batch."""
+    f = sd.latent_downsample
+    if height % (8 * f) or width % (8 * f):
+        raise ValueError(f"height and width must be multiples of {8 * f} (the UNet halves the latent three "
+                         f"times), got {height}x{width}")
+    shape = (sd.cfg.unet.in_channels, height // f, width // f)
+    if latents is None:
+        latents = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
+    latents = torch.as_tensor(latents)
+    if latents.dim() != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] not in (1, batch):
+        raise ValueError(f"latents must have shape (1 or {batch}, {', '.join(map(str, shape))}), "
+                         f"got {tuple(latents.shape)}")
+    return latents
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), truncating like the reference's latent2image."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
+
+
+def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM"):
+    """The guided DDIM loop. cond (B, 77, d); uncond (B, 77, d) or a list of one per step (null-text)."""
+    B = cond.shape[0]
+    x = x_T.to(sd.device, sd.dtype).expand(B, -1, -1, -1)
+    for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False)):
+        u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
+        context = torch.cat([u.expand(B, -1, -1), cond])
+        override = controller.override(i) if controller is not None else None
+        eps_u, eps_c = sd.unet(torch.cat([x, x]), t, context, attn_override=override).chunk(2)
+        x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x)
+        if controller is not None:
+            x = controller.step_callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def generate(sd, prompts, *, seed: int = 0, latents=None, num_steps: int = 50, guidance_scale: float = 7.5,
+             height: int | None = None, width: int | None = None, steps_offset: int = 1,
+             progress: bool = True) -> Output:
+    """Plain text-to-image with DDIM and classifier-free guidance: the loop Algorithm 1 extends."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    height = height or sd.cfg.default_height
+    width = width or sd.cfg.default_height
+    x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
+    cond = sd.encode_text(prompts)
+    uncond = sd.encode_text([""])
+    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, progress=progress)
+    return Output(images=to_uint8(sd.decode(z0)), latents=z0, x_T=x_T)
