@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")        # the oracles must never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+GOLDEN_CKPT = GOLDEN / "tiny-sd-a.safetensors"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    """The golden tiny checkpoint (the reference's outputs were made with it), fp32 on the CPU."""
+    from weights_tools import load_checkpoint
+
+    sd = load_checkpoint(GOLDEN_CKPT, device="cpu", dtype=torch.float32)
+    sd.requires_grad_(False)
+    return sd.eval()
