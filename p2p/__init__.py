@@ -1,5 +1,8 @@
 """Prompt-to-Prompt image editing with cross-attention control."""
-from .pipeline import Output, generate
+from .blend import LocalBlend
+from .control import Refine, Replace, Reweight
+from .pipeline import Output, edit, generate
+from .store import AttentionStore
 
 __version__ = "0.1.0"
-__all__ = ["Output", "generate"]
+__all__ = ["AttentionStore", "LocalBlend", "Output", "Refine", "Replace", "Reweight", "edit", "generate"]

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from models.clip import default_tokenizer
+
 
 @dataclass
 class Output:
@@ -73,3 +75,28 @@ def generate(sd, prompts, *, seed: int = 0, latents=None, num_steps: int = 50, g
     uncond = sd.encode_text([""])
     z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, progress=progress)
     return Output(images=to_uint8(sd.decode(z0)), latents=z0, x_T=x_T)
+
+
+@torch.no_grad()
+def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = 0, latents=None, num_steps: int = 50,
+         guidance_scale: float = 7.5, height: int | None = None, width: int | None = None, steps_offset: int = 1,
+         store=None, fast: bool = True, progress: bool = True) -> Output:
+    """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
+
+    All prompts run in one batch from the same x_T; at step t the controller injects the source's
+    maps M_t into the edited prompts through `spec` (Replace / Refine / Reweight), and LocalBlend,
+    if given, keeps the source latents outside the edited words' mask. `spec=None` is plain
+    generation with the attention maps kept (`out.attention`). `store` chooses which maps are kept
+    (default: cross-attention maps of layers up to 32x32, as the reference)."""
+    from .control import Controller
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    height = height or sd.cfg.default_height
+    width = width or sd.cfg.default_height
+    x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
+    controller = Controller(default_tokenizer(), prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
+    cond = sd.encode_text(prompts)
+    uncond = sd.encode_text([""])
+    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, controller,
+                 progress=progress, desc="Prompt-to-Prompt")
+    return Output(images=to_uint8(sd.decode(z0)), latents=z0, x_T=x_T, attention=controller.store)

@@ -1,0 +1,227 @@
+"""From an edit spec and a step index to that step's attention override.
+
+The specs (`Replace`, `Refine`, `Reweight`) hold the knobs a researcher sweeps. `Controller`
+resolves them once against the prompts (token alignments, the per-word time schedule alpha,
+the self-attention window) and then, for step i, returns `override(site, q, k, v)` for the UNet.
+Nothing advances as a side effect of a forward pass: the sampling loop passes the step.
+
+Batch layout, as the reference: the guidance batch is [uncond x B, cond x B]; prompts[0] is the
+source and prompts[1:] the edited prompts; only the conditional rows are edited or stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from models.attention import Site, attention_probs
+
+from . import edits
+from .align import refinement_mapper, replacement_mapper, word_token_indices
+from .store import AttentionStore
+
+Steps = Union[float, tuple, dict]
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """Shared knobs. cross_replace_steps: a float f (inject for the first f of the steps), a
+    (start, end) pair, or a dict {"default_": ..., "word": ...} with per-word windows.
+    self_replace_steps: a float or a pair. self_replace_max_res: inject self-attention only in
+    layers whose latent side is at most this (16 in the stable notebook, 32 in null-text's)."""
+    cross_replace_steps: Steps = 0.8
+    self_replace_steps: Union[float, tuple] = 0.4
+    self_replace_max_res: int = 16
+
+    def cross_maps(self, tokenizer, prompts):
+        """The Edit function for this spec: (M_src (H,N,K), M_edit (B',H,N,K)) -> M_hat (B',H,N,K)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Replace(_Edit):
+    """Word swap. `reference_tail=True` keeps the reference's misaligned tail after a swapped word
+    with a different token count (see `align.replacement_mapper`)."""
+    reference_tail: bool = False
+
+    def cross_maps(self, tokenizer, prompts):
+        mapper = replacement_mapper(tokenizer, prompts[0], prompts[1:], reference_tail=self.reference_tail)
+        return lambda M_src, M_edit: edits.replace(M_src, mapper.to(M_src.device))
+
+
+@dataclass(frozen=True)
+class Refine(_Edit):
+    """Adding a phrase: source maps through the token alignment A(j); new tokens keep their own."""
+
+    def cross_maps(self, tokenizer, prompts):
+        mapper, alphas = refinement_mapper(tokenizer, prompts[0], prompts[1:])
+        return lambda M_src, M_edit: edits.refine(M_src, M_edit, mapper.to(M_src.device), alphas.to(M_src.device))
+
+
+@dataclass(frozen=True)
+class Reweight(_Edit):
+    """Scale the maps of chosen words by c. equalizer: {"word": c} or {"word": [c per edited prompt]}.
+    base: None (reweight the source maps), or a Replace / Refine whose Edit runs first (its
+    time schedule and self window are not used: Reweight's own apply, as in the reference)."""
+    equalizer: dict = field(default_factory=dict)
+    base: Union[Replace, Refine, None] = None
+
+    def cross_maps(self, tokenizer, prompts):
+        c = equalizer(tokenizer, prompts, self.equalizer)
+        base = self.base.cross_maps(tokenizer, prompts) if self.base is not None else (lambda M_src, M_edit: M_src)
+        return lambda M_src, M_edit: edits.reweight(base(M_src, M_edit), c.to(M_src.device))
+
+
+# ----------------------------------------------------------------------------------- schedules
+def _bounds(b, what: str) -> tuple[float, float]:
+    """A float f means (0, f). (The reference accepts only Python floats; ints work here.)"""
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        b = (0.0, float(b))
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, (int, float)) for x in b)):
+        raise ValueError(f"{what} must be a fraction of the steps or a (start, end) pair, got {b!r}")
+    if not 0 <= b[0] <= b[1] <= 1:
+        raise ValueError(f"{what} must satisfy 0 <= start <= end <= 1, got {tuple(b)}")
+    return float(b[0]), float(b[1])
+
+
+def time_word_alpha(tokenizer, prompts, num_steps: int, cross_replace_steps: Steps) -> torch.Tensor:
+    """alpha (T+1, B', K): 1 where token k of edited prompt b takes the edited map at step t.
+
+    Rows [int(start*(T+1)), int(end*(T+1))) are 1, as the reference (which has T+1 rows although
+    the loop has T steps). Word keys are looked up in the edited prompts; a word present in some
+    of them only affects those, a word in none of them is an error."""
+    steps = dict(cross_replace_steps) if isinstance(cross_replace_steps, dict) else {"default_": cross_replace_steps}
+    steps.setdefault("default_", (0.0, 1.0))
+    alpha = torch.zeros(num_steps + 1, len(prompts) - 1, 77)
+
+    def fill(b, cols, bounds, what):
+        s, e = _bounds(bounds, what)
+        alpha[:, b, cols] = 0
+        alpha[int(s * (num_steps + 1)):int(e * (num_steps + 1)), b, cols] = 1
+
+    for b in range(len(prompts) - 1):
+        fill(b, slice(None), steps["default_"], "cross_replace_steps")
+    for word, bounds in steps.items():
+        if word == "default_":
+            continue
+        found = False
+        for b, prompt in enumerate(prompts[1:]):
+            if word in prompt.split(" "):
+                fill(b, word_token_indices(tokenizer, prompt, word), bounds, f"cross_replace_steps[{word!r}]")
+                found = True
+        if not found:
+            raise ValueError(f"cross_replace_steps names {word!r}, which is in none of the edited prompts "
+                             f"{prompts[1:]}: use a word of an edited prompt, or 'default_'")
+    return alpha
+
+
+def equalizer(tokenizer, prompts, values: dict) -> torch.Tensor:
+    """c (B', K): 1 everywhere but the token columns of each word, which get its value for that
+    edited prompt (one value for all, or a list with one per edited prompt)."""
+    if not values:
+        raise ValueError("Reweight needs equalizer={word: c}, e.g. {'smiling': 5.0}")
+    n = len(prompts) - 1
+    c = torch.ones(n, 77)
+    for word, v in values.items():
+        v = list(v) if isinstance(v, (list, tuple)) else [v] * n
+        if len(v) != n:
+            raise ValueError(f"equalizer[{word!r}] has {len(v)} values for {n} edited prompts: give one value, "
+                             f"or one per edited prompt")
+        for b in range(n):
+            c[b, word_token_indices(tokenizer, prompts[b + 1], word)] = float(v[b])
+    return c
+
+
+def self_window(num_steps: int, self_replace_steps) -> tuple[int, int]:
+    """Steps [int(T*start), int(T*end)) inject self-attention (T rows here, T+1 for cross: as the reference)."""
+    s, e = _bounds(self_replace_steps, "self_replace_steps")
+    return int(num_steps * s), int(num_steps * e)
+
+
+# ----------------------------------------------------------------------------------- controller
+class Controller:
+    """Resolves a spec against the prompts; `override(i)` gives the attention override of step i.
+
+    fast=True applies cross edits on the value side, M_hat V = M_t (S V) + M*_t (diag(e) V),
+    with (S, e) read off the same `edits` functions applied to identity maps, and injects
+    self-attention as softmax(q_src k_src^T) v_edit: no map is formed unless it is stored.
+    fast=False forms every map an edit touches (the readable path; a test holds the two equal)."""
+
+    def __init__(self, tokenizer, prompts, spec, num_steps, sites, local_blend=None,
+                 store: AttentionStore | None = None, fast: bool = True):
+        self.B = len(prompts)
+        self.spec, self.fast = spec, fast
+        self.store = store if store is not None else AttentionStore()
+        self.blend = local_blend.build(tokenizer, prompts, num_steps, sites) if local_blend is not None else None
+        if self.blend is not None:
+            self.store.extra |= set(self.blend.layers)
+        if spec is not None:
+            if self.B < 2:
+                raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
+            self.cross = spec.cross_maps(tokenizer, prompts)
+            self.alpha = time_word_alpha(tokenizer, prompts, num_steps, spec.cross_replace_steps)
+            self.window = self_window(num_steps, spec.self_replace_steps)
+            self._linear = {}
+
+    # ---- the edit at step i, on maps (the definition) and as a linear map (the fast path)
+    def edit_cross(self, i, M_src, M_edit):
+        """alpha_i * Edit(M_t, M*_t) + (1 - alpha_i) * M*_t."""
+        return edits.blend_in_time(self.cross(M_src, M_edit), M_edit, self.alpha[i].to(M_src.device))
+
+    def cross_linear(self, i, like: torch.Tensor):
+        """(S (B', K, K), e (B', K)) with edit_cross(i, M, M*) = M S + M* diag(e), by linearity."""
+        key = (self.alpha[i].numpy().tobytes(), like.dtype, like.device)
+        if key not in self._linear:
+            K, n = self.alpha.shape[-1], self.B - 1
+            eye = torch.eye(K, dtype=torch.float64, device=like.device)[None]
+            zero = torch.zeros(n, 1, K, K, dtype=torch.float64, device=like.device)
+            S = self.edit_cross(i, eye, zero)[:, 0]
+            E = self.edit_cross(i, torch.zeros_like(eye), eye.expand(n, 1, K, K))[:, 0]
+            e = torch.diagonal(E, dim1=-2, dim2=-1)
+            assert torch.equal(E, torch.diag_embed(e)), "an edit must only scale the edited prompt's columns"
+            self._linear[key] = (S.to(like.dtype), e.to(like.dtype))
+        return self._linear[key]
+
+    def cross_active(self, i) -> bool:
+        return self.spec is not None and bool(self.alpha[i].any())
+
+    def self_active(self, i, site: Site) -> bool:
+        return (self.spec is not None and self.window[0] <= i < self.window[1]
+                and site.pixels <= self.spec.self_replace_max_res ** 2)
+
+    def override(self, i: int):
+        store = self.store
+
+        def attn(site: Site, q, k, v):
+            B = self.B
+            active = self.cross_active(i) if site.is_cross else self.self_active(i, site)
+            keep = store.wants(site)
+            if not (active or keep):
+                return None                                   # plain fused attention
+            qc, kc, vc = q[B:], k[B:], v[B:]                  # conditional rows: source, then edits
+            if keep or not self.fast:
+                M = attention_probs(qc, kc)                   # (B, H, N, K)
+                if active:
+                    M_new = self.edit_cross(i, M[0], M[1:]) if site.is_cross else edits.inject_self(M[0], B - 1)
+                    M = torch.cat([M[:1], M_new])
+                if keep:
+                    store.add(site, M)
+                out_c = M @ vc
+            elif site.is_cross:
+                S, e = self.cross_linear(i, vc)
+                src = (qc[:1].expand(B - 1, -1, -1, -1), kc[:1].expand(B - 1, -1, -1, -1))
+                out_e = F.scaled_dot_product_attention(*src, torch.einsum("bwn,bhnd->bhwd", S, vc[1:]))
+                if e.any():
+                    out_e = out_e + F.scaled_dot_product_attention(qc[1:], kc[1:], e[:, None, :, None] * vc[1:])
+                out_c = torch.cat([F.scaled_dot_product_attention(qc[:1], kc[:1], vc[:1]), out_e])
+            else:                                             # self-attention: softmax(q_t k_t^T) v*
+                out_c = F.scaled_dot_product_attention(qc[:1].expand(B, -1, -1, -1), kc[:1].expand(B, -1, -1, -1), vc)
+            return torch.cat([F.scaled_dot_product_attention(q[:B], k[:B], v[:B]), out_c])
+
+        return attn
+
+    def step_callback(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        self.store.end_step()
+        return self.blend(i, x, self.store) if self.blend is not None else x

@@ -1,0 +1,76 @@
+"""Attention maps kept for LocalBlend and for pictures.
+
+Maps are stored after editing (the reference stores views of the live maps that the edit then
+overwrites), for the conditional half of the guidance batch only, averaged over heads, and summed
+over steps: `average()` divides by the number of steps, as the reference's `get_average_attention`.
+Only the layers asked for are kept, so nothing else is ever materialised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from models.attention import Site
+
+
+@dataclass
+class AttentionStore:
+    """Running sums of head-averaged maps, one (B, N, K) tensor per kept layer.
+
+    max_res: keep layers whose latent side is at most this (the reference keeps N <= 32**2).
+    cross / self_attention: which kinds of layer to keep. Self-attention maps are N x N: keep
+    them only for pictures (`viz.self_attention_components`)."""
+    max_res: int = 32
+    cross: bool = True
+    self_attention: bool = False
+    extra: set = field(default_factory=set)  # site indices kept regardless (LocalBlend's layers)
+    sums: dict = field(default_factory=dict)    # site index -> (B, N, K) sum over steps
+    sites: dict = field(default_factory=dict)   # site index -> Site
+    num_steps: int = 0
+
+    def wants(self, site: Site) -> bool:
+        if site.index in self.extra:
+            return True
+        kind = self.cross if site.is_cross else self.self_attention
+        return kind and site.pixels <= self.max_res ** 2
+
+    def add(self, site: Site, M: torch.Tensor) -> None:
+        """M: (B, heads, N, K) probabilities of the conditional rows, after editing."""
+        m = M.mean(dim=1)
+        prev = self.sums.get(site.index)
+        self.sums[site.index] = m if prev is None else prev + m
+        self.sites[site.index] = site
+
+    def end_step(self) -> None:
+        self.num_steps += 1
+
+    def layers(self, places=("down", "mid", "up"), is_cross=True, res=None, level=None) -> list[Site]:
+        """Kept sites in call order, filtered by place, kind, side (int or (h, w)) and level."""
+        out = []
+        for i in sorted(self.sites):
+            s = self.sites[i]
+            if s.place not in places or s.is_cross != is_cross:
+                continue
+            if res is not None and (s.h, s.w) != ((res, res) if isinstance(res, int) else tuple(res)):
+                continue
+            if level is not None and s.level != level:
+                continue
+            out.append(s)
+        return out
+
+    def average(self, site: Site) -> torch.Tensor:
+        return self.sums[site.index] / max(self.num_steps, 1)
+
+    def aggregate(self, res, from_where=("up", "down"), is_cross=True, select: int = 0) -> torch.Tensor:
+        """The reference's aggregate_attention: mean over layers and heads of the step-averaged
+        maps at side `res`, for prompt `select`: (h, w, K)."""
+        sites = self.layers(from_where, is_cross, res=res)
+        if not sites:
+            kept = sorted({(s.h, s.w) for s in self.sites.values() if s.is_cross == is_cross})
+            raise ValueError(f"no stored {'cross' if is_cross else 'self'}-attention maps at {res} from "
+                             f"{list(from_where)}; stored sides: {kept}. Keep them with "
+                             f"AttentionStore(max_res=..., self_attention=...)")
+        maps = torch.stack([self.average(s)[select] for s in sites]).mean(0)
+        s = sites[0]
+        return maps.reshape(s.h, s.w, -1)

@@ -1,0 +1,218 @@
+"""Pictures: image grids with captions, cross-attention heatmaps per token, self-attention components.
+
+PIL and numpy only. The heatmaps follow the reference's show_cross_attention (map * 255 / max,
+truncated to uint8, grey, resized to 256) and show_self_attention_comp (SVD of the self-attention
+map minus its row means, top rows of V^T), so pictures can be compared with the paper's figures.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+WHITE, BLACK = 255, (0, 0, 0)
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _to_uint8_rgb(image) -> np.ndarray:
+    """A PIL image, or an (H, W) / (H, W, 1|3|4) array, as uint8 (H, W, 3)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    a = _to_numpy(image)
+    if a.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 (0..255), got {a.dtype}; see p2p.pipeline.to_uint8")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a[..., :3]
+
+
+# ----------------------------------------------------------------------------- grids
+def _font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)   # Pillow >= 10.1: a scalable bundled font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels; a single word wider than that is cut by characters."""
+    fits = lambda t: draw.textlength(t, font=font) <= width
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] += f" {word}"
+            continue
+        while len(word) > 1 and not fits(word):
+            cut = max([k for k in range(1, len(word)) if fits(word[:k])], default=1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines or [""]
+
+
+def image_grid(images, captions: Sequence[str] | None = None, rows: int = 1, pad: int = 4,
+               font_size: int = 14) -> Image.Image:
+    """Images side by side in `rows` rows on white, each with its caption (wrapped) under it.
+
+    images: uint8 (N, H, W, 3) or a list of same-sized uint8 arrays / PIL images. Empty cells of the
+    last row stay white. The caption band is as tall as the longest wrapped caption.
+    """
+    images = [_to_uint8_rgb(im) for im in images]
+    if not images:
+        raise ValueError("no images to put in a grid")
+    H, W = images[0].shape[:2]
+    if any(im.shape[:2] != (H, W) for im in images):
+        raise ValueError(f"all images must have the same size, got {sorted({im.shape[:2] for im in images})}")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    cols = -(-len(images) // rows)
+
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(probe, str(c), font, W - 2) for c in captions] if captions is not None else []
+    line_h = int(font_size * 1.25) + 1
+    cap_h = max((len(lines) for lines in wrapped), default=0) * line_h + (pad if wrapped else 0)
+
+    cell_h = H + cap_h
+    grid = Image.new("RGB", (cols * W + (cols + 1) * pad, rows * cell_h + (rows + 1) * pad), (WHITE,) * 3)
+    draw = ImageDraw.Draw(grid)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        x, y = pad + c * (W + pad), pad + r * (cell_h + pad)
+        grid.paste(Image.fromarray(im), (x, y))
+        for n, line in enumerate(wrapped[k] if wrapped else []):
+            w = draw.textlength(line, font=font)
+            draw.text((x + (W - w) / 2, y + H + pad // 2 + n * line_h), line, fill=BLACK, font=font)
+    return grid
+
+
+# ----------------------------------------------------------------------------- cross-attention
+def prompt_tokens(tokenizer, prompt: str) -> list[str]:
+    """The text of each token the text encoder sees: ["<|startoftext|>", "a", ..., "<|endoftext|>"].
+
+    Column k of a cross-attention map belongs to entry k. Tokens are decoded one at a time (a
+    word of several tokens shows as its pieces, e.g. "cr", "out", "ons").
+    """
+    from models.clip import BOS, CONTEXT_LENGTH, EOS
+
+    ids = [BOS] + tokenizer.encode(prompt)[:CONTEXT_LENGTH - 2] + [EOS]
+    return [tokenizer.decode([i]).strip() for i in ids]
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """The 'jet' colormap: values in [0, 1] -> uint8 RGB (blue, cyan, yellow, red)."""
+    x = np.clip(x, 0, 1)[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * x - np.array([3, 2, 1])), 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def heatmap(m, size: int = 256, image=None, alpha: float = 0.5, resample=Image.BICUBIC) -> np.ndarray:
+    """One map (res, res) -> uint8 (size, size, 3).
+
+    Without `image`: the reference's picture, 255 * m / max(m) truncated to uint8, grey, resized.
+    (Values below 0, which a negative Reweight can leave, show as black; an all-zero map is black.)
+    With `image`: the normalised map through `jet`, blended with the image resized to `size`.
+    """
+    m = _to_numpy(m).astype(np.float32)
+    peak = m.max()
+    grey = np.clip(255 * m / peak, 0, 255) if peak > 0 else np.zeros_like(m)
+    grey = grey.astype(np.uint8)
+    if image is None:
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        return np.array(Image.fromarray(rgb).resize((size, size), resample))
+    big = np.asarray(Image.fromarray(grey).resize((size, size), resample)).astype(np.float32) / 255
+    base = np.asarray(Image.fromarray(_to_uint8_rgb(image)).resize((size, size), Image.BICUBIC), np.float32)
+    return ((1 - alpha) * base + alpha * jet(big)).astype(np.uint8)
+
+
+def cross_attention_grid(maps, tokens: Sequence[str], size: int = 256, image=None, alpha: float = 0.5,
+                         rows: int = 1) -> Image.Image:
+    """One heatmap per token, with the token's text under it (the reference's show_cross_attention).
+
+    maps: (res, res, K) averaged cross-attention (e.g. the stored maps for one prompt); the first
+    len(tokens) columns are drawn, so pass `prompt_tokens(tokenizer, prompt)` for BOS, the prompt's
+    tokens and EOS. `image` (optional) draws each map as a colour overlay on that image.
+    """
+    maps = _to_numpy(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (res, res, K), got shape {maps.shape}")
+    if len(tokens) > maps.shape[-1]:
+        raise ValueError(f"{len(tokens)} tokens but the maps have only {maps.shape[-1]} columns")
+    tiles = [heatmap(maps[..., k], size, image, alpha) for k in range(len(tokens))]
+    return image_grid(tiles, list(tokens), rows=rows)
+
+
+# ----------------------------------------------------------------------------- self-attention
+def self_attention_svd(self_map, res: int, top: int = 10) -> np.ndarray:
+    """The top `top` right singular vectors of the centred self-attention map, as (top, res, res).
+
+    Each row (query pixel) has its mean over the keys removed, as the reference's
+    `maps - mean(maps, axis=1, keepdims=True)`; the components are then patterns over key pixels.
+    Signs are whatever the SVD returns (as in the reference), so a component may come out inverted.
+    """
+    A = _to_numpy(self_map)
+    if A.shape != (res * res, res * res):
+        raise ValueError(f"self_map must be ({res * res}, {res * res}) for res={res}, got {A.shape}")
+    if not 1 <= top <= res * res:
+        raise ValueError(f"top must be in 1..{res * res}, got {top}")
+    _, _, Vh = np.linalg.svd(A - A.mean(axis=1, keepdims=True))
+    return Vh[:top].reshape(top, res, res)
+
+
+def self_attention_components(self_map, res: int, top: int = 10, size: int = 256) -> Image.Image:
+    """The reference's show_self_attention_comp: each component min-max scaled to 0..255, grey,
+    resized to `size`, all side by side in one row."""
+    tiles = []
+    for v in self_attention_svd(self_map, res, top):
+        span = v.max() - v.min()
+        grey = (255 * (v - v.min()) / span if span > 0 else np.zeros_like(v)).astype(np.uint8)
+        tiles.append(np.asarray(Image.fromarray(grey).convert("RGB").resize((size, size), Image.BICUBIC)))
+    return Image.fromarray(np.concatenate(tiles, axis=1))
+
+
+# ----------------------------------------------------------------------------- files
+def _format_for(path: Path) -> str:
+    ext = path.suffix.lower()
+    formats = Image.registered_extensions()
+    if ext not in formats:
+        common = ", ".join(e for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".gif") if e in formats)
+        raise ValueError(f"cannot tell the image format of {str(path)!r} from its extension "
+                         f"{ext or '(none)'!r}; use one of {common}")
+    return formats[ext]
+
+
+def save_image(img, path: str | os.PathLike, **save_kwargs) -> Path:
+    """Write a PIL image or uint8 array to `path` atomically: a failure leaves no (partial) file.
+
+    The format comes from the extension (an unknown one is an error before anything is written).
+    The image is written to a temporary file in the same folder and renamed over `path`.
+    """
+    path = Path(path)
+    fmt = _format_for(path)
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(_to_uint8_rgb(img))
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")   # same folder: rename is atomic
+    try:
+        with open(tmp, "xb") as f:                                      # "x": never clobber; umask applies
+            img.save(f, format=fmt, **save_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
