@@ -1,0 +1,119 @@
+"""Properties the method must have, checked end to end on the tiny golden checkpoint (small sizes, few steps)."""
+import pytest
+import torch
+
+from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
+from p2p import edits
+from p2p.control import Controller
+from models.clip import default_tokenizer
+
+KW = dict(seed=3, num_steps=4, height=32, width=32, progress=False)
+SRC = "a painting of a squirrel eating a burger"
+LION = "a painting of a lion eating a burger"
+
+
+def close(a, b, rel=1e-4):
+    torch.testing.assert_close(a, b, rtol=0, atol=rel * b.abs().max().item() + 1e-6)
+
+
+def test_replace_prompt_by_itself_equals_generate(tiny_sd):
+    out = edit(tiny_sd, [SRC, SRC], Replace(1.0, 1.0), **KW)
+    ref = generate(tiny_sd, [SRC, SRC], **KW)
+    close(out.latents, ref.latents)
+
+
+def test_reweight_with_c_one_changes_nothing(tiny_sd):
+    base = Replace(0.8, 0.4)
+    out = edit(tiny_sd, [SRC, LION], Reweight(0.8, 0.4, equalizer={"lion": 1.0}, base=base), **KW)
+    ref = edit(tiny_sd, [SRC, LION], base, **KW)
+    close(out.latents, ref.latents)
+    same = edit(tiny_sd, [SRC, SRC], Reweight(1.0, 1.0, equalizer={"squirrel": 1.0}), **KW)
+    close(same.latents, generate(tiny_sd, [SRC, SRC], **KW).latents)
+
+
+def test_zero_steps_give_independent_generations(tiny_sd):
+    out = edit(tiny_sd, [SRC, LION], Replace(0.0, 0.0), **KW)
+    for i, p in enumerate([SRC, LION]):
+        close(out.latents[i:i + 1], generate(tiny_sd, [p], **KW).latents)
+
+
+def test_edit_changes_the_edited_prompt_only(tiny_sd):
+    out = edit(tiny_sd, [SRC, LION], Replace(0.8, 0.4), **KW)
+    free = generate(tiny_sd, [SRC, LION], **KW)
+    close(out.latents[:1], free.latents[:1])                      # the source is never edited
+    assert (out.latents[1] - free.latents[1]).abs().max() > 1e-2  # the edit is
+
+
+@pytest.mark.parametrize("spec", [
+    Replace({"default_": 1.0, "lion": 0.5}, 0.5, self_replace_max_res=32),
+    Refine(0.7, (0.2, 0.6)),
+    Reweight(0.8, 0.4, equalizer={"lion": -1.5}, base=Replace(0.8, 0.4)),
+    Reweight(0.8, 0.4, equalizer={"lion": 2.0}, base=Refine()),
+])
+def test_fast_path_equals_plain_map_path(tiny_sd, spec):
+    prompts = [SRC, LION] if not isinstance(getattr(spec, "base", spec), Refine) else [SRC, SRC.replace("burger", "big lion")]
+    if isinstance(spec, Reweight) and isinstance(spec.base, Refine):
+        spec = Reweight(0.8, 0.4, equalizer={"big": 2.0}, base=Refine())
+    if isinstance(spec, Refine):
+        prompts = [SRC, SRC + " at night"]
+    fast = edit(tiny_sd, prompts, spec, fast=True, **KW)
+    plain = edit(tiny_sd, prompts, spec, fast=False, **KW)
+    close(fast.latents, plain.latents, 1e-5)
+
+
+def test_value_side_linear_form_equals_map_edit():
+    """edit_cross(M, M*) == M S + M* diag(e) on random maps, for every edit type."""
+    tok = default_tokenizer()
+    torch.manual_seed(0)
+    prompts = [SRC, LION, "a painting of a cat eating a burger"]
+    for spec in [Replace(0.5), Reweight(equalizer={"eating": [3.0, -1.0]}, base=Replace()),
+                 Reweight(equalizer={"burger": 0.5})]:
+        ctl = Controller(tok, prompts, spec, 10, [], None)
+        M_src = torch.rand(8, 64, 77).softmax(-1)
+        M_edit = torch.rand(2, 8, 64, 77).softmax(-1)
+        for i in (0, 3, 9):
+            S, e = ctl.cross_linear(i, M_src)
+            lin = torch.einsum("hiw,bwj->bhij", M_src, S) + M_edit * e[:, None, None, :]
+            close(lin, ctl.edit_cross(i, M_src, M_edit), 1e-6)
+
+
+def test_three_prompt_batch_equals_each_edit_alone(tiny_sd):
+    cat = "a painting of a cat eating a burger"
+    spec = Replace({"default_": 1.0, "lion": 0.5, "cat": 0.5}, 0.4)
+    blend3 = LocalBlend(("squirrel", "lion", "cat"), threshold=0.6)
+    both = edit(tiny_sd, [SRC, LION, cat], spec, local_blend=blend3, **KW)
+    for row, (p, w) in enumerate([(LION, "lion"), (cat, "cat")], start=1):
+        alone = edit(tiny_sd, [SRC, p], Replace({"default_": 1.0, w: 0.5}, 0.4),
+                     local_blend=LocalBlend(("squirrel", w), threshold=0.6), **KW)
+        close(both.latents[[0, row]], alone.latents)
+
+
+def test_local_blend_keeps_source_outside_mask(tiny_sd):
+    out = edit(tiny_sd, [SRC, LION], Replace(0.8, 0.4), local_blend=LocalBlend(("squirrel", "lion"), threshold=0.9),
+               **KW)
+    same = (out.latents[0] - out.latents[1]).abs().amax(0) < 1e-6
+    assert 0 < same.float().mean() < 1   # some pixels copied from the source, some edited
+
+
+def test_reweight_scales_columns():
+    M = torch.rand(2, 4, 16, 77)
+    c = torch.ones(2, 77)
+    c[:, 5] = -2.0
+    out = edits.reweight(M, c)
+    assert torch.equal(out[..., 5], -2.0 * M[..., 5]) and torch.equal(out[..., 6], M[..., 6])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda sd: edit(sd, [SRC, "a painting of a big lion eating a burger"], Replace(), **KW), "same number of words"),
+    (lambda sd: edit(sd, [SRC, LION], Reweight(equalizer={"tiger": 2.0}), **KW), "'tiger' is not in prompt"),
+    (lambda sd: edit(sd, [SRC, LION], Replace(), local_blend=LocalBlend(("squirrel", "tiger")), **KW),
+     "'tiger' is not in prompt"),
+    (lambda sd: edit(sd, [SRC, LION], Replace(), local_blend=LocalBlend(("lion",)), **KW), "one word"),
+    (lambda sd: edit(sd, [SRC, LION], Replace({"default_": 1.0, "tiger": 0.3}), **KW), "in none of the edited"),
+    (lambda sd: edit(sd, [SRC, LION], Replace(1.5), **KW), "0 <= start <= end <= 1"),
+    (lambda sd: edit(sd, [SRC], Replace(), **KW), "at least one edited prompt"),
+    (lambda sd: edit(sd, [SRC, LION], Replace(), **(KW | {"height": 40})), "multiples of"),
+])
+def test_clear_errors(tiny_sd, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_sd)
