@@ -119,7 +119,8 @@ def time_word_alpha(tokenizer, prompts, num_steps: int, cross_replace_steps: Ste
 
 def equalizer(tokenizer, prompts, values: dict) -> torch.Tensor:
     """c (B', K): 1 everywhere but the token columns of each word, which get its value for that
-    edited prompt (one value for all, or a list with one per edited prompt)."""
+    edited prompt (one value for all, or a list with one per edited prompt). A word must be in at
+    least one edited prompt; edited prompts without it are not reweighted."""
     if not values:
         raise ValueError("Reweight needs equalizer={word: c}, e.g. {'smiling': 5.0}")
     n = len(prompts) - 1
@@ -129,7 +130,10 @@ def equalizer(tokenizer, prompts, values: dict) -> torch.Tensor:
         if len(v) != n:
             raise ValueError(f"equalizer[{word!r}] has {len(v)} values for {n} edited prompts: give one value, "
                              f"or one per edited prompt")
-        for b in range(n):
+        having = [b for b in range(n) if word in prompts[b + 1].split(" ")]
+        if not having:  # word_token_indices names the word and the prompt's words
+            word_token_indices(tokenizer, prompts[1], word)
+        for b in having:  # an edited prompt without the word is left as it is
             c[b, word_token_indices(tokenizer, prompts[b + 1], word)] = float(v[b])
     return c
 
