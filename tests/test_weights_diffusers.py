@@ -1,0 +1,106 @@
+"""diffusers folders: built by diffusers' own LDM->diffusers converters (an independent oracle),
+loaded back through weights_tools' reverse key map, and converted back to a single file."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from models import PREFIXES
+from weights_tools import convert_checkpoint, inspect_checkpoint, load_checkpoint
+from weights_tools.layout import POSITION_IDS
+
+from conftest import GOLDEN_CKPT
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_file(str(GOLDEN_CKPT))
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory, golden):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with safe_open(str(GOLDEN_CKPT), "pt") as f:
+        original = json.loads(f.metadata()["ldm_config"])
+    folder = tmp_path_factory.mktemp("diffusers") / "tiny-sd"
+    ucfg = sfu.create_unet_diffusers_config_from_ldm(original, golden)
+    unet = UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(golden, ucfg), strict=True)
+    vcfg = sfu.create_vae_diffusers_config_from_ldm(original, golden)
+    vae = AutoencoderKL(**vcfg)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(golden, vcfg), strict=True)
+    t = original["model"]["params"]["cond_stage_config"]["params"]["tiny_clip_text"]
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["layers"], num_attention_heads=t["heads"], hidden_act=t["hidden_act"],
+        max_position_embeddings=t["max_position_embeddings"], layer_norm_eps=t["layer_norm_eps"]))
+    clip = sfu.convert_ldm_clip_checkpoint(golden)
+    text_sd = {k.removeprefix("text_model."): v for k, v in clip.items() if not k.endswith("position_ids")}
+    text.load_state_dict(text_sd, strict=True)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text.save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def model_tensors(sd):
+    return {PREFIXES[p] + k: v for p in PREFIXES for k, v in getattr(sd, p).state_dict().items()}
+
+
+def test_load_diffusers_folder(diffusers_folder, golden):
+    sd = load_checkpoint(diffusers_folder)
+    ref = load_checkpoint(GOLDEN_CKPT)
+    # architecture from config.json, heads included (diffusers' attention_head_dim means heads in SD v1)
+    assert (sd.cfg.unet, sd.cfg.text) == (ref.cfg.unet, ref.cfg.text)
+    assert dataclasses.replace(sd.cfg.vae, resolution=ref.cfg.vae.resolution) == ref.cfg.vae  # resolution: no weights
+    got = model_tensors(sd)
+    assert got.keys() == set(golden) - {POSITION_IDS}
+    assert all(torch.equal(got[k], golden[k]) for k in got)
+
+
+def test_convert_diffusers_folder_to_single_file(diffusers_folder, golden, tmp_path):
+    out = convert_checkpoint(diffusers_folder, tmp_path / "back.safetensors")
+    back = load_file(str(out))
+    assert back.keys() == golden.keys()
+    assert all(torch.equal(back[k], golden[k]) for k in back)
+    assert back[POSITION_IDS].dtype == torch.int64
+    info = inspect_checkpoint(out)
+    assert info["loadable"] and info["config_source"] == "the file's ldm_config metadata"
+
+
+def test_inspect_diffusers_folder(diffusers_folder):
+    info = inspect_checkpoint(diffusers_folder)
+    assert info["format"] == "diffusers" and info["variant"] == "SD v1" and info["loadable"]
+    assert info["parts"]["unet"]["tensors"] == 492 and info["parts"]["vae"]["tensors"] == 124
+    assert info["config_source"] == "the diffusers config.json files"
+
+
+def test_diffusers_folder_with_bin_weights(diffusers_folder, golden, tmp_path):
+    """Older folders hold `pytorch_model.bin` pickles: read through the restricted unpickler."""
+    import shutil
+    folder = tmp_path / "bin"
+    shutil.copytree(diffusers_folder, folder)
+    te = folder / "text_encoder"
+    torch.save(load_file(str(te / "model.safetensors")), te / "pytorch_model.bin")
+    (te / "model.safetensors").unlink()
+    got = model_tensors(load_checkpoint(folder))
+    assert all(torch.equal(got[k], golden[k]) for k in got)
+
+
+def test_diffusers_folder_missing_part(diffusers_folder, tmp_path):
+    import shutil
+    partial = tmp_path / "partial"
+    shutil.copytree(diffusers_folder / "unet", partial / "unet")
+    shutil.copytree(diffusers_folder / "text_encoder", partial / "text_encoder")
+    from weights_tools import CheckpointError
+    with pytest.raises(CheckpointError, match=r"diffusers folder without vae/ \(missing component\)"):
+        load_checkpoint(partial)

@@ -1,0 +1,32 @@
+"""Convert a checkpoint to one original-layout `.safetensors` (see `weights_tools.conversion`).
+
+    python -m weights_tools.convert SRC OUT.safetensors [--fp16] [--config v1-inference.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .conversion import convert_checkpoint
+from .layout import CheckpointError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m weights_tools.convert", description=__doc__.split("\n")[0])
+    ap.add_argument("src", help="diffusers folder, .ckpt or .safetensors")
+    ap.add_argument("out", help="output .safetensors")
+    ap.add_argument("--fp16", action="store_true", help="cast floating tensors to float16")
+    ap.add_argument("--config", help="CompVis v1-inference.yaml (or a configs/ name) describing the architecture")
+    ap.add_argument("--non-strict", action="store_true", help="drop unknown extra keys instead of refusing")
+    a = ap.parse_args(argv)
+    try:
+        out = convert_checkpoint(a.src, a.out, a.fp16, a.config, strict=not a.non_strict)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

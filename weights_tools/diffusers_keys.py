@@ -1,0 +1,148 @@
+"""diffusers folder layout -> the original single-file key names. The one key map in the project.
+
+It is derived from each model's config.json (block counts, layers_per_block, which blocks have
+attention), not written out per key, so any SD-v1-shaped UNet/VAE maps. CLIP keys are already the
+checkpoint's names, with or without the `text_model.` level.
+"""
+from __future__ import annotations
+
+import re
+
+from models import PREFIXES, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+
+from .layout import CheckpointError
+
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # new and old diffusers names
+UNET_FIXED = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+              "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+
+
+def _layers_per_block(cfg: dict, where: str) -> int:
+    lpb = cfg["layers_per_block"]
+    if isinstance(lpb, (list, tuple)):
+        if len(set(lpb)) != 1:
+            raise CheckpointError(f"{where}: layers_per_block {lpb} varies per block; SD v1 has one value")
+        lpb = lpb[0]
+    return int(lpb)
+
+
+def unet_key(key: str, cfg: dict, where: str = "unet") -> str:
+    """`down_blocks.1.resnets.0.conv1.weight` -> `input_blocks.4.0.in_layers.2.weight` (SD v1 numbers)."""
+    n = _layers_per_block(cfg, where) + 1  # LDM blocks per level: the resnets plus one resampler slot
+    for old, new in UNET_FIXED.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    if m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        block = f"input_blocks.{1 + i * n + j}" if side == "down" else f"output_blocks.{i * n + j}"
+        return f"{block}.0.{_resnet_rest(rest)}" if kind == "resnets" else f"{block}.1.{rest}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op.{m[2]}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        i = int(m[1])
+        slot = 2 if "CrossAttn" in cfg["up_block_types"][i] else 1
+        return f"output_blocks.{i * n + n - 1}.{slot}.conv.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d)\.(.*)", key):
+        return f"middle_block.{0 if m[1] == '0' else 2}.{_resnet_rest(m[2])}"
+    if key.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + key[len("mid_block.attentions.0."):]
+    raise CheckpointError(f"{where}: unknown diffusers UNet key `{key}` (not part of an SD v1 UNet layout)")
+
+
+def _resnet_rest(rest: str) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{UNET_RESNET[name]}.{tail}" if name in UNET_RESNET else rest
+
+
+def vae_key(key: str, cfg: dict, where: str = "vae") -> str:
+    """`decoder.up_blocks.0.resnets.1.conv1.weight` -> `decoder.up.3.block.1.conv1.weight` (levels reversed)."""
+    levels = len(cfg["block_out_channels"])
+    key = key.replace(".conv_shortcut.", ".nin_shortcut.").replace("conv_norm_out.", "norm_out.")
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", key):
+        if m[2] not in VAE_ATTN:
+            raise CheckpointError(f"{where}: unknown diffusers VAE attention key `{key}`")
+        return f"{m[1]}.mid.attn_1.{VAE_ATTN[m[2]]}.{m[3]}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)|downsamplers\.0)\.(.*)", key):
+        inner = f"block.{m[3]}" if m[3] is not None else "downsample"
+        return f"encoder.down.{m[1]}.{inner}.{m[4]}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", key):
+        inner = f"block.{m[3]}" if m[3] is not None else "upsample"
+        return f"decoder.up.{levels - 1 - int(m[1])}.{inner}.{m[4]}"
+    if re.match(r"((en|de)coder\.(conv_in|conv_out|norm_out)|quant_conv|post_quant_conv)\.", key):
+        return key
+    raise CheckpointError(f"{where}: unknown diffusers VAE key `{key}` (not part of an SD v1 VAE layout)")
+
+
+def clip_key(key: str) -> str:
+    return key[len("text_model."):] if key.startswith("text_model.") else key
+
+
+def to_ldm_key(part: str, key: str, cfg: dict, where: str) -> str:
+    """The prefixed single-file key of a diffusers sub-model's key."""
+    local = {"unet": unet_key, "vae": vae_key}.get(part)
+    return PREFIXES[part] + (local(key, cfg, where) if local else clip_key(key))
+
+
+# ------------------------------------------------------------------------------------- configs
+def _one(value, what: str, where: str):
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{where}: {what} {value} varies per block; SD v1 uses one value")
+        return value[0]
+    return value
+
+
+def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
+    """UNetConfig from a diffusers UNet2DConditionModel config.json, and its sample_size.
+
+    diffusers' SD v1 configs put the number of heads in `attention_head_dim` (its own loader reads
+    it as `num_attention_heads` when that is unset), so heads are read, never inferred from shapes.
+    """
+    for field in ("class_embed_type", "addition_embed_type"):
+        if c.get(field):
+            raise CheckpointError(f"{where}: UNet has {field}={c[field]!r} (SDXL-style conditioning); "
+                                  "only Stable Diffusion v1.x is supported")
+    boc = list(c["block_out_channels"])
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=boc[0],
+        channel_mult=tuple(b // boc[0] for b in boc), num_res_blocks=_layers_per_block(c, where),
+        attention_resolutions=tuple(2 ** i for i, t in enumerate(c["down_block_types"]) if "CrossAttn" in t),
+        num_heads=int(_one(heads, "attention heads", where)),
+        transformer_depth=int(_one(c.get("transformer_layers_per_block", 1), "transformer depth", where)),
+        context_dim=int(c.get("cross_attention_dim", 768)),
+        use_linear_in_transformer=bool(c.get("use_linear_projection", False))), int(c.get("sample_size", 64))
+
+
+def vae_config(c: dict) -> VAEConfig:
+    boc = list(c["block_out_channels"])
+    return VAEConfig(in_channels=c.get("in_channels", 3), out_ch=c.get("out_channels", 3), ch=boc[0],
+                     ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=int(c.get("layers_per_block", 2)),
+                     z_channels=c.get("latent_channels", 4), embed_dim=c.get("latent_channels", 4),
+                     resolution=int(c.get("sample_size", 256)))
+
+
+def text_config(c: dict) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
+                          width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                          intermediate_size=c["intermediate_size"], hidden_act=c.get("hidden_act", "quick_gelu"),
+                          layer_norm_eps=c.get("layer_norm_eps", 1e-5))
+
+
+def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: str) -> SDConfig:
+    """SDConfig from the config.json files of a diffusers folder."""
+    try:
+        ucfg, sample = unet_config(unet, where)
+        kw = dict(unet=ucfg, vae=vae_config(vae), text=text_config(text), image_size=sample,
+                  scale_factor=float(vae.get("scaling_factor", 0.18215)))
+    except KeyError as e:
+        raise CheckpointError(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
+    if scheduler:
+        kw.update(linear_start=scheduler.get("beta_start", 0.00085), linear_end=scheduler.get("beta_end", 0.012),
+                  num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
+    return SDConfig(**kw)

@@ -1,0 +1,176 @@
+"""The single-file (CompVis / LDM) key layout: which key belongs to which part, what a loader ignores,
+which variant a file is, and whether its shapes fit a config.
+
+Everything here works on a `{key: shape}` mapping, never on tensor data, so `inspect_checkpoint`
+and `load_checkpoint` share it and a full-size file can be checked from its header alone.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+
+from models import PREFIXES, SDConfig, StableDiffusion
+
+POSITION_IDS = PREFIXES["text_encoder"] + "embeddings.position_ids"
+OLD_CLIP_PREFIX = "cond_stage_model.transformer."
+
+# DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
+SCHEDULE_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights"})
+
+# 1x1 conv <-> linear shims a loader accepts in either shape (spec §2): UNet proj_in/proj_out and
+# the VAE attention q/k/v/proj_out weights ([C,C] in diffusers-converted files, [C,C,1,1] in CompVis).
+SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
+                     r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
+
+VARIANTS = ("SD v1", "SD 2.x", "SDXL", "inpainting", "pix2pix", "unknown")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this package cannot read or does not support. The message says what was found
+    and what is supported, in one paragraph."""
+
+
+def canonical_key(key: str) -> str:
+    """The key in today's layout: old files write CLIP without the `text_model.` level."""
+    if key.startswith(OLD_CLIP_PREFIX) and not key.startswith(PREFIXES["text_encoder"]):
+        return PREFIXES["text_encoder"] + key[len(OLD_CLIP_PREFIX):]
+    return key
+
+
+def part_of(key: str) -> str:
+    """unet / vae / text_encoder / ema / schedule / position_ids / other, for a canonical key."""
+    if key == POSITION_IDS:
+        return "position_ids"
+    for part, prefix in PREFIXES.items():
+        if key.startswith(prefix):
+            return part
+    if key.startswith("model_ema."):
+        return "ema"
+    if key in SCHEDULE_KEYS:
+        return "schedule"
+    return "other"
+
+
+def split_parts(shapes: dict) -> dict[str, dict]:
+    """Group a canonical `{key: value}` mapping by `part_of`."""
+    parts: dict[str, dict] = {p: {} for p in ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "other")}
+    for k, v in shapes.items():
+        parts[part_of(k)][k] = v
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
+    """(variant, evidence) from canonical keys and shapes. Only "SD v1" is loadable."""
+    unet = PREFIXES["unet"]
+    if any(k.startswith("conditioner.embedders") for k in shapes) or unet + "label_emb.0.0.weight" in shapes:
+        return "SDXL", "found `conditioner.embedders.*` / `label_emb` keys"
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "SD 2.x", "found OpenCLIP text-encoder keys `cond_stage_model.model.*`"
+    for k, s in shapes.items():
+        if k.startswith(unet) and k.endswith("attn2.to_k.weight") and len(s) == 2 and s[1] == 1024:
+            return "SD 2.x", f"`{k}` is {list(s)}: 1024-wide cross-attention context (OpenCLIP ViT-H)"
+    first = shapes.get(unet + "input_blocks.0.0.weight")
+    if first is not None and len(first) == 4 and first[1] != 4:
+        name = {9: "inpainting", 8: "pix2pix"}.get(first[1], "unknown")
+        return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (SD v1 text-to-image: 4)"
+    if not any(k.startswith(unet) for k in shapes):
+        return "unknown", f"no UNet keys (`{unet}*`)"
+    return "SD v1", "CompVis UNet with 4 input channels, CLIP text encoder, no SD 2.x / SDXL keys"
+
+
+def check_variant(shapes: dict[str, tuple], where: str) -> None:
+    variant, evidence = detect_variant(shapes)
+    if variant == "SD v1":
+        return
+    if variant == "unknown":
+        return  # a missing component is reported by `check_components`, with a better message
+    raise CheckpointError(f"{where}: this is a {variant} checkpoint ({evidence}); only Stable Diffusion v1.x "
+                          "text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) are supported")
+
+
+def check_components(parts: dict[str, dict], where: str) -> None:
+    found = [p for p in PREFIXES if parts[p]]
+    missing = [p for p in PREFIXES if not parts[p]]
+    if missing:
+        names = ", ".join(f"{p} (`{PREFIXES[p]}*`)" for p in missing)
+        raise CheckpointError(f"{where}: missing component(s) {names}; found {', '.join(found) or 'none'}. "
+                              "A Stable Diffusion v1 checkpoint must hold the UNet, the VAE and the CLIP text "
+                              "encoder (a single file with all three prefixes, or a diffusers folder with "
+                              "unet/, vae/ and text_encoder/)")
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+def model_shapes(cfg: SDConfig) -> dict[str, tuple]:
+    """`{prefixed key: shape}` of the model a config builds, on the meta device (no memory)."""
+    return dict(_model_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_shapes(cfg: SDConfig) -> tuple:
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
+    return tuple((PREFIXES[part] + k, tuple(v.shape))
+                 for part in PREFIXES for k, v in getattr(model, part).state_dict().items())
+
+
+def fits(key: str, have: tuple, want: tuple) -> bool:
+    """Equal shapes, or one of the documented 1x1-conv/linear shims."""
+    if tuple(have) == tuple(want):
+        return True
+    return bool(SHIM_RE.match(key)) and tuple(have)[:2] == tuple(want)[:2] \
+        and all(d == 1 for d in tuple(have)[2:] + tuple(want)[2:])
+
+
+def shape_problems(shapes: dict[str, tuple], expected: dict[str, tuple], strict: bool = True) -> dict[str, list]:
+    """Compare a file's model keys (canonical, ignorable keys removed) with the model's.
+
+    Returns lists `missing`, `unexpected` (empty when not strict) and `mismatched` of readable strings.
+    """
+    missing = sorted(k for k in expected if k not in shapes)
+    unexpected = sorted(k for k in shapes if k not in expected) if strict else []
+    mismatched = [f"{k}: file {list(shapes[k])}, model {list(expected[k])}"
+                  for k in sorted(shapes) if k in expected and not fits(k, shapes[k], expected[k])]
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def describe_problems(problems: dict[str, list], n: int = 3) -> str:
+    out = []
+    for name, items in problems.items():
+        if items:
+            more = f" (and {len(items) - n} more)" if len(items) > n else ""
+            out.append(f"{len(items)} {name}: " + "; ".join(items[:n]) + more)
+    return " | ".join(out)
+
+
+def model_keys(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """Keep only keys the model consumes or could consume: the three prefixes minus position_ids."""
+    return {k: v for k, v in shapes.items() if part_of(k) in PREFIXES}
+
+
+def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "checkpoint",
+                    strict: bool = True, config_source: str = "the given config") -> None:
+    """Raise CheckpointError unless the canonical `{key: shape}` mapping loads into `StableDiffusion(cfg)`.
+
+    `strict` also refuses keys under the model prefixes that the model does not have, and keys
+    outside every known group (not EMA, not a schedule buffer).
+    """
+    parts = split_parts(shapes)
+    check_variant(shapes, where)
+    check_components(parts, where)
+    problems = shape_problems(model_keys(shapes), model_shapes(cfg), strict)
+    if strict and parts["other"]:
+        problems["unexpected"] = sorted(problems["unexpected"] + list(parts["other"]))
+    if any(problems.values()):
+        hint = ("pass config= (a CompVis v1-inference.yaml, or an SDConfig) describing this architecture"
+                if config_source.startswith("SD v1") else f"check that {config_source} describes this file")
+        extra = " (or load with strict=False to ignore unknown keys)" if strict and problems["unexpected"] \
+            and not problems["missing"] and not problems["mismatched"] else ""
+        raise CheckpointError(f"{where}: tensors do not fit the model built from {config_source}; "
+                              f"{hint}{extra}. Found {describe_problems(problems, n=3)}")

@@ -1,0 +1,228 @@
+"""Open a checkpoint of any supported kind as a `Source`: canonical single-file keys with their
+shapes and dtypes (read from headers only), what the file says about its architecture, and a
+`fetch(key)` that reads one tensor when the loader wants it.
+
+Formats are recognised by their bytes, not by the file extension: safetensors (8-byte header
+length then JSON), torch zip (`.ckpt`, `.pt`, `.bin`), or a diffusers folder.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from models import SDConfig
+
+from . import diffusers_keys
+from .layout import CheckpointError, canonical_key
+from .safe_pickle import LazyTensor, Placeholder, TorchZip
+
+SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
+             "of Stable Diffusion v1.x, or a diffusers folder with unet/, vae/ and text_encoder/")
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The path does not exist."""
+
+
+@dataclass
+class Source:
+    where: str
+    format: str                                   # "safetensors" | "ckpt" | "diffusers"
+    entries: dict[str, tuple[tuple, object]]      # canonical key -> (shape, dtype)
+    fetch: Callable[[str], torch.Tensor]
+    metadata: dict = field(default_factory=dict)  # safetensors metadata / ckpt top-level items
+    config: SDConfig | None = None                # what the file itself says about the architecture
+    config_source: str | None = None
+    placeholders: list = field(default_factory=list)
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        return {k: s for k, (s, _) in self.entries.items()}
+
+
+def open_source(path) -> Source:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFound(f"{path}: no such file or folder; {SUPPORTED}")
+    if path.is_dir():
+        return open_diffusers(path)
+    return open_file(path, path.stat().st_size, _sniff(path))
+
+
+def _sniff(path: Path) -> str:
+    """"safetensors" or "zip", or a CheckpointError saying what the file looks like instead."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; {SUPPORTED}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK"):
+        return "zip"
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= n < 1 << 32:
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors file: its header alone should be {n} bytes "
+                                  f"but the file has {size}")
+        return "safetensors"
+    raise CheckpointError(f"{path}: not a checkpoint ({_looks_like(head)}); {SUPPORTED}")
+
+
+def _looks_like(head: bytes) -> str:
+    magic = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+             b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip archive", b"RIFF": "a RIFF (WebP/WAV) file"}
+    for m, what in magic.items():
+        if head.startswith(m):
+            return f"it looks like {what}"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a bare pickle: torch's legacy (pre-1.6) format or pickle.dump output; re-save it with torch.save"
+    try:
+        head.decode("utf-8")
+        return "it looks like a text file"
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+
+
+def open_file(path: Path, size: int, kind: str) -> Source:
+    return open_safetensors(path, size) if kind == "safetensors" else open_ckpt(path)
+
+
+# ------------------------------------------------------------------------------------ safetensors
+def read_safetensors_header(path: Path, size: int) -> tuple[dict, dict]:
+    """(entries, metadata) from the JSON header, checking that the file holds every byte it names."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); {SUPPORTED}") from e
+    metadata = header.pop("__metadata__", None) or {}
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: the header describes {8 + n + end} bytes, "
+                              f"the file has {size} (an interrupted download or copy?)")
+    entries = {k: (tuple(v["shape"]), SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"])) for k, v in header.items()}
+    return entries, metadata
+
+
+def open_safetensors(path: Path, size: int) -> Source:
+    from safetensors import safe_open
+
+    raw, metadata = read_safetensors_header(path, size)
+    names = _canonical_names(raw, str(path))
+    handle = {}
+
+    def fetch(key: str) -> torch.Tensor:
+        if "f" not in handle:
+            handle["f"] = safe_open(str(path), framework="pt", device="cpu")
+        return handle["f"].get_tensor(names[key])
+
+    src = Source(str(path), "safetensors", {c: raw[k] for c, k in names.items()}, fetch, dict(metadata))
+    if "ldm_config" in metadata:
+        try:
+            src.config = SDConfig.from_ldm(json.loads(metadata["ldm_config"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: its `ldm_config` metadata is not a usable CompVis config ({e}); "
+                                  "pass config= to override it") from e
+        src.config_source = "the file's ldm_config metadata"
+    return src
+
+
+def _canonical_names(keys, where: str) -> dict[str, str]:
+    """canonical key -> key in the file; two file keys with one meaning are an error."""
+    out: dict[str, str] = {}
+    for k in keys:
+        c = canonical_key(k)
+        if c in out:
+            raise CheckpointError(f"{where}: both `{out[c]}` and `{k}` are present (old and new CLIP prefix)")
+        out[c] = k
+    return out
+
+
+# ------------------------------------------------------------------------------------------- ckpt
+def open_ckpt(path: Path) -> Source:
+    tz = TorchZip(path)
+    obj = tz.obj
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: the pickle holds a {type(obj).__name__}, not a dict of tensors; {SUPPORTED}")
+    nested = isinstance(obj.get("state_dict"), dict)
+    state = obj["state_dict"] if nested else obj
+    tensors = {k: v for k, v in state.items() if isinstance(v, LazyTensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: a torch file without tensors (keys: {list(obj)[:6]}), not a model checkpoint")
+    names = _canonical_names(tensors, str(path))
+    extras = {k: _summary(v) for k, v in obj.items() if k != "state_dict"} if nested else {}
+    src = Source(str(path), "ckpt", {c: (tensors[k].shape, tensors[k].dtype) for c, k in names.items()},
+                 lambda key: tz.read(tensors[names[key]]), extras, placeholders=tz.placeholders)
+    src.format = "ckpt (weights under 'state_dict')" if nested else "ckpt (flat)"
+    return src
+
+
+def _summary(v) -> str:
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return repr(v)
+    if isinstance(v, Placeholder):
+        return repr(v)
+    if isinstance(v, dict):
+        return f"dict with {len(v)} entries" + (f" ({', '.join(map(str, list(v)[:3]))})" if v else "")
+    if isinstance(v, LazyTensor):
+        return f"tensor {list(v.shape)} {v.dtype}"
+    return type(v).__name__ + (f" of {len(v)}" if hasattr(v, "__len__") else "")
+
+
+# -------------------------------------------------------------------------------------- diffusers
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).exists():
+            return folder / name
+    if list(folder.glob("*.index.json")):
+        raise CheckpointError(f"{folder}: sharded weights (*.index.json) are not supported; merge the shards")
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES[:2])}, ...)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from e
+
+
+def open_diffusers(folder: Path) -> Source:
+    """A diffusers folder as one Source whose keys are the single-file names."""
+    parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+    missing = [d for d in parts.values() if not (folder / d / "config.json").exists()]
+    if len(missing) == len(parts):
+        raise CheckpointError(f"{folder}: a folder, but not a diffusers model folder (no unet/, vae/, "
+                              f"text_encoder/ with config.json); {SUPPORTED}")
+    if missing:
+        raise CheckpointError(f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} "
+                              "(missing component); SD v1 needs unet/, vae/ and text_encoder/, each with "
+                              "config.json and weights")
+    configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
+    entries, fetchers = {}, {}
+    for part, d in parts.items():
+        sub_path = _weights_file(folder / d)
+        sub = open_file(sub_path, sub_path.stat().st_size, _sniff(sub_path))
+        for key, entry in sub.entries.items():
+            ldm = diffusers_keys.to_ldm_key(part, key, configs[part], str(folder / d))
+            entries[ldm] = entry
+            fetchers[ldm] = (sub.fetch, key)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = diffusers_keys.sd_config(configs["unet"], configs["vae"], configs["text_encoder"],
+                                   _read_json(sched_path) if sched_path.exists() else None, str(folder))
+    return Source(str(folder), "diffusers", entries, lambda k: fetchers[k][0](fetchers[k][1]),
+                  {"model_index": _read_json(folder / "model_index.json")} if (folder / "model_index.json").exists()
+                  else {}, cfg, "the diffusers config.json files")
