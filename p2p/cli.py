@@ -14,15 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml), with their types
-    "ckpt": str, "prompt": str, "edits": list, "mode": str, "cross_steps": (float, int, list, dict),
-    "self_steps": (float, int, list), "self_max_res": int, "blend": list, "blend_threshold": (float, int),
-    "weight": dict, "seed": int, "steps": int, "guidance": (float, int), "height": int, "width": int,
-    "steps_offset": int, "show_attention": bool, "description": str,
-}
-DEFAULTS = dict(mode="replace", cross_steps=0.8, self_steps=0.4, self_max_res=16, blend=None, blend_threshold=0.3,
-                weight=None, seed=8888, steps=50, guidance=7.5, height=None, width=None, steps_offset=1,
-                show_attention=False)
+# the edit-config schema and its loading live in p2p.config (shared with `p2p sweep`); re-exported here
+from .config import (DEFAULTS, EDIT_KEYS, build_spec, check_settings, load_edit_config,  # noqa: F401
+                     parse_cross_steps, parse_weights)
 
 
 def file_sha256(path) -> str:
@@ -53,74 +47,6 @@ def write_json_atomic(obj, path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def parse_cross_steps(values):
-    """["0.8"] -> 0.8; ["0.2", "0.8"] -> (0.2, 0.8); ["1.0", "lion=0.4"] -> {"default_": 1.0, "lion": 0.4}."""
-    if values is None or isinstance(values, (int, float, dict)):
-        return values
-    plain = [v for v in values if "=" not in str(v)]
-    words = {v.split("=")[0]: float(v.split("=")[1]) for v in values if "=" in str(v)}
-    base = float(plain[0]) if len(plain) == 1 else tuple(map(float, plain)) if plain else (0.0, 1.0)
-    return {"default_": base, **words} if words else base
-
-
-def parse_weights(items) -> dict | None:
-    if not items or isinstance(items, dict):
-        return items or None
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--weight takes WORD=C (e.g. car=2), got {item!r}")
-        word, c = item.split("=", 1)
-        out[word] = [float(x) for x in c.split(",")] if "," in c else float(c)
-    return out
-
-
-def build_spec(s: dict):
-    """An edit spec and a LocalBlend from resolved settings (CLI flags or a config file)."""
-    from p2p import LocalBlend, Refine, Replace, Reweight
-
-    cross = parse_cross_steps(s["cross_steps"])
-    self_steps = tuple(s["self_steps"]) if isinstance(s["self_steps"], (list, tuple)) else s["self_steps"]
-    if isinstance(self_steps, tuple) and len(self_steps) == 1:
-        self_steps = self_steps[0]
-    common = dict(cross_replace_steps=cross, self_replace_steps=self_steps, self_replace_max_res=s["self_max_res"])
-    modes = {"replace": Replace, "refine": Refine}
-    weights = parse_weights(s["weight"])
-    if s["mode"] == "reweight":
-        if not weights:
-            raise ValueError("--mode reweight needs --weight WORD=C")
-        spec = Reweight(equalizer=weights, **common)
-    elif s["mode"] in modes:
-        spec = modes[s["mode"]](**common)
-        if weights:
-            spec = Reweight(equalizer=weights, base=spec, **common)
-    else:
-        raise ValueError(f"--mode must be replace, refine or reweight, got {s['mode']!r}")
-    blend = None
-    if s["blend"]:
-        words = [tuple(w.split(",")) if "," in w else w for w in s["blend"]]
-        blend = LocalBlend(tuple(words), threshold=s["blend_threshold"])
-    return spec, blend
-
-
-def load_edit_config(path) -> dict:
-    """Settings from configs/edits/NAME.yaml; unknown keys and wrong types fail before any computation."""
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: an edit config is a mapping of settings, got {type(data).__name__}")
-    for key, value in data.items():
-        if key not in EDIT_KEYS:
-            raise ValueError(f"{path}: unknown key {key!r}; the keys are {sorted(EDIT_KEYS)}")
-        if value is not None and not isinstance(value, EDIT_KEYS[key]):
-            raise ValueError(f"{path}: {key!r} has the wrong type ({type(value).__name__}: {value!r})")
-    return data
 
 
 def resolve_edit_settings(args) -> dict:
@@ -163,23 +89,26 @@ def cmd_generate(args) -> int:
                    height=args.height, width=args.width, steps_offset=args.steps_offset)
     record = settings_record({k: getattr(args, k) for k in ("prompt", "seed", "steps", "guidance", "height", "width",
                                                             "steps_offset")}, args.ckpt)
-    save_image(image_grid(out.images, args.prompt), args.output)
+    save_image(image_grid(out.images, args.prompt, min_size=256), args.output)
     write_json_atomic(record, Path(args.output).with_suffix(".json"))
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
     return 0
 
 
 def cmd_edit(args) -> int:
-    from p2p import edit
+    from p2p import AttentionStore, edit
     from p2p.viz import image_grid, save_image
 
     s = resolve_edit_settings(args)
     prompts = [s["prompt"], *s["edits"]]
-    spec, blend = build_spec(s)
+    spec, blend = check_settings(s, args.config or "the command line")  # words too, before loading
     sd = load_model(s["ckpt"])
-    out = edit(sd, prompts, spec, local_blend=blend, seed=s["seed"], num_steps=s["steps"],
-               guidance_scale=s["guidance"], height=s["height"], width=s["width"], steps_offset=s["steps_offset"])
-    outputs = {Path(args.output): image_grid(out.images, prompts)}
+    inv = prepare_inversion(args, s, sd)  # --image / --inversion: edit a real photo (None otherwise)
+    store = AttentionStore(self_attention=True) if s["show_attention"] else None
+    out = edit(sd, prompts, spec, local_blend=blend, seed=s["seed"], num_steps=s["steps"], store=store,
+               guidance_scale=s["guidance"], height=s["height"], width=s["width"], steps_offset=s["steps_offset"],
+               inversion=inv)
+    outputs = {Path(args.output): image_grid(out.images, prompts, min_size=256)}
     if s["show_attention"]:
         outputs.update(attention_pictures(out, prompts, Path(args.output)))
     for path, img in outputs.items():
@@ -191,19 +120,84 @@ def cmd_edit(args) -> int:
 
 
 def attention_pictures(out, prompts, output: Path) -> dict:
-    """Per-token cross-attention heatmaps (res 16, up and down, as the reference) for every prompt."""
+    """For every prompt: per-token cross-attention heatmaps and the top self-attention components,
+    from the up and down layers at 16x16 (the reference's show_cross_attention and
+    show_self_attention_comp), or at the smallest kept side when there is no 16x16 layer."""
     from models.clip import default_tokenizer
-    from p2p.viz import cross_attention_grid, image_grid, prompt_tokens
+    from p2p.viz import cross_attention_grid, prompt_tokens, self_attention_components
 
     store = out.attention
-    sides = sorted({s.h for s in store.layers(("up", "down"), True)})
-    res = 16 if 16 in sides else sides[-1] if len(sides) < 2 else sides[-2]
     pics = {}
-    for i, p in enumerate(prompts):
-        tokens = prompt_tokens(default_tokenizer(), p)
-        pics[output.with_name(f"{output.stem}_attention_{i}{output.suffix}")] = cross_attention_grid(
-            store.aggregate(res, ("up", "down"), True, i), tokens, image=out.images[i])
+    for is_cross, name in ((True, "attention"), (False, "self_attention")):
+        sides = {s.h for s in store.layers(("up", "down"), is_cross) if s.h == s.w}
+        if not sides:
+            continue
+        res = 16 if 16 in sides else min(sides)
+        for i, p in enumerate(prompts):
+            maps = store.aggregate(res, ("up", "down"), is_cross, i)
+            pic = (cross_attention_grid(maps, prompt_tokens(default_tokenizer(), p), image=out.images[i]) if is_cross
+                   else self_attention_components(maps.reshape(res * res, -1), res))
+            pics[output.with_name(f"{output.stem}_{name}_{i}{output.suffix}")] = pic
     return pics
+
+
+def run_inversion(sd, args, prompt, steps, guidance, steps_offset, height, width):
+    from p2p import invert
+
+    return invert(sd, args.image, prompt, method=args.method, num_steps=steps, guidance_scale=guidance,
+                  num_inner_steps=args.inner_steps, early_stop_epsilon=args.early_stop, steps_offset=steps_offset,
+                  height=height, width=width, offsets=tuple(args.offsets))
+
+
+def prepare_inversion(args, s: dict, sd):
+    """For `p2p edit --image` (invert now) or `--inversion` (a saved one): the Inversion, with the
+    settings it fixes written into `s` (an explicit conflicting --steps etc. is an error in edit())."""
+    from p2p import Inversion
+
+    if not getattr(args, "image", None) and not getattr(args, "inversion", None):
+        return None
+    if args.inversion:
+        inv = Inversion.load(args.inversion)
+        explicit = {k: getattr(args, k) for k in ("steps", "guidance", "steps_offset", "height", "width")}
+        for key, value in explicit.items():  # values from --config or the defaults give way to the file's
+            if value is None:
+                s[key] = None
+    else:
+        inv = run_inversion(sd, args, s["prompt"], s["steps"], s["guidance"], s["steps_offset"], s["height"],
+                            s["width"])
+    mine = dict(steps=inv.num_steps, guidance=inv.guidance_scale, steps_offset=inv.steps_offset, height=inv.height,
+                width=inv.width)
+    s.update({k: v if s[k] is None else s[k] for k, v in mine.items()})
+    s.update(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info)
+    return inv
+
+
+def cmd_invert(args) -> int:
+    """Invert a photo and save the Inversion (safetensors) with a JSON sidecar; --reconstruction also
+    writes the picture the inverted prompt gives back from it."""
+    from p2p.images import open_image
+    from p2p.inversion import reconstruct
+    from p2p.pipeline import to_uint8
+    from p2p.viz import save_image
+
+    open_image(args.image)  # a missing or unreadable picture fails before the model loads
+    sd = load_model(args.ckpt)
+    inv = run_inversion(sd, args, args.prompt, args.steps, args.guidance, args.steps_offset, args.height, args.width)
+    rec = None
+    if args.reconstruction:
+        import torch
+
+        with torch.no_grad():
+            rec = to_uint8(sd.decode(reconstruct(sd, inv)))[0]
+    keys = ("image", "prompt", "method", "steps", "guidance", "inner_steps", "early_stop", "steps_offset", "height",
+            "width", "offsets")
+    record = settings_record({k: getattr(args, k) for k in keys}, args.ckpt) | {"inversion": inv.info}
+    written = [inv.save(args.output)]
+    if rec is not None:
+        written.append(save_image(rec, args.reconstruction))
+    written.append(write_json_atomic(record, Path(args.output).with_suffix(".json")))
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -268,9 +262,44 @@ def parser() -> argparse.ArgumentParser:
     sampling(e)
     e.set_defaults(func=cmd_edit)
 
+    def inversion_options(q):
+        q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"], default="null-text",
+                       help="how to invert the photo (default null-text)")
+        q.add_argument("--inner-steps", dest="inner_steps", type=int, default=10,
+                       help="null-text: Adam iterations per step at most (default 10)")
+        q.add_argument("--early-stop", dest="early_stop", type=float, default=1e-5,
+                       help="null-text: stop a step's iterations when the loss < this + 2e-5 i")
+        q.add_argument("--offsets", nargs=4, type=int, default=[0, 0, 0, 0], metavar=("L", "R", "T", "B"),
+                       help="pixels cut from the left, right, top and bottom before the centre crop")
+
+    photo = e.add_mutually_exclusive_group()
+    photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
+    photo.add_argument("--inversion", help="edit from a saved inversion (`p2p invert -o FILE`)")
+    inversion_options(e)
+
+    v = sub.add_parser("invert", help="invert a photo for editing (DDIM, null-text, negative-prompt, direct)")
+    v.add_argument("--ckpt", required=True)
+    v.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
+    v.add_argument("--prompt", required=True, help="a caption of the photo: the source prompt of later edits")
+    inversion_options(v)
+    v.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    v.add_argument("--guidance", type=float, default=7.5, help="guidance the edits will use (default 7.5)")
+    v.add_argument("--steps-offset", dest="steps_offset", type=int, default=1,
+                   help="1 (default): timesteps 981..1; 0: 980..0 as the null-text notebook")
+    v.add_argument("--height", type=int)
+    v.add_argument("--width", type=int)
+    v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
+    v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
+    v.set_defaults(func=cmd_invert)
+
     i = sub.add_parser("inspect", help="what a checkpoint holds")
     i.add_argument("path")
     i.set_defaults(func=cmd_inspect)
+
+    from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
+    w = sweep_arguments(sub.add_parser("sweep", help="an ablation grid (configs/ablations/NAME.yaml): "
+                                     "figure, metrics CSV/JSON, per-cell configs; resumable"))
+    w.set_defaults(func=run_sweep)
 
     d = sub.add_parser("demo", help="tiny random checkpoint, then generate and edit on it")
     d.add_argument("-o", "--output", default="demo")

@@ -18,12 +18,14 @@ from models.attention import Site
 class AttentionStore:
     """Running sums of head-averaged maps, one (B, N, K) tensor per kept layer.
 
-    max_res: keep layers whose latent side is at most this (the reference keeps N <= 32**2).
-    cross / self_attention: which kinds of layer to keep. Self-attention maps are N x N: keep
-    them only for pictures (`viz.self_attention_components`)."""
+    max_res: keep cross-attention layers whose latent has at most max_res**2 pixels (the
+    reference keeps N <= 32**2). self_attention: also keep self-attention layers of at most
+    self_max_res**2 pixels; their maps are N x N and formed only when kept, so keep them only
+    for pictures (`viz.self_attention_components`)."""
     max_res: int = 32
     cross: bool = True
     self_attention: bool = False
+    self_max_res: int = 16
     extra: set = field(default_factory=set)  # site indices kept regardless (LocalBlend's layers)
     sums: dict = field(default_factory=dict)    # site index -> (B, N, K) sum over steps
     sites: dict = field(default_factory=dict)   # site index -> Site
@@ -32,8 +34,9 @@ class AttentionStore:
     def wants(self, site: Site) -> bool:
         if site.index in self.extra:
             return True
-        kind = self.cross if site.is_cross else self.self_attention
-        return kind and site.pixels <= self.max_res ** 2
+        if site.is_cross:
+            return self.cross and site.pixels <= self.max_res ** 2
+        return self.self_attention and site.pixels <= self.self_max_res ** 2
 
     def add(self, site: Site, M: torch.Tensor) -> None:
         """M: (B, heads, N, K) probabilities of the conditional rows, after editing."""

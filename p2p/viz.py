@@ -61,13 +61,17 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 
 
 def image_grid(images, captions: Sequence[str] | None = None, rows: int = 1, pad: int = 4,
-               font_size: int = 14) -> Image.Image:
+               font_size: int = 14, min_size: int = 0) -> Image.Image:
     """Images side by side in `rows` rows on white, each with its caption (wrapped) under it.
 
     images: uint8 (N, H, W, 3) or a list of same-sized uint8 arrays / PIL images. Empty cells of the
-    last row stay white. The caption band is as tall as the longest wrapped caption.
+    last row stay white. The caption band is as tall as the longest wrapped caption. Images smaller
+    than `min_size` are enlarged by an integer factor (nearest neighbour: pixels stay pixels).
     """
     images = [_to_uint8_rgb(im) for im in images]
+    if images and min_size and images[0].shape[0] < min_size:
+        k = -(-min_size // images[0].shape[0])
+        images = [im.repeat(k, axis=0).repeat(k, axis=1) for im in images]
     if not images:
         raise ValueError("no images to put in a grid")
     H, W = images[0].shape[:2]

@@ -30,8 +30,8 @@ def test_edit_with_flags_and_attention(tmp_path, golden_dir):
                "--cross-steps", "0.8", "--self-steps", "0.4", "--blend", "bicycle", "car", "horse",
                "--weight", "car=2,1", "--seed", "8888", "--show-attention", *FAST, "-o", str(out)])
     assert rc == 0
-    assert {p.name for p in tmp_path.iterdir()} == {"edit.png", "edit.json", "edit_attention_0.png",
-                                                     "edit_attention_1.png", "edit_attention_2.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"edit.png", "edit.json"} | {
+        f"edit_{kind}_{i}.png" for kind in ("attention", "self_attention") for i in range(3)}
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["settings"]["edits"] == ["a cat riding a car", "a cat riding a horse"]
     assert "Reweight" in record["spec"] and "Replace" in record["spec"]
