@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import VAEConfig
+from .unet import Upsample  # the same layer in both: nearest x2, then a 3x3 conv named `conv`
 
 
 def Normalize(ch: int) -> nn.GroupNorm:
@@ -57,15 +58,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric: right and bottom only
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class Mid(nn.Module):
