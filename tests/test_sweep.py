@@ -1,0 +1,122 @@
+"""`p2p sweep`: the grid runs on the tiny checkpoint, writes figure / CSV / JSON / cell configs, resumes."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import p2p
+import p2p.cli
+import p2p.sweep
+from p2p.cli import main
+
+# 4 cells in 2 batches (tau differs across batches; the edited prompt within one), with LocalBlend on
+# word position 4 (squirrel / its swap) so the mask metrics are exercised.
+ABLATION = """description: test sweep
+ckpt: {ckpt}
+prompt: A painting of a squirrel eating a burger
+edits: [A painting of a lion eating a burger]
+mode: replace
+blend: [4, 4]
+blend_threshold: 0.8          # random weights spread attention: a partial mask needs a high threshold
+seed: 8888
+steps: 2
+height: 64
+width: 64
+grid:
+  cross_steps: [0.4, 0.8]
+  edit: ["A painting of a lion eating a burger", "A painting of a cat eating a burger"]
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared CPU, torch's thread pool fighting other processes is 5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, golden_dir, tiny_sd):
+    d = tmp_path_factory.mktemp("sweep")
+    cfg = d / "abl.yaml"
+    cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
+    out = d / "runs" / "abl"
+    with pytest.MonkeyPatch.context() as mp:     # the CLI, with the session's model (loading it again is slow)
+        mp.setattr(p2p.sweep, "load_model", lambda ckpt, device: tiny_sd)
+        assert main(["sweep", str(cfg), "-o", str(out), "--no-progress"]) == 0
+    return cfg, out
+
+
+def counting(monkeypatch):
+    done = []
+    real = p2p.sweep.run_batch
+
+    def wrapped(sd, cells, *a, **k):
+        done.extend(c.name for c in cells)
+        return real(sd, cells, *a, **k)
+    monkeypatch.setattr(p2p.sweep, "run_batch", wrapped)
+    return done
+
+
+def test_outputs(run):
+    cfg, out = run
+    names = sorted(p.stem for p in (out / "cells").glob("*.yaml"))
+    assert names == ["000_cross_steps-0.4_edit-lion", "001_cross_steps-0.4_edit-cat",
+                     "002_cross_steps-0.8_edit-lion", "003_cross_steps-0.8_edit-cat"]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["cell"] for r in rows] == names and rows[0]["cross_steps"] == "0.4"
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["rows"] == ["cross_steps"] and record["cols"] == ["edit"] and len(record["cells"]) == 4
+    for r in record["cells"]:
+        m = r["metrics"]
+        assert m["batch_cells"] == 2                           # the two edited prompts of a tau shared a batch
+        assert 0 < m["mask_fraction"] < 1 and 0 <= m["change_in_mask"] <= 1
+        assert -1 <= m["ssim_bg"] <= 1 and (m["psnr_bg"] == "inf" or m["psnr_bg"] > 0)
+        assert 0 <= m["attention_iou"] <= 1 and m["iou_words"] == [4, 4]
+        assert m["latent_l2"] > 0 and m["seconds"] > 0 and m["maxrss_mib"] > 0
+    fig = Image.open(out / "figure.png")
+    assert fig.size[0] > 3 * 128 and fig.size[1] > 2 * 128   # 2 rows x (source + 2 columns) of 128 px tiles
+
+
+def test_a_cell_config_reruns_alone(run, tiny_sd, tmp_path, monkeypatch):
+    _, out = run
+    cell = out / "cells" / "001_cross_steps-0.4_edit-cat.yaml"
+    monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt: tiny_sd)
+    outs, real_edit = [], p2p.edit
+    monkeypatch.setattr(p2p, "edit", lambda *a, **k: outs.append(real_edit(*a, **k)) or outs[-1])
+    assert main(["edit", "--config", str(cell), "-o", str(tmp_path / "cell.png")]) == 0
+    assert json.loads((tmp_path / "cell.json").read_text())["settings"]["edits"] == ["A painting of a cat eating a burger"]
+    alone = outs[0].images[1]
+    swept = np.asarray(Image.open(out / "cells" / f"{cell.stem}.png"))
+    assert np.abs(alone.astype(int) - swept).max() <= 1          # batch of 2 vs alone: float noise at most
+
+
+def test_rerun_skips_and_resumes_one_cell(run, tiny_sd, monkeypatch):
+    cfg, out = run
+    before = json.loads((out / "metrics.json").read_text())["cells"]
+    done = counting(monkeypatch)
+    p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)
+    assert done == []                                            # everything finished: nothing recomputed
+    (out / "cells" / "002_cross_steps-0.8_edit-lion.json").unlink()   # as if killed while it ran
+    (out / "metrics.csv").unlink()
+    p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)
+    assert done == ["002_cross_steps-0.8_edit-lion"]
+    after = json.loads((out / "metrics.json").read_text())["cells"]
+    assert (out / "metrics.csv").exists() and [r["cell"] for r in after] == [r["cell"] for r in before]
+    for a, b in zip(before, after):
+        for k in ("psnr_bg", "ssim_bg", "change_in_mask", "latent_l2", "attention_iou"):
+            assert math.isclose(a["metrics"][k], b["metrics"][k], rel_tol=1e-3, abs_tol=1e-3), (a["cell"], k)
+
+
+def test_changed_settings_are_not_done(run):
+    cfg, out = run
+    _, cells, _ = p2p.sweep.prepare(cfg)
+    assert all(p2p.sweep.is_done(out, c) for c in cells)
+    _, cells, _ = p2p.sweep.prepare(cfg, {"seed": 1})      # same names, other settings
+    assert not any(p2p.sweep.is_done(out, c) for c in cells)
