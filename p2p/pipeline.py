@@ -47,8 +47,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
 
 
-def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM"):
-    """The guided DDIM loop. cond (B, 77, d); uncond (B, 77, d) or a list of one per step (null-text)."""
+def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM",
+            correction=None):
+    """The guided DDIM loop. cond (B, 77, d); uncond (B, 77, d) or a list of one per step (null-text).
+    correction(i, x) -> x, if given, adjusts the latents after step i, before the controller's
+    step_callback (Direct Inversion adds its residual to the source row there; see p2p.inversion)."""
     B = cond.shape[0]
     x = x_T.to(sd.device, sd.dtype).expand(B, -1, -1, -1)
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False)):
@@ -57,6 +60,8 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
         override = controller.override(i) if controller is not None else None
         eps_u, eps_c = sd.unet(torch.cat([x, x]), t, context, attn_override=override).chunk(2)
         x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x)
+        if correction is not None:
+            x = correction(i, x)
         if controller is not None:
             x = controller.step_callback(i, x)
     return x
@@ -78,25 +83,38 @@ def generate(sd, prompts, *, seed: int = 0, latents=None, num_steps: int = 50, g
 
 
 @torch.no_grad()
-def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = 0, latents=None, num_steps: int = 50,
-         guidance_scale: float = 7.5, height: int | None = None, width: int | None = None, steps_offset: int = 1,
-         store=None, fast: bool = True, progress: bool = True) -> Output:
+def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = 0, latents=None, num_steps: int | None = None,
+         guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+         steps_offset: int | None = None, store=None, fast: bool = True, progress: bool = True,
+         inversion=None) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's
     maps M_t into the edited prompts through `spec` (Replace / Refine / Reweight), and LocalBlend,
     if given, keeps the source latents outside the edited words' mask. `spec=None` is plain
     generation with the attention maps kept (`out.attention`). `store` chooses which maps are kept
-    (default: cross-attention maps of layers up to 32x32, as the reference)."""
+    (default: cross-attention maps of layers up to 32x32, as the reference).
+
+    Defaults: num_steps 50, guidance_scale 7.5, steps_offset 1. `inversion` (p2p.invert's result)
+    edits a real image: x_T, the unconditional embedding(s) and any per-step correction come from it,
+    prompts[0] must be its prompt, and steps / guidance / offset / size are its own (passing a
+    different value is an error; `seed` is unused)."""
     from .control import Controller
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if inversion is not None:
+        s = inversion.edit_settings(prompts, num_steps, guidance_scale, steps_offset, height, width, latents)
+        num_steps, guidance_scale, steps_offset, height, width, latents = (
+            s[k] for k in ("num_steps", "guidance_scale", "steps_offset", "height", "width", "latents"))
+    num_steps = 50 if num_steps is None else num_steps
+    guidance_scale = 7.5 if guidance_scale is None else guidance_scale
+    steps_offset = 1 if steps_offset is None else steps_offset
     height = height or sd.cfg.default_height
     width = width or sd.cfg.default_height
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     controller = Controller(default_tokenizer(), prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
     cond = sd.encode_text(prompts)
-    uncond = sd.encode_text([""])
+    uncond, correction = inversion.guidance_inputs(sd, cond) if inversion is not None else (sd.encode_text([""]), None)
     z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, controller,
-                 progress=progress, desc="Prompt-to-Prompt")
+                 progress=progress, desc="Prompt-to-Prompt", correction=correction)
     return Output(images=to_uint8(sd.decode(z0)), latents=z0, x_T=x_T, attention=controller.store)

@@ -1,0 +1,294 @@
+"""Real photographs: invert an image into the sampler's x_T, then edit it with Prompt-to-Prompt.
+
+Four methods; `invert()` runs one, `edit(sd, prompts, spec, inversion=inv)` edits from it.
+
+- "ddim": DDIM inversion as the null-text notebook does it (Mokady et al. 2022, Sec. 3.1):
+  conditional only (guidance 1), eps evaluated at the DESTINATION timestep,
+  z*_{t} = DDIM_next(eps(z*_{t-1}, t, C), t). Exact only as the step size goes to 0; with the
+  usual guidance 7.5 when editing, the reconstruction drifts.
+- "null-text": null-text inversion (Mokady, Hertz, Aberman, Pritch, Cohen-Or, "Null-text
+  Inversion for Editing Real Images using Guided Diffusion Models", CVPR 2023). Starting from
+  z_T = z*_T, for each step the unconditional embedding {empty}_t is tuned so that one guided DDIM
+  step lands on the DDIM-inversion latent z*_{t-1}. As the reference: a fresh Adam per step with
+  lr 1e-2 (1 - i/100), up to `num_inner_steps` iterations, stop when the loss (taken before the
+  update) is below eps + 2e-5 i, warm start from the previous step's embedding.
+  Cost: 1 + 2k UNet evaluations per step (k inner iterations, each a forward and a backward).
+- "negative-prompt": negative-prompt inversion (Miyake, Iohara, Saito, Tanaka, "Negative-prompt
+  Inversion: Fast Image Inversion for Editing with Text-guided Diffusion Models", 2023): DDIM
+  inversion, then the SOURCE prompt's embedding stands in for the null-text one while editing,
+  for every row. No optimisation: the cost of DDIM inversion.
+- "direct": Direct Inversion (Ju, Zhang, Liu, Wu, Xu, "PnP Inversion: Boosting Diffusion-based
+  Editing with 3 Lines of Code" (Direct Inversion), ICLR 2024): DDIM inversion, then one guided
+  pass along the inversion trajectory storing each step's residual r_t = z*_{t-1} - step(z_t). While
+  editing, the source row's latent gets r_t added after each step (before LocalBlend, as their
+  code), so the source branch reproduces the inversion trajectory exactly; the edited rows do
+  not. Cost: DDIM inversion plus one guided pass.
+
+Memory (null-text): the UNet's parameters never require grad during the optimisation (restored
+afterwards); the unconditional embedding is the only leaf, and grad is enabled only around the
+inner loop. The reference left `requires_grad` on, which allocates a .grad per weight.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .images import load_image
+
+METHODS = ("null-text", "ddim", "negative-prompt", "direct")
+FORMAT = "p2p-inversion"
+
+
+@dataclass
+class Inversion:
+    """What editing a real image needs. trajectory[k] is the DDIM-inversion latent after k steps:
+    trajectory[0] = z_0 (the image's latents), trajectory[-1] = z*_T = x_T; each (1, 4, h, w).
+    uncond_embeddings[i] (77, d) is null-text's {empty}_t for denoising step i (None for the others);
+    residuals[i] (1, 4, h, w) is Direct Inversion's correction after step i (None for the others)."""
+    method: str
+    prompt: str
+    num_steps: int
+    guidance_scale: float
+    steps_offset: int
+    height: int
+    width: int
+    x_T: torch.Tensor
+    trajectory: list
+    uncond_embeddings: list | None = None
+    residuals: list | None = None
+    info: dict = field(default_factory=dict)  # inner iterations and losses per step, inversion settings
+
+    @property
+    def image_latents(self) -> torch.Tensor:
+        return self.trajectory[0]
+
+    # ------------------------------------------------------------------ editing from it
+    def edit_settings(self, prompts, num_steps=None, guidance_scale=None, steps_offset=None, height=None,
+                      width=None, latents=None) -> dict:
+        """The sampling settings an edit from this inversion runs with; a clear error on any conflict."""
+        if not prompts or prompts[0] != self.prompt:
+            raise ValueError(f"prompts[0] must be the inverted prompt {self.prompt!r}, got "
+                             f"{prompts[0] if prompts else None!r}")
+        if latents is not None:
+            raise ValueError("an edit from an inversion starts from its x_T: do not pass latents as well")
+        mine = dict(num_steps=self.num_steps, guidance_scale=self.guidance_scale, steps_offset=self.steps_offset,
+                    height=self.height, width=self.width)
+        given = dict(num_steps=num_steps, guidance_scale=guidance_scale, steps_offset=steps_offset,
+                     height=height, width=width)
+        for key, value in given.items():
+            if value is not None and value != mine[key]:
+                raise ValueError(f"{key}={value} conflicts with the inversion's {key}={mine[key]}; "
+                                 f"an edit from an inversion uses the inversion's settings (leave {key} out)")
+        return mine | {"latents": self.x_T}
+
+    def guidance_inputs(self, sd, cond: torch.Tensor):
+        """(uncond, correction) for `pipeline.denoise`: the unconditional embedding(s) every row gets,
+        and the per-step latent correction (Direct Inversion) or None. cond: (B, 77, d), row 0 the source."""
+        dev = dict(device=sd.device, dtype=sd.dtype)
+        if self.method == "null-text":  # the same {empty}_t for the source and the edited rows, as the reference
+            return [u.to(**dev)[None] for u in self.uncond_embeddings], None
+        if self.method == "negative-prompt":  # the source prompt's embedding as the unconditional one
+            return cond[:1], None
+        uncond = sd.encode_text([""])
+        if self.method == "direct":
+            residuals = [r.to(**dev) for r in self.residuals]
+            # only the source row is corrected: it then retraces the inversion trajectory
+            return uncond, lambda i, x: torch.cat([x[:1] + residuals[i], x[1:]])
+        return uncond, None
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> Path:
+        """One safetensors file: the tensors, and every setting as JSON in its metadata. Atomic."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"x_T": self.x_T, "trajectory": torch.cat(list(self.trajectory))}
+        if self.uncond_embeddings is not None:
+            tensors["uncond_embeddings"] = torch.stack(list(self.uncond_embeddings))
+        if self.residuals is not None:
+            tensors["residuals"] = torch.cat(list(self.residuals))
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        meta = {k: getattr(self, k) for k in ("method", "prompt", "num_steps", "guidance_scale", "steps_offset",
+                                              "height", "width")} | {"info": self.info}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": FORMAT, "inversion": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Inversion":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"inversion file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for a file that is not one
+            raise ValueError(f"{path} is not a safetensors file ({err})") from None
+        if metadata.get("format") != FORMAT or "inversion" not in metadata:
+            raise ValueError(f"{path} is a safetensors file but not a saved Inversion (no {FORMAT!r} metadata)")
+        meta = json.loads(metadata["inversion"])
+        inv = cls(**{k: v for k, v in meta.items() if k != "info"}, info=meta.get("info", {}),
+                  x_T=tensors["x_T"], trajectory=list(tensors["trajectory"][:, None]),
+                  uncond_embeddings=list(tensors["uncond_embeddings"]) if "uncond_embeddings" in tensors else None,
+                  residuals=list(tensors["residuals"][:, None]) if "residuals" in tensors else None)
+        if len(inv.trajectory) != inv.num_steps + 1:
+            raise ValueError(f"{path}: {len(inv.trajectory)} trajectory latents for {inv.num_steps} steps")
+        return inv
+
+
+# ---------------------------------------------------------------------------------- the methods
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Parameters that do not require grad (no .grad buffers, no weight gradients), restored after."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def ddim_inversion(sd, z0: torch.Tensor, cond: torch.Tensor, scheduler, progress: bool = True) -> list:
+    """z_0 -> [z*_0, ..., z*_T], conditional only, eps at the destination timestep (as the reference's ddim_loop)."""
+    z, trajectory = z0, [z0]
+    for t in tqdm(scheduler.timesteps.flip(0).tolist(), desc="DDIM inversion", disable=not progress, leave=False):
+        z = scheduler.inverse_step(sd.unet(z, t, cond), t, z)
+        trajectory.append(z)
+    return trajectory
+
+
+def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler):
+    """One guided DDIM step of a single row, batched [uncond, cond] as the editing loop does it."""
+    eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+    return scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x)
+
+
+def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_scale, num_inner_steps=10,
+                           early_stop_epsilon=1e-5, progress=True):
+    """Null-text inversion's optimisation (Mokady et al. 2023, Algorithm 1): one {empty}_t per step."""
+    S = len(scheduler.timesteps)
+    if S >= 100:
+        raise ValueError(f"null-text inversion's learning rate 1e-2 (1 - i/100) reaches 0 at step 100; "
+                         f"use fewer than 100 steps, got {S}")
+    latent, embeddings, iterations, losses = trajectory[-1], [], [], []
+    bar = tqdm(total=S * num_inner_steps, desc="null-text inversion", disable=not progress, leave=False)
+    with frozen(sd.unet):
+        for i, t in enumerate(scheduler.timesteps.tolist()):
+            target = trajectory[S - i - 1]                              # z*_{t-1}
+            uncond = uncond.detach().clone().requires_grad_(True)       # warm start, a fresh leaf
+            optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+            with torch.no_grad():
+                eps_c = sd.unet(latent, t, cond)
+            loss_item, j = float("nan"), 0
+            for j in range(num_inner_steps):
+                with torch.enable_grad():
+                    eps_u = sd.unet(latent, t, uncond)
+                    eps = eps_u + guidance_scale * (eps_c - eps_u)
+                    loss = F.mse_loss(scheduler.step(eps, t, latent), target)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                loss_item = loss.item()
+                bar.update()
+                if loss_item < early_stop_epsilon + 2e-5 * i:           # the loss before this update, as the reference
+                    break
+            bar.update(num_inner_steps - (j + 1) if num_inner_steps else 0)
+            uncond = uncond.detach()
+            embeddings.append(uncond[0].clone())
+            iterations.append(j + 1 if num_inner_steps else 0)
+            losses.append(loss_item)
+            with torch.no_grad():
+                latent = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler)
+    bar.close()
+    return embeddings, {"inner_iterations": iterations, "losses": losses}
+
+
+@torch.no_grad()
+def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance_scale, progress=True) -> list:
+    """Direct Inversion (Ju et al. 2024): r_t = z*_{t-1} - guided_step(z_t), z_{t-1} = guided_step(z_t) + r_t.
+
+    The latent follows prev + r (not z* itself), the same arithmetic the editing loop does, so the
+    source branch retraces this pass bit for bit (up to the UNet's batch-size rounding)."""
+    S = len(scheduler.timesteps)
+    latent, residuals = trajectory[-1], []
+    for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="direct inversion", disable=not progress,
+                               leave=False)):
+        prev = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler)
+        residuals.append(trajectory[S - i - 1] - prev)
+        latent = prev + residuals[-1]
+    return residuals
+
+
+def invert(sd, image, prompt: str, method: str = "null-text", num_steps: int = 50, guidance_scale: float = 7.5,
+           num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5, steps_offset: int = 1,
+           height: int | None = None, width: int | None = None, offsets=(0, 0, 0, 0),
+           progress: bool = True) -> Inversion:
+    """Invert a real image for editing with `edit(sd, [prompt, ...], spec, inversion=inv)`.
+
+    image: a path, a PIL image (any mode; see p2p.images) or a (1, 3, H, W) tensor in [-1, 1].
+    method: "null-text" (default, the paper's), "ddim", "negative-prompt" or "direct" (see the module).
+    The null-text notebook ran with steps_offset 0 (timesteps 980..0); the default here is 1 (981..1),
+    as generate() and edit(); pass steps_offset=0 to match the notebook."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if num_inner_steps < 0:
+        raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+    height = height or sd.cfg.default_height
+    width = width or sd.cfg.default_height
+    multiple = 8 * sd.latent_downsample
+    if torch.is_tensor(image):
+        x = image
+        if x.dim() != 4 or x.shape[:2] != (1, 3) or x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(f"an image tensor must be (1, 3, H, W) with H, W multiples of {multiple}, "
+                             f"got {tuple(x.shape)}")
+        height, width = x.shape[2], x.shape[3]
+    else:
+        x = load_image(image, height, width, offsets, multiple)
+    scheduler = sd.scheduler(num_steps, steps_offset)
+    with torch.no_grad():
+        z0 = sd.encode(x)
+        cond = sd.encode_text([prompt])
+        uncond = sd.encode_text([""])
+    trajectory = ddim_inversion(sd, z0, cond, scheduler, progress)
+    embeddings = residuals = None
+    info = {"offsets": list(offsets)}
+    if method == "null-text":
+        embeddings, stats = null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_scale,
+                                                   num_inner_steps, early_stop_epsilon, progress)
+        info |= {"num_inner_steps": num_inner_steps, "early_stop_epsilon": early_stop_epsilon} | stats
+    elif method == "direct":
+        residuals = direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance_scale, progress)
+    return Inversion(method, prompt, num_steps, float(guidance_scale), steps_offset, int(height), int(width),
+                     x_T=trajectory[-1], trajectory=trajectory, uncond_embeddings=embeddings, residuals=residuals,
+                     info=info)
+
+
+@torch.no_grad()
+def reconstruct(sd, inversion: Inversion, progress: bool = True) -> torch.Tensor:
+    """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets)."""
+    from .pipeline import denoise
+
+    cond = sd.encode_text([inversion.prompt])
+    uncond, correction = inversion.guidance_inputs(sd, cond)
+    return denoise(sd, cond, uncond, inversion.x_T, sd.scheduler(inversion.num_steps, inversion.steps_offset),
+                   inversion.guidance_scale, progress=progress, desc="reconstruction", correction=correction)
