@@ -27,3 +27,13 @@ def tiny_sd():
     sd = load_checkpoint(GOLDEN_CKPT, device="cpu", dtype=torch.float32)
     sd.requires_grad_(False)
     return sd.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a small shared CPU, torch's thread pool fighting other
+    processes runs several times slower than one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -27,13 +27,7 @@ grid:
 """
 METRICS = ("psnr_bg", "ssim_bg", "change_in_mask", "mask_fraction", "latent_l2", "attention_iou", "batch_cells")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared CPU, torch's thread pool fighting other processes is 5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
