@@ -1,15 +1,12 @@
-"""The miniature Stable Diffusion: its data, its checkpoint, its training loop, and Prompt-to-Prompt's
-claims measured on it from the pixels (a few seeds; `python -m p2p.miniature.evaluate` runs 100)."""
+"""The miniature Stable Diffusion's data, its measurements from pixels, and its training loop.
+
+No trained checkpoint ships yet (the one trained here in the CPU budget did not follow its
+captions), so nothing here tests Prompt-to-Prompt's claims on it."""
 import numpy as np
-import pytest
 import torch
 
-from p2p.miniature import CHECKPOINT
 from p2p.miniature import measure as M
 from p2p.miniature.data import SHAPES, make_sample
-
-needs_ckpt = pytest.mark.skipif(not CHECKPOINT.exists(), reason="p2p/miniature/miniature.safetensors not built")
-
 
 def test_samples_are_deterministic_and_captioned():
     a, cap_a, fa = make_sample(7)
@@ -46,53 +43,3 @@ def test_training_smoke(tmp_path):
     sd = load_checkpoint(out)
     assert sd.cfg.unet.model_channels == 64 and sd.cfg.image_size == 16 and sd.latent_downsample == 4
     assert (tmp_path / "log.jsonl").read_text().count('"stage": "unet"') == 2
-
-
-@needs_ckpt
-def test_shipped_checkpoint_layout():
-    from safetensors import safe_open
-
-    from models import PREFIXES
-    from weights_tools import load_checkpoint
-
-    assert CHECKPOINT.stat().st_size <= 20 * 2**20
-    with safe_open(str(CHECKPOINT), "pt") as f:
-        keys = list(f.keys())
-        assert "ldm_config" in f.metadata()
-        assert f.get_tensor("cond_stage_model.transformer.text_model.embeddings.position_ids").dtype == torch.int64
-        assert f.get_tensor(PREFIXES["unet"] + "out.2.weight").dtype == torch.float16
-    assert all(any(k.startswith(p) for p in PREFIXES.values()) for k in keys)
-    sd = load_checkpoint(CHECKPOINT)
-    assert sd.dtype == torch.float32 and sd.cfg.default_height == 64
-
-
-STEPS, SEEDS = 10, (0, 1, 2)  # the full evaluation runs 20 steps on 100 seeds
-
-
-@pytest.fixture(scope="module")
-def mini():
-    from p2p.miniature.evaluate import load
-
-    torch.manual_seed(0)
-    return load(CHECKPOINT).requires_grad_(False)
-
-
-@needs_ckpt
-def test_p2p_replace_keeps_layout_better_than_fixed_seed(mini):
-    """Replace "<shape>" -> "square": the object stays where the source's was (paper Fig. 4 claim)."""
-    from p2p.miniature.evaluate import mean, run
-
-    R = run(mini, list(SEEDS), STEPS, 5.0, parts=("replace",), progress=False)
-    assert len(R["rep_shift_p2p"]) == len(SEEDS)
-    assert mean(R["rep_shift_p2p"]) < REPLACE_SHIFT_MAX
-    assert mean(R["rep_shift_p2p"]) + REPLACE_MARGIN < mean(R["rep_shift_base"])
-
-
-@needs_ckpt
-def test_local_blend_keeps_background(mini):
-    """Colour swap with LocalBlend: the background outside the object is the source's."""
-    from p2p.miniature.evaluate import mean, run
-
-    R = run(mini, list(SEEDS), STEPS, 5.0, parts=("blend",), progress=False)
-    assert mean(R["psnr_blend"]) > BLEND_PSNR_MIN
-    assert mean(R["psnr_blend"]) > mean(R["psnr_base"]) + BLEND_MARGIN

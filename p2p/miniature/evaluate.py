@@ -1,0 +1,266 @@
+"""Measure the miniature model and Prompt-to-Prompt's claims on it, from the pixels.
+
+    python -m p2p.miniature.evaluate --seeds 100 [--checkpoint PATH] [--steps 20] [--guidance 5]
+
+For seed s an evaluation prompt is drawn (`eval_case(s)`: a big object, a colour, a flat background)
+and the initial noise is manual_seed(s), as `p2p.generate` draws it. Measured (see measure.py):
+  fidelity   the generated object's colour and shape against the caption
+  replace    "<shape>" -> "square" (the source shape is never square): the edited object's centre
+             shift (px) and |log area ratio| against the source's, with Prompt-to-Prompt (Replace)
+             and with the fixed-seed baseline (generate the edited prompt from the same seed)
+  blend      colour word swapped (Replace + LocalBlend on the colour and shape words): PSNR of the
+             background (outside both objects' masks, dilated 2 px) against the source's; also
+             without LocalBlend and for the baseline; and how often the new colour is the object's
+  reweight   Reweight of "big" with c in -2..2 (P2P): object area / source area
+  refine     "a big red circle" -> "... on a striped background" (Refine): object mask IoU with the
+             source's, P2P and baseline; how often the background came out striped
+Prints a markdown table; `--json` also writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import measure as M
+from .data import BACKGROUNDS, PALETTE, SHAPES, STRIPES, background_colours
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CKPT = HERE / "miniature.safetensors"
+FLAT = ("black", "gray", "blue", "green")
+C_VALUES = (-2.0, -1.0, 0.0, 1.0, 2.0)
+
+
+def load(path=DEFAULT_CKPT):
+    from weights_tools import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def eval_case(seed: int) -> dict:
+    """A single big object on a flat background, and a second colour for the colour swap."""
+    rng = np.random.default_rng(10**6 + seed)
+    bg = str(rng.choice(FLAT))
+    colours = [c for c in PALETTE if c != bg]
+    colour, colour2 = (str(c) for c in rng.choice(colours, 2, replace=False))
+    shape = str(rng.choice([s for s in SHAPES if s != "square"]))
+    return dict(seed=seed, bg=bg, colour=colour, colour2=colour2, shape=shape,
+                prompt=f"a big {colour} {shape} on a {bg} background")
+
+
+def x_T(sd, seed: int) -> torch.Tensor:
+    from p2p.pipeline import initial_latent
+
+    h = sd.cfg.default_height
+    return initial_latent(sd, seed, h, h)
+
+
+def generate_many(sd, prompts, seeds, steps, guidance, chunk=16) -> np.ndarray:
+    """generate() for (prompt, seed) pairs, batched: each row starts from its own seed's x_T."""
+    from p2p import generate
+
+    out = []
+    for i in range(0, len(prompts), chunk):
+        lat = torch.cat([x_T(sd, s) for s in seeds[i:i + chunk]])
+        out.append(generate(sd, prompts[i:i + chunk], latents=lat, num_steps=steps, guidance_scale=guidance,
+                            progress=False).images)
+    return np.concatenate(out)
+
+
+def dilate(mask: np.ndarray, r: int = 2) -> np.ndarray:
+    out = mask.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out
+
+
+def colour_mask(img, colour: str, bg: str | None) -> np.ndarray:
+    """Pixels nearest to `colour` among the palette and the background colour(s) (all backgrounds
+    when `bg` is None), within MAX_DIST; largest component."""
+    cols = dict(PALETTE)
+    bgs = [*STRIPES, BACKGROUNDS["black"], BACKGROUNDS["gray"]] if bg is None else background_colours(bg)
+    cols.update({f"bg{i}": c for i, c in enumerate(bgs) if c not in PALETTE.values()})
+    names = list(cols)
+    d = np.linalg.norm(img[..., None, :].astype(np.float32) - np.array([cols[n] for n in names], np.float32), axis=-1)
+    m = (d.argmin(-1) == names.index(colour)) & (d.min(-1) < M.MAX_DIST)
+    return M._largest_component(m)
+
+
+def striped_fraction(img, mask) -> float:
+    """Share of the background pixels nearest one of the two stripe greys (rather than a flat colour)."""
+    names, idx, _ = M.pixel_classes(img, "striped")
+    bgpix = ~dilate(mask)
+    return float(np.array([n == "background" for n in names])[idx][bgpix].mean()) if bgpix.any() else 0.0
+
+
+def shift_and_scale(src_mask, mask):
+    (cs, a_s), (c, a) = M.centre_and_area(src_mask), M.centre_and_area(mask)
+    if cs is None or c is None:
+        return None, None
+    return math.dist(cs, c), abs(math.log(a / a_s))
+
+
+def iou(a, b) -> float:
+    u = (a | b).sum()
+    return float((a & b).sum() / u) if u else 0.0
+
+
+def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend", "reweight", "refine"),
+        progress=True) -> dict:
+    from tqdm.auto import tqdm
+
+    from p2p import LocalBlend, Refine, Replace, Reweight, edit
+    from p2p.metrics import psnr
+
+    cases = [eval_case(s) for s in seeds]
+    kw = dict(num_steps=steps, guidance_scale=guidance, progress=False)
+    R = {k: [] for k in ("colour_ok", "shape_ok", "found", "rep_shift_p2p", "rep_scale_p2p", "rep_shift_base",
+                         "rep_scale_base", "rep_target_p2p", "rep_target_base", "psnr_blend", "psnr_p2p",
+                         "psnr_base", "blend_colour_ok", "refine_iou_p2p", "refine_iou_base", "refine_striped_p2p",
+                         "refine_striped_base")}
+    R.update({f"area_c{c:g}": [] for c in C_VALUES})
+    src = generate_many(sd, [c["prompt"] for c in cases], seeds, steps, guidance)
+    src_masks = [M.object_mask(im, c["bg"]) for im, c in zip(src, cases)]
+    for im, c, m in zip(src, cases, src_masks):
+        R["found"].append(bool(m.sum() >= 8))
+        R["colour_ok"].append(M.object_colour(im, c["bg"], m) == c["colour"])
+        R["shape_ok"].append(M.object_shape(m) == c["shape"])
+    if "replace" in parts:
+        dst = [c["prompt"].replace(c["shape"], "square") for c in cases]
+        base = generate_many(sd, dst, seeds, steps, guidance)
+        for i, c in enumerate(tqdm(cases, desc="replace", disable=not progress)):
+            out = edit(sd, [c["prompt"], dst[i]], Replace(), seed=c["seed"], **kw).images[1]
+            for name, im in (("p2p", out), ("base", base[i])):
+                m = M.object_mask(im, c["bg"])
+                s, a = shift_and_scale(src_masks[i], m)
+                if s is not None:
+                    R[f"rep_shift_{name}"].append(s)
+                    R[f"rep_scale_{name}"].append(a)
+                R[f"rep_target_{name}"].append(M.object_shape(m) == "square")
+    if "blend" in parts:
+        dst = [c["prompt"].replace(c["colour"], c["colour2"]) for c in cases]
+        base = generate_many(sd, dst, seeds, steps, guidance)
+        for i, c in enumerate(tqdm(cases, desc="blend", disable=not progress)):
+            P = [c["prompt"], dst[i]]
+            lb = LocalBlend(((c["colour"], c["shape"]), (c["colour2"], c["shape"])))
+            blended = edit(sd, P, Replace(), local_blend=lb, seed=c["seed"], **kw).images[1]
+            plain = edit(sd, P, Replace(), seed=c["seed"], **kw).images[1]
+            for name, im in (("blend", blended), ("p2p", plain), ("base", base[i])):
+                keep = ~dilate(src_masks[i] | M.object_mask(im, c["bg"]))
+                R[f"psnr_{name}"].append(min(psnr(src[i], im, keep), 60.0))
+            R["blend_colour_ok"].append(M.object_colour(blended, c["bg"]) == c["colour2"])
+    if "reweight" in parts:
+        for i, c in enumerate(tqdm(cases, desc="reweight", disable=not progress)):
+            P = [c["prompt"]] * (1 + len(C_VALUES))
+            out = edit(sd, P, Reweight(equalizer={"big": list(C_VALUES)}), seed=c["seed"], **kw).images
+            a0 = max(int(src_masks[i].sum()), 1)
+            for cv, im in zip(C_VALUES, out[1:]):
+                R[f"area_c{cv:g}"].append(M.object_mask(im, c["bg"]).sum() / a0)
+    if "refine" in parts:
+        P0 = [f"a big {c['colour']} {c['shape']}" for c in cases]
+        P1 = [p + " on a striped background" for p in P0]
+        base = generate_many(sd, P1, seeds, steps, guidance)
+        for i, c in enumerate(tqdm(cases, desc="refine", disable=not progress)):
+            out = edit(sd, [P0[i], P1[i]], Refine(), seed=c["seed"], **kw).images
+            m0 = colour_mask(out[0], c["colour"], None)
+            for name, im in (("p2p", out[1]), ("base", base[i])):
+                m = colour_mask(im, c["colour"], "striped")
+                R[f"refine_iou_{name}"].append(iou(m0, m))
+                R[f"refine_striped_{name}"].append(striped_fraction(im, m) > 0.8)
+    return R
+
+
+def mean(x):
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def table(R: dict, n: int) -> str:
+    f = lambda k, d=2: f"{mean(R[k]):.{d}f}" if R.get(k) else "-"  # noqa: E731
+    rows = [
+        ("fidelity: object found (>= 8 px of a palette colour)", f("found"), "", n),
+        ("fidelity: colour matches caption", f("colour_ok"), "", n),
+        ("fidelity: shape matches caption (template IoU)", f("shape_ok"), "", n),
+        ("replace shape->square: centre shift px (lower = layout kept)", f("rep_shift_p2p", 1), f("rep_shift_base", 1),
+         len(R["rep_shift_p2p"])),
+        ("replace shape->square: abs log area ratio (lower = size kept)", f("rep_scale_p2p"), f("rep_scale_base"),
+         len(R["rep_scale_p2p"])),
+        ("replace shape->square: edited object reads as square", f("rep_target_p2p"), f("rep_target_base"),
+         len(R["rep_target_p2p"])),
+        ("colour swap: background PSNR dB vs source, with LocalBlend", f("psnr_blend", 1), "", len(R["psnr_blend"])),
+        ("colour swap: background PSNR dB vs source, no LocalBlend", f("psnr_p2p", 1), f("psnr_base", 1),
+         len(R["psnr_p2p"])),
+        ("colour swap with LocalBlend: object has the new colour", f("blend_colour_ok"), "", len(R["blend_colour_ok"])),
+    ]
+    rows += [(f"reweight 'big' c={c:g}: area / source area", f(f"area_c{c:g}"), "", len(R[f"area_c{c:g}"]))
+             for c in C_VALUES]
+    rows += [
+        ("refine +'on a striped background': object IoU with source", f("refine_iou_p2p"), f("refine_iou_base"),
+         len(R["refine_iou_p2p"])),
+        ("refine: background came out striped", f("refine_striped_p2p"), f("refine_striped_base"),
+         len(R["refine_striped_p2p"])),
+    ]
+    lines = ["| measurement | Prompt-to-Prompt / model | fixed-seed baseline | n |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows if d]
+    return "\n".join(lines)
+
+
+GRID_PROMPTS = ("a big red circle on a blue background", "a big yellow square on a black background",
+                "a big white triangle on a green background", "a big purple star on a gray background",
+                "a small green diamond on a black background", "a big blue cross on a striped background")
+
+
+def save_grid(sd, path, seeds=(0, 1, 2, 3), steps=20, guidance=5.0) -> np.ndarray:
+    """Rows: GRID_PROMPTS; columns: seeds. Then two rows (seeds[0], seeds[1]) of Replace
+    circle -> square on the first prompt: source | P2P | fixed-seed baseline. Upscaled 4x, nearest."""
+    from PIL import Image
+
+    from p2p import Replace, edit
+
+    rows = [np.concatenate(list(generate_many(sd, [p] * len(seeds), list(seeds), steps, guidance)), 1)
+            for p in GRID_PROMPTS]
+    P = [GRID_PROMPTS[0], GRID_PROMPTS[0].replace("circle", "square")]
+    base = generate_many(sd, [P[1]] * len(seeds), list(seeds), steps, guidance)
+    for s, b in zip(seeds[:2], base):  # source | P2P square | fixed-seed square | (blank)
+        pair = edit(sd, P, Replace(), seed=s, num_steps=steps, guidance_scale=guidance, progress=False).images
+        cells = [pair[0], pair[1], b] + [np.zeros_like(b)] * (len(seeds) - 3)
+        rows.append(np.concatenate(cells[:len(seeds)], 1))
+    img = np.concatenate(rows, 0)
+    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(path)
+    return img
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m p2p.miniature.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
+    ap.add_argument("--seeds", type=int, default=100, help="evaluate seeds 0..N-1")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--parts", default="fidelity,replace,blend,reweight,refine")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the per-seed numbers here")
+    ap.add_argument("--grid", default=None, help="also write a picture grid (GRID_PROMPTS x 4 seeds, and a Replace row)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sd = load(a.checkpoint)
+    if a.grid:
+        save_grid(sd, a.grid, steps=a.steps, guidance=a.guidance)
+        print(f"wrote {a.grid}")
+    if a.seeds <= 0:
+        return 0
+    R = run(sd, list(range(a.seeds)), a.steps, a.guidance, tuple(a.parts.split(",")))
+    print(f"checkpoint {a.checkpoint}, seeds 0..{a.seeds - 1}, DDIM {a.steps} steps, guidance {a.guidance}\n")
+    print(table(R, a.seeds))
+    if a.json:
+        Path(a.json).write_text(json.dumps({k: [float(x) for x in v] for k, v in R.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
