@@ -42,6 +42,7 @@ def write_json_atomic(obj, path) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a sidecar is as readable as its picture
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
