@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from .files import atomic_path
 
 # the edit-config schema and its loading live in p2p.config (shared with `p2p sweep`); re-exported here
 from .config import (DEFAULTS, EDIT_KEYS, build_spec, check_settings, load_edit_config,  # noqa: F401
@@ -36,18 +36,9 @@ def file_sha256(path) -> str:
 
 
 def write_json_atomic(obj, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a sidecar is as readable as its picture
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    return Path(path)
 
 
 def resolve_edit_settings(args) -> dict:

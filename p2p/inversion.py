@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .files import atomic_path
 from .images import load_image
 
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")
@@ -118,15 +117,8 @@ class Inversion:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
         meta = {k: getattr(self, k) for k in ("method", "prompt", "num_steps", "guidance_scale", "steps_offset",
                                               "height", "width")} | {"info": self.info}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": FORMAT, "inversion": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "inversion": json.dumps(meta)})
         return path
 
     @classmethod

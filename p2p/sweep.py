@@ -34,11 +34,11 @@ import re
 import resource
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import EDIT_KEYS, check_settings, load_ablation, set_knob
+from .files import atomic_path
 
 TIMING_KEYS = ("seconds", "batch_seconds", "batch_cells", "maxrss_mib", "cuda_max_mib", "device")
 
@@ -59,15 +59,8 @@ class Cell:
 
 # ------------------------------------------------------------------------------- files
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _clean(x):
@@ -198,7 +191,7 @@ def iou_words(s: dict, metrics_cfg: dict):
     return None
 
 
-def run_batch(sd, cells: list[Cell], metrics_cfg: dict, tokenizer) -> tuple[list[dict], "np.ndarray"]:
+def run_batch(sd, cells: list[Cell], metrics_cfg: dict, tokenizer) -> tuple[list[dict], object]:
     import torch
 
     from . import edit

@@ -7,13 +7,14 @@ map minus its row means, top rows of V^T), so pictures can be compared with the 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_path
 
 WHITE, BLACK = 255, (0, 0, 0)
 
@@ -209,14 +210,6 @@ def save_image(img, path: str | os.PathLike, **save_kwargs) -> Path:
         img = Image.fromarray(_to_uint8_rgb(img))
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")   # same folder: rename is atomic
-    try:
-        with open(tmp, "xb") as f:                                      # "x": never clobber; umask applies
-            img.save(f, format=fmt, **save_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        img.save(f, format=fmt, **save_kwargs)
     return path
