@@ -7,7 +7,7 @@ attention override; nothing advances as a side effect of a forward pass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ class Output:
     latents: torch.Tensor         # z_0 (N, 4, h, w), before decoding
     x_T: torch.Tensor             # the initial latent (1 or N, 4, h, w)
     attention: object = None      # stored attention maps (p2p.store.AttentionStore), when kept
-    trajectory: list = field(default_factory=list)
 
 
 def initial_latent(sd, seed: int, height: int, width: int, latents=None, batch: int = 1) -> torch.Tensor:
