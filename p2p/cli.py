@@ -18,6 +18,10 @@ from .files import atomic_path
 from .config import (DEFAULTS, EDIT_KEYS, build_spec, check_settings, load_edit_config,  # noqa: F401
                      parse_cross_steps, parse_weights)
 
+MINIATURE = "miniature"  # --ckpt's default: the miniature SD shipped in p2p/miniature (see p2p.miniature)
+CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
+             "the miniature SD that ships with the project")
+
 
 def file_sha256(path) -> str:
     """SHA-256 of a checkpoint file, or of the sorted (name, hash) list of a diffusers folder."""
@@ -49,10 +53,23 @@ def resolve_edit_settings(args) -> dict:
         v = getattr(args, key, None)
         if v is not None and v is not False:
             s[key] = v
-    for key in ("ckpt", "prompt", "edits"):
+    s.setdefault("ckpt", MINIATURE)
+    for key in ("prompt", "edits"):
         if not s.get(key):
             raise ValueError(f"missing {key}: give --{key.rstrip('s') if key == 'edits' else key} or set it in --config")
     return s
+
+
+def resolve_checkpoint(ckpt) -> Path:
+    """A checkpoint path, or "miniature" (the default): the miniature SD that ships in p2p/miniature."""
+    if ckpt in (None, "", MINIATURE):
+        from p2p.miniature import CHECKPOINT
+
+        if not CHECKPOINT.exists():
+            raise FileNotFoundError(f"the shipped miniature checkpoint {CHECKPOINT} is missing: reinstall p2p-torch "
+                                    "from a full clone, train one with `python -m p2p.miniature.train`, or give --ckpt")
+        return CHECKPOINT
+    return Path(ckpt)
 
 
 def load_model(ckpt):
@@ -61,13 +78,14 @@ def load_model(ckpt):
     from weights_tools import load_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_checkpoint(ckpt, device=device, dtype=torch.float32)
+    return load_checkpoint(resolve_checkpoint(ckpt), device=device, dtype=torch.float32)
 
 
 def settings_record(s: dict, ckpt) -> dict:
     import p2p
     import torch
 
+    ckpt = resolve_checkpoint(ckpt)
     return {"settings": s, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": sys.argv[1:]}
 
@@ -200,20 +218,16 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Make a tiny random checkpoint, then generate and edit on it (random weights give noise)."""
-    from weights_tools import make_tiny
+    """Edits on the shipped miniature (p2p.miniature.demo), and one edit's attention pictures."""
+    from p2p.miniature.demo import ROWS, write_demo
 
     out = Path(args.output)
-    ckpt = out / "tiny.safetensors"
-    if not ckpt.exists():
-        make_tiny(ckpt, seed=0)
-    common = ["--ckpt", str(ckpt), "--steps", str(args.steps)]
-    rc = main(["generate", *common, "--prompt", "a painting of a squirrel eating a burger",
-               "-o", str(out / "generate.png")])
-    rc = rc or main(["edit", *common, "--prompt", "a painting of a squirrel eating a burger",
-          "--edit", "a painting of a lion eating a burger", "--cross-steps", "1.0", "lion=0.4",
-          "--blend", "squirrel", "lion", "--show-attention", "-o", str(out / "edit.png")])
-    print("random weights give noise: the pictures show the plumbing, not a model")
+    sd = load_model(MINIATURE)
+    grid = write_demo(sd, out, args.steps)
+    _, src, dst, _, seed = ROWS[0]
+    rc = main(["edit", "--prompt", src, "--edit", dst, "--seed", str(seed), "--steps", str(args.steps),
+               "--guidance", "5", "--show-attention", "-o", str(out / "replace.png")])
+    print(f"wrote {grid}: each row is source | Prompt-to-Prompt edit | same seed regenerated (Reweight: c = -3 | +3)")
     return rc
 
 
@@ -231,13 +245,13 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
 
     g = sub.add_parser("generate", help="plain text-to-image")
-    g.add_argument("--ckpt", required=True)
+    g.add_argument("--ckpt", default=MINIATURE, help=CKPT_HELP)
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     sampling(g)
     g.set_defaults(func=cmd_generate, seed=0, steps=50, guidance=7.5, steps_offset=1)
 
     e = sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch")
-    e.add_argument("--ckpt")
+    e.add_argument("--ckpt", help=CKPT_HELP)
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
     e.add_argument("--prompt", help="the source prompt")
     e.add_argument("--edit", dest="edits", action="append", help="an edited prompt; repeat for several")
@@ -293,9 +307,10 @@ def parser() -> argparse.ArgumentParser:
                                      "figure, metrics CSV/JSON, per-cell configs; resumable"))
     w.set_defaults(func=run_sweep)
 
-    d = sub.add_parser("demo", help="tiny random checkpoint, then generate and edit on it")
+    d = sub.add_parser("demo", help="Replace, LocalBlend and Reweight on the shipped miniature: "
+                       "an edit grid and one edit's attention pictures")
     d.add_argument("-o", "--output", default="demo")
-    d.add_argument("--steps", type=int, default=10)
+    d.add_argument("--steps", type=int, default=20)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -258,7 +258,7 @@ def load_ablation(path, overrides: dict | None = None) -> dict:
         base.update(b)
     base.update({k: v for k, v in data.items() if k in EDIT_KEYS})
     base.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if base.get("ckpt"):
+    if base.get("ckpt") and base["ckpt"] != "miniature":  # "miniature": the shipped checkpoint (p2p.cli)
         base["ckpt"] = str(_resolve_path(base["ckpt"], path.parent).resolve())  # cells rerun from anywhere
     grid = data.get("grid") or {}
     if not grid:

@@ -132,8 +132,8 @@ def expand(ab: dict, tokenizer=None) -> list[Cell]:
                     raise ValueError(f"{where}: {k!r} needs two words (source, edited), got {s[k]!r}")
             check_settings(s, where, tokenizer)
             if not s.get("ckpt"):
-                raise ValueError(f"{ab['path']}: missing 'ckpt': name the checkpoint in the config (ckpt: PATH) "
-                                 f"or pass --ckpt")
+                raise ValueError(f"{ab['path']}: missing 'ckpt': name the checkpoint in the config (ckpt: PATH, "
+                                 f"or ckpt: miniature for the shipped one) or pass --ckpt")
             s["description"] = f"{ab['name']} cell {name}: " + ", ".join(_label(k, knobs[k]) for k in grid)
             s = {k: v for k, v in s.items() if k in EDIT_KEYS}
             cells.append(Cell(idx, name, knobs, s, r, c))
@@ -381,7 +381,9 @@ def load_model(ckpt, device):
 
     from weights_tools import load_checkpoint
 
-    sd = load_checkpoint(ckpt, device=device, dtype=torch.float32)
+    from .cli import resolve_checkpoint  # a path, or "miniature": the shipped checkpoint
+
+    sd = load_checkpoint(resolve_checkpoint(ckpt), device=device, dtype=torch.float32)
     sd.requires_grad_(False)
     return sd.eval()
 

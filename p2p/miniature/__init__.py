@@ -3,9 +3,9 @@
 `data` draws the pictures (every caption fact recoverable from the pixels), `train` trains the VAE,
 then the UNet and CLIP text encoder, and writes `miniature.safetensors` in SD v1's single-file
 layout; `measure` reads facts back from pictures; `evaluate` measures the model and
-Prompt-to-Prompt's claims on it. No trained checkpoint ships yet: a run within the 2-core CPU
-budget learned the backgrounds but not the objects' shapes and colours (README, "Miniature").
-Load a trained one like any checkpoint:
+Prompt-to-Prompt's claims on it; `demo` draws the edit grid of `p2p demo`. The trained checkpoint
+ships here (`CHECKPOINT`) and is the command line's default `--ckpt` ("miniature"). Load it like
+any checkpoint:
 
     from weights_tools import load_checkpoint
     sd = load_checkpoint(p2p.miniature.CHECKPOINT)

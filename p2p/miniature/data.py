@@ -4,12 +4,14 @@
 `P_TWO`, two) on a flat or striped background, e.g. "a big red circle on a blue background" or
 "a small yellow star at the top on a striped background". Same seed, same sample (numpy's PCG64).
 
-Vocabulary (kept small and well separated so measurements are unambiguous):
-  shapes      circle square triangle star diamond cross      (axis-aligned, drawn in a square box)
-  colours     red green blue yellow purple white             (object palette, `PALETTE`)
-  sizes       small (box side 14-20 px), big (28-38 px); no size word: any side 14-38 px
+Vocabulary (kept small and well separated, so that measurements are unambiguous and a model trained
+for under an hour on a 2-core CPU can learn it):
+  shapes      circle square triangle star                    (axis-aligned, drawn in a square box)
+  colours     red green blue yellow white                    (object palette, `PALETTE`)
+  sizes       small (box side 16-22 px), big (30-40 px); no size word: any side 16-40 px
   positions   "at the left / right / top / bottom" (sometimes; otherwise anywhere that fits)
-  backgrounds black gray blue green (flat) and striped (two greys, 4-px diagonal stripes)
+  backgrounds black gray blue (flat) and striped (two greys in 8-px horizontal bands: two latent
+              pixels per band once the VAE has downsampled by 4)
 An object is never the colour of its background. `facts["objects"][i]["mask"]` is the object's
 exact bool mask (two objects never overlap), so colour, shape, size and position are recoverable.
 """
@@ -19,16 +21,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 64
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+SHAPES = ("circle", "square", "triangle", "star")
 PALETTE = {"red": (230, 30, 30), "green": (30, 190, 40), "blue": (30, 60, 230),
-           "yellow": (240, 230, 30), "purple": (150, 40, 200), "white": (250, 250, 250)}
-BACKGROUNDS = {"black": (15, 15, 15), "gray": (128, 128, 128), "blue": PALETTE["blue"],
-               "green": PALETTE["green"], "striped": None}
+           "yellow": (240, 230, 30), "white": (250, 250, 250)}
+BACKGROUNDS = {"black": (15, 15, 15), "gray": (128, 128, 128), "blue": PALETTE["blue"], "striped": None}
 STRIPES = ((70, 70, 70), (170, 170, 170))
-SIZES = {"small": (14, 20), "big": (28, 38)}
-ANY_SIZE = (14, 38)
+SIZES = {"small": (16, 22), "big": (30, 40)}
+ANY_SIZE = (16, 40)
+STRIPE = 8  # band height, px
 POSITIONS = ("left", "right", "top", "bottom")
-P_SIZE_WORD, P_POSITION_WORD, P_TWO = 0.75, 0.2, 0.15
+P_SIZE_WORD, P_POSITION_WORD, P_TWO = 0.75, 0.2, 0.1
 
 
 def shape_polygon(shape: str, cx: float, cy: float, side: float):
@@ -40,17 +42,10 @@ def shape_polygon(shape: str, cx: float, cy: float, side: float):
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":  # pointing up
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     if shape == "star":  # five points, inner radius 0.45
         a = -np.pi / 2 + np.arange(10) * np.pi / 5
         rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
         return list(zip(cx + rad * np.cos(a), cy + rad * np.sin(a) + 0.1 * r))
-    if shape == "cross":  # plus sign, arm width 0.4 of the side
-        w = 0.2 * side
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                (cx - r, cy - w), (cx - w, cy - w)]
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
@@ -68,8 +63,8 @@ def shape_mask(shape: str, cx: float, cy: float, side: float, size: int = SIZE) 
 
 def background(name: str, size: int = SIZE) -> np.ndarray:
     if name == "striped":
-        y, x = np.mgrid[:size, :size]
-        band = ((x + y) // 4) % 2
+        y, _ = np.mgrid[:size, :size]
+        band = (y // STRIPE) % 2
         return np.where(band[..., None] == 0, STRIPES[0], STRIPES[1]).astype(np.uint8)
     return np.broadcast_to(np.array(BACKGROUNDS[name], np.uint8), (size, size, 3)).copy()
 
@@ -122,7 +117,7 @@ def make_sample(seed_or_rng=0, size: int = SIZE):
             if n == 2:  # two objects: no position words, small or unspecified so both fit
                 size_word = "small" if size_word else None
             position = str(rng.choice(POSITIONS)) if (n == 1 and rng.random() < P_POSITION_WORD) else None
-            lo, hi = SIZES[size_word] if size_word else ((14, 24) if n == 2 else ANY_SIZE)
+            lo, hi = SIZES[size_word] if size_word else ((16, 24) if n == 2 else ANY_SIZE)
             side = int(rng.integers(lo, hi + 1))
             cx, cy = _place(rng, side, position, size)
             mask = shape_mask(shape, cx, cy, side, size)
