@@ -14,6 +14,9 @@ and the initial noise is manual_seed(s), as `p2p.generate` draws it. Measured (s
   reweight   Reweight of "big" with c in -2..2 (P2P): object area / source area
   refine     "a big red circle" -> "... on a striped background" (Refine): object mask IoU with the
              source's, P2P and baseline; how often the background came out striped
+  decoder    (opt-in, `--parts decoder`) how far the VAE decoder carries a latent change: the pixel
+             change in the picture's outer 8-px frame when only the central 8x8 latents are swapped
+             for the colour-swapped prompt's (a floor under what LocalBlend can keep)
 Prints a markdown table; `--json` also writes the numbers.
 """
 from __future__ import annotations
@@ -106,6 +109,23 @@ def is_striped(img, mask) -> bool:
     return bool(near.mean() >= 0.8 and min((which == 0).mean(), (which == 1).mean()) >= 0.25)
 
 
+@torch.no_grad()
+def decoder_spread(sd, z_a, z_b, block: int = 8) -> float:
+    """Mean |pixel change| (0-255) in the outer 8-px frame of the picture when only the central
+    block x block latents of z_a are replaced by z_b's: what LocalBlend cannot keep, since a blend
+    mask acts on latents and the decoder carries a latent change this far."""
+    from p2p.pipeline import to_uint8
+
+    z = z_a.clone()
+    h, w = z.shape[-2:]
+    y0, x0 = (h - block) // 2, (w - block) // 2
+    z[..., y0:y0 + block, x0:x0 + block] = z_b[..., y0:y0 + block, x0:x0 + block]
+    a, b = (to_uint8(sd.decode(v))[0].astype(np.float32) for v in (z_a, z))
+    frame = np.ones(a.shape[:2], bool)
+    frame[8:-8, 8:-8] = False
+    return float(np.abs(a - b)[frame].mean())
+
+
 def shift_and_scale(src_mask, mask):
     (cs, a_s), (c, a) = M.centre_and_area(src_mask), M.centre_and_area(mask)
     if cs is None or c is None:
@@ -122,7 +142,7 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
         progress=True) -> dict:
     from tqdm.auto import tqdm
 
-    from p2p import LocalBlend, Refine, Replace, Reweight, edit
+    from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
     from p2p.metrics import psnr
 
     cases = [eval_case(s) for s in seeds]
@@ -130,7 +150,7 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
     R = {k: [] for k in ("colour_ok", "shape_ok", "found", "rep_shift_p2p", "rep_scale_p2p", "rep_shift_base",
                          "rep_scale_base", "rep_target_p2p", "rep_target_base", "psnr_blend", "psnr_p2p",
                          "psnr_base", "blend_colour_ok", "refine_iou_p2p", "refine_iou_base", "refine_striped_p2p",
-                         "refine_striped_base")}
+                         "refine_striped_base", "decoder_spread")}
     R.update({f"area_c{c:g}": [] for c in C_VALUES})
     src = generate_many(sd, [c["prompt"] for c in cases], seeds, steps, guidance)
     src_masks = [M.object_mask(im, c["bg"]) for im, c in zip(src, cases)]
@@ -164,6 +184,10 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
                 keep = ~dilate(src_masks[i] | M.object_mask(im, c["bg"]))
                 R[f"psnr_{name}"].append(min(psnr(src[i], im, keep), 60.0))
             R["blend_colour_ok"].append(M.object_colour(blended, c["bg"]) == c["colour2"])
+    if "decoder" in parts:  # opt-in: how far the VAE decoder spreads a latent change
+        for i, c in enumerate(cases):
+            lat = [generate(sd, [p], seed=c["seed"], **kw).latents for p in (c["prompt"], col_dst[i])]
+            R["decoder_spread"].append(decoder_spread(sd, *lat))
     if "reweight" in parts:
         for i, c in enumerate(tqdm(cases, desc="reweight", disable=not progress)):
             P = [c["prompt"]] * (1 + len(C_VALUES))
@@ -209,6 +233,8 @@ def table(R: dict, n: int) -> str:
     rows += [(f"reweight 'big' c={c:g}: area / source area", f(f"area_c{c:g}"), "", len(R[f"area_c{c:g}"]))
              for c in C_VALUES]
     rows += [
+        ("decoder: pixel change in the outer 8-px frame, only the central 8x8 latents changed",
+         f("decoder_spread", 1), "", len(R["decoder_spread"])),
         ("refine +'on a striped background': object IoU with source", f("refine_iou_p2p"), f("refine_iou_base"),
          len(R["refine_iou_p2p"])),
         ("refine: background came out striped", f("refine_striped_p2p"), f("refine_striped_base"),
