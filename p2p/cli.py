@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 from .files import atomic_path
+from .miniature import NAME as MINIATURE, resolve_checkpoint
 
 # the edit-config schema and its loading live in p2p.config (shared with `p2p sweep`); re-exported here
 from .config import (DEFAULTS, EDIT_KEYS, build_spec, check_settings, load_edit_config,  # noqa: F401
                      parse_cross_steps, parse_weights)
 
-MINIATURE = "miniature"  # --ckpt's default: the miniature SD shipped in p2p/miniature (see p2p.miniature)
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
              "the miniature SD that ships with the project")
 
@@ -58,18 +58,6 @@ def resolve_edit_settings(args) -> dict:
         if not s.get(key):
             raise ValueError(f"missing {key}: give --{key.rstrip('s') if key == 'edits' else key} or set it in --config")
     return s
-
-
-def resolve_checkpoint(ckpt) -> Path:
-    """A checkpoint path, or "miniature" (the default): the miniature SD that ships in p2p/miniature."""
-    if ckpt in (None, "", MINIATURE):
-        from p2p.miniature import CHECKPOINT
-
-        if not CHECKPOINT.exists():
-            raise FileNotFoundError(f"the shipped miniature checkpoint {CHECKPOINT} is missing: reinstall p2p-torch "
-                                    "from a full clone, train one with `python -m p2p.miniature.train`, or give --ckpt")
-        return CHECKPOINT
-    return Path(ckpt)
 
 
 def load_model(ckpt):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from .miniature import NAME as MINIATURE
+
 EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml), with their types
     "ckpt": str, "prompt": str, "edits": list, "mode": str, "cross_steps": (float, int, list, dict),
     "self_steps": (float, int, list), "self_max_res": int, "blend": list, "blend_threshold": (float, int),
@@ -258,7 +260,7 @@ def load_ablation(path, overrides: dict | None = None) -> dict:
         base.update(b)
     base.update({k: v for k, v in data.items() if k in EDIT_KEYS})
     base.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if base.get("ckpt") and base["ckpt"] != "miniature":  # "miniature": the shipped checkpoint (p2p.cli)
+    if base.get("ckpt") and base["ckpt"] != MINIATURE:  # the shipped checkpoint, resolved when loaded
         base["ckpt"] = str(_resolve_path(base["ckpt"], path.parent).resolve())  # cells rerun from anywhere
     grid = data.get("grid") or {}
     if not grid:

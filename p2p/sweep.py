@@ -381,7 +381,7 @@ def load_model(ckpt, device):
 
     from weights_tools import load_checkpoint
 
-    from .cli import resolve_checkpoint  # a path, or "miniature": the shipped checkpoint
+    from .miniature import resolve_checkpoint  # a path, or "miniature": the shipped checkpoint
 
     sd = load_checkpoint(resolve_checkpoint(ckpt), device=device, dtype=torch.float32)
     sd.requires_grad_(False)

@@ -13,3 +13,14 @@ any checkpoint:
 from pathlib import Path
 
 CHECKPOINT = Path(__file__).resolve().parent / "miniature.safetensors"
+NAME = "miniature"  # what --ckpt / `ckpt:` accept for CHECKPOINT (the command line's default)
+
+
+def resolve_checkpoint(ckpt) -> Path:
+    """A checkpoint path, or NAME (or nothing): the shipped CHECKPOINT."""
+    if ckpt in (None, "", NAME):
+        if not CHECKPOINT.exists():
+            raise FileNotFoundError(f"the shipped miniature checkpoint {CHECKPOINT} is missing: reinstall p2p-torch "
+                                    "from a full clone, train one with `python -m p2p.miniature.train`, or give --ckpt")
+        return CHECKPOINT
+    return Path(ckpt)

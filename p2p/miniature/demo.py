@@ -1,6 +1,6 @@
 """The demo grid: edits on the shipped miniature, one row each.
 
-    p2p demo -o demo      (or python -m p2p.miniature.demo -o demo)
+    p2p demo -o demo
 
 Each row is source | Prompt-to-Prompt edit | the edited prompt generated again from the same seed
 (the paper's baseline), except Reweight, whose row is source | c = -3 | c = +3. The evaluation
@@ -11,8 +11,6 @@ checkpoint (its source prompt, with no background, is unlike every training capt
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 STEPS, GUIDANCE = 20, 5.0
@@ -22,29 +20,26 @@ ROWS = (
     ("Replace", "a big red circle on a blue background", "a big red square on a blue background", None, 1),
     ("Replace + LocalBlend", "a big yellow star on a gray background", "a big white star on a gray background",
      (("yellow", "star"), ("white", "star")), 3),
-    ("Reweight 'red'", "a red square on a gray background", None, None, 3),
 )
-REWEIGHT = (-3.0, 3.0)
+# (prompt, reweighted word, its two weights, seed): the last row, source | c = -3 | c = +3
+REWEIGHT_ROW = ("a red square on a gray background", "red", (-3.0, 3.0), 3)
 
 
 def demo_rows(sd, steps: int = STEPS, guidance: float = GUIDANCE):
-    """[(images (3, H, W, 3) uint8, captions (3))] for ROWS, in order."""
+    """[(images (3, H, W, 3) uint8, captions (3))]: ROWS, then REWEIGHT_ROW."""
     from p2p import LocalBlend, Replace, Reweight, edit, generate
 
     kw = dict(num_steps=steps, guidance_scale=guidance, progress=False)
     rows = []
     for what, src, dst, blend, seed in ROWS:
-        if dst is None:  # Reweight: the same prompt three times, the word scaled by REWEIGHT
-            word = what.split("'")[1]
-            out = edit(sd, [src] * 3, Reweight(equalizer={word: list(REWEIGHT)}), seed=seed, **kw).images
-            rows.append((out, [f"{src} (seed {seed})", *(f"{what}, c = {c:+g}" for c in REWEIGHT)]))
-            continue
-        spec = Replace()
-        lb = LocalBlend(blend) if blend else None
-        out = edit(sd, [src, dst], spec, local_blend=lb, seed=seed, **kw).images
+        out = edit(sd, [src, dst], Replace(), local_blend=LocalBlend(blend) if blend else None, seed=seed,
+                   **kw).images
         base = generate(sd, [dst], seed=seed, **kw).images
         rows.append(([out[0], out[1], base[0]],
                      [f"{src} (seed {seed})", f"{what}: {dst}", "same seed, edited prompt regenerated"]))
+    src, word, cs, seed = REWEIGHT_ROW
+    out = edit(sd, [src] * 3, Reweight(equalizer={word: list(cs)}), seed=seed, **kw).images
+    rows.append((out, [f"{src} (seed {seed})", *(f"Reweight '{word}', c = {c:+g}" for c in cs)]))
     return rows
 
 
@@ -58,21 +53,3 @@ def write_demo(sd, out_dir, steps: int = STEPS, guidance: float = GUIDANCE) -> P
     path = Path(out_dir) / "edits.png"
     save_image(image_grid(images, captions, rows=len(rows), min_size=192, font_size=12), path)
     return path
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m p2p.miniature.demo", description=__doc__.split("\n")[0])
-    ap.add_argument("-o", "--output", default="demo", help="output folder")
-    ap.add_argument("--checkpoint", default=None, help="default: the shipped miniature")
-    ap.add_argument("--steps", type=int, default=STEPS)
-    a = ap.parse_args(argv)
-    from weights_tools import load_checkpoint
-
-    from . import CHECKPOINT
-
-    print(f"wrote {write_demo(load_checkpoint(a.checkpoint or CHECKPOINT), a.output, a.steps)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
