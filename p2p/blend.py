@@ -1,7 +1,8 @@
 """LocalBlend: keep the latents outside the edited words' attention mask (paper section 3.2, "local editing").
 
 After each step, the cross-attention maps of the blend words (summed over the steps so far, at
-the deepest down/up attention level: 16x16 for SD v1 at 512 px) are max-pooled 3x3, resized to
+the deepest down/up attention level unless `level` says otherwise: 16x16 for SD v1 at 512 px) are
+max-pooled 3x3, resized to
 the latent, divided by their maximum and thresholded; the mask of the source word OR the edited
 word selects where the edited latents are kept; elsewhere they are the source's.
 
@@ -27,12 +28,17 @@ class LocalBlend:
     threshold: mask threshold on the max-normalised, pooled map (th[0] when th is given).
     start_blend: fraction of the steps before blending starts (null-text notebook: 0.2).
     substruct_words: words whose (unpooled, th[1]-thresholded) mask is removed from the blend mask.
+    level: resolution level of the down/up cross-attention maps the mask is made from (the latent is
+    downsampled by 2**level there); None: the deepest, as the reference (level 2, 16x16, for SD v1
+    at 512 px). A model whose deepest maps are coarse for its picture (the miniature's are 8x8 for
+    64 px) gets a mask as fine, relative to the picture, as SD's from a shallower level.
     """
     words: tuple
     threshold: float = 0.3
     start_blend: float = 0.0
     substruct_words: tuple | None = None
     th: tuple | None = None
+    level: int | None = None
 
     def thresholds(self) -> tuple[float, float]:
         return tuple(self.th) if self.th is not None else (self.threshold, self.threshold)
@@ -42,7 +48,11 @@ class LocalBlend:
         sub = (word_alpha(tokenizer, prompts, self.substruct_words, "LocalBlend substruct_words")
                if self.substruct_words is not None else None)
         cross = [s for s in sites if s.is_cross and s.place in ("down", "up")]
-        level = max(s.level for s in cross)
+        levels = sorted({s.level for s in cross})
+        level = levels[-1] if self.level is None else self.level
+        if level not in levels:
+            raise ValueError(f"LocalBlend level={self.level}: this UNet has down/up cross-attention at levels "
+                             f"{levels} only; pick one of them (or None for the deepest, {levels[-1]})")
         layers = frozenset(s.index for s in cross if s.level == level)
         return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds())
 

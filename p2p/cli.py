@@ -250,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--self-max-res", dest="self_max_res", type=int, help="inject self-attention up to this side")
     e.add_argument("--blend", nargs="+", help="LocalBlend words, one per prompt, source first (a,b for several)")
     e.add_argument("--blend-threshold", dest="blend_threshold", type=float)
+    e.add_argument("--blend-level", dest="blend_level", type=int,
+                   help="resolution level of the maps the blend mask is made from (default: the deepest; "
+                        "0 for the miniature's 16x16 maps)")
     e.add_argument("--weight", action="append", help="WORD=C reweights WORD by C (C1,C2 for one per edit)")
     e.add_argument("--show-attention", dest="show_attention", action="store_true",
                    help="also write per-token cross-attention maps of every prompt")

@@ -21,8 +21,10 @@ EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml), with th
     # the remaining knobs of the specs (config files only): Replace(reference_tail), LocalBlend(start_blend,
     # substruct_words, th) as in the null-text notebook
     "reference_tail": bool, "blend_start": (float, int), "blend_substruct": list, "blend_th": list,
+    "blend_level": int,
 }
 DEFAULTS = dict(mode="replace", cross_steps=0.8, self_steps=0.4, self_max_res=16, blend=None, blend_threshold=0.3,
+                blend_level=None,
                 weight=None, seed=8888, steps=50, guidance=7.5, height=None, width=None, steps_offset=1,
                 show_attention=False)
 
@@ -151,9 +153,10 @@ def build_spec(s: dict):
             raise ValueError(f"blend_th is a pair (mask threshold, substruct threshold), got {th!r}")
         blend = LocalBlend(blend_words(s["blend"]), threshold=s["blend_threshold"], start_blend=s.get("blend_start") or 0.0,
                            substruct_words=blend_words(s["blend_substruct"]) if s.get("blend_substruct") else None,
-                           th=tuple(th) if th is not None else None)
-    elif any(s.get(k) is not None for k in ("blend_start", "blend_substruct", "blend_th")):
-        raise ValueError("blend_start / blend_substruct / blend_th need blend: [source word, edited word, ...]")
+                           th=tuple(th) if th is not None else None, level=s.get("blend_level"))
+    elif any(s.get(k) is not None for k in ("blend_start", "blend_substruct", "blend_th", "blend_level")):
+        raise ValueError("blend_start / blend_substruct / blend_th / blend_level need blend: "
+                         "[source word, edited word, ...]")
     return spec, blend
 
 

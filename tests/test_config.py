@@ -110,10 +110,10 @@ def test_base_file_and_overrides(tmp_path):
 
 def test_every_spec_knob_is_a_config_key(tmp_path):
     cfg = write(tmp_path, BASE + "blend: [bicycle, car]\nblend_start: 0.2\nblend_th: [0.3, 0.5]\n"
-                                 "blend_substruct: [cat, cat]\nreference_tail: true\n", "edit.yaml")
+                                 "blend_substruct: [cat, cat]\nreference_tail: true\nblend_level: 0\n", "edit.yaml")
     s = dict(p2p.config.DEFAULTS) | load_edit_config(cfg)
     spec, blend = p2p.config.check_settings(s, cfg)
-    assert spec.reference_tail and blend.start_blend == 0.2 and blend.th == (0.3, 0.5)
+    assert spec.reference_tail and blend.start_blend == 0.2 and blend.th == (0.3, 0.5) and blend.level == 0
     assert blend.substruct_words == ("cat", "cat")
     s["blend_substruct"] = ["cat", "dog"]
     with pytest.raises(ValueError, match=r"edit.yaml: 'blend_substruct': word 'dog' is not in prompt"):

@@ -95,6 +95,23 @@ def test_local_blend_keeps_source_outside_mask(tiny_sd):
     assert 0 < same.float().mean() < 1   # some pixels copied from the source, some edited
 
 
+def test_local_blend_level_picks_the_maps_of_that_level(tiny_sd):
+    """level=None: the deepest down/up cross-attention level (as the reference); level=0: the
+    finest maps, a different mask and so different latents; still the source outside the mask."""
+    sites = tiny_sd.unet.sites
+    tok = default_tokenizer()
+    words = ("squirrel", "lion")
+    deep, fine = (LocalBlend(words, level=lv).build(tok, [SRC, LION], 4, sites) for lv in (None, 0))
+    cross = [s for s in sites if s.is_cross and s.place in ("down", "up")]
+    assert deep.layers == {s.index for s in cross if s.level == max(c.level for c in cross)}
+    assert fine.layers == {s.index for s in cross if s.level == 0} and fine.layers != deep.layers
+    a, b = (edit(tiny_sd, [SRC, LION], Replace(0.8, 0.4), local_blend=LocalBlend(words, threshold=0.9, level=lv),
+                 **KW).latents for lv in (None, 0))
+    assert not torch.allclose(a[1], b[1])
+    same = (b[0] - b[1]).abs().amax(0) < 1e-6
+    assert 0 < same.float().mean() < 1
+
+
 def test_reweight_scales_columns():
     M = torch.rand(2, 4, 16, 77)
     c = torch.ones(2, 77)
@@ -109,6 +126,8 @@ def test_reweight_scales_columns():
     (lambda sd: edit(sd, [SRC, LION], Replace(), local_blend=LocalBlend(("squirrel", "tiger")), **KW),
      "'tiger' is not in prompt"),
     (lambda sd: edit(sd, [SRC, LION], Replace(), local_blend=LocalBlend(("lion",)), **KW), "one word"),
+    (lambda sd: edit(sd, [SRC, LION], Replace(), local_blend=LocalBlend(("squirrel", "lion"), level=5), **KW),
+     "levels \\[0, 1\\] only"),
     (lambda sd: edit(sd, [SRC, LION], Replace({"default_": 1.0, "tiger": 0.3}), **KW), "in none of the edited"),
     (lambda sd: edit(sd, [SRC, LION], Replace(1.5), **KW), "0 <= start <= end <= 1"),
     (lambda sd: edit(sd, [SRC], Replace(), **KW), "at least one edited prompt"),
