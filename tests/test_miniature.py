@@ -10,8 +10,20 @@ def test_samples_are_deterministic_and_captioned():
     b, cap_b, fb = make_sample(7)
     assert np.array_equal(a, b) and cap_a == cap_b
     o = fa["objects"][0]
-    assert o["shape"] in cap_a and o["colour"] in cap_a and f"on a {fa['background']} background" in cap_a
+    assert o["shape"] in cap_a and o["colour"] in cap_a
+    assert (f"on a {fa['background']} background" in cap_a) == fa["bg_word"]
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8 and o["mask"].any()
+
+
+def test_some_captions_leave_the_background_unnamed():
+    """with p_bg_word 0.8 about 80% of captions name the background, the others end with the
+    object(s); the picture of a seed does not depend on it."""
+    caps = [make_sample(s, p_bg_word=0.8)[1] for s in range(200)]
+    assert all(np.array_equal(make_sample(s)[0], make_sample(s, p_bg_word=0.8)[0]) for s in range(20))
+    assert all(make_sample(s)[1].endswith(" background") for s in range(50))
+    named = sum(c.endswith(" background") for c in caps)
+    assert 0.7 * 200 <= named <= 0.9 * 200
+    assert all(" background" not in c for c in caps if not c.endswith(" background"))
 
 
 def test_facts_are_recoverable_from_pixels():
@@ -31,15 +43,18 @@ def test_facts_are_recoverable_from_pixels():
 
 
 def test_training_smoke(tmp_path):
-    """Two steps of each stage on a tiny batch; the result loads as a checkpoint."""
+    """Two steps of each stage (every opt-in part on) on a tiny batch; the result loads as a checkpoint."""
     from p2p.miniature.train import train
     from weights_tools import load_checkpoint
 
-    out = train(tmp_path / "m.safetensors", n_data=8, vae_steps=2, vae_batch=2, unet_steps=2, batch=2,
-                save_every=1, log_path=tmp_path / "log.jsonl", progress=False)
+    out = train(tmp_path / "m.safetensors", n_data=8, vae_steps=2, vae_batch=2, vae_paste=0.5, decoder_steps=2,
+                decoder_batch=2, unet_steps=2, batch=2, layout_weight=0.1, bg_word_p=0.8, save_every=1,
+                log_path=tmp_path / "log.jsonl", progress=False)
     sd = load_checkpoint(out)
     assert sd.cfg.unet.model_channels == 64 and sd.cfg.image_size == 16 and sd.latent_downsample == 4
-    assert (tmp_path / "log.jsonl").read_text().count('"stage": "unet"') == 2
+    log = (tmp_path / "log.jsonl").read_text()
+    assert log.count('"stage": "unet"') == 2 and log.count('"stage": "decoder"') == 2
+    assert '"layout": ' in log
 
 
 def test_two_stage_training_keeps_the_vae(tmp_path):
@@ -50,8 +65,8 @@ def test_two_stage_training_keeps_the_vae(tmp_path):
     from p2p.miniature.train import train
     from weights_tools import load_checkpoint
 
-    kw = dict(n_data=8, vae_steps=2, vae_batch=2, batch=2, progress=False)
-    stage1 = train(tmp_path / "s1.safetensors", unet_steps=0, **kw)
+    kw = dict(n_data=8, vae_steps=2, vae_batch=2, batch=2, decoder_batch=2, progress=False)
+    stage1 = train(tmp_path / "s1.safetensors", unet_steps=0, decoder_steps=2, **kw)
     final = train(tmp_path / "s2.safetensors", unet_steps=2, init_from=stage1, **kw)
     a, b = load_file(stage1), load_file(final)
     vae = [k for k in a if k.startswith("first_stage_model.")]
@@ -59,6 +74,13 @@ def test_two_stage_training_keeps_the_vae(tmp_path):
     assert vae and all(a[k].equal(b[k]) for k in vae)
     assert not all(a[k].equal(b[k]) for k in unet)
     assert load_checkpoint(stage1).cfg.scale_factor == load_checkpoint(final).cfg.scale_factor
+    # --decoder-steps with --init-from trains that file's decoder only: the encoder, so the latents
+    # and scale_factor, stay
+    redo = load_file(train(tmp_path / "s3.safetensors", unet_steps=0, decoder_steps=2, init_from=stage1, **kw))
+    enc = [k for k in vae if k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv."))]
+    dec = [k for k in vae if k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))]
+    assert enc and all(a[k].equal(redo[k]) for k in enc)
+    assert dec and not all(a[k].equal(redo[k]) for k in dec)
 
 
 def test_striped_background_is_read_from_pixels():
@@ -72,3 +94,54 @@ def test_striped_background_is_read_from_pixels():
         for o in f["objects"]:
             mask |= o["mask"]
         assert is_striped(img, mask) == (f["background"] == "striped"), (seed, f["background"])
+
+
+def test_word_owners_follow_the_caption():
+    from p2p.miniature.data import word_owners
+
+    objs = [dict(size_word="small", colour="red", shape="circle"), dict(size_word=None, colour="red", shape="star")]
+    cap = "a small red circle and a red star on a red background"
+    assert word_owners(cap, objs) == [-1, 0, 0, 0, -1, -1, 1, 1, -1, -1, -1, -1]
+
+
+def test_paste_keeps_each_latent_on_its_side():
+    """Latents and pixels inside the rectangle come from the first picture, outside from the second,
+    and the loss skips the cells that touch the rectangle's edge."""
+    import torch
+
+    from p2p.miniature.train import paste
+
+    g = torch.Generator().manual_seed(0)
+    z, zb, x, xb = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8), torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    zc, xc, w = paste(z, x, zb, xb, g)
+    inside = (zc == z).all(1)                        # (6, 8, 8)
+    assert inside.any((1, 2)).all() and (~inside).any((1, 2)).all()
+    assert torch.equal((zc == zb).all(1), ~inside)
+    up = inside.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    assert torch.equal(xc, torch.where(up[:, None], x, xb))
+    edge = torch.nn.functional.max_pool2d(inside[:, None].float(), 3, 1, 1) != -torch.nn.functional.max_pool2d(
+        -inside[:, None].float(), 3, 1, 1)
+    assert torch.equal(w == 0, edge.repeat_interleave(4, 2).repeat_interleave(4, 3))
+
+
+def test_layout_loss_is_the_attention_outside_the_object():
+    import torch
+
+    from models.attention import Site
+    from p2p.miniature.train import layout_loss
+
+    site = Site("down", 0, 1, True, 4, 4)
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :, :2] = 1                            # object 0: the left half
+    owners = torch.full((1, 77), -1)
+    owners[0, 3] = 0                                  # token 3 describes object 0
+    m = torch.zeros(1, 2, 16, 77)
+    m[..., 0] = 1.0                                   # the rest of the mass on the start token
+    inside, outside = m.clone(), m.clone()
+    inside[0, :, 0, 3] = outside[0, :, 3, 3] = 0.5    # pixel 0 is in the left half, pixel 3 is not
+    w = torch.ones(1)
+    assert layout_loss([(site, inside)], masks, owners, w).item() == 0.0
+    assert layout_loss([(site, outside)], masks, owners, w).item() == 1.0
+    half = m.clone()
+    half[0, :, 0, 3] = half[0, :, 3, 3] = 0.5
+    assert abs(layout_loss([(site, half)], masks, owners, w).item() - 0.5) < 1e-6

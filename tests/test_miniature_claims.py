@@ -3,8 +3,8 @@
 The same measurements as `python -m p2p.miniature.evaluate` (whose 100-seed table is in the README),
 on seeds 0-11. Each bound holds for more than 99.9% of the 12-seed subsets of the 100-seed
 evaluation (resampled from its per-seed numbers), so a pass is not luck and a failure means the
-checkpoint or the method broke. Not asserted, because the evaluation does not support it on this
-checkpoint: that LocalBlend keeps the background (README, "Miniature")."""
+checkpoint or the method broke. Not asserted, because 12 seeds do not support it at that margin:
+that LocalBlend's background beats the edit's without it (1.4 dB over the 100 seeds)."""
 import numpy as np
 import pytest
 
@@ -37,24 +37,27 @@ def test_shipped_checkpoint_is_an_sd_v1_file():
 
 
 def test_the_model_follows_its_captions(measured):
-    """100 seeds: object found 1.00, colour 1.00, shape 0.88."""
+    """100 seeds: object found 1.00, colour 1.00, shape 0.64."""
     assert mean(measured["found"]) == 1.0
     assert mean(measured["colour_ok"]) >= 0.9
-    assert mean(measured["shape_ok"]) >= 0.5
+    assert mean(measured["shape_ok"]) >= 0.25
 
 
 def test_replace_keeps_the_layout_better_than_the_fixed_seed_baseline(measured):
     """The paper's claim (its Fig. 4): with the source's attention injected, the edited object stays
     where the source's was, at its size; regenerating the edited prompt from the same seed moves and
-    resizes it. 100 seeds: centre shift 2.8 px vs 8.8 px, |log area ratio| 0.48 vs 0.97."""
+    resizes it. 100 seeds: centre shift 1.3 px vs 6.8 px, |log area ratio| 0.38 vs 0.88."""
     shift_p2p, shift_base = np.mean(measured["rep_shift_p2p"]), np.mean(measured["rep_shift_base"])
-    assert shift_p2p < 7.0 and shift_base - shift_p2p > 1.5
+    assert shift_p2p < 4.0 and shift_base - shift_p2p > 1.2
     assert np.mean(measured["rep_scale_base"]) - np.mean(measured["rep_scale_p2p"]) > 0.15
 
 
-def test_colour_swap_with_local_blend_changes_the_colour(measured):
-    """100 seeds: the edited object has the new colour in all of them."""
-    assert len(measured["blend_colour_ok"]) == len(SEEDS) and mean(measured["blend_colour_ok"]) >= 0.9
+def test_local_blend_swaps_the_colour_and_keeps_the_background(measured):
+    """Replace of the colour word with LocalBlend (16x16 maps): the object takes the new colour
+    (100 seeds: 0.92) and the background stays close to the source's (100 seeds: 32.0 dB; the old
+    checkpoint, whose maps and decoder were not local, gave 25.3)."""
+    assert len(measured["blend_colour_ok"]) == len(SEEDS) and mean(measured["blend_colour_ok"]) >= 0.66
+    assert np.mean(measured["psnr_blend"]) >= 28.0
 
 
 def test_the_demo_writes_its_grid(tmp_path, mini, monkeypatch):

@@ -11,7 +11,9 @@ for under an hour on a 2-core CPU can learn it):
   sizes       small (box side 16-22 px), big (30-40 px); no size word: any side 16-40 px
   positions   "at the left / right / top / bottom" (sometimes; otherwise anywhere that fits)
   backgrounds black gray blue (flat) and striped (two greys in 8-px horizontal bands: two latent
-              pixels per band once the VAE has downsampled by 4)
+              pixels per band once the VAE has downsampled by 4); named in every caption unless
+              `p_bg_word` < 1 (then a prompt without one, such as Refine's source, "a big red
+              circle", is one the model has seen)
 An object is never the colour of its background. `facts["objects"][i]["mask"]` is the object's
 exact bool mask (two objects never overlap), so colour, shape, size and position are recoverable.
 """
@@ -95,14 +97,15 @@ def describe(obj: dict) -> str:
     return s + (f" at the {obj['position']}" if obj["position"] else "")
 
 
-def caption_of(objects: list, bg: str) -> str:
+def caption_of(objects: list, bg: str | None) -> str:
+    """bg None: the background is not named."""
     art = lambda s: ("an " if s[0] in "aeiou" else "a ") + s  # noqa: E731
-    return " and ".join(art(describe(o)) for o in objects) + f" on a {bg} background"
+    return " and ".join(art(describe(o)) for o in objects) + (f" on a {bg} background" if bg else "")
 
 
-def make_sample(seed_or_rng=0, size: int = SIZE):
-    """(image uint8 (size, size, 3), caption, facts). facts: background, objects (each: shape,
-    colour, size_word, position, side, centre (x, y), mask)."""
+def make_sample(seed_or_rng=0, size: int = SIZE, p_bg_word: float = 1.0):
+    """(image uint8 (size, size, 3), caption, facts). The caption names the background with
+    probability p_bg_word. facts: background, bg_word (whether the caption names it), objects (each: shape, colour, size_word, position, side, centre (x, y), mask)."""
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
     bg = str(rng.choice(list(BACKGROUNDS)))
     n = 2 if rng.random() < P_TWO else 1
@@ -128,14 +131,38 @@ def make_sample(seed_or_rng=0, size: int = SIZE):
         img[mask] = PALETTE[colour]
         objects.append(dict(shape=shape, colour=colour, size_word=size_word, position=position, side=side,
                             centre=(cx, cy), mask=mask))
-    return img, caption_of(objects, bg), dict(background=bg, objects=objects)
+    named = bool(rng.random() < p_bg_word)  # drawn last: the picture of a seed does not depend on it
+    return img, caption_of(objects, bg if named else None), dict(background=bg, bg_word=named, objects=objects)
 
 
-def make_dataset(n: int, seed: int = 0, size: int = SIZE):
-    """n samples from seeds seed*10**7 + i: uint8 (n, size, size, 3) and a list of captions."""
+def word_owners(caption: str, objects: list) -> list:
+    """For each word of the caption, the index of the object it describes (its size word, colour or
+    shape), or -1 (articles, "and", position and background words)."""
+    owners, j = [], 0
+    for w in caption.split(" "):
+        if w == "and":
+            j += 1
+        if w == "on":  # the background clause: no object words after it
+            j = len(objects)
+        o = objects[j] if j < len(objects) else None
+        owners.append(j if o is not None and w in (o["size_word"], o["colour"], o["shape"]) else -1)
+    return owners
+
+
+def make_dataset(n: int, seed: int = 0, size: int = SIZE, layout: bool = False, p_bg_word: float = 1.0):
+    """n samples from seeds seed*10**7 + i: uint8 (n, size, size, 3) and a list of captions; with
+    `layout`, also bool (n, 2, size, size) object masks (second all False for one object) and int8
+    (n, 77) owners: for token k of the tokenized caption (k = word index + 1: every word of the
+    vocabulary is one CLIP token, after the start token), the object it describes or -1."""
     imgs, caps = np.empty((n, size, size, 3), np.uint8), []
+    masks, owners = np.zeros((n, 2, size, size), bool), np.full((n, 77), -1, np.int8)
     for i in range(n):
-        im, cap, _ = make_sample(seed * 10**7 + i, size)
+        im, cap, f = make_sample(seed * 10**7 + i, size, p_bg_word)
         imgs[i] = im
         caps.append(cap)
-    return imgs, caps
+        if layout:
+            for j, o in enumerate(f["objects"]):
+                masks[i, j] = o["mask"]
+            w = word_owners(cap, f["objects"])
+            owners[i, 1:1 + len(w)] = w
+    return (imgs, caps, masks, owners) if layout else (imgs, caps)

@@ -6,8 +6,9 @@ Each row is source | Prompt-to-Prompt edit | the edited prompt generated again f
 (the paper's baseline), except Reweight, whose row is source | c = -3 | c = +3. The evaluation
 (`python -m p2p.miniature.evaluate`, README "Miniature") measures over 100 seeds what the rows
 show on one: Replace keeps the object where it was, regenerating from the same seed does not. The
-seeds here were picked for a clear picture; Refine is left out because it does not work on this
-checkpoint (its source prompt, with no background, is unlike every training caption: see the README).
+seeds here were picked for a clear picture; Refine is left out because on this checkpoint it rarely
+adds the new background (README, "Miniature"). LocalBlend's mask comes from the 16x16 maps
+(`BLEND_LEVEL`).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ STEPS, GUIDANCE = 20, 5.0
 # (what, source prompt, edited prompt, LocalBlend words (source, edited) or None, seed)
 ROWS = (
     ("Replace", "a big red circle on a blue background", "a big red square on a blue background", None, 1),
-    ("Replace + LocalBlend", "a big yellow star on a gray background", "a big white star on a gray background",
-     (("yellow", "star"), ("white", "star")), 3),
+    ("Replace + LocalBlend", "a big yellow triangle on a gray background", "a big white triangle on a gray background",
+     (("yellow", "triangle"), ("white", "triangle")), 3),
 )
 # (prompt, reweighted word, its two weights, seed): the last row, source | c = -3 | c = +3
 REWEIGHT_ROW = ("a red square on a gray background", "red", (-3.0, 3.0), 3)
@@ -29,10 +30,12 @@ def demo_rows(sd, steps: int = STEPS, guidance: float = GUIDANCE):
     """[(images (3, H, W, 3) uint8, captions (3))]: ROWS, then REWEIGHT_ROW."""
     from p2p import LocalBlend, Replace, Reweight, edit, generate
 
+    from . import BLEND_LEVEL
+
     kw = dict(num_steps=steps, guidance_scale=guidance, progress=False)
     rows = []
     for what, src, dst, blend, seed in ROWS:
-        out = edit(sd, [src, dst], Replace(), local_blend=LocalBlend(blend) if blend else None, seed=seed,
+        out = edit(sd, [src, dst], Replace(), local_blend=LocalBlend(blend, level=BLEND_LEVEL) if blend else None, seed=seed,
                    **kw).images
         base = generate(sd, [dst], seed=seed, **kw).images
         rows.append(([out[0], out[1], base[0]],

@@ -13,9 +13,23 @@ Two stages, as SD v1 was built:
    2023), which learns layout and colour sooner. 10% of captions are dropped to "" so
    classifier-free guidance works. AdamW, linear warmup then cosine decay, grad-norm clip 1, EMA of
    the weights (the EMA is what is saved).
-The stages can run as two commands: `--unet-steps 0` writes the VAE stage (with an untrained UNet),
-and `--init-from FILE` keeps that file's VAE and scale_factor and trains its UNet and text encoder;
-the shipped checkpoint was made that way (README, "Miniature").
+Opt-in parts (off by default; README, "Miniature", says which the shipped file used and what each
+measured):
+- `--vae-paste F`: F of each VAE batch is decoded from latents pasted from two pictures through a
+  random rectangle, against the same paste of the pixels (`paste`), so that the decoder keeps a
+  latent change where it is (LocalBlend blends latents; GroupNorm statistics and the mid-block
+  attention otherwise carry a change in the middle to the whole picture).
+- `--decoder-steps N`: stage 1b, the decoder alone on whole pictures with half of each batch pasted
+  (`train_decoder_local`); the encoder, hence the latents, stay, so it can follow a trained UNet.
+- `--layout-loss W`: plus W * `layout_loss`, the share of each object word's cross-attention that
+  falls outside its object. SD's maps come out localised from training at scale; this small a model
+  trained for an hour spreads them, and the maps Prompt-to-Prompt injects and LocalBlend thresholds
+  then mean little.
+- `--bg-word-p P`: only P of the captions name the background, so that prompts without one (Refine's
+  source) are ones the model has seen.
+The stages can run as separate commands: `--unet-steps 0` writes the VAE stage (with an untrained
+UNet), and `--init-from FILE` keeps that file's VAE (but for `--decoder-steps`) and scale_factor and
+trains its UNet and text encoder further; the shipped checkpoint was made that way (README).
 The checkpoint is written in the original single-file layout (models.sd.PREFIXES, int64
 position_ids, config JSON in the `ldm_config` metadata), floats as fp16 (`load_checkpoint` casts
 them back to fp32), and rewritten every `--save-every` steps so a cut-off run loses little.
@@ -38,6 +52,7 @@ from tqdm.auto import tqdm
 
 from models import PREFIXES
 from models.config import load_config
+from models.attention import attention_probs
 from models.ddim import DDIM
 from models.sd import StableDiffusion
 
@@ -111,7 +126,7 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- stages
-def train_vae(sd, imgs, steps, batch, lr, g, log, crop: int = 32, progress=True):
+def train_vae(sd, imgs, steps, batch, lr, g, log, crop: int = 32, paste_frac: float = 0.5, progress=True):
     """Stage 1. Random `crop` x `crop` crops: the VAE is convolutional and the pictures are flat colours,
     edges and stripes, so crops teach it nearly as well as whole pictures at a fraction of the cost."""
     vae = sd.vae.train()
@@ -127,8 +142,13 @@ def train_vae(sd, imgs, steps, batch, lr, g, log, crop: int = 32, progress=True)
         mean, logvar = vae.encode_moments(x)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        w = torch.ones_like(x[:, :1])
+        if paste_frac > 0:  # the first k latents pasted over the last k (other pictures of the batch)
+            k = int(round(paste_frac * batch))
+            z, x, w = z.clone(), x.clone(), w.clone()
+            z[:k], x[:k], w[:k] = paste(z[:k], x[:k], z[-k:], x[-k:], g)
         rec = vae.decode(z)
-        l1, l2 = (rec - x).abs().mean(), F.mse_loss(rec, x)
+        l1, l2 = ((rec - x).abs() * w).mean() / w.mean(), ((rec - x).pow(2) * w).mean() / w.mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
         loss = l1 + l2 + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
@@ -137,6 +157,35 @@ def train_vae(sd, imgs, steps, batch, lr, g, log, crop: int = 32, progress=True)
         opt.step()
         bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.0f}")
         log(dict(stage="vae", step=step, l1=l1.item(), l2=l2.item(), kl=kl.item()))
+    return vae.eval()
+
+
+def train_decoder_local(sd, imgs, mean, std, steps, batch, lr, g, log, progress=True):
+    """Stage 1b: the decoder alone, on whole pictures (the encoder, hence every latent, is left as it
+    is). As in `train_vae`, half of each batch is decoded from pasted latents (`paste`), here at the
+    size pictures are generated at: what `--vae-paste` teaches on 32x32 crops barely carries over to
+    the GroupNorm statistics and mid-block attention of a whole 64x64 picture (README, "Miniature")."""
+    vae = sd.vae
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    N, k = mean.shape[0], batch // 2
+    bar = tqdm(range(steps), desc="decoder", disable=not progress)
+    for step in bar:
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
+        idx = torch.randint(0, N, (batch,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        x, w = to_tensor(imgs[idx.numpy()]), torch.ones(batch, 1, *imgs.shape[1:3])
+        z[:k], x[:k], w[:k] = paste(z[:k], x[:k], z[-k:].clone(), x[-k:].clone(), g)
+        err = vae.decode(z) - x
+        l1, l2 = (err.abs() * w).mean() / w.mean(), (err.pow(2) * w).mean() / w.mean()
+        loss = l1 + l2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(l1=f"{l1.item():.4f}")
+        log(dict(stage="decoder", step=step, l1=l1.item(), l2=l2.item()))
     return vae.eval()
 
 
@@ -151,11 +200,67 @@ def encode_all(sd, imgs, batch=256):
     return torch.cat(means), torch.cat(stds)
 
 
+def latent_rectangles(n: int, h: int, w: int, g, lo: int = 3) -> torch.Tensor:
+    """(n, 1, h, w) float masks, each one random axis-aligned rectangle of sides lo..3/4 of the latent."""
+    m = torch.zeros(n, 1, h, w)
+    for i in range(n):
+        rh, rw = (int(torch.randint(lo, max(lo, 3 * s // 4) + 1, (1,), generator=g)) for s in (h, w))
+        y, x = int(torch.randint(0, h - rh + 1, (1,), generator=g)), int(torch.randint(0, w - rw + 1, (1,), generator=g))
+        m[i, :, y:y + rh, x:x + rw] = 1
+    return m
+
+
+def paste(z, x, zb, xb, g):
+    """Latents z pasted over zb through a random rectangle (latent_rectangles), the pixels x over xb
+    through the same rectangle upsampled; and per-pixel loss weights that are 0 on the cells touching
+    the rectangle's edge (what a latent there decodes to is not a clean cut) and 1 elsewhere."""
+    m = latent_rectangles(z.shape[0], *z.shape[-2:], g, lo=max(2, z.shape[-1] // 6))
+    edge = F.max_pool2d(m, 3, 1, 1) != -F.max_pool2d(-m, 3, 1, 1)
+    f = x.shape[-1] // z.shape[-1]
+    up = lambda t: t.repeat_interleave(f, -2).repeat_interleave(f, -1)  # noqa: E731
+    return m * z + (1 - m) * zb, up(m) * x + (1 - up(m)) * xb, up((~edge).float())
+
+
+class AttentionRecorder:
+    """attn_override for training: cross-attention run with the explicit map M (models.attention),
+    each M kept (with its gradient) for `layout_loss`."""
+
+    def __init__(self):
+        self.maps = []
+
+    def __call__(self, site, q, k, v):
+        if not site.is_cross:
+            return None
+        m = attention_probs(q, k)
+        self.maps.append((site, m))
+        return m @ v
+
+
+def layout_loss(maps, masks, owners, weight) -> torch.Tensor:
+    """How much of each object word's cross-attention falls outside its object: for every recorded
+    layer, 1 - (head-mean map of the word's token, summed inside the object's mask) / (summed
+    everywhere), averaged over the words (owners >= 0) with per-sample weights. masks: (B, 2, H, W)
+    float object masks at the latent size; owners: (B, 77) object index of each token or -1;
+    weight: (B,)."""
+    own = owners.long()
+    valid = (own >= 0).float() * weight[:, None]
+    total = 0.0
+    for site, m in maps:
+        mk = F.adaptive_max_pool2d(masks, (site.h, site.w)).flatten(2)  # (B, 2, N)
+        mm = m.mean(1)  # (B, N, K)
+        inside = torch.einsum("bnk,bjn->bkj", mm, mk) / mm.sum(1).clamp_min(1e-8)[..., None]
+        frac = inside.gather(-1, own.clamp_min(0)[..., None])[..., 0]  # (B, K)
+        total = total + ((1 - frac) * valid).sum() / valid.sum().clamp_min(1e-8)
+    return total / max(1, len(maps))
+
+
 def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_uncond=0.1,
-               save=None, save_every=0, progress=True, min_snr=5.0):
+               save=None, save_every=0, progress=True, min_snr=5.0, layout=None, layout_weight=0.0):
     """Stage 2: UNet + text encoder, epsilon loss on scaled VAE latents weighted by min-SNR-gamma
     (low-noise steps, which only refine detail, count less: layout and colour are learnt sooner),
-    caption dropout p_uncond."""
+    caption dropout p_uncond. With `layout` = (masks (N, 2, h, w) at the latent size, owners (N, 77))
+    and layout_weight > 0, plus layout_weight * `layout_loss`, each sample weighted by sqrt(a_t) (how
+    much of z_0 shows through the noise, hence how well the object's place can be known)."""
     unet, text = sd.unet.train(), sd.text_encoder.train()
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -179,15 +284,23 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         # min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction: min(SNR, gamma) / SNR
         w = (snr[t].clamp(max=min_snr) / snr[t]).view(-1, 1, 1, 1)
-        loss = (w * (unet(zt, t, text(tok)) - eps).pow(2)).mean()
+        rec = AttentionRecorder() if layout_weight > 0 else None
+        eps_loss = (w * (unet(zt, t, text(tok), attn_override=rec) - eps).pow(2)).mean()
+        loss = eps_loss
+        if rec is not None:
+            masks, owners = layout
+            kept = (tok != empty).any(-1).float()  # dropped captions have no words
+            lay = layout_loss(rec.maps, masks[idx].float(), owners[idx], a.sqrt().flatten() * kept)
+            loss = loss + layout_weight * lay
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_u.update(unet)
         ema_t.update(text)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log(dict(stage="unet", step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"]))
+        extra = dict(layout=round(lay.item(), 4)) if rec is not None else {}
+        bar.set_postfix(loss=f"{eps_loss.item():.4f}", **extra)
+        log(dict(stage="unet", step=step, loss=eps_loss.item(), lr=opt.param_groups[0]["lr"], **extra))
         if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save(ema_u.shadow, ema_t.shadow)
     return ema_u.shadow, ema_t.shadow
@@ -195,7 +308,8 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 
 # ------------------------------------------------------------------------------------- main
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
-          vae_lr=2e-3, unet_steps=2000, batch=32, lr=1e-3, ema_decay=0.995, save_every=100, log_path=None, threads=None,
+          vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
+          lr=1e-3, ema_decay=0.995, layout_weight=0.0, bg_word_p=1.0, save_every=100, log_path=None, threads=None,
           init_from=None, progress=True) -> Path:
     if threads:
         torch.set_num_threads(threads)
@@ -219,17 +333,24 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         cfg = load_config(config)
         sd = StableDiffusion(cfg)
         init_weights(sd)
-    imgs, caps = make_dataset(n_data, seed)
+    imgs, caps, obj_masks, owners = make_dataset(n_data, seed, layout=True, p_bg_word=bg_word_p)
     log(dict(stage="data", n=n_data))
 
     if init_from is None:
-        train_vae(sd, imgs, vae_steps, vae_batch, vae_lr, g, log, crop=vae_crop, progress=progress)
+        train_vae(sd, imgs, vae_steps, vae_batch, vae_lr, g, log, crop=vae_crop, paste_frac=vae_paste,
+                  progress=progress)
     mean, std = encode_all(sd.eval(), imgs)
+    if decoder_steps:
+        train_decoder_local(sd, imgs, mean, std, decoder_steps, decoder_batch, decoder_lr, g, log, progress=progress)
     if init_from is None:
         sd.cfg = cfg = cfg.replace(scale_factor=round(float(1.0 / mean.std()), 5))
     log(dict(stage="encode", scale_factor=sd.cfg.scale_factor, latent_std=float(mean.std())))
 
     ids = sd.tokenize(caps)
+    f = imgs.shape[1] // mean.shape[-1]  # object masks at the latent size: a cell is in if any pixel is
+    n, h = obj_masks.shape[:2], mean.shape[-1]
+    lat_masks = torch.from_numpy(obj_masks.reshape(*n, h, f, h, f).any((3, 5)))
+    layout = (lat_masks, torch.from_numpy(owners))
     unet_live, text_live = sd.unet, sd.text_encoder
 
     def save(ema_unet, ema_text):
@@ -239,7 +360,8 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         log(dict(stage="save", path=str(out)))
 
     ema_unet, ema_text = train_unet(sd, mean, std, ids, unet_steps, batch, lr, g, log, ema_decay,
-                                    save=save, save_every=save_every, progress=progress)
+                                    save=save, save_every=save_every, progress=progress,
+                                    layout=layout, layout_weight=layout_weight)
     save(ema_unet, ema_text)
     log(dict(stage="done", seconds=round(time.time() - t0, 1)))
     if logf is not None:
@@ -256,18 +378,28 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-crop", type=int, default=32)
+    ap.add_argument("--bg-word-p", type=float, default=1.0,
+                    help="share of captions that name the background (below 1: some prompts without one)")
+    ap.add_argument("--vae-paste", type=float, default=0.0,
+                    help="fraction of each VAE batch decoded from latents pasted from two pictures (keeps edits local)")
+    ap.add_argument("--decoder-steps", type=int, default=0,
+                    help="stage 1b: the decoder alone on whole pictures, half of them pasted (with --init-from: "
+                         "that file's decoder; its encoder, hence the latents, stay)")
+    ap.add_argument("--decoder-batch", type=int, default=16)
     ap.add_argument("--unet-steps", type=int, default=2000, help="0: write the VAE stage only")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--layout-loss", type=float, default=0.0,
+                    help="weight of the loss that keeps object words' cross-attention on their objects (0: off)")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--log", default=None, help="JSON-lines log of every step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--init-from", default=None,
                     help="continue from this checkpoint: keep its VAE, train its UNet and text encoder further")
     a = ap.parse_args(argv)
-    out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, vae_steps=a.vae_steps, vae_batch=a.vae_batch, vae_crop=a.vae_crop,
-                unet_steps=a.unet_steps, batch=a.batch, lr=a.lr, ema_decay=a.ema, save_every=a.save_every,
+    out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, vae_steps=a.vae_steps, vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps, decoder_batch=a.decoder_batch,
+                unet_steps=a.unet_steps, bg_word_p=a.bg_word_p, batch=a.batch, lr=a.lr, ema_decay=a.ema, layout_weight=a.layout_loss, save_every=a.save_every,
                 log_path=a.log, threads=a.threads, init_from=a.init_from)
     print(f"wrote {out}")
     return 0
