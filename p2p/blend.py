@@ -2,9 +2,9 @@
 
 After each step, the cross-attention maps of the blend words (summed over the steps so far, at
 the deepest down/up attention level unless `level` says otherwise: 16x16 for SD v1 at 512 px) are
-max-pooled 3x3, resized to
-the latent, divided by their maximum and thresholded; the mask of the source word OR the edited
-word selects where the edited latents are kept; elsewhere they are the source's.
+max-pooled 3x3, resized to the latent, divided by their maximum and thresholded; the mask of the
+source word OR the edited word selects where the edited latents are kept; elsewhere they are the
+source's.
 
 One class covers both reference variants: the stable notebook's (threshold 0.3, from the first
 step) and the null-text notebook's (`start_blend`, `th` pair, `substruct_words`). The reference's

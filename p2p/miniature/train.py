@@ -142,13 +142,8 @@ def train_vae(sd, imgs, steps, batch, lr, g, log, crop: int = 32, paste_frac: fl
         mean, logvar = vae.encode_moments(x)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
-        w = torch.ones_like(x[:, :1])
-        if paste_frac > 0:  # the first k latents pasted over the last k (other pictures of the batch)
-            k = int(round(paste_frac * batch))
-            z, x, w = z.clone(), x.clone(), w.clone()
-            z[:k], x[:k], w[:k] = paste(z[:k], x[:k], z[-k:], x[-k:], g)
-        rec = vae.decode(z)
-        l1, l2 = ((rec - x).abs() * w).mean() / w.mean(), ((rec - x).pow(2) * w).mean() / w.mean()
+        z, x, w = paste_within(z, x, int(round(paste_frac * batch)), g)
+        l1, l2 = weighted_l1_l2(vae.decode(z), x, w)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
         loss = l1 + l2 + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
@@ -168,17 +163,15 @@ def train_decoder_local(sd, imgs, mean, std, steps, batch, lr, g, log, progress=
     vae = sd.vae
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    N, k = mean.shape[0], batch // 2
+    N = mean.shape[0]
     bar = tqdm(range(steps), desc="decoder", disable=not progress)
     for step in bar:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
         idx = torch.randint(0, N, (batch,), generator=g)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        x, w = to_tensor(imgs[idx.numpy()]), torch.ones(batch, 1, *imgs.shape[1:3])
-        z[:k], x[:k], w[:k] = paste(z[:k], x[:k], z[-k:].clone(), x[-k:].clone(), g)
-        err = vae.decode(z) - x
-        l1, l2 = (err.abs() * w).mean() / w.mean(), (err.pow(2) * w).mean() / w.mean()
+        z, x, w = paste_within(z, to_tensor(imgs[idx.numpy()]), batch // 2, g)
+        l1, l2 = weighted_l1_l2(vae.decode(z), x, w)
         loss = l1 + l2
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,6 +212,23 @@ def paste(z, x, zb, xb, g):
     f = x.shape[-1] // z.shape[-1]
     up = lambda t: t.repeat_interleave(f, -2).repeat_interleave(f, -1)  # noqa: E731
     return m * z + (1 - m) * zb, up(m) * x + (1 - up(m)) * xb, up((~edge).float())
+
+
+def paste_within(z, x, k: int, g):
+    """The first k latents of the batch pasted over its last k (other pictures), pixels alike
+    (`paste`); with per-pixel loss weights (B, 1, H, W), 1 for the untouched pictures."""
+    w = torch.ones_like(x[:, :1])
+    if k <= 0:
+        return z, x, w
+    z, x, w = z.clone(), x.clone(), w.clone()
+    z[:k], x[:k], w[:k] = paste(z[:k], x[:k], z[-k:], x[-k:], g)
+    return z, x, w
+
+
+def weighted_l1_l2(rec, x, w):
+    """L1 and L2 reconstruction losses, per-pixel weighted by w and normalised by its mean."""
+    err = rec - x
+    return (err.abs() * w).mean() / w.mean(), (err.pow(2) * w).mean() / w.mean()
 
 
 class AttentionRecorder:
@@ -333,7 +343,8 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         cfg = load_config(config)
         sd = StableDiffusion(cfg)
         init_weights(sd)
-    imgs, caps, obj_masks, owners = make_dataset(n_data, seed, layout=True, p_bg_word=bg_word_p)
+    data = make_dataset(n_data, seed, layout=layout_weight > 0, p_bg_word=bg_word_p)
+    imgs, caps = data[:2]
     log(dict(stage="data", n=n_data))
 
     if init_from is None:
@@ -347,10 +358,12 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
     log(dict(stage="encode", scale_factor=sd.cfg.scale_factor, latent_std=float(mean.std())))
 
     ids = sd.tokenize(caps)
-    f = imgs.shape[1] // mean.shape[-1]  # object masks at the latent size: a cell is in if any pixel is
-    n, h = obj_masks.shape[:2], mean.shape[-1]
-    lat_masks = torch.from_numpy(obj_masks.reshape(*n, h, f, h, f).any((3, 5)))
-    layout = (lat_masks, torch.from_numpy(owners))
+    layout = None
+    if layout_weight > 0:  # object masks at the latent size (a cell is in if any pixel is), word owners
+        obj_masks, owners = data[2:]
+        f, h = imgs.shape[1] // mean.shape[-1], mean.shape[-1]
+        lat_masks = torch.from_numpy(obj_masks.reshape(*obj_masks.shape[:2], h, f, h, f).any((3, 5)))
+        layout = (lat_masks, torch.from_numpy(owners))
     unet_live, text_live = sd.unet, sd.text_encoder
 
     def save(ema_unet, ema_text):
@@ -396,11 +409,14 @@ def main(argv=None) -> int:
     ap.add_argument("--log", default=None, help="JSON-lines log of every step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--init-from", default=None,
-                    help="continue from this checkpoint: keep its VAE, train its UNet and text encoder further")
+                    help="continue from this checkpoint: keep its VAE (but for --decoder-steps), train its UNet and "
+                         "text encoder further")
     a = ap.parse_args(argv)
-    out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, vae_steps=a.vae_steps, vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps, decoder_batch=a.decoder_batch,
-                unet_steps=a.unet_steps, bg_word_p=a.bg_word_p, batch=a.batch, lr=a.lr, ema_decay=a.ema, layout_weight=a.layout_loss, save_every=a.save_every,
-                log_path=a.log, threads=a.threads, init_from=a.init_from)
+    out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, bg_word_p=a.bg_word_p, vae_steps=a.vae_steps,
+                vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps,
+                decoder_batch=a.decoder_batch, unet_steps=a.unet_steps, batch=a.batch, lr=a.lr, ema_decay=a.ema,
+                layout_weight=a.layout_loss, save_every=a.save_every, log_path=a.log, threads=a.threads,
+                init_from=a.init_from)
     print(f"wrote {out}")
     return 0
 
