@@ -1,5 +1,7 @@
 """The miniature Stable Diffusion's data, its measurements from pixels, and its training loop.
 Prompt-to-Prompt's claims on the shipped checkpoint are in tests/test_miniature_claims.py."""
+import json
+
 import numpy as np
 
 from p2p.miniature import measure as M
@@ -48,13 +50,14 @@ def test_training_smoke(tmp_path):
     from weights_tools import load_checkpoint
 
     out = train(tmp_path / "m.safetensors", n_data=8, vae_steps=2, vae_batch=2, vae_paste=0.5, decoder_steps=2,
-                decoder_batch=2, unet_steps=2, batch=2, layout_weight=0.1, bg_word_p=0.8, save_every=1,
+                decoder_batch=2, unet_steps=3, batch=2, layout_weight=0.1, layout_from=0.5, bg_word_p=0.8, save_every=1,
                 log_path=tmp_path / "log.jsonl", progress=False)
     sd = load_checkpoint(out)
     assert sd.cfg.unet.model_channels == 64 and sd.cfg.image_size == 16 and sd.latent_downsample == 4
     log = (tmp_path / "log.jsonl").read_text()
-    assert log.count('"stage": "unet"') == 2 and log.count('"stage": "decoder"') == 2
-    assert '"layout": ' in log
+    unet = [json.loads(r) for r in log.splitlines() if '"stage": "unet"' in r]
+    assert len(unet) == 3 and log.count('"stage": "decoder"') == 2
+    assert ["layout" in r for r in unet] == [False, True, True]  # from step int(0.5 * 3) on
 
 
 def test_two_stage_training_keeps_the_vae(tmp_path):

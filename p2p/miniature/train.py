@@ -265,12 +265,13 @@ def layout_loss(maps, masks, owners, weight) -> torch.Tensor:
 
 
 def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_uncond=0.1,
-               save=None, save_every=0, progress=True, min_snr=5.0, layout=None, layout_weight=0.0):
+               save=None, save_every=0, progress=True, min_snr=5.0, layout=None, layout_weight=0.0, layout_from=0.0):
     """Stage 2: UNet + text encoder, epsilon loss on scaled VAE latents weighted by min-SNR-gamma
     (low-noise steps, which only refine detail, count less: layout and colour are learnt sooner),
     caption dropout p_uncond. With `layout` = (masks (N, 2, h, w) at the latent size, owners (N, 77))
     and layout_weight > 0, plus layout_weight * `layout_loss`, each sample weighted by sqrt(a_t) (how
-    much of z_0 shows through the noise, hence how well the object's place can be known)."""
+    much of z_0 shows through the noise, hence how well the object's place can be known), from the
+    step `layout_from` * steps on (before it the model learns colours and shapes undisturbed)."""
     unet, text = sd.unet.train(), sd.text_encoder.train()
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -280,6 +281,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
     snr = acp / (1 - acp)
     empty = sd.tokenize([""])[0]
     N, warmup = mean.shape[0], min(200, max(1, steps // 10))
+    layout_start = int(layout_from * steps)
     bar = tqdm(range(steps), desc="UNet+text", disable=not progress)
     for step in bar:
         for grp in opt.param_groups:
@@ -294,7 +296,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         # min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction: min(SNR, gamma) / SNR
         w = (snr[t].clamp(max=min_snr) / snr[t]).view(-1, 1, 1, 1)
-        rec = AttentionRecorder() if layout_weight > 0 else None
+        rec = AttentionRecorder() if layout_weight > 0 and step >= layout_start else None
         eps_loss = (w * (unet(zt, t, text(tok), attn_override=rec) - eps).pow(2)).mean()
         loss = eps_loss
         if rec is not None:
@@ -319,7 +321,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 # ------------------------------------------------------------------------------------- main
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
           vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
-          lr=1e-3, ema_decay=0.995, layout_weight=0.0, bg_word_p=1.0, save_every=100, log_path=None, threads=None,
+          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, bg_word_p=1.0, save_every=100, log_path=None, threads=None,
           init_from=None, progress=True) -> Path:
     if threads:
         torch.set_num_threads(threads)
@@ -374,7 +376,7 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
 
     ema_unet, ema_text = train_unet(sd, mean, std, ids, unet_steps, batch, lr, g, log, ema_decay,
                                     save=save, save_every=save_every, progress=progress,
-                                    layout=layout, layout_weight=layout_weight)
+                                    layout=layout, layout_weight=layout_weight, layout_from=layout_from)
     save(ema_unet, ema_text)
     log(dict(stage="done", seconds=round(time.time() - t0, 1)))
     if logf is not None:
@@ -405,6 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--layout-loss", type=float, default=0.0,
                     help="weight of the loss that keeps object words' cross-attention on their objects (0: off)")
+    ap.add_argument("--layout-from", type=float, default=0.0,
+                    help="the layout loss starts after this fraction of the UNet steps (0: from the first)")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--log", default=None, help="JSON-lines log of every step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -415,7 +419,7 @@ def main(argv=None) -> int:
     out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, bg_word_p=a.bg_word_p, vae_steps=a.vae_steps,
                 vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps,
                 decoder_batch=a.decoder_batch, unet_steps=a.unet_steps, batch=a.batch, lr=a.lr, ema_decay=a.ema,
-                layout_weight=a.layout_loss, save_every=a.save_every, log_path=a.log, threads=a.threads,
+                layout_weight=a.layout_loss, layout_from=a.layout_from, save_every=a.save_every, log_path=a.log, threads=a.threads,
                 init_from=a.init_from)
     print(f"wrote {out}")
     return 0
