@@ -84,6 +84,13 @@ def test_two_stage_training_keeps_the_vae(tmp_path):
     dec = [k for k in vae if k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))]
     assert enc and all(a[k].equal(redo[k]) for k in enc)
     assert dec and not all(a[k].equal(redo[k]) for k in dec)
+    # --fresh-unet keeps the whole VAE but starts the UNet and text encoder again: with no UNet steps
+    # the UNet is the untrained one (its output conv zeroed), not the file's
+    fresh = load_file(train(tmp_path / "s4.safetensors", unet_steps=0, init_from=final, fresh_unet=True, **kw))
+    trained = load_file(final)
+    assert all(fresh[k].equal(trained[k]) for k in vae)
+    out_w = "model.diffusion_model.out.2.weight"
+    assert not trained[out_w].eq(0).all() and fresh[out_w].eq(0).all()
 
 
 def test_striped_background_is_read_from_pixels():

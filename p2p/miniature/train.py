@@ -29,7 +29,9 @@ measured):
   source) are ones the model has seen.
 The stages can run as separate commands: `--unet-steps 0` writes the VAE stage (with an untrained
 UNet), and `--init-from FILE` keeps that file's VAE (but for `--decoder-steps`) and scale_factor and
-trains its UNet and text encoder further; the shipped checkpoint was made that way (README).
+trains its UNet and text encoder further; the shipped checkpoint was made that way (README). With
+`--fresh-unet` as well, only that file's VAE is kept and the UNet stage starts from scratch (ablations
+of the UNet stage without training the VAE again).
 The checkpoint is written in the original single-file layout (models.sd.PREFIXES, int64
 position_ids, config JSON in the `ldm_config` metadata), floats as fp16 (`load_checkpoint` casts
 them back to fp32), and rewritten every `--save-every` steps so a cut-off run loses little.
@@ -322,7 +324,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
           vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
           lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, bg_word_p=1.0, save_every=100, log_path=None, threads=None,
-          init_from=None, progress=True) -> Path:
+          init_from=None, fresh_unet=False, progress=True) -> Path:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -341,6 +343,10 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
 
         sd = load_checkpoint(init_from).train()
         cfg = sd.cfg
+        if fresh_unet:  # the UNet and text encoder start again from scratch on this VAE
+            fresh = StableDiffusion(cfg)
+            init_weights(fresh)
+            sd.unet, sd.text_encoder = fresh.unet.train(), fresh.text_encoder.train()
     else:
         cfg = load_config(config)
         sd = StableDiffusion(cfg)
@@ -415,12 +421,17 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", default=None,
                     help="continue from this checkpoint: keep its VAE (but for --decoder-steps), train its UNet and "
                          "text encoder further")
+    ap.add_argument("--fresh-unet", action="store_true",
+                    help="with --init-from: keep only that file's VAE; the UNet and text encoder start from scratch "
+                         "(ablations of the UNet stage without retraining the VAE)")
     a = ap.parse_args(argv)
+    if a.fresh_unet and not a.init_from:
+        ap.error("--fresh-unet needs --init-from FILE (the checkpoint whose VAE is kept)")
     out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, bg_word_p=a.bg_word_p, vae_steps=a.vae_steps,
                 vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps,
                 decoder_batch=a.decoder_batch, unet_steps=a.unet_steps, batch=a.batch, lr=a.lr, ema_decay=a.ema,
                 layout_weight=a.layout_loss, layout_from=a.layout_from, save_every=a.save_every, log_path=a.log, threads=a.threads,
-                init_from=a.init_from)
+                init_from=a.init_from, fresh_unet=a.fresh_unet)
     print(f"wrote {out}")
     return 0
 
