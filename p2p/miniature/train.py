@@ -24,7 +24,7 @@ measured):
 - `--layout-loss W`: plus W * `layout_loss`, the share of each object word's cross-attention that
   falls outside its object. SD's maps come out localised from training at scale; this small a model
   trained for an hour spreads them, and the maps Prompt-to-Prompt injects and LocalBlend thresholds
-  then mean little.
+  then mean little. `--layout-from F` starts it after a fraction F of the UNet steps.
 - `--bg-word-p P`: only P of the captions name the background, so that prompts without one (Refine's
   source) are ones the model has seen.
 The stages can run as separate commands: `--unet-steps 0` writes the VAE stage (with an untrained
