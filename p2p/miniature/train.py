@@ -267,7 +267,8 @@ def layout_loss(maps, masks, owners, weight) -> torch.Tensor:
 
 
 def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_uncond=0.1,
-               save=None, save_every=0, progress=True, min_snr=5.0, layout=None, layout_weight=0.0, layout_from=0.0):
+               save=None, save_every=0, progress=True, min_snr=5.0, layout=None, layout_weight=0.0,
+               layout_from=0.0):
     """Stage 2: UNet + text encoder, epsilon loss on scaled VAE latents weighted by min-SNR-gamma
     (low-noise steps, which only refine detail, count less: layout and colour are learnt sooner),
     caption dropout p_uncond. With `layout` = (masks (N, 2, h, w) at the latent size, owners (N, 77))
@@ -323,8 +324,8 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 # ------------------------------------------------------------------------------------- main
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
           vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
-          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, bg_word_p=1.0, save_every=100, log_path=None, threads=None,
-          init_from=None, fresh_unet=False, progress=True) -> Path:
+          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, bg_word_p=1.0, save_every=100, log_path=None,
+          threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -430,8 +431,8 @@ def main(argv=None) -> int:
     out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, bg_word_p=a.bg_word_p, vae_steps=a.vae_steps,
                 vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps,
                 decoder_batch=a.decoder_batch, unet_steps=a.unet_steps, batch=a.batch, lr=a.lr, ema_decay=a.ema,
-                layout_weight=a.layout_loss, layout_from=a.layout_from, save_every=a.save_every, log_path=a.log, threads=a.threads,
-                init_from=a.init_from, fresh_unet=a.fresh_unet)
+                layout_weight=a.layout_loss, layout_from=a.layout_from, save_every=a.save_every, log_path=a.log,
+                threads=a.threads, init_from=a.init_from, fresh_unet=a.fresh_unet)
     print(f"wrote {out}")
     return 0
 
