@@ -3,6 +3,7 @@ Prompt-to-Prompt's claims on the shipped checkpoint are in tests/test_miniature_
 import json
 
 import numpy as np
+import pytest
 
 from p2p.miniature import measure as M
 from p2p.miniature.data import make_sample
@@ -65,7 +66,7 @@ def test_two_stage_training_keeps_the_vae(tmp_path):
     text encoder); the second stage keeps the first's VAE and scale_factor exactly."""
     from safetensors.torch import load_file
 
-    from p2p.miniature.train import train
+    from p2p.miniature.train import main, train
     from weights_tools import load_checkpoint
 
     kw = dict(n_data=8, vae_steps=2, vae_batch=2, batch=2, decoder_batch=2, progress=False)
@@ -91,6 +92,12 @@ def test_two_stage_training_keeps_the_vae(tmp_path):
     assert all(fresh[k].equal(trained[k]) for k in vae)
     out_w = "model.diffusion_model.out.2.weight"
     assert not trained[out_w].eq(0).all() and fresh[out_w].eq(0).all()
+    # without a file to keep the VAE of, it is refused before anything runs or is written
+    with pytest.raises(ValueError, match="needs init_from"):
+        train(tmp_path / "s5.safetensors", unet_steps=0, fresh_unet=True, **kw)
+    with pytest.raises(SystemExit):
+        main(["--fresh-unet", "--out", str(tmp_path / "s5.safetensors")])
+    assert not (tmp_path / "s5.safetensors").exists()
 
 
 def test_striped_background_is_read_from_pixels():
