@@ -7,7 +7,9 @@ and the initial noise is manual_seed(s), as `p2p.generate` draws it. Measured (s
   fidelity   the generated object's colour and shape against the caption
   replace    "<shape>" -> "square" (the source shape is never square): the edited object's centre
              shift (px) and |log area ratio| against the source's, with Prompt-to-Prompt (Replace)
-             and with the fixed-seed baseline (generate the edited prompt from the same seed)
+             and with the fixed-seed baseline (generate the edited prompt from the same seed); and
+             (with replace or blend) how much of the source's colour and shape words' 16x16
+             cross-attention falls on the object, against the share of the picture it covers
   blend      colour word swapped (Replace + LocalBlend on the colour and shape words, its mask from
              the 16x16 maps, BLEND_LEVEL): PSNR of the background (outside both objects' masks,
              dilated 2 px) against the source's; also with the mask from the deepest (8x8) maps, the
@@ -128,6 +130,23 @@ def decoder_spread(sd, z_a, z_b, block: int = 8) -> float:
     return float(np.abs(a - b)[frame].mean())
 
 
+def attention_on_object(store, prompt, words, mask) -> tuple[float, float]:
+    """How localised the source's cross-attention is: the share of the words' maps (head, layer and
+    step mean at the finest stored side, up and down; mean over the words) that falls on the
+    object's cells (a cell is on it if any of its pixels is, as `train.layout_loss` counts), and
+    the share of cells on the object (what a map spread evenly would score)."""
+    from models.clip import default_tokenizer
+    from p2p.align import word_token_indices
+
+    side = max(s.h for s in store.sites.values() if s.is_cross)
+    maps = store.aggregate(side, ("up", "down"), True, select=0)  # (side, side, 77)
+    f = mask.shape[0] // side
+    on = torch.from_numpy(mask.reshape(side, f, side, f).any((1, 3)))
+    cols = [k for w in words for k in word_token_indices(default_tokenizer(), prompt, w)]
+    m = maps[..., cols]
+    return float((m[on].sum(0) / m.sum((0, 1)).clamp_min(1e-12)).mean()), float(on.float().mean())
+
+
 def shift_and_scale(src_mask, mask):
     (cs, a_s), (c, a) = M.centre_and_area(src_mask), M.centre_and_area(mask)
     if cs is None or c is None:
@@ -152,7 +171,7 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
     R = {k: [] for k in ("colour_ok", "shape_ok", "found", "rep_shift_p2p", "rep_scale_p2p", "rep_shift_base",
                          "rep_scale_base", "rep_target_p2p", "rep_target_base", "psnr_blend", "psnr_blend_deep", "psnr_p2p",
                          "psnr_base", "blend_colour_ok", "refine_iou_p2p", "refine_iou_base", "refine_striped_p2p",
-                         "refine_striped_base", "decoder_spread")}
+                         "refine_striped_base", "decoder_spread", "maps_inside", "maps_area")}
     R.update({f"area_c{c:g}": [] for c in C_VALUES})
     src = generate_many(sd, [c["prompt"] for c in cases], seeds, steps, guidance)
     src_masks = [M.object_mask(im, c["bg"]) for im, c in zip(src, cases)]
@@ -170,7 +189,11 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
         P = [c["prompt"]] + [rep_dst[i]] * ("replace" in parts) + [col_dst[i]] * ("blend" in parts)
         if len(P) == 1:
             continue
-        out = dict(zip(P[1:], edit(sd, P, Replace(), seed=c["seed"], **kw).images[1:]))
+        res = edit(sd, P, Replace(), seed=c["seed"], **kw)
+        out = dict(zip(P[1:], res.images[1:]))
+        inside, area = attention_on_object(res.attention, c["prompt"], (c["colour"], c["shape"]), src_masks[i])
+        R["maps_inside"].append(inside)
+        R["maps_area"].append(area)
         if "replace" in parts:
             for name, im in (("p2p", out[rep_dst[i]]), ("base", base_rep[i])):
                 m = M.object_mask(im, c["bg"])
@@ -223,6 +246,10 @@ def table(R: dict, n: int) -> str:
         ("fidelity: object found (>= 8 px of a palette colour)", f("found"), "", n),
         ("fidelity: colour matches caption", f("colour_ok"), "", n),
         ("fidelity: shape matches caption (template IoU)", f("shape_ok"), "", n),
+        ("source: share of the colour and shape words' cross-attention on the object", f("maps_inside"),
+         "", len(R["maps_inside"])),
+        ("source: share of the picture's latent cells on the object (an even map's share)", f("maps_area"),
+         "", len(R["maps_area"])),
         ("replace shape->square: centre shift px (lower = layout kept)", f("rep_shift_p2p", 1), f("rep_shift_base", 1),
          len(R["rep_shift_p2p"])),
         ("replace shape->square: abs log area ratio (lower = size kept)", f("rep_scale_p2p"), f("rep_scale_base"),
