@@ -367,6 +367,12 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         train_decoder_local(sd, imgs, mean, std, decoder_steps, decoder_batch, decoder_lr, g, log, progress=progress)
     if init_from is None:
         sd.cfg = cfg = cfg.replace(scale_factor=round(float(1.0 / mean.std()), 5))
+        # the UNet learns the latents of the VAE as it is saved (fp16), as a run split at this point
+        # (`--unet-steps 0`, then `--init-from` that file `--fresh-unet`) does: the two write the same bytes
+        with torch.no_grad():
+            for t in sd.vae.parameters():
+                t.copy_(t.half().float())
+        mean, std = encode_all(sd.eval(), imgs)
     log(dict(stage="encode", scale_factor=sd.cfg.scale_factor, latent_std=float(mean.std())))
 
     ids = sd.tokenize(caps)
@@ -384,6 +390,7 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         sd.unet, sd.text_encoder = unet_live, text_live
         log(dict(stage="save", path=str(out)))
 
+    g = torch.Generator().manual_seed(seed)  # the UNet stage's own draws, whatever ran before it
     ema_unet, ema_text = train_unet(sd, mean, std, ids, unet_steps, batch, lr, g, log, ema_decay,
                                     save=save, save_every=save_every, progress=progress,
                                     layout=layout, layout_weight=layout_weight, layout_from=layout_from)
