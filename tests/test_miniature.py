@@ -116,6 +116,50 @@ def test_a_run_split_into_its_stages_writes_the_same_file(tmp_path):
     assert stage1.read_bytes() != split.read_bytes()
 
 
+def test_layout_loss_to_qk_reaches_only_the_query_and_key_projections():
+    """`--layout-to qk`: every other parameter gets the epsilon loss's gradient alone, the
+    cross-attention query and key projections that plus the layout loss's."""
+    import torch
+
+    from models.config import load_config
+    from models.sd import StableDiffusion
+    from p2p.miniature.train import AttentionRecorder, backward, layout_loss
+
+    torch.manual_seed(0)
+    sd = StableDiffusion(load_config("miniature"))
+    unet, text = sd.unet, sd.text_encoder
+    params = [*unet.parameters(), *text.parameters()]
+    qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
+    is_qk = [any(p is q for q in qk) for p in params]
+    z, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    tok = sd.tokenize(["a big red circle", "a blue square on a gray background"])
+    masks = torch.zeros(2, 2, 16, 16)
+    masks[:, 0, 3:9, 4:12] = 1
+    owners = torch.full((2, 77), -1)
+    owners[:, 1:4] = 0
+
+    def losses():
+        rec = AttentionRecorder()
+        eps = unet(z, t, text(tok), attn_override=rec).pow(2).mean()
+        return eps, layout_loss(rec.maps, masks, owners, torch.ones(2))
+
+    def grads(step):
+        for p in params:
+            p.grad = None
+        step()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    eps_only = grads(lambda: losses()[0].backward())
+    both = grads(lambda: backward(*losses()))
+    split = grads(lambda: backward(*losses(), only=qk))
+    assert sum(is_qk) == len(qk) > 0
+    for a, b, c, q in zip(eps_only, both, split, is_qk):
+        torch.testing.assert_close(c, b if q else a)
+    # unrestricted, the layout loss reaches the rest of the UNet and the text encoder too
+    assert any(not torch.allclose(a, b) for a, b, q in zip(eps_only, both, is_qk) if not q)
+    assert any(not torch.allclose(a, b) for a, b, q in zip(eps_only, both, is_qk) if q)
+
+
 def test_striped_background_is_read_from_pixels():
     """The Refine measurement's reading of 'striped': right on every generated picture (a flat gray
     background must not pass: it sits between the two stripe greys)."""

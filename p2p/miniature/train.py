@@ -24,14 +24,18 @@ measured):
 - `--layout-loss W`: plus W * `layout_loss`, the share of each object word's cross-attention that
   falls outside its object. SD's maps come out localised from training at scale; this small a model
   trained for an hour spreads them, and the maps Prompt-to-Prompt injects and LocalBlend thresholds
-  then mean little. `--layout-from F` starts it after a fraction F of the UNet steps.
+  then mean little. `--layout-from F` starts it after a fraction F of the UNet steps; `--layout-to
+  qk` lets its gradient reach only the cross-attention query and key projections (the maps move, the
+  features the UNet draws with do not).
 - `--bg-word-p P`: only P of the captions name the background, so that prompts without one (Refine's
   source) are ones the model has seen.
 The stages can run as separate commands: `--unet-steps 0` writes the VAE stage (with an untrained
 UNet), and `--init-from FILE` keeps that file's VAE (but for `--decoder-steps`) and scale_factor and
 trains its UNet and text encoder further; the shipped checkpoint was made that way (README). With
 `--fresh-unet` as well, only that file's VAE is kept and the UNet stage starts from scratch (ablations
-of the UNet stage without training the VAE again).
+of the UNet stage without training the VAE again). A run split so writes the same bytes as the whole
+run: the VAE stage does not depend on the UNet stage's options, the UNet stage draws from its own
+generator and learns the latents of the VAE as saved (fp16) either way.
 The checkpoint is written in the original single-file layout (models.sd.PREFIXES, int64
 position_ids, config JSON in the `ldm_config` metadata), floats as fp16 (`load_checkpoint` casts
 them back to fp32), and rewritten every `--save-every` steps so a cut-off run loses little.
@@ -266,17 +270,35 @@ def layout_loss(maps, masks, owners, weight) -> torch.Tensor:
     return total / max(1, len(maps))
 
 
+def backward(loss, extra, only=None) -> None:
+    """Gradients of loss + extra into .grad; with `only` (parameters), extra's gradient reaches only
+    those (the others get loss's alone)."""
+    if only is None:
+        (loss + extra).backward()
+        return
+    extra_grads = torch.autograd.grad(extra, only, retain_graph=True, allow_unused=True)
+    loss.backward()
+    for p, gr in zip(only, extra_grads):
+        if gr is not None:
+            p.grad = gr if p.grad is None else p.grad.add_(gr)
+
+
 def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_uncond=0.1,
                save=None, save_every=0, progress=True, min_snr=5.0, layout=None, layout_weight=0.0,
-               layout_from=0.0):
+               layout_from=0.0, layout_to="all"):
     """Stage 2: UNet + text encoder, epsilon loss on scaled VAE latents weighted by min-SNR-gamma
     (low-noise steps, which only refine detail, count less: layout and colour are learnt sooner),
     caption dropout p_uncond. With `layout` = (masks (N, 2, h, w) at the latent size, owners (N, 77))
     and layout_weight > 0, plus layout_weight * `layout_loss`, each sample weighted by sqrt(a_t) (how
     much of z_0 shows through the noise, hence how well the object's place can be known), from the
-    step `layout_from` * steps on (before it the model learns colours and shapes undisturbed)."""
+    step `layout_from` * steps on (before it the model learns colours and shapes undisturbed).
+    layout_to="qk": the layout loss's gradient reaches only the cross-attention query and key
+    projections (it moves the maps, not the features the UNet draws with); "all": every parameter."""
+    if layout_to not in ("all", "qk"):
+        raise ValueError(f"layout_to must be 'all' or 'qk', not {layout_to!r}")
     unet, text = sd.unet.train(), sd.text_encoder.train()
     params = [*unet.parameters(), *text.parameters()]
+    qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema_u, ema_t = EMA(unet, ema_decay), EMA(text, ema_decay)
     c = sd.cfg
@@ -301,14 +323,15 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
         w = (snr[t].clamp(max=min_snr) / snr[t]).view(-1, 1, 1, 1)
         rec = AttentionRecorder() if layout_weight > 0 and step >= layout_start else None
         eps_loss = (w * (unet(zt, t, text(tok), attn_override=rec) - eps).pow(2)).mean()
-        loss = eps_loss
         if rec is not None:
             masks, owners = layout
             kept = (tok != empty).any(-1).float()  # dropped captions have no words
             lay = layout_loss(rec.maps, masks[idx].float(), owners[idx], a.sqrt().flatten() * kept)
-            loss = loss + layout_weight * lay
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if rec is None:
+            eps_loss.backward()
+        else:
+            backward(eps_loss, layout_weight * lay, qk if layout_to == "qk" else None)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_u.update(unet)
@@ -324,8 +347,8 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 # ------------------------------------------------------------------------------------- main
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
           vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
-          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, bg_word_p=1.0, save_every=100, log_path=None,
-          threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
+          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, layout_to="all", bg_word_p=1.0,
+          save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
     if fresh_unet and init_from is None:
         raise ValueError("fresh_unet=True needs init_from=FILE, the checkpoint whose VAE is kept "
                          "(without a file the whole model trains from scratch: leave fresh_unet off)")
@@ -393,7 +416,8 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
     g = torch.Generator().manual_seed(seed)  # the UNet stage's own draws, whatever ran before it
     ema_unet, ema_text = train_unet(sd, mean, std, ids, unet_steps, batch, lr, g, log, ema_decay,
                                     save=save, save_every=save_every, progress=progress,
-                                    layout=layout, layout_weight=layout_weight, layout_from=layout_from)
+                                    layout=layout, layout_weight=layout_weight, layout_from=layout_from,
+                                    layout_to=layout_to)
     save(ema_unet, ema_text)
     log(dict(stage="done", seconds=round(time.time() - t0, 1)))
     if logf is not None:
@@ -426,6 +450,9 @@ def main(argv=None) -> int:
                     help="weight of the loss that keeps object words' cross-attention on their objects (0: off)")
     ap.add_argument("--layout-from", type=float, default=0.0,
                     help="the layout loss starts after this fraction of the UNet steps (0: from the first)")
+    ap.add_argument("--layout-to", choices=("all", "qk"), default="all",
+                    help="what the layout loss trains: every parameter, or only the cross-attention query and key "
+                         "projections")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--log", default=None, help="JSON-lines log of every step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -441,8 +468,9 @@ def main(argv=None) -> int:
     out = train(a.out, config=a.config, seed=a.seed, n_data=a.n_data, bg_word_p=a.bg_word_p, vae_steps=a.vae_steps,
                 vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps,
                 decoder_batch=a.decoder_batch, unet_steps=a.unet_steps, batch=a.batch, lr=a.lr, ema_decay=a.ema,
-                layout_weight=a.layout_loss, layout_from=a.layout_from, save_every=a.save_every, log_path=a.log,
-                threads=a.threads, init_from=a.init_from, fresh_unet=a.fresh_unet)
+                layout_weight=a.layout_loss, layout_from=a.layout_from, layout_to=a.layout_to,
+                save_every=a.save_every, log_path=a.log, threads=a.threads, init_from=a.init_from,
+                fresh_unet=a.fresh_unet)
     print(f"wrote {out}")
     return 0
 
