@@ -34,8 +34,10 @@ UNet), and `--init-from FILE` keeps that file's VAE (but for `--decoder-steps`) 
 trains its UNet and text encoder further; the shipped checkpoint was made that way (README). With
 `--fresh-unet` as well, only that file's VAE is kept and the UNet stage starts from scratch (ablations
 of the UNet stage without training the VAE again). A run split so writes the same bytes as the whole
-run: the VAE stage does not depend on the UNet stage's options, the UNet stage draws from its own
-generator and learns the latents of the VAE as saved (fp16) either way.
+run: the VAE stage does not depend on the UNet stage's options, and a whole run reseeds its
+generator and re-encodes the pictures with the VAE as saved (fp16) before the UNet stage, as the
+second command starts. (A run with `--init-from` keeps drawing from one generator through its
+decoder stage and UNet stage, as the shipped file's fine-tune did.)
 The checkpoint is written in the original single-file layout (models.sd.PREFIXES, int64
 position_ids, config JSON in the `ldm_config` metadata), floats as fp16 (`load_checkpoint` casts
 them back to fp32), and rewritten every `--save-every` steps so a cut-off run loses little.
@@ -396,6 +398,7 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
             for t in sd.vae.parameters():
                 t.copy_(t.half().float())
         mean, std = encode_all(sd.eval(), imgs)
+        g = torch.Generator().manual_seed(seed)  # and draws what that second command draws
     log(dict(stage="encode", scale_factor=sd.cfg.scale_factor, latent_std=float(mean.std())))
 
     ids = sd.tokenize(caps)
@@ -413,7 +416,6 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         sd.unet, sd.text_encoder = unet_live, text_live
         log(dict(stage="save", path=str(out)))
 
-    g = torch.Generator().manual_seed(seed)  # the UNet stage's own draws, whatever ran before it
     ema_unet, ema_text = train_unet(sd, mean, std, ids, unet_steps, batch, lr, g, log, ema_decay,
                                     save=save, save_every=save_every, progress=progress,
                                     layout=layout, layout_weight=layout_weight, layout_from=layout_from,
