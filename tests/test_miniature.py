@@ -97,6 +97,8 @@ def test_two_stage_training_keeps_the_vae(tmp_path):
         train(tmp_path / "s5.safetensors", unet_steps=0, fresh_unet=True, **kw)
     with pytest.raises(SystemExit):
         main(["--fresh-unet", "--out", str(tmp_path / "s5.safetensors")])
+    with pytest.raises(ValueError, match="layout_to must be"):
+        train(tmp_path / "s5.safetensors", unet_steps=0, layout_to="q", **kw)
     assert not (tmp_path / "s5.safetensors").exists()
 
 

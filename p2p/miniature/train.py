@@ -296,8 +296,6 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
     step `layout_from` * steps on (before it the model learns colours and shapes undisturbed).
     layout_to="qk": the layout loss's gradient reaches only the cross-attention query and key
     projections (it moves the maps, not the features the UNet draws with); "all": every parameter."""
-    if layout_to not in ("all", "qk"):
-        raise ValueError(f"layout_to must be 'all' or 'qk', not {layout_to!r}")
     unet, text = sd.unet.train(), sd.text_encoder.train()
     params = [*unet.parameters(), *text.parameters()]
     qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
@@ -354,6 +352,8 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
     if fresh_unet and init_from is None:
         raise ValueError("fresh_unet=True needs init_from=FILE, the checkpoint whose VAE is kept "
                          "(without a file the whole model trains from scratch: leave fresh_unet off)")
+    if layout_to not in ("all", "qk"):  # refused before the VAE stage, not 20 minutes into the run
+        raise ValueError(f"layout_to must be 'all' or 'qk', not {layout_to!r}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
