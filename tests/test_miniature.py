@@ -224,3 +224,21 @@ def test_layout_loss_is_the_attention_outside_the_object():
     half = m.clone()
     half[0, :, 0, 3] = half[0, :, 3, 3] = 0.5
     assert abs(layout_loss([(site, half)], masks, owners, w).item() - 0.5) < 1e-6
+
+
+def test_background_psnr_skips_a_seed_without_background():
+    """The colour swap's background rows compare each picture on the same seeds: one whose object
+    covers the picture (nothing left to compare) drops the seed from all of them."""
+    from p2p.miniature.data import BACKGROUNDS, PALETTE
+    from p2p.miniature.evaluate import background_psnrs
+
+    src = np.full((64, 64, 3), BACKGROUNDS["gray"], np.uint8)
+    src[20:40, 20:40] = PALETTE["red"]
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    moved = src.copy()
+    moved[0:4, 0:4] = (100, 100, 100)  # background changed in a corner
+    full = np.full_like(src, PALETTE["green"])
+    same, worse = background_psnrs(src, mask, [src, moved], "gray")
+    assert same == 60.0 and 20 < worse < 60
+    assert background_psnrs(src, mask, [src, full], "gray") is None

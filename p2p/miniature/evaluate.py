@@ -13,8 +13,9 @@ and the initial noise is manual_seed(s), as `p2p.generate` draws it. Measured (s
   blend      colour word swapped (Replace + LocalBlend on the colour and shape words, its mask from
              the 16x16 maps, BLEND_LEVEL): PSNR of the background (outside both objects' masks,
              dilated 2 px) against the source's; also with the mask from the deepest (8x8) maps, the
-             reference's choice for SD, without LocalBlend and for the baseline; and how often the
-             new colour is the object's
+             reference's choice for SD, without LocalBlend and for the baseline (a seed whose objects
+             leave no background in one of these is left out of all four: n counts the rest); and
+             how often the new colour is the object's
   reweight   Reweight of "big" with c in -2..2 (P2P): object area / source area
   refine     "a big red circle" -> "... on a striped background" (Refine): object mask IoU with the
              source's, P2P and baseline; how often the background came out striped
@@ -147,6 +148,18 @@ def attention_on_object(store, prompt, words, mask) -> tuple[float, float]:
     return float((m[on].sum(0) / m.sum((0, 1)).clamp_min(1e-12)).mean()), float(on.float().mean())
 
 
+def background_psnrs(src, src_mask, images, bg) -> list | None:
+    """PSNR (dB, capped at 60) of each picture against the source over the background: outside the
+    source's object and the picture's, both dilated 2 px. None when the objects leave no background
+    in one of them, so that every picture is compared on a seed or none is."""
+    from p2p.metrics import psnr
+
+    keeps = [~dilate(src_mask | M.object_mask(im, bg)) for im in images]
+    if not all(k.any() for k in keeps):
+        return None
+    return [min(psnr(src, im, k), 60.0) for im, k in zip(images, keeps)]
+
+
 def shift_and_scale(src_mask, mask):
     (cs, a_s), (c, a) = M.centre_and_area(src_mask), M.centre_and_area(mask)
     if cs is None or c is None:
@@ -164,8 +177,6 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
     from tqdm.auto import tqdm
 
     from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
-    from p2p.metrics import psnr
-
     cases = [eval_case(s) for s in seeds]
     kw = dict(num_steps=steps, guidance_scale=guidance, progress=False)
     R = {k: [] for k in ("colour_ok", "shape_ok", "found", "rep_shift_p2p", "rep_scale_p2p", "rep_shift_base",
@@ -206,10 +217,10 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
             words = ((c["colour"], c["shape"]), (c["colour2"], c["shape"]))
             blended, deep = (edit(sd, [c["prompt"], col_dst[i]], Replace(), local_blend=LocalBlend(words, level=lv),
                                   seed=c["seed"], **kw).images[1] for lv in (BLEND_LEVEL, None))
-            for name, im in (("blend", blended), ("blend_deep", deep), ("p2p", out[col_dst[i]]),
-                             ("base", base_col[i])):
-                keep = ~dilate(src_masks[i] | M.object_mask(im, c["bg"]))
-                R[f"psnr_{name}"].append(min(psnr(src[i], im, keep), 60.0))
+            named = (("blend", blended), ("blend_deep", deep), ("p2p", out[col_dst[i]]), ("base", base_col[i]))
+            db = background_psnrs(src[i], src_masks[i], [im for _, im in named], c["bg"])
+            for (name, _), v in zip(named, db or ()):
+                R[f"psnr_{name}"].append(v)
             R["blend_colour_ok"].append(M.object_colour(blended, c["bg"]) == c["colour2"])
     if "decoder" in parts:  # opt-in: how far the VAE decoder spreads a latent change
         for i, c in enumerate(cases):
