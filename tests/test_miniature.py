@@ -162,6 +162,23 @@ def test_layout_loss_to_qk_reaches_only_the_query_and_key_projections():
     assert any(not torch.allclose(a, b) for a, b, q in zip(eps_only, both, is_qk) if q)
 
 
+def test_layout_all_from_hands_the_layout_loss_to_every_parameter(tmp_path, monkeypatch):
+    """--layout-to qk --layout-all-from 0.5: the first half of the layout steps train q/k alone,
+    the rest every parameter; a fraction outside 0..1 is refused before anything runs."""
+    from p2p.miniature import train as T
+
+    seen = []
+    real = T.backward
+    monkeypatch.setattr(T, "backward", lambda loss, extra, only=None: (seen.append(only), real(loss, extra, only)))
+    T.train(tmp_path / "m.safetensors", n_data=8, vae_steps=1, vae_batch=2, unet_steps=4, batch=2,
+            layout_weight=0.1, layout_to="qk", layout_all_from=0.5, progress=False)
+    assert [only is None for only in seen] == [False, False, True, True]
+    assert len(seen[0]) > 0
+    with pytest.raises(ValueError, match="layout_all_from"):
+        T.train(tmp_path / "bad.safetensors", n_data=8, unet_steps=0, layout_all_from=1.5, progress=False)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_striped_background_is_read_from_pixels():
     """The Refine measurement's reading of 'striped': right on every generated picture (a flat gray
     background must not pass: it sits between the two stripe greys)."""

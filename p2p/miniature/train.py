@@ -26,7 +26,8 @@ measured):
   trained for an hour spreads them, and the maps Prompt-to-Prompt injects and LocalBlend thresholds
   then mean little. `--layout-from F` starts it after a fraction F of the UNet steps; `--layout-to
   qk` lets its gradient reach only the cross-attention query and key projections (the maps move, the
-  features the UNet draws with do not).
+  features the UNet draws with do not), and with it `--layout-all-from F2` lets it reach every
+  parameter again from the fraction F2 of the steps on.
 - `--bg-word-p P`: only P of the captions name the background, so that prompts without one (Refine's
   source) are ones the model has seen.
 The stages can run as separate commands: `--unet-steps 0` writes the VAE stage (with an untrained
@@ -287,7 +288,7 @@ def backward(loss, extra, only=None) -> None:
 
 def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_uncond=0.1,
                save=None, save_every=0, progress=True, min_snr=5.0, layout=None, layout_weight=0.0,
-               layout_from=0.0, layout_to="all"):
+               layout_from=0.0, layout_to="all", layout_all_from=1.0):
     """Stage 2: UNet + text encoder, epsilon loss on scaled VAE latents weighted by min-SNR-gamma
     (low-noise steps, which only refine detail, count less: layout and colour are learnt sooner),
     caption dropout p_uncond. With `layout` = (masks (N, 2, h, w) at the latent size, owners (N, 77))
@@ -295,7 +296,8 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
     much of z_0 shows through the noise, hence how well the object's place can be known), from the
     step `layout_from` * steps on (before it the model learns colours and shapes undisturbed).
     layout_to="qk": the layout loss's gradient reaches only the cross-attention query and key
-    projections (it moves the maps, not the features the UNet draws with); "all": every parameter."""
+    projections (it moves the maps, not the features the UNet draws with) until the step
+    `layout_all_from` * steps, every parameter from it on; "all": every parameter."""
     unet, text = sd.unet.train(), sd.text_encoder.train()
     params = [*unet.parameters(), *text.parameters()]
     qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
@@ -306,7 +308,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
     snr = acp / (1 - acp)
     empty = sd.tokenize([""])[0]
     N, warmup = mean.shape[0], min(200, max(1, steps // 10))
-    layout_start = int(layout_from * steps)
+    layout_start, all_start = int(layout_from * steps), int(layout_all_from * steps)
     bar = tqdm(range(steps), desc="UNet+text", disable=not progress)
     for step in bar:
         for grp in opt.param_groups:
@@ -331,7 +333,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
         if rec is None:
             eps_loss.backward()
         else:
-            backward(eps_loss, layout_weight * lay, qk if layout_to == "qk" else None)
+            backward(eps_loss, layout_weight * lay, qk if layout_to == "qk" and step < all_start else None)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_u.update(unet)
@@ -347,13 +349,16 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 # ------------------------------------------------------------------------------------- main
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
           vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
-          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, layout_to="all", bg_word_p=1.0,
+          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, layout_to="all", layout_all_from=1.0,
+          bg_word_p=1.0,
           save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
     if fresh_unet and init_from is None:
         raise ValueError("fresh_unet=True needs init_from=FILE, the checkpoint whose VAE is kept "
                          "(without a file the whole model trains from scratch: leave fresh_unet off)")
     if layout_to not in ("all", "qk"):  # refused before the VAE stage, not 20 minutes into the run
         raise ValueError(f"layout_to must be 'all' or 'qk', not {layout_to!r}")
+    if not 0.0 <= layout_all_from <= 1.0:
+        raise ValueError(f"layout_all_from is a fraction of the UNet steps (0 to 1), not {layout_all_from!r}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -419,7 +424,7 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
     ema_unet, ema_text = train_unet(sd, mean, std, ids, unet_steps, batch, lr, g, log, ema_decay,
                                     save=save, save_every=save_every, progress=progress,
                                     layout=layout, layout_weight=layout_weight, layout_from=layout_from,
-                                    layout_to=layout_to)
+                                    layout_to=layout_to, layout_all_from=layout_all_from)
     save(ema_unet, ema_text)
     log(dict(stage="done", seconds=round(time.time() - t0, 1)))
     if logf is not None:
@@ -455,6 +460,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layout-to", choices=("all", "qk"), default="all",
                     help="what the layout loss trains: every parameter, or only the cross-attention query and key "
                          "projections")
+    ap.add_argument("--layout-all-from", type=float, default=1.0,
+                    help="with --layout-to qk: from this fraction of the UNet steps on, the layout loss reaches every "
+                         "parameter (1: never)")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--log", default=None, help="JSON-lines log of every step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -471,6 +479,7 @@ def main(argv=None) -> int:
                 vae_batch=a.vae_batch, vae_crop=a.vae_crop, vae_paste=a.vae_paste, decoder_steps=a.decoder_steps,
                 decoder_batch=a.decoder_batch, unet_steps=a.unet_steps, batch=a.batch, lr=a.lr, ema_decay=a.ema,
                 layout_weight=a.layout_loss, layout_from=a.layout_from, layout_to=a.layout_to,
+                layout_all_from=a.layout_all_from,
                 save_every=a.save_every, log_path=a.log, threads=a.threads, init_from=a.init_from,
                 fresh_unet=a.fresh_unet)
     print(f"wrote {out}")
