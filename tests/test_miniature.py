@@ -106,7 +106,7 @@ def test_a_run_split_into_its_stages_writes_the_same_file(tmp_path):
     """`--unet-steps 0` (the VAE stage), then `--init-from` that file `--fresh-unet` with the UNet
     stage's options, writes the bytes the whole run writes: the VAE stage does not depend on the
     caption or layout options, and the whole run reseeds its generator and re-encodes the pictures
-    with the fp16 VAE before its UNet stage, as the second command starts. (The shipped checkpoint was trained so; README, "Miniature".)"""
+    with the fp16 VAE before its UNet stage, as the second command starts. (README, "Miniature".)"""
     from p2p.miniature.train import train
 
     kw = dict(n_data=12, vae_steps=3, vae_batch=2, batch=2, decoder_batch=2, progress=False)

@@ -177,6 +177,7 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
     from tqdm.auto import tqdm
 
     from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
+
     cases = [eval_case(s) for s in seeds]
     kw = dict(num_steps=steps, guidance_scale=guidance, progress=False)
     R = {k: [] for k in ("colour_ok", "shape_ok", "found", "rep_shift_p2p", "rep_scale_p2p", "rep_shift_base",

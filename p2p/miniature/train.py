@@ -350,8 +350,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
           vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
           lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, layout_to="all", layout_all_from=1.0,
-          bg_word_p=1.0,
-          save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
+          bg_word_p=1.0, save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
     if fresh_unet and init_from is None:
         raise ValueError("fresh_unet=True needs init_from=FILE, the checkpoint whose VAE is kept "
                          "(without a file the whole model trains from scratch: leave fresh_unet off)")
