@@ -170,7 +170,7 @@ def test_layout_all_from_hands_the_layout_loss_to_every_parameter(tmp_path, monk
     seen = []
     real = T.backward
     monkeypatch.setattr(T, "backward", lambda loss, extra, only=None: (seen.append(only), real(loss, extra, only)))
-    T.train(tmp_path / "m.safetensors", n_data=8, vae_steps=1, vae_batch=2, unet_steps=4, batch=2,
+    T.train(tmp_path / "m.safetensors", n_data=8, vae_steps=1, vae_batch=2, decoder_steps=0, unet_steps=4, batch=2,
             layout_weight=0.1, layout_to="qk", layout_all_from=0.5, progress=False)
     assert [only is None for only in seen] == [False, False, True, True]
     assert len(seen[0]) > 0
@@ -259,3 +259,37 @@ def test_background_psnr_skips_a_seed_without_background():
     same, worse = background_psnrs(src, mask, [src, moved], "gray")
     assert same == 60.0 and 20 < worse < 60
     assert background_psnrs(src, mask, [src, full], "gray") is None
+
+
+def test_the_command_line_defaults_are_train_defaults(tmp_path, monkeypatch):
+    """`python -m p2p.miniature.train` with no options calls `train()` with train()'s own defaults
+    (the command that wrote the shipped file, README); --decoder-steps left out is None, which
+    train() reads as 200 from scratch and 0 with --init-from (that file's decoder is kept)."""
+    import inspect
+
+    from p2p.miniature import train as T
+
+    defaults = {k: p.default for k, p in inspect.signature(T.train).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    calls = []
+    monkeypatch.setattr(T, "train", lambda out, **kw: calls.append(kw) or out)
+    assert T.main([]) == 0
+    assert calls[0] and {k: defaults[k] for k in calls[0]} == calls[0]
+    assert calls[0]["unet_steps"] == 1600 and calls[0]["layout_to"] == "qk" and calls[0]["decoder_steps"] is None
+
+
+def test_subset_bounds_are_the_quantiles_of_small_subset_means(tmp_path, capsys):
+    """`evaluate --bounds-from FILE`: the margins a 12-seed test may assert, from a 100-seed file."""
+    from p2p.miniature.evaluate import main, subset_bounds
+
+    R = {"const": [2.0] * 100, "coin": [0.0, 1.0] * 50, "few": [1.0] * 20,
+         "rep_shift_base": list(np.arange(100.0)), "rep_shift_p2p": list(np.arange(100.0) - 3)}
+    B = subset_bounds(R, k=12, draws=20_000)
+    assert B["const"] == (2.0, 2.0, 2.0)
+    m, lo, hi = B["coin"]
+    assert m == 0.5 and 0.0 <= lo < 0.25 and 0.75 < hi <= 1.0  # 12 fair coins: 0.1% tails near 1/12 and 11/12
+    assert "few" not in B  # under 2k seeds: no bound
+    assert B["rep_shift_base-p2p"] == (3.0, 3.0, 3.0)  # per-seed differences, not differences of means
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(R))
+    assert main(["--bounds-from", str(path)]) == 0
+    assert "| coin | 0.500 |" in capsys.readouterr().out

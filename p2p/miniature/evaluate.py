@@ -291,6 +291,34 @@ def table(R: dict, n: int) -> str:
     return "\n".join(lines)
 
 
+# per-seed differences the claims test bounds (tests/test_miniature_claims.py): (name, minuend, subtrahend)
+PAIRED = (("rep_shift_base-p2p", "rep_shift_base", "rep_shift_p2p"),
+          ("rep_scale_base-p2p", "rep_scale_base", "rep_scale_p2p"),
+          ("maps_inside-area", "maps_inside", "maps_area"),
+          ("psnr_blend-p2p", "psnr_blend", "psnr_p2p"))
+
+
+def subset_bounds(R: dict, k: int = 12, q: float = 0.001, draws: int = 100_000, seed: int = 0) -> dict:
+    """{measurement: (mean, low, high)}: the mean over every seed, and the q and 1 - q quantiles of
+    the mean over k seeds drawn without replacement (`draws` draws), the margins a k-seed test of
+    the same measurement can assert. Also the per-seed differences in PAIRED. Measurements with
+    fewer than 2k seeds are left out."""
+    R = dict(R)
+    for name, a, b in PAIRED:
+        if len(R.get(a, ())) and len(R[a]) == len(R.get(b, ())):
+            R[name] = np.asarray(R[a], float) - np.asarray(R[b], float)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, v in R.items():
+        v = np.asarray(v, float)
+        if len(v) < 2 * k:
+            continue
+        idx = np.argpartition(rng.random((draws, len(v))), k, axis=1)[:, :k]  # k distinct seeds per draw
+        means = v[idx].mean(1)
+        out[key] = (float(v.mean()), float(np.quantile(means, q)), float(np.quantile(means, 1 - q)))
+    return out
+
+
 GRID_PROMPTS = ("a big red circle on a blue background", "a big yellow square on a black background",
                 "a big white triangle on a gray background", "a big green star on a black background",
                 "a small red square at the left on a gray background", "a big blue circle on a striped background")
@@ -326,7 +354,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the per-seed numbers here")
     ap.add_argument("--grid", default=None, help="also write a picture grid (GRID_PROMPTS x 4 seeds, and a Replace row)")
+    ap.add_argument("--bounds-from", default=None, metavar="JSON",
+                    help="evaluate nothing: from a --json file, print each measurement's mean and the 0.1%% and 99.9%% "
+                         "quantiles of its mean over 12 seeds (the margins the claims test may assert)")
     a = ap.parse_args(argv)
+    if a.bounds_from:
+        R = json.loads(Path(a.bounds_from).read_text())
+        print(f"{a.bounds_from}: mean over every seed, and the 0.1% / 99.9% quantiles of the mean of 12 of them\n")
+        print("| measurement | mean | 0.1% | 99.9% |\n|---|---|---|---|")
+        for key, (m, lo, hi) in subset_bounds(R).items():
+            print(f"| {key} | {m:.3f} | {lo:.3f} | {hi:.3f} |")
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     sd = load(a.checkpoint)

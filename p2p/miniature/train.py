@@ -13,14 +13,16 @@ Two stages, as SD v1 was built:
    2023), which learns layout and colour sooner. 10% of captions are dropped to "" so
    classifier-free guidance works. AdamW, linear warmup then cosine decay, grad-norm clip 1, EMA of
    the weights (the EMA is what is saved).
-Opt-in parts (off by default; README, "Miniature", says which the shipped file used and what each
-measured):
+Parts beyond SD's recipe (README, "Miniature", says what each measured). The defaults are the command
+that wrote the shipped file: `--decoder-steps 200 --layout-loss 0.1 --layout-from 0.5 --layout-to qk
+--layout-all-from 0.9 --bg-word-p 0.9`; `--vae-paste` is off.
 - `--vae-paste F`: F of each VAE batch is decoded from latents pasted from two pictures through a
   random rectangle, against the same paste of the pixels (`paste`), so that the decoder keeps a
   latent change where it is (LocalBlend blends latents; GroupNorm statistics and the mid-block
   attention otherwise carry a change in the middle to the whole picture).
 - `--decoder-steps N`: stage 1b, the decoder alone on whole pictures with half of each batch pasted
   (`train_decoder_local`); the encoder, hence the latents, stay, so it can follow a trained UNet.
+  With `--init-from` it defaults to 0 (that file's decoder is kept).
 - `--layout-loss W`: plus W * `layout_loss`, the share of each object word's cross-attention that
   falls outside its object. SD's maps come out localised from training at scale; this small a model
   trained for an hour spreads them, and the maps Prompt-to-Prompt injects and LocalBlend thresholds
@@ -32,13 +34,12 @@ measured):
   source) are ones the model has seen.
 The stages can run as separate commands: `--unet-steps 0` writes the VAE stage (with an untrained
 UNet), and `--init-from FILE` keeps that file's VAE (but for `--decoder-steps`) and scale_factor and
-trains its UNet and text encoder further; the shipped checkpoint was made that way (README). With
-`--fresh-unet` as well, only that file's VAE is kept and the UNet stage starts from scratch (ablations
-of the UNet stage without training the VAE again). A run split so writes the same bytes as the whole
-run: the VAE stage does not depend on the UNet stage's options, and a whole run reseeds its
-generator and re-encodes the pictures with the VAE as saved (fp16) before the UNet stage, as the
-second command starts. (A run with `--init-from` keeps drawing from one generator through its
-decoder stage and UNet stage, as the shipped file's fine-tune did.)
+trains its UNet and text encoder further. With `--fresh-unet` as well, only that file's VAE is kept
+and the UNet stage starts from scratch (ablations of the UNet stage without training the VAE again).
+A run split so writes the same bytes as the whole run: the VAE stage does not depend on the UNet
+stage's options, and a whole run reseeds its generator and re-encodes the pictures with the VAE as
+saved (fp16) before the UNet stage, as the second command starts. (A run with `--init-from` and
+`--decoder-steps` keeps drawing from one generator through its decoder stage and UNet stage.)
 The checkpoint is written in the original single-file layout (models.sd.PREFIXES, int64
 position_ids, config JSON in the `ldm_config` metadata), floats as fp16 (`load_checkpoint` casts
 them back to fp32), and rewritten every `--save-every` steps so a cut-off run loses little.
@@ -348,9 +349,9 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 
 # ------------------------------------------------------------------------------------- main
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
-          vae_lr=2e-3, vae_paste=0.0, decoder_steps=0, decoder_batch=16, decoder_lr=1e-3, unet_steps=2000, batch=32,
-          lr=1e-3, ema_decay=0.995, layout_weight=0.0, layout_from=0.0, layout_to="all", layout_all_from=1.0,
-          bg_word_p=1.0, save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
+          vae_lr=2e-3, vae_paste=0.0, decoder_steps=None, decoder_batch=16, decoder_lr=1e-3, unet_steps=1600,
+          batch=32, lr=1e-3, ema_decay=0.995, layout_weight=0.1, layout_from=0.5, layout_to="qk", layout_all_from=0.9,
+          bg_word_p=0.9, save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
     if fresh_unet and init_from is None:
         raise ValueError("fresh_unet=True needs init_from=FILE, the checkpoint whose VAE is kept "
                          "(without a file the whole model trains from scratch: leave fresh_unet off)")
@@ -358,6 +359,8 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         raise ValueError(f"layout_to must be 'all' or 'qk', not {layout_to!r}")
     if not 0.0 <= layout_all_from <= 1.0:
         raise ValueError(f"layout_all_from is a fraction of the UNet steps (0 to 1), not {layout_all_from!r}")
+    if decoder_steps is None:  # a run from scratch trains the decoder on whole pictures; --init-from keeps it
+        decoder_steps = 200 if init_from is None else 0
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -440,26 +443,28 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-crop", type=int, default=32)
-    ap.add_argument("--bg-word-p", type=float, default=1.0,
-                    help="share of captions that name the background (below 1: some prompts without one)")
+    ap.add_argument("--bg-word-p", type=float, default=0.9,
+                    help="share of captions that name the background (below 1: some prompts without one; Refine's "
+                         "source has none)")
     ap.add_argument("--vae-paste", type=float, default=0.0,
                     help="fraction of each VAE batch decoded from latents pasted from two pictures (keeps edits local)")
-    ap.add_argument("--decoder-steps", type=int, default=0,
-                    help="stage 1b: the decoder alone on whole pictures, half of them pasted (with --init-from: "
-                         "that file's decoder; its encoder, hence the latents, stay)")
+    ap.add_argument("--decoder-steps", type=int, default=None,
+                    help="stage 1b: the decoder alone on whole pictures, half of them pasted (default 200; with "
+                         "--init-from 0, else that file's decoder is trained further; its encoder, hence the "
+                         "latents, stay)")
     ap.add_argument("--decoder-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=2000, help="0: write the VAE stage only")
+    ap.add_argument("--unet-steps", type=int, default=1600, help="0: write the VAE stage only")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.995)
-    ap.add_argument("--layout-loss", type=float, default=0.0,
+    ap.add_argument("--layout-loss", type=float, default=0.1,
                     help="weight of the loss that keeps object words' cross-attention on their objects (0: off)")
-    ap.add_argument("--layout-from", type=float, default=0.0,
+    ap.add_argument("--layout-from", type=float, default=0.5,
                     help="the layout loss starts after this fraction of the UNet steps (0: from the first)")
-    ap.add_argument("--layout-to", choices=("all", "qk"), default="all",
+    ap.add_argument("--layout-to", choices=("all", "qk"), default="qk",
                     help="what the layout loss trains: every parameter, or only the cross-attention query and key "
                          "projections")
-    ap.add_argument("--layout-all-from", type=float, default=1.0,
+    ap.add_argument("--layout-all-from", type=float, default=0.9,
                     help="with --layout-to qk: from this fraction of the UNet steps on, the layout loss reaches every "
                          "parameter (1: never)")
     ap.add_argument("--save-every", type=int, default=100)
