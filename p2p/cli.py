@@ -215,7 +215,7 @@ def cmd_demo(args) -> int:
     _, src, dst, _, seed = ROWS[0]
     rc = main(["edit", "--prompt", src, "--edit", dst, "--seed", str(seed), "--steps", str(args.steps),
                "--guidance", "5", "--show-attention", "-o", str(out / "replace.png")])
-    print(f"wrote {grid}: each row is source | Prompt-to-Prompt edit | same seed regenerated (Reweight: c = -3 | +3)")
+    print(f"wrote {grid}: each row is source | Prompt-to-Prompt edit | same seed regenerated")
     return rc
 
 
@@ -298,7 +298,7 @@ def parser() -> argparse.ArgumentParser:
                                      "figure, metrics CSV/JSON, per-cell configs; resumable"))
     w.set_defaults(func=run_sweep)
 
-    d = sub.add_parser("demo", help="Replace, LocalBlend and Reweight on the shipped miniature: "
+    d = sub.add_parser("demo", help="Replace, with and without LocalBlend, on the shipped miniature: "
                        "an edit grid and one edit's attention pictures")
     d.add_argument("-o", "--output", default="demo")
     d.add_argument("--steps", type=int, default=20)

@@ -171,7 +171,7 @@ def test_layout_all_from_hands_the_layout_loss_to_every_parameter(tmp_path, monk
     real = T.backward
     monkeypatch.setattr(T, "backward", lambda loss, extra, only=None: (seen.append(only), real(loss, extra, only)))
     T.train(tmp_path / "m.safetensors", n_data=8, vae_steps=1, vae_batch=2, decoder_steps=0, unet_steps=4, batch=2,
-            layout_weight=0.1, layout_to="qk", layout_all_from=0.5, progress=False)
+            layout_weight=0.1, layout_from=0.0, layout_to="qk", layout_all_from=0.5, progress=False)
     assert [only is None for only in seen] == [False, False, True, True]
     assert len(seen[0]) > 0
     with pytest.raises(ValueError, match="layout_all_from"):

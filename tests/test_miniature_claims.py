@@ -2,9 +2,10 @@
 
 The same measurements as `python -m p2p.miniature.evaluate` (whose 100-seed table is in the README),
 on seeds 0-11. Each bound holds for more than 99.9% of the 12-seed subsets of the 100-seed
-evaluation (resampled from its per-seed numbers), so a pass is not luck and a failure means the
-checkpoint or the method broke. Not asserted, because 12 seeds do not support it at that margin:
-that LocalBlend's background beats the edit's without it (1.4 dB over the 100 seeds)."""
+evaluation (`python -m p2p.miniature.evaluate --bounds-from` its `--json` file prints them), so a
+pass is not luck and a failure means the checkpoint or the method broke. Not asserted, because 12
+seeds do not support it at that margin: that LocalBlend's background beats the edit's without it
+(1.6 dB over the 100 seeds)."""
 import numpy as np
 import pytest
 
@@ -37,16 +38,16 @@ def test_shipped_checkpoint_is_an_sd_v1_file():
 
 
 def test_the_model_follows_its_captions(measured):
-    """100 seeds: object found 1.00, colour 1.00, shape 0.64."""
+    """100 seeds: object found 1.00, colour 1.00, shape 0.58."""
     assert mean(measured["found"]) == 1.0
     assert mean(measured["colour_ok"]) >= 0.9
-    assert mean(measured["shape_ok"]) >= 0.25
+    assert mean(measured["shape_ok"]) >= 2 / 12
 
 
 def test_the_object_words_attend_to_the_object(measured):
     """What Prompt-to-Prompt injects and LocalBlend thresholds: the source's colour and shape words'
-    16x16 cross-attention falls on the object (100 seeds: 0.97 of it, on 0.17 of the picture),
-    not spread over the picture as the checkpoint before the layout loss had it (0.26 on 0.19)."""
+    16x16 cross-attention falls on the object (100 seeds: 0.97 of it, on 0.25 of the picture),
+    not spread over the picture (where an even map would score the object's share)."""
     inside, area = np.array(measured["maps_inside"]), np.array(measured["maps_area"])
     assert len(inside) == len(SEEDS)
     assert inside.mean() >= 0.85 and (inside - area).mean() >= 0.6
@@ -55,7 +56,7 @@ def test_the_object_words_attend_to_the_object(measured):
 def test_replace_keeps_the_layout_better_than_the_fixed_seed_baseline(measured):
     """The paper's claim (its Fig. 4): with the source's attention injected, the edited object stays
     where the source's was, at its size; regenerating the edited prompt from the same seed moves and
-    resizes it. 100 seeds: centre shift 1.3 px vs 6.8 px, |log area ratio| 0.38 vs 0.88."""
+    resizes it. 100 seeds: centre shift 1.6 px vs 7.0 px, |log area ratio| 0.24 vs 0.67."""
     shift_p2p, shift_base = np.mean(measured["rep_shift_p2p"]), np.mean(measured["rep_shift_base"])
     assert shift_p2p < 4.0 and shift_base - shift_p2p > 1.2
     assert np.mean(measured["rep_scale_base"]) - np.mean(measured["rep_scale_p2p"]) > 0.15
@@ -63,10 +64,10 @@ def test_replace_keeps_the_layout_better_than_the_fixed_seed_baseline(measured):
 
 def test_local_blend_swaps_the_colour_and_keeps_the_background(measured):
     """Replace of the colour word with LocalBlend (16x16 maps): the object takes the new colour
-    (100 seeds: 0.92) and the background stays close to the source's (100 seeds: 32.0 dB; the old
-    checkpoint, whose maps and decoder were not local, gave 25.3)."""
+    (100 seeds: 0.97) and the background stays close to the source's (100 seeds: 27.7 dB, 26.1
+    without LocalBlend)."""
     assert len(measured["blend_colour_ok"]) == len(SEEDS) and mean(measured["blend_colour_ok"]) >= 0.66
-    assert np.mean(measured["psnr_blend"]) >= 28.0
+    assert np.mean(measured["psnr_blend"]) >= 23.5
 
 
 def test_the_demo_writes_its_grid(tmp_path, mini, monkeypatch):
