@@ -43,7 +43,8 @@ saved (fp16) before the UNet stage, as the second command starts. (A run with `-
 The checkpoint is written in the original single-file layout (models.sd.PREFIXES, int64
 position_ids, config JSON in the `ldm_config` metadata), floats as fp16 (`load_checkpoint` casts
 them back to fp32), and rewritten every `--save-every` steps so a cut-off run loses little.
-Deterministic for a given seed and thread count.
+Deterministic for a given seed and thread count. `--device cuda` moves the models to a GPU; every
+random draw stays on the CPU generator, so the batches are the same (the file differs in rounding).
 """
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ def train_vae(sd, imgs, steps, batch, lr, g, log, crop: int = 32, paste_frac: fl
     """Stage 1. Random `crop` x `crop` crops: the VAE is convolutional and the pictures are flat colours,
     edges and stripes, so crops teach it nearly as well as whole pictures at a fraction of the cost."""
     vae = sd.vae.train()
+    dev = next(vae.parameters()).device  # every random draw stays on the CPU generator g
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     N, H = imgs.shape[0], imgs.shape[1]
     bar = tqdm(range(steps), desc="VAE", disable=not progress)
@@ -148,10 +150,10 @@ def train_vae(sd, imgs, steps, batch, lr, g, log, crop: int = 32, paste_frac: fl
             grp["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
         idx = torch.randint(0, N, (batch,), generator=g)
         oy, ox = (torch.randint(0, H - crop + 1, (2,), generator=g).tolist() if crop < H else (0, 0))
-        x = to_tensor(imgs[idx.numpy(), oy:oy + crop, ox:ox + crop])
+        x = to_tensor(imgs[idx.numpy(), oy:oy + crop, ox:ox + crop]).to(dev)
         mean, logvar = vae.encode_moments(x)
         logvar = logvar.clamp(-30, 20)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(dev)
         z, x, w = paste_within(z, x, int(round(paste_frac * batch)), g)
         l1, l2 = weighted_l1_l2(vae.decode(z), x, w)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
@@ -171,6 +173,7 @@ def train_decoder_local(sd, imgs, mean, std, steps, batch, lr, g, log, progress=
     size pictures are generated at: what `--vae-paste` teaches on 32x32 crops barely carries over to
     the GroupNorm statistics and mid-block attention of a whole 64x64 picture (README, "Miniature")."""
     vae = sd.vae
+    dev = next(vae.parameters()).device
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     N = mean.shape[0]
@@ -179,8 +182,8 @@ def train_decoder_local(sd, imgs, mean, std, steps, batch, lr, g, log, progress=
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
         idx = torch.randint(0, N, (batch,), generator=g)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        z, x, w = paste_within(z, to_tensor(imgs[idx.numpy()]), batch // 2, g)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)).to(dev)
+        z, x, w = paste_within(z, to_tensor(imgs[idx.numpy()]).to(dev), batch // 2, g)
         l1, l2 = weighted_l1_l2(vae.decode(z), x, w)
         loss = l1 + l2
         opt.zero_grad(set_to_none=True)
@@ -194,12 +197,13 @@ def train_decoder_local(sd, imgs, mean, std, steps, batch, lr, g, log, progress=
 
 @torch.no_grad()
 def encode_all(sd, imgs, batch=256):
-    """Posterior mean and std of every training picture (unscaled)."""
+    """Posterior mean and std of every training picture (unscaled), on the CPU."""
     means, stds = [], []
+    dev = next(sd.vae.parameters()).device
     for i in range(0, len(imgs), batch):
-        m, lv = sd.vae.encode_moments(to_tensor(imgs[i:i + batch]))
-        means.append(m)
-        stds.append(torch.exp(0.5 * lv.clamp(-30, 20)))
+        m, lv = sd.vae.encode_moments(to_tensor(imgs[i:i + batch]).to(dev))
+        means.append(m.cpu())
+        stds.append(torch.exp(0.5 * lv.clamp(-30, 20)).cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -217,7 +221,7 @@ def paste(z, x, zb, xb, g):
     """Latents z pasted over zb through a random rectangle (latent_rectangles), the pixels x over xb
     through the same rectangle upsampled; and per-pixel loss weights that are 0 on the cells touching
     the rectangle's edge (what a latent there decodes to is not a clean cut) and 1 elsewhere."""
-    m = latent_rectangles(z.shape[0], *z.shape[-2:], g, lo=max(2, z.shape[-1] // 6))
+    m = latent_rectangles(z.shape[0], *z.shape[-2:], g, lo=max(2, z.shape[-1] // 6)).to(z.device)
     edge = F.max_pool2d(m, 3, 1, 1) != -F.max_pool2d(-m, 3, 1, 1)
     f = x.shape[-1] // z.shape[-1]
     up = lambda t: t.repeat_interleave(f, -2).repeat_interleave(f, -1)  # noqa: E731
@@ -300,6 +304,7 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
     projections (it moves the maps, not the features the UNet draws with) until the step
     `layout_all_from` * steps, every parameter from it on; "all": every parameter."""
     unet, text = sd.unet.train(), sd.text_encoder.train()
+    dev = next(unet.parameters()).device  # the batch is drawn on the CPU (generator g), then moved
     params = [*unet.parameters(), *text.parameters()]
     qk = [p for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -325,11 +330,13 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
         # min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction: min(SNR, gamma) / SNR
         w = (snr[t].clamp(max=min_snr) / snr[t]).view(-1, 1, 1, 1)
         rec = AttentionRecorder() if layout_weight > 0 and step >= layout_start else None
-        eps_loss = (w * (unet(zt, t, text(tok), attn_override=rec) - eps).pow(2)).mean()
+        pred = unet(zt.to(dev), t.to(dev), text(tok.to(dev)), attn_override=rec)
+        eps_loss = (w.to(dev) * (pred - eps.to(dev)).pow(2)).mean()
         if rec is not None:
             masks, owners = layout
             kept = (tok != empty).any(-1).float()  # dropped captions have no words
-            lay = layout_loss(rec.maps, masks[idx].float(), owners[idx], a.sqrt().flatten() * kept)
+            lay = layout_loss(rec.maps, masks[idx].float().to(dev), owners[idx].to(dev),
+                              (a.sqrt().flatten() * kept).to(dev))
         opt.zero_grad(set_to_none=True)
         if rec is None:
             eps_loss.backward()
@@ -351,7 +358,8 @@ def train_unet(sd, mean, std, ids, steps, batch, lr, g, log, ema_decay=0.999, p_
 def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps=600, vae_batch=32, vae_crop=32,
           vae_lr=2e-3, vae_paste=0.0, decoder_steps=None, decoder_batch=16, decoder_lr=1e-3, unet_steps=1600,
           batch=32, lr=1e-3, ema_decay=0.995, layout_weight=0.1, layout_from=0.5, layout_to="qk", layout_all_from=0.9,
-          bg_word_p=0.9, save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, progress=True) -> Path:
+          bg_word_p=0.9, save_every=100, log_path=None, threads=None, init_from=None, fresh_unet=False, device="cpu",
+          progress=True) -> Path:
     if fresh_unet and init_from is None:
         raise ValueError("fresh_unet=True needs init_from=FILE, the checkpoint whose VAE is kept "
                          "(without a file the whole model trains from scratch: leave fresh_unet off)")
@@ -387,6 +395,7 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
         cfg = load_config(config)
         sd = StableDiffusion(cfg)
         init_weights(sd)
+    sd.to(device)  # every random draw stays on the CPU generator, so the batches are the same anywhere
     data = make_dataset(n_data, seed, layout=layout_weight > 0, p_bg_word=bg_word_p)
     imgs, caps = data[:2]
     log(dict(stage="data", n=n_data))
@@ -470,6 +479,9 @@ def main(argv=None) -> int:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--log", default=None, help="JSON-lines log of every step")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the models train (cuda: the same batches, drawn on the CPU; the file then differs "
+                         "from the CPU's in rounding)")
     ap.add_argument("--init-from", default=None,
                     help="continue from this checkpoint: keep its VAE (but for --decoder-steps), train its UNet and "
                          "text encoder further")
@@ -485,7 +497,7 @@ def main(argv=None) -> int:
                 layout_weight=a.layout_loss, layout_from=a.layout_from, layout_to=a.layout_to,
                 layout_all_from=a.layout_all_from,
                 save_every=a.save_every, log_path=a.log, threads=a.threads, init_from=a.init_from,
-                fresh_unet=a.fresh_unet)
+                fresh_unet=a.fresh_unet, device=a.device)
     print(f"wrote {out}")
     return 0
 
