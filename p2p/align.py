@@ -22,7 +22,7 @@ from typing import Sequence, Union
 
 import torch
 
-BOS, EOS, MAX_LEN = 49406, 49407, 77
+from models.clip import BOS, EOS, CONTEXT_LENGTH as MAX_LEN
 
 Word = Union[str, int]
 Words = Union[Word, Sequence[Word]]

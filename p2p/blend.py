@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .align import word_token_indices
+from .align import MAX_LEN, word_token_indices
+from .store import read_level
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,11 @@ class LocalBlend:
         alpha = word_alpha(tokenizer, prompts, self.words, "LocalBlend words")
         sub = (word_alpha(tokenizer, prompts, self.substruct_words, "LocalBlend substruct_words")
                if self.substruct_words is not None else None)
-        cross = [s for s in sites if s.is_cross and s.place in ("down", "up")]
-        levels = sorted({s.level for s in cross})
-        level = levels[-1] if self.level is None else self.level
-        if level not in levels:
-            raise ValueError(f"LocalBlend level={self.level}: this UNet has down/up cross-attention at levels "
-                             f"{levels} only; pick one of them (or None for the deepest, {levels[-1]})")
-        layers = frozenset(s.index for s in cross if s.level == level)
+        try:
+            level = read_level(sites, self.level)
+        except ValueError as err:
+            raise ValueError(f"LocalBlend {err}") from None
+        layers = frozenset(s.index for s in sites if s.is_cross and s.place in ("down", "up") and s.level == level)
         return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds())
 
 
@@ -62,7 +61,7 @@ def word_alpha(tokenizer, prompts, words, what: str) -> torch.Tensor:
     if isinstance(words, str) or len(words) != len(prompts):
         raise ValueError(f"{what} must give one word (or tuple of words) per prompt, source first: "
                          f"{len(prompts)} prompts, got {words!r}")
-    alpha = torch.zeros(len(prompts), 77)
+    alpha = torch.zeros(len(prompts), MAX_LEN)
     for i, (prompt, ws) in enumerate(zip(prompts, words)):
         for w in ((ws,) if isinstance(ws, (str, int)) else ws):
             alpha[i, word_token_indices(tokenizer, prompt, w)] = 1
@@ -88,15 +87,16 @@ class Blender:
         m = m > th
         return m[:1] | m
 
-    def __call__(self, step: int, x: torch.Tensor, store) -> torch.Tensor:
-        if step < self.start:
-            return x
-        sites = [store.sites[i] for i in sorted(self.layers)]
-        maps = torch.stack([store.sums[s.index].reshape(-1, s.h, s.w, store.sums[s.index].shape[-1])
-                            for s in sites]).mean(0)  # (B, h, w, K): mean over layers of head means
-        size = x.shape[2:]
+    def mask_for(self, store, size) -> torch.Tensor:
+        """The blend mask from the maps stored so far, bool (B, 1, *size); row 0 is the source's."""
+        maps = store.layer_mean([store.sites[i] for i in sorted(self.layers)], average=False)  # (B, h, w, K)
         mask = self.mask(maps, self.alpha, size, True, self.th_pool)
         if self.substruct is not None:
             mask = mask & ~self.mask(maps, self.substruct, size, False, self.th_sub)
-        mask = mask.to(x.dtype)[1:]
+        return mask
+
+    def __call__(self, step: int, x: torch.Tensor, store) -> torch.Tensor:
+        if step < self.start:
+            return x
+        mask = self.mask_for(store, x.shape[2:]).to(x.dtype)[1:]
         return torch.cat([x[:1], x[:1] + mask * (x[1:] - x[:1])])

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .files import atomic_path
-from .miniature import NAME as MINIATURE, resolve_checkpoint
+from weights_tools.files import atomic_path
+from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
 
 # the edit-config schema and its loading live in p2p.config (shared with `p2p sweep`); re-exported here
 from .config import (DEFAULTS, EDIT_KEYS, build_spec, check_settings, load_edit_config,  # noqa: F401
@@ -53,7 +53,7 @@ def resolve_edit_settings(args) -> dict:
         v = getattr(args, key, None)
         if v is not None and v is not False:
             s[key] = v
-    s.setdefault("ckpt", MINIATURE)
+    s.setdefault("ckpt", DEFAULT_CKPT)
     for key in ("prompt", "edits"):
         if not s.get(key):
             raise ValueError(f"missing {key}: give --{key.rstrip('s') if key == 'edits' else key} or set it in --config")
@@ -210,7 +210,7 @@ def cmd_demo(args) -> int:
     from p2p.miniature.demo import ROWS, write_demo
 
     out = Path(args.output)
-    sd = load_model(MINIATURE)
+    sd = load_model(DEFAULT_CKPT)
     grid = write_demo(sd, out, args.steps)
     _, src, dst, _, seed = ROWS[0]
     rc = main(["edit", "--prompt", src, "--edit", dst, "--seed", str(seed), "--steps", str(args.steps),
@@ -233,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
 
     g = sub.add_parser("generate", help="plain text-to-image")
-    g.add_argument("--ckpt", default=MINIATURE, help=CKPT_HELP)
+    g.add_argument("--ckpt", default=DEFAULT_CKPT, help=CKPT_HELP)
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     sampling(g)
     g.set_defaults(func=cmd_generate, seed=0, steps=50, guidance=7.5, steps_offset=1)

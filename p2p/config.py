@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .miniature import NAME as MINIATURE
+from weights_tools.registry import CHECKPOINTS
 
 EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml), with their types
     "ckpt": str, "prompt": str, "edits": list, "mode": str, "cross_steps": (float, int, list, dict),
@@ -263,7 +263,7 @@ def load_ablation(path, overrides: dict | None = None) -> dict:
         base.update(b)
     base.update({k: v for k, v in data.items() if k in EDIT_KEYS})
     base.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if base.get("ckpt") and base["ckpt"] != MINIATURE:  # the shipped checkpoint, resolved when loaded
+    if base.get("ckpt") and base["ckpt"] not in CHECKPOINTS:  # a named checkpoint, resolved when loaded
         base["ckpt"] = str(_resolve_path(base["ckpt"], path.parent).resolve())  # cells rerun from anywhere
     grid = data.get("grid") or {}
     if not grid:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .files import atomic_path
+from weights_tools.files import atomic_path
 from .images import load_image
 
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")

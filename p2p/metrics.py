@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .align import word_token_indices
+
 
 def _img(x) -> torch.Tensor:
     """uint8 (H, W, 3) -> float64 (1, 3, H, W) in [0, 1]."""
@@ -86,31 +88,19 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum() / union) if union else float("nan")
 
 
-def attention_res(store) -> int:
-    """The side of the deepest stored down/up cross-attention level (16 for SD v1 at 512 px): where
-    LocalBlend and the reference's pictures read the maps."""
-    sides = sorted({s.h for s in store.layers(("up", "down"), True)})
-    if not sides:
-        raise ValueError("no cross-attention maps were stored")
-    return sides[0]
-
-
-def word_map(store, tokenizer, prompt: str, select: int, words, res: int | None = None) -> torch.Tensor:
+def word_map(store, tokenizer, prompt: str, select: int, words, level: int | None = None) -> torch.Tensor:
     """The step-averaged cross-attention of `words` (a word, position, or tuple: columns summed) in prompt
-    `select`, (h, w), divided by its max."""
-    from .align import word_token_indices
-
-    res = res or attention_res(store)
-    maps = store.aggregate(res, ("up", "down"), True, select)
-    m = maps[..., word_token_indices(tokenizer, prompt, words)].sum(-1)
+    `select` at `level` (`store.read_level`'s rule: the deepest when None), (h, w), divided by its max."""
+    m = store.level_maps(level, select)[..., word_token_indices(tokenizer, prompt, words)].sum(-1)
     peak = m.max()
     return m / peak if peak > 0 else m
 
 
-def attention_iou(store, tokenizer, prompts, select: int, src_words, edit_words, threshold: float = 0.3) -> float:
+def attention_iou(store, tokenizer, prompts, select: int, src_words, edit_words, threshold: float = 0.3,
+                  level: int | None = None) -> float:
     """IoU of {map > threshold} for src_words in prompts[0] and edit_words in prompts[select]."""
-    a = word_map(store, tokenizer, prompts[0], 0, src_words) > threshold
-    b = word_map(store, tokenizer, prompts[select], select, edit_words) > threshold
+    a = word_map(store, tokenizer, prompts[0], 0, src_words, level) > threshold
+    b = word_map(store, tokenizer, prompts[select], select, edit_words, level) > threshold
     return iou(a, b)
 
 
@@ -125,14 +115,7 @@ def changed_words(source: str, edited: str):
 
 def blend_mask(local_blend, store, tokenizer, prompts, num_steps: int, sites, latent_size) -> torch.Tensor:
     """The LocalBlend mask of the last step, bool (B, h, w) at the latent's size (row 0: the source's)."""
-    blender = local_blend.build(tokenizer, prompts, num_steps, sites)
-    layers = [store.sites[i] for i in sorted(blender.layers)]
-    maps = torch.stack([store.sums[s.index].reshape(-1, s.h, s.w, store.sums[s.index].shape[-1])
-                        for s in layers]).mean(0)
-    mask = blender.mask(maps, blender.alpha, latent_size, True, blender.th_pool)
-    if blender.substruct is not None:
-        mask = mask & ~blender.mask(maps, blender.substruct, latent_size, False, blender.th_sub)
-    return mask[:, 0]
+    return local_blend.build(tokenizer, prompts, num_steps, sites).mask_for(store, latent_size)[:, 0]
 
 
 def upsample_mask(mask: torch.Tensor, size) -> np.ndarray:

@@ -14,6 +14,21 @@ import torch
 from models.attention import Site
 
 
+def read_level(sites, level: int | None = None) -> int:
+    """The one rule for which maps are read (LocalBlend's mask, metrics, attention pictures): the
+    down/up cross-attention layers at resolution `level`, or at the deepest level when None, as the
+    reference (level 2, 16x16, for SD v1 at 512 px). `sites`: the UNet's or a store's."""
+    levels = sorted({s.level for s in sites if s.is_cross and s.place in ("down", "up")})
+    if not levels:
+        raise ValueError("no down/up cross-attention layers to read maps from (were any stored?)")
+    if level is None:
+        return levels[-1]
+    if level not in levels:
+        raise ValueError(f"level={level}: this UNet has down/up cross-attention at levels {levels} only; "
+                         f"pick one of them (or None for the deepest, {levels[-1]})")
+    return level
+
+
 @dataclass
 class AttentionStore:
     """Running sums of head-averaged maps, one (B, N, K) tensor per kept layer.
@@ -63,7 +78,20 @@ class AttentionStore:
         return out
 
     def average(self, site: Site) -> torch.Tensor:
+        """The layer's head-averaged map averaged over the steps so far: (B, N, K)."""
         return self.sums[site.index] / max(self.num_steps, 1)
+
+    def layer_mean(self, sites, average: bool = True) -> torch.Tensor:
+        """Mean over `sites` (one side) of their head-averaged maps, (B, h, w, K): averaged over the
+        steps, or their sums over the steps (LocalBlend's input, as the reference)."""
+        maps = [self.average(s) if average else self.sums[s.index] for s in sites]
+        return torch.stack([m.reshape(m.shape[0], s.h, s.w, m.shape[-1]) for m, s in zip(maps, sites)]).mean(0)
+
+    def level_maps(self, level: int | None = None, select: int = 0) -> torch.Tensor:
+        """Step-averaged down/up cross-attention of prompt `select` at `level` (`read_level`'s rule):
+        (h, w, K), what metrics and pictures read."""
+        sites = self.layers(("down", "up"), True, level=read_level(self.sites.values(), level))
+        return self.layer_mean(sites)[select]
 
     def aggregate(self, res, from_where=("up", "down"), is_cross=True, select: int = 0) -> torch.Tensor:
         """The reference's aggregate_attention: mean over layers and heads of the step-averaged

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import EDIT_KEYS, check_settings, load_ablation, set_knob
-from .files import atomic_path
+from weights_tools.files import atomic_path
 
 TIMING_KEYS = ("seconds", "batch_seconds", "batch_cells", "maxrss_mib", "cuda_max_mib", "device")
 
@@ -381,9 +381,7 @@ def load_model(ckpt, device):
 
     from weights_tools import load_checkpoint
 
-    from .miniature import resolve_checkpoint  # a path, or "miniature": the shipped checkpoint
-
-    sd = load_checkpoint(resolve_checkpoint(ckpt), device=device, dtype=torch.float32)
+    sd = load_checkpoint(ckpt, device=device, dtype=torch.float32)
     sd.requires_grad_(False)
     return sd.eval()
 

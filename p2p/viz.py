@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import atomic_path
+from weights_tools.files import atomic_path
 
 WHITE, BLACK = 255, (0, 0, 0)
 

@@ -8,35 +8,11 @@ written to a temporary file and renamed, so a failure leaves no partial file.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-import torch
-
-from .layout import POSITION_IDS, CheckpointError
+from .files import save_safetensors_atomic
+from .layout import POSITION_IDS, CheckpointError, position_ids
 from .load import read_state_dict
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], out, metadata: dict[str, str]) -> Path:
-    """`safetensors.torch.save_file` into a temp file beside `out`, then an atomic rename."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
-def position_ids(n: int) -> torch.Tensor:
-    return torch.arange(n, dtype=torch.int64)[None]
 
 
 def convert_checkpoint(src, out, fp16: bool = False, config=None, strict: bool = True) -> Path:

@@ -14,6 +14,13 @@ import torch
 from models import PREFIXES, SDConfig, StableDiffusion
 
 POSITION_IDS = PREFIXES["text_encoder"] + "embeddings.position_ids"
+
+
+def position_ids(n: int) -> torch.Tensor:
+    """The int64 (1, n) `position_ids` buffer real files carry."""
+    return torch.arange(n, dtype=torch.int64)[None]
+
+
 OLD_CLIP_PREFIX = "cond_stage_model.transformer."
 
 # DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.

@@ -11,6 +11,7 @@ import torch
 from models import PREFIXES, SDConfig, StableDiffusion, load_config
 
 from .layout import CheckpointError, model_keys, model_shapes, validate_shapes
+from .registry import resolve_checkpoint
 from .sources import Source, open_source
 
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
@@ -36,7 +37,7 @@ def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
 
 def open_checked(path, config=None, strict: bool = True) -> tuple[Source, SDConfig, str]:
     """Open, resolve the config and validate every key and shape, all before reading a tensor."""
-    src = open_source(path)
+    src = open_source(resolve_checkpoint(path))
     cfg, cfg_source = resolve_config(src, config)
     validate_shapes(src.shapes, cfg, src.where, strict, cfg_source)
     return src, cfg, cfg_source
@@ -53,6 +54,7 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True) -> StableDiffusion:
     """Load a Stable Diffusion v1.x checkpoint (.safetensors, .ckpt, diffusers folder) in eval mode.
 
+    `path` may also be a name in `weights_tools.registry.CHECKPOINTS` ("miniature": the shipped one).
     `config`: an SDConfig, a CompVis v1-inference.yaml path, or a configs/ name; by default the
     file's own (ldm_config metadata, diffusers config.json) or SD v1's after a full shape check.
     `strict=False` ignores unknown extra keys (missing or misshapen ones are always errors).

@@ -13,8 +13,8 @@ import torch
 
 from models import PREFIXES, SDConfig, load_config
 
-from .conversion import position_ids, save_safetensors_atomic
-from .layout import POSITION_IDS, model_shapes
+from .files import save_safetensors_atomic
+from .layout import POSITION_IDS, model_shapes, position_ids
 
 
 def init_tensor(key: str, z: torch.Tensor) -> torch.Tensor:

@@ -61,11 +61,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models import PREFIXES
 from models.config import load_config
 from models.attention import attention_probs
 from models.ddim import DDIM
 from models.sd import StableDiffusion
+
+from weights_tools.registry import save_checkpoint
 
 from .data import make_dataset
 
@@ -91,22 +92,6 @@ def init_weights(sd: StableDiffusion) -> None:
     e = sd.text_encoder.embeddings
     torch.nn.init.normal_(e.token_embedding.weight, std=0.02)
     torch.nn.init.normal_(e.position_embedding.weight, std=0.01)
-
-
-def save_checkpoint(sd: StableDiffusion, out, fp16: bool = True, extra: dict | None = None) -> Path:
-    """Original single-file layout, written atomically with weights_tools' writer."""
-    from weights_tools.conversion import position_ids, save_safetensors_atomic
-    from weights_tools.layout import POSITION_IDS
-
-    state = {}
-    for part, prefix in PREFIXES.items():
-        for k, v in getattr(sd, part).state_dict().items():
-            v = v.detach().cpu()
-            state[prefix + k] = v.half() if (fp16 and v.is_floating_point()) else v.float()
-    state[POSITION_IDS] = position_ids(sd.cfg.text.max_position_embeddings)
-    # one metadata key only: safetensors writes metadata in hash order, so more keys would make
-    # the bytes differ between runs (see weights_tools.tiny)
-    return save_safetensors_atomic(state, out, {"ldm_config": sd.cfg.to_json()})
 
 
 class EMA:
@@ -428,7 +413,7 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
 
     def save(ema_unet, ema_text):
         sd.unet, sd.text_encoder = ema_unet, ema_text
-        save_checkpoint(sd, out)
+        save_checkpoint(sd, out, torch.float16)
         sd.unet, sd.text_encoder = unet_live, text_live
         log(dict(stage="save", path=str(out)))
 
