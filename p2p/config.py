@@ -188,7 +188,7 @@ def check_settings(s: dict, where="settings", tokenizer=None) -> tuple:
 
     spec, blend = attempt("mode" if not s.get("weight") else "weight", lambda: build_spec(s))
     key = "weight" if s.get("weight") else "edits"
-    attempt(key, lambda: spec.cross_maps(tok, prompts),
+    attempt(key, lambda: spec.cross_edit(tok, prompts),
             " (fix: a word-swap edit keeps the word count; a reweighted word must be in the edited prompt)")
     attempt("cross_steps", lambda: time_word_alpha(tok, prompts, s["steps"], spec.cross_replace_steps))
     attempt("self_steps", lambda: self_window(s["steps"], spec.self_replace_steps))

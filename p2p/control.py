@@ -10,7 +10,9 @@ source and prompts[1:] the edited prompts; only the conditional rows are edited 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Union
 
 import torch
@@ -35,8 +37,8 @@ class _Edit:
     self_replace_steps: Union[float, tuple] = 0.4
     self_replace_max_res: int = 16
 
-    def cross_maps(self, tokenizer, prompts):
-        """The Edit function for this spec: (M_src (H,N,K), M_edit (B',H,N,K)) -> M_hat (B',H,N,K)."""
+    def cross_edit(self, tokenizer, prompts):
+        """This spec's Edit function for these prompts: (M_src (H,N,K), M_edit (B',H,N,K)) -> M_hat (B',H,N,K)."""
         raise NotImplementedError
 
 
@@ -46,7 +48,7 @@ class Replace(_Edit):
     with a different token count (see `align.replacement_mapper`)."""
     reference_tail: bool = False
 
-    def cross_maps(self, tokenizer, prompts):
+    def cross_edit(self, tokenizer, prompts):
         mapper = replacement_mapper(tokenizer, prompts[0], prompts[1:], reference_tail=self.reference_tail)
         return lambda M_src, M_edit: edits.replace(M_src, mapper.to(M_src.device))
 
@@ -55,7 +57,7 @@ class Replace(_Edit):
 class Refine(_Edit):
     """Adding a phrase: source maps through the token alignment A(j); new tokens keep their own."""
 
-    def cross_maps(self, tokenizer, prompts):
+    def cross_edit(self, tokenizer, prompts):
         mapper, alphas = refinement_mapper(tokenizer, prompts[0], prompts[1:])
         return lambda M_src, M_edit: edits.refine(M_src, M_edit, mapper.to(M_src.device), alphas.to(M_src.device))
 
@@ -68,9 +70,9 @@ class Reweight(_Edit):
     equalizer: dict = field(default_factory=dict)
     base: Union[Replace, Refine, None] = None
 
-    def cross_maps(self, tokenizer, prompts):
+    def cross_edit(self, tokenizer, prompts):
         c = equalizer(tokenizer, prompts, self.equalizer)
-        base = self.base.cross_maps(tokenizer, prompts) if self.base is not None else (lambda M_src, M_edit: M_src)
+        base = self.base.cross_edit(tokenizer, prompts) if self.base is not None else (lambda M_src, M_edit: M_src)
         return lambda M_src, M_edit: edits.reweight(base(M_src, M_edit), c.to(M_src.device))
 
 
@@ -145,48 +147,100 @@ def self_window(num_steps: int, self_replace_steps) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------- controller
+PROBE_HEADS, PROBE_PIXELS = 2, 16  # random probe maps: the real prompt and token counts, a few heads and pixels
+
+
+def probe_maps(*shape, seed: int = 0) -> torch.Tensor:
+    """Random attention probabilities (rows sum to 1) in float64, from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).mul(3).softmax(-1)
+
+
 class Controller:
     """Resolves a spec against the prompts; `override(i)` gives the attention override of step i.
 
-    fast=True applies cross edits on the value side, M_hat V = M_t (S V) + M*_t (diag(e) V),
-    with (S, e) read off the same `edits` functions applied to identity maps, and injects
-    self-attention as softmax(q_src k_src^T) v_edit: no map is formed unless it is stored.
-    fast=False forms every map an edit touches (the readable path; a test holds the two equal)."""
+    The edit is defined on maps (`edit_cross`, `edits.inject_self`). fast=True runs the same edit
+    without forming maps: cross-attention as M_hat V = M_t (S V) + M*_t (diag(e) V) with (S, e) read
+    off `edit_cross` applied to identity maps, self-attention as softmax(q_src k_src^T) v_edit. Both
+    are derived, then checked against the map form on random probe maps when the controller is
+    built; a part that fails the check (an edit made non-linear) runs on maps, with a warning. A map
+    is formed only where it is stored or an edit needs it; fast=False forms every map an edit touches."""
 
     def __init__(self, tokenizer, prompts, spec, num_steps, sites, local_blend=None,
                  store: AttentionStore | None = None, fast: bool = True):
         self.B = len(prompts)
-        self.spec, self.fast = spec, fast
+        self.spec = spec
         self.store = store if store is not None else AttentionStore()
         self.blend = local_blend.build(tokenizer, prompts, num_steps, sites) if local_blend is not None else None
         if self.blend is not None:
             self.store.extra |= set(self.blend.layers)
+        self.fast_cross = self.fast_self = False
         if spec is not None:
             if self.B < 2:
                 raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
-            self.cross = spec.cross_maps(tokenizer, prompts)
+            self.cross = spec.cross_edit(tokenizer, prompts)
             self.alpha = time_word_alpha(tokenizer, prompts, num_steps, spec.cross_replace_steps)
             self.window = self_window(num_steps, spec.self_replace_steps)
-            self._linear = {}
+            self._linear, self._cast = {}, {}
+            self.fast_cross = fast and self._check_cross_linear()
+            self.fast_self = fast and self._check_self_injection()
 
     # ---- the edit at step i, on maps (the definition) and as a linear map (the fast path)
     def edit_cross(self, i, M_src, M_edit):
         """alpha_i * Edit(M_t, M*_t) + (1 - alpha_i) * M*_t."""
         return edits.blend_in_time(self.cross(M_src, M_edit), M_edit, self.alpha[i].to(M_src.device))
 
-    def cross_linear(self, i, like: torch.Tensor):
-        """(S (B', K, K), e (B', K)) with edit_cross(i, M, M*) = M S + M* diag(e), by linearity."""
-        key = (self.alpha[i].numpy().tobytes(), like.dtype, like.device)
-        if key not in self._linear:
-            K, n = self.alpha.shape[-1], self.B - 1
-            eye = torch.eye(K, dtype=torch.float64, device=like.device)[None]
-            zero = torch.zeros(n, 1, K, K, dtype=torch.float64, device=like.device)
-            S = self.edit_cross(i, eye, zero)[:, 0]
-            E = self.edit_cross(i, torch.zeros_like(eye), eye.expand(n, 1, K, K))[:, 0]
+    def _derive_linear(self, i) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S (B', K, K), E (B', K, K)) in float64 with edit_cross(i, M, M*) = M S + M* E if it is linear."""
+        K, n = self.alpha.shape[-1], self.B - 1
+        eye = torch.eye(K, dtype=torch.float64)[None]
+        zero = torch.zeros(n, 1, K, K, dtype=torch.float64)
+        S = self.edit_cross(i, eye, zero)[:, 0]
+        E = self.edit_cross(i, torch.zeros_like(eye), eye.expand(n, 1, K, K))[:, 0]
+        return S, E
+
+    def _check_cross_linear(self) -> bool:
+        """Derive (S, e) for every distinct alpha row and hold M S + M* diag(e) to edit_cross on probe maps."""
+        K, n = self.alpha.shape[-1], self.B - 1
+        M_src, M_edit = probe_maps(PROBE_HEADS, PROBE_PIXELS, K), probe_maps(n, PROBE_HEADS, PROBE_PIXELS, K, seed=1)
+        worst = 0.0
+        for i in range(self.alpha.shape[0]):
+            key = self.alpha[i].numpy().tobytes()
+            if key in self._linear or not self.alpha[i].any():
+                continue
+            S, E = self._derive_linear(i)
             e = torch.diagonal(E, dim1=-2, dim2=-1)
-            assert torch.equal(E, torch.diag_embed(e)), "an edit must only scale the edited prompt's columns"
-            self._linear[key] = (S.to(like.dtype), e.to(like.dtype))
-        return self._linear[key]
+            lin = torch.einsum("hiw,bwj->bhij", M_src, S) + M_edit * e[:, None, None, :]
+            worst = max(worst, float((lin - self.edit_cross(i, M_src, M_edit)).abs().max().nan_to_num(float("inf"))))
+            self._linear[key] = (S, e)
+        if worst > 1e-9:
+            warnings.warn(f"{type(self.spec).__name__}: the cross-attention edit (p2p.edits) is not of the form "
+                          f"M_t S + M*_t diag(e) on random maps (max deviation {worst:.2g}); fast=True runs it "
+                          f"on the attention maps instead of the value side", stacklevel=3)
+            return False
+        return True
+
+    def _check_self_injection(self) -> bool:
+        """The fast self-attention path assumes edits.inject_self gives every edited prompt M_t itself."""
+        M_src = probe_maps(PROBE_HEADS, PROBE_PIXELS, PROBE_PIXELS)
+        injected = edits.inject_self(M_src, self.B - 1)
+        if tuple(injected.shape) == (self.B - 1, *M_src.shape) and bool((injected == M_src).all()):
+            return True
+        warnings.warn(f"{type(self.spec).__name__}: edits.inject_self no longer gives every edited prompt the "
+                      f"source's self-attention map; fast=True runs self-attention injection on the maps",
+                      stacklevel=3)
+        return False
+
+    def cross_linear(self, i, like: torch.Tensor):
+        """(S (B', K, K), e (B', K)) with edit_cross(i, M, M*) = M S + M* diag(e), as `like`'s dtype and device."""
+        key = self.alpha[i].numpy().tobytes()
+        if key not in self._linear:
+            S, E = self._derive_linear(i)
+            self._linear[key] = (S, torch.diagonal(E, dim1=-2, dim2=-1))
+        cast = (key, like.dtype, like.device)
+        if cast not in self._cast:
+            self._cast[cast] = tuple(t.to(like.device, like.dtype) for t in self._linear[key])
+        return self._cast[cast]
 
     def cross_active(self, i) -> bool:
         return self.spec is not None and bool(self.alpha[i].any())
@@ -195,36 +249,46 @@ class Controller:
         return (self.spec is not None and self.window[0] <= i < self.window[1]
                 and site.pixels <= self.spec.self_replace_max_res ** 2)
 
+    # ---- step i's override: three paths, each a short function
     def override(self, i: int):
-        store = self.store
+        return partial(self.attend, i)
 
-        def attn(site: Site, q, k, v):
-            B = self.B
-            active = self.cross_active(i) if site.is_cross else self.self_active(i, site)
-            keep = store.wants(site)
-            if not (active or keep):
-                return None                                   # plain fused attention
-            qc, kc, vc = q[B:], k[B:], v[B:]                  # conditional rows: source, then edits
-            if keep or not self.fast:
-                M = attention_probs(qc, kc)                   # (B, H, N, K)
-                if active:
-                    M_new = self.edit_cross(i, M[0], M[1:]) if site.is_cross else edits.inject_self(M[0], B - 1)
-                    M = torch.cat([M[:1], M_new])
-                if keep:
-                    store.add(site, M)
-                out_c = M @ vc
-            elif site.is_cross:
-                S, e = self.cross_linear(i, vc)
-                src = (qc[:1].expand(B - 1, -1, -1, -1), kc[:1].expand(B - 1, -1, -1, -1))
-                out_e = F.scaled_dot_product_attention(*src, torch.einsum("bwn,bhnd->bhwd", S, vc[1:]))
-                if e.any():
-                    out_e = out_e + F.scaled_dot_product_attention(qc[1:], kc[1:], e[:, None, :, None] * vc[1:])
-                out_c = torch.cat([F.scaled_dot_product_attention(qc[:1], kc[:1], vc[:1]), out_e])
-            else:                                             # self-attention: softmax(q_t k_t^T) v*
-                out_c = F.scaled_dot_product_attention(qc[:1].expand(B, -1, -1, -1), kc[:1].expand(B, -1, -1, -1), vc)
-            return torch.cat([F.scaled_dot_product_attention(q[:B], k[:B], v[:B]), out_c])
+    def attend(self, i: int, site: Site, q, k, v):
+        """Attention of one layer at step i, or None for plain fused attention. Rows: [uncond x B, cond x B]."""
+        B = self.B
+        active = self.cross_active(i) if site.is_cross else self.self_active(i, site)
+        keep = self.store.wants(site)
+        if not (active or keep):
+            return None
+        qc, kc, vc = q[B:], k[B:], v[B:]                    # conditional rows: source, then edits
+        fast = self.fast_cross if site.is_cross else self.fast_self
+        if keep or not fast:
+            out_c = self.on_maps(i, site, active, keep, qc, kc, vc)
+        elif site.is_cross:
+            out_c = self.cross_on_values(i, qc, kc, vc)
+        else:                                               # self-attention: softmax(q_t k_t^T) v*
+            out_c = F.scaled_dot_product_attention(qc[:1].expand(B, -1, -1, -1), kc[:1].expand(B, -1, -1, -1), vc)
+        return torch.cat([F.scaled_dot_product_attention(q[:B], k[:B], v[:B]), out_c])
 
-        return attn
+    def on_maps(self, i, site, active, keep, qc, kc, vc):
+        """The definition: form M, edit it (edit_cross / inject_self), store it if kept, return M V."""
+        M = attention_probs(qc, kc)                         # (B, H, N, K)
+        if active:
+            M_new = self.edit_cross(i, M[0], M[1:]) if site.is_cross else edits.inject_self(M[0], self.B - 1)
+            M = torch.cat([M[:1], M_new])
+        if keep:
+            self.store.add(site, M)
+        return M @ vc
+
+    def cross_on_values(self, i, qc, kc, vc):
+        """M_t (S V*) + M*_t (diag(e) V*) with fused attention: the edit without forming M."""
+        S, e = self.cross_linear(i, vc)
+        n = self.B - 1
+        src = (qc[:1].expand(n, -1, -1, -1), kc[:1].expand(n, -1, -1, -1))
+        out_e = F.scaled_dot_product_attention(*src, torch.einsum("bwn,bhnd->bhwd", S, vc[1:]))
+        if e.any():
+            out_e = out_e + F.scaled_dot_product_attention(qc[1:], kc[1:], e[:, None, :, None] * vc[1:])
+        return torch.cat([F.scaled_dot_product_attention(qc[:1], kc[:1], vc[:1]), out_e])
 
     def step_callback(self, i: int, x: torch.Tensor) -> torch.Tensor:
         self.store.end_step()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
+from p2p import AttentionStore, LocalBlend, Refine, Replace, Reweight, edit, generate
 from p2p import edits
 from p2p.control import Controller
 from models.clip import default_tokenizer
@@ -58,6 +58,9 @@ def test_fast_path_equals_plain_map_path(tiny_sd, spec):
         prompts = [SRC, SRC + " at night"]
     fast = edit(tiny_sd, prompts, spec, fast=True, **KW)
     plain = edit(tiny_sd, prompts, spec, fast=False, **KW)
+    close(fast.latents, plain.latents, 1e-5)
+    # nothing stored: every edited cross-attention layer runs on the value side (stored ones form maps)
+    fast = edit(tiny_sd, prompts, spec, fast=True, store=AttentionStore(cross=False), **KW)
     close(fast.latents, plain.latents, 1e-5)
 
 
@@ -136,3 +139,54 @@ def test_reweight_scales_columns():
 def test_clear_errors(tiny_sd, call, message):
     with pytest.raises(ValueError, match=message):
         call(tiny_sd)
+
+
+def renormalised_reweight(M, c):
+    """Reweight followed by row renormalisation: not linear in the maps."""
+    M = M[None] if M.dim() == 3 else M
+    M = M * c.to(M.dtype)[:, None, None, :]
+    return M / M.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def squared_self_injection(M_src, n_edits):
+    """A self-attention injection that is not 'every edited prompt takes M_t'."""
+    M = M_src ** 2
+    return (M / M.sum(-1, keepdim=True)).unsqueeze(0).expand(n_edits, *M.shape)
+
+
+def test_shipped_edits_take_the_fast_path(tiny_sd):
+    tok = default_tokenizer()
+    night = SRC + " at night"
+    for prompts, spec in [([SRC, LION], Replace({"default_": 1.0, "lion": 0.5})), ([SRC, night], Refine()),
+                          ([SRC, LION], Reweight(equalizer={"lion": -2.0})),
+                          ([SRC, night], Reweight(equalizer={"night": 2.0}, base=Refine()))]:
+        ctl = Controller(tok, prompts, spec, 10, tiny_sd.unet.sites)
+        assert ctl.fast_cross and ctl.fast_self, spec
+    assert not Controller(tok, [SRC, LION], Replace(), 10, tiny_sd.unet.sites, fast=False).fast_cross
+
+
+def test_a_non_linear_edit_runs_on_the_maps(tiny_sd, monkeypatch):
+    """An edit made non-linear (row renormalisation after reweighting) is not linearised: the fast
+    path warns and gives what the map path gives; linearised it would not."""
+    spec = Reweight(0.8, 0.4, equalizer={"lion": 3.0}, base=Replace(0.8, 0.4))
+    monkeypatch.setattr(edits, "reweight", renormalised_reweight)
+    kw = dict(KW, store=AttentionStore(cross=False))  # no stored layer: the fast path would run everywhere
+    with pytest.warns(UserWarning, match="Reweight: the cross-attention edit"):
+        fast = edit(tiny_sd, [SRC, LION], spec, fast=True, **kw)
+    plain = edit(tiny_sd, [SRC, LION], spec, fast=False, **KW)
+    close(fast.latents, plain.latents, 1e-5)
+    monkeypatch.setattr(Controller, "_check_cross_linear", lambda self: True)  # what skipping the check gives
+    linearised = edit(tiny_sd, [SRC, LION], spec, fast=True, **dict(KW, store=AttentionStore(cross=False)))
+    assert (linearised.latents - plain.latents).abs().max() > 1e-3 * plain.latents.abs().max()
+
+
+def test_a_changed_self_injection_runs_on_the_maps(tiny_sd, monkeypatch):
+    spec = Replace(0.8, 0.6, self_replace_max_res=32)
+    monkeypatch.setattr(edits, "inject_self", squared_self_injection)
+    with pytest.warns(UserWarning, match="inject_self"):
+        fast = edit(tiny_sd, [SRC, LION], spec, fast=True, **dict(KW, store=AttentionStore(cross=False)))
+    plain = edit(tiny_sd, [SRC, LION], spec, fast=False, **KW)
+    close(fast.latents, plain.latents, 1e-5)
+    monkeypatch.setattr(Controller, "_check_self_injection", lambda self: True)
+    unchecked = edit(tiny_sd, [SRC, LION], spec, fast=True, **dict(KW, store=AttentionStore(cross=False)))
+    assert (unchecked.latents - plain.latents).abs().max() > 1e-3 * plain.latents.abs().max()
