@@ -20,7 +20,9 @@ ckpt: {ckpt}
 prompt: A painting of a squirrel eating a burger
 edits: [A painting of a lion eating a burger]
 mode: replace
-local_blend: {words: [4, 4], threshold: 0.8}   # random weights spread attention: a partial mask needs a high threshold
+local_blend:
+  words: [4, 4]
+  threshold: 0.8            # random weights spread attention: a partial mask needs a high threshold
 seed: 8888
 num_steps: 2
 height: 64
