@@ -1,4 +1,7 @@
-"""`p2p generate | edit | inspect | demo`: the command line.
+"""`p2p generate | edit | invert | inspect | sweep | demo`: the command line.
+
+Every flag's string is parsed here into the typed configs of p2p.config (GenerateConfig, EditConfig,
+InvertConfig); a flag left out takes the config file's value, else the dataclass default.
 
 Every picture comes with a JSON sidecar holding every setting, the checkpoint's SHA-256 and the
 library version, so any figure can be regenerated. Outputs are written only once everything has
@@ -7,20 +10,29 @@ run, each atomically: a failure leaves no partial file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
-import json
 import sys
 from pathlib import Path
 
-from weights_tools.files import atomic_path
-from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
+import torch
 
-# the edit-config schema and its loading live in p2p.config (shared with `p2p sweep`); re-exported here
-from .config import (DEFAULTS, EDIT_KEYS, build_spec, check_settings, load_edit_config,  # noqa: F401
-                     parse_cross_steps, parse_weights)
+import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
+from models.clip import default_tokenizer
+from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
+from weights_tools.files import write_json_atomic
+from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
+
+from .config import EditConfig, GenerateConfig, InvertConfig, Sampling, load_edit_config, to_dict
+from .images import open_image
+from .inversion import reconstruct
+from .pipeline import to_uint8
+from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
+from .viz import attention_pictures, image_grid, save_image
 
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
              "the miniature SD that ships with the project")
+SAMPLING = [f.name for f in dataclasses.fields(Sampling)]
 
 
 def file_sha256(path) -> str:
@@ -39,157 +51,146 @@ def file_sha256(path) -> str:
     return outer.hexdigest()
 
 
-def write_json_atomic(obj, path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    return Path(path)
+# ------------------------------------------------------------------------------- flags -> configs
+def parse_cross_steps(values):
+    """["0.8"] -> 0.8; ["0.2", "0.8"] -> (0.2, 0.8); ["1.0", "lion=0.4"] -> {"default_": 1.0, "lion": 0.4}."""
+    plain = [float(v) for v in values if "=" not in v]
+    words = {w: float(f) for w, _, f in (v.partition("=") for v in values if "=" in v)}
+    base = plain[0] if len(plain) == 1 else tuple(plain) if plain else (0.0, 1.0)
+    return {"default_": base, **words} if words else base
 
 
-def resolve_edit_settings(args) -> dict:
-    s = dict(DEFAULTS)
-    if args.config:
-        s.update(load_edit_config(args.config))
-    for key in DEFAULTS.keys() | {"ckpt", "prompt", "edits"}:
-        v = getattr(args, key, None)
-        if v is not None and v is not False:
-            s[key] = v
-    s.setdefault("ckpt", DEFAULT_CKPT)
-    for key in ("prompt", "edits"):
-        if not s.get(key):
-            raise ValueError(f"missing {key}: give --{key.rstrip('s') if key == 'edits' else key} or set it in --config")
-    return s
+def parse_weights(items) -> dict:
+    """["car=2", "cat=1,3"] -> {"car": 2.0, "cat": [1.0, 3.0]} (one c per edited prompt)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--weight takes WORD=C (e.g. car=2), got {item!r}")
+        word, c = item.split("=", 1)
+        out[word] = [float(x) for x in c.split(",")] if "," in c else float(c)
+    return out
+
+
+def given(args, cls) -> dict:
+    """The fields of `cls` given as flags (a flag left out is None: the file's or the default value)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            out[f.name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def local_blend_flags(args, base):
+    """--blend WORD... (a,b for several words of one prompt), --blend-threshold, --blend-level over the
+    config file's LocalBlend `base`."""
+    words = tuple(tuple(w.split(",")) if "," in w else w for w in args.blend) if args.blend else None
+    flags = {k: v for k, v in (("words", words), ("threshold", args.blend_threshold), ("level", args.blend_level))
+             if v is not None}
+    if not flags:
+        return base
+    if base is None and words is None:
+        raise ValueError("--blend-threshold / --blend-level need --blend WORD WORD ... (source word first)")
+    return dataclasses.replace(base, **flags) if base is not None else p2p.LocalBlend(**flags)
+
+
+def edit_config(args) -> EditConfig:
+    """The edit's settings: the defaults, then --config FILE, then the flags given."""
+    cfg = load_edit_config(args.config) if args.config else EditConfig()
+    flags = given(args, EditConfig)
+    if "cross_replace_steps" in flags:
+        flags["cross_replace_steps"] = parse_cross_steps(flags["cross_replace_steps"])
+    if "self_replace_steps" in flags and len(flags["self_replace_steps"]) == 1:
+        flags["self_replace_steps"] = flags["self_replace_steps"][0]
+    if "equalizer" in flags:
+        flags["equalizer"] = parse_weights(flags["equalizer"])
+    cfg = dataclasses.replace(cfg, **flags, local_blend=local_blend_flags(args, cfg.local_blend))
+    for key, flag in (("prompt", "--prompt"), ("edits", "--edit")):
+        if not getattr(cfg, key):
+            raise ValueError(f"missing {key}: give {flag} or set it in --config")
+    return cfg
 
 
 def load_model(ckpt):
-    import torch
-
-    from weights_tools import load_checkpoint
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_checkpoint(resolve_checkpoint(ckpt), device=device, dtype=torch.float32)
+    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
 
 
-def settings_record(s: dict, ckpt) -> dict:
-    import p2p
-    import torch
-
-    ckpt = resolve_checkpoint(ckpt)
-    return {"settings": s, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
+def settings_record(settings: dict, ckpt) -> dict:
+    path = resolve_checkpoint(ckpt)
+    return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path),
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": sys.argv[1:]}
 
 
+# ------------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
-    from p2p import generate
-    from p2p.viz import image_grid, save_image
-
-    sd = load_model(args.ckpt)
-    out = generate(sd, args.prompt, seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance,
-                   height=args.height, width=args.width, steps_offset=args.steps_offset)
-    record = settings_record({k: getattr(args, k) for k in ("prompt", "seed", "steps", "guidance", "height", "width",
-                                                            "steps_offset")}, args.ckpt)
-    save_image(image_grid(out.images, args.prompt, min_size=256), args.output)
-    write_json_atomic(record, Path(args.output).with_suffix(".json"))
+    cfg = GenerateConfig(**given(args, GenerateConfig))
+    sd = load_model(cfg.ckpt)
+    out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
+                       guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+                       steps_offset=cfg.steps_offset)
+    save_image(image_grid(out.images, list(cfg.prompts), min_size=256), args.output)
+    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt), Path(args.output).with_suffix(".json"))
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
     return 0
 
 
 def cmd_edit(args) -> int:
-    from p2p import AttentionStore, edit
-    from p2p.viz import image_grid, save_image
-
-    s = resolve_edit_settings(args)
-    prompts = [s["prompt"], *s["edits"]]
-    spec, blend = check_settings(s, args.config or "the command line")  # words too, before loading
-    sd = load_model(s["ckpt"])
-    inv = prepare_inversion(args, s, sd)  # --image / --inversion: edit a real photo (None otherwise)
-    store = AttentionStore(self_attention=True) if s["show_attention"] else None
-    out = edit(sd, prompts, spec, local_blend=blend, seed=s["seed"], num_steps=s["steps"], store=store,
-               guidance_scale=s["guidance"], height=s["height"], width=s["width"], steps_offset=s["steps_offset"],
-               inversion=inv)
-    outputs = {Path(args.output): image_grid(out.images, prompts, min_size=256)}
-    if s["show_attention"]:
-        outputs.update(attention_pictures(out, prompts, Path(args.output)))
+    cfg = edit_config(args)
+    spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
+    sd = load_model(cfg.ckpt)
+    cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
+    store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
+    out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
+                   guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+                   steps_offset=cfg.steps_offset, inversion=inv)
+    output = Path(args.output)
+    outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
+    if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
+        level = blend.level if blend is not None and blend.level is not None else named_blend_level(cfg.ckpt)
+        pics = attention_pictures(out.attention, out.images, cfg.prompts, default_tokenizer(), level)
+        outputs.update({output.with_name(f"{output.stem}_{kind}_{i}{output.suffix}"): pic
+                        for kind, row in pics.items() for i, pic in enumerate(row)})
     for path, img in outputs.items():
         save_image(img, path)
-    record = settings_record(s, s["ckpt"]) | {"spec": repr(spec), "local_blend": repr(blend)}
-    write_json_atomic(record, Path(args.output).with_suffix(".json"))
-    print("wrote " + ", ".join(map(str, [*outputs, Path(args.output).with_suffix(".json")])))
+    record = settings_record(to_dict(cfg) | photo, cfg.ckpt) | {"spec": repr(spec), "local_blend": repr(blend)}
+    write_json_atomic(record, output.with_suffix(".json"))
+    print("wrote " + ", ".join(map(str, [*outputs, output.with_suffix(".json")])))
     return 0
 
 
-def attention_pictures(out, prompts, output: Path) -> dict:
-    """For every prompt: per-token cross-attention heatmaps and the top self-attention components,
-    from the up and down layers at 16x16 (the reference's show_cross_attention and
-    show_self_attention_comp), or at the smallest kept side when there is no 16x16 layer."""
-    from models.clip import default_tokenizer
-    from p2p.viz import cross_attention_grid, prompt_tokens, self_attention_components
-
-    store = out.attention
-    pics = {}
-    for is_cross, name in ((True, "attention"), (False, "self_attention")):
-        sides = {s.h for s in store.layers(("up", "down"), is_cross) if s.h == s.w}
-        if not sides:
-            continue
-        res = 16 if 16 in sides else min(sides)
-        for i, p in enumerate(prompts):
-            maps = store.aggregate(res, ("up", "down"), is_cross, i)
-            pic = (cross_attention_grid(maps, prompt_tokens(default_tokenizer(), p), image=out.images[i]) if is_cross
-                   else self_attention_components(maps.reshape(res * res, -1), res))
-            pics[output.with_name(f"{output.stem}_{name}_{i}{output.suffix}")] = pic
-    return pics
+def run_inversion(sd, image, prompt, cfg: InvertConfig):
+    return p2p.invert(sd, image, prompt, **dataclasses.asdict(cfg))
 
 
-def run_inversion(sd, args, prompt, steps, guidance, steps_offset, height, width):
-    from p2p import invert
-
-    return invert(sd, args.image, prompt, method=args.method, num_steps=steps, guidance_scale=guidance,
-                  num_inner_steps=args.inner_steps, early_stop_epsilon=args.early_stop, steps_offset=steps_offset,
-                  height=height, width=width, offsets=tuple(args.offsets))
-
-
-def prepare_inversion(args, s: dict, sd):
-    """For `p2p edit --image` (invert now) or `--inversion` (a saved one): the Inversion, with the
-    settings it fixes written into `s` (an explicit conflicting --steps etc. is an error in edit())."""
-    from p2p import Inversion
-
-    if not getattr(args, "image", None) and not getattr(args, "inversion", None):
-        return None
+def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
+    """For `p2p edit --image` (invert now) or `--inversion` (a saved one): (cfg with the sampling settings
+    the inversion fixes, the Inversion, what the sidecar records of it); (cfg, None, {}) otherwise.
+    A sampling flag given explicitly stays (edit() says if it conflicts); file or default values give way."""
+    if not args.image and not args.inversion:
+        return cfg, None, {}
     if args.inversion:
-        inv = Inversion.load(args.inversion)
-        explicit = {k: getattr(args, k) for k in ("steps", "guidance", "steps_offset", "height", "width")}
-        for key, value in explicit.items():  # values from --config or the defaults give way to the file's
-            if value is None:
-                s[key] = None
+        inv = p2p.Inversion.load(args.inversion)
     else:
-        inv = run_inversion(sd, args, s["prompt"], s["steps"], s["guidance"], s["steps_offset"], s["height"],
-                            s["width"])
-    mine = dict(steps=inv.num_steps, guidance=inv.guidance_scale, steps_offset=inv.steps_offset, height=inv.height,
-                width=inv.width)
-    s.update({k: v if s[k] is None else s[k] for k, v in mine.items()})
-    s.update(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info)
-    return inv
+        sampling = {k: getattr(cfg, k) for k in SAMPLING}
+        inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling))
+    explicit = given(args, Sampling)
+    cfg = dataclasses.replace(cfg, **{k: getattr(inv, k) for k in SAMPLING if k not in explicit})
+    return cfg, inv, dict(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info)
 
 
 def cmd_invert(args) -> int:
     """Invert a photo and save the Inversion (safetensors) with a JSON sidecar; --reconstruction also
     writes the picture the inverted prompt gives back from it."""
-    from p2p.images import open_image
-    from p2p.inversion import reconstruct
-    from p2p.pipeline import to_uint8
-    from p2p.viz import save_image
-
+    cfg = InvertConfig(**given(args, InvertConfig))
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     sd = load_model(args.ckpt)
-    inv = run_inversion(sd, args, args.prompt, args.steps, args.guidance, args.steps_offset, args.height, args.width)
+    inv = run_inversion(sd, args.image, args.prompt, cfg)
     rec = None
     if args.reconstruction:
-        import torch
-
         with torch.no_grad():
             rec = to_uint8(sd.decode(reconstruct(sd, inv)))[0]
-    keys = ("image", "prompt", "method", "steps", "guidance", "inner_steps", "early_stop", "steps_offset", "height",
-            "width", "offsets")
-    record = settings_record({k: getattr(args, k) for k in keys}, args.ckpt) | {"inversion": inv.info}
+    settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
+    record = settings_record(settings, args.ckpt) | {"inversion": inv.info}
     written = [inv.save(args.output)]
     if rec is not None:
         written.append(save_image(rec, args.reconstruction))
@@ -199,14 +200,13 @@ def cmd_invert(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from weights_tools import format_inspection, inspect_checkpoint
-
     print(format_inspection(inspect_checkpoint(args.path)))
     return 0
 
 
 def cmd_demo(args) -> int:
     """Edits on the shipped miniature (p2p.miniature.demo), and one edit's attention pictures."""
+    # imported here, not above: the miniature is a user of the library, which does not depend on it
     from p2p.miniature.demo import ROWS, write_demo
 
     out = Path(args.output)
@@ -219,85 +219,86 @@ def cmd_demo(args) -> int:
     return rc
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing on Stable Diffusion v1.x")
-    sub = p.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------- the parser
+def sampling_options(q, seed: bool = True):
+    """Flags of the Sampling fields (and the seed); left out, they are None: the config's defaults."""
+    if seed:
+        q.add_argument("--seed", type=int, help=f"x_T's seed (default {EditConfig.seed})")
+    q.add_argument("--steps", dest="num_steps", type=int, help=f"DDIM steps (default {Sampling.num_steps})")
+    q.add_argument("--guidance", dest="guidance_scale", type=float,
+                   help=f"classifier-free guidance scale (default {Sampling.guidance_scale})")
+    q.add_argument("--steps-offset", dest="steps_offset", type=int,
+                   help=f"{Sampling.steps_offset} (default): timesteps 981..1; 0: 980..0 as the null-text notebook")
+    q.add_argument("--height", type=int)
+    q.add_argument("--width", type=int)
 
-    def sampling(q):
-        q.add_argument("--seed", type=int)
-        q.add_argument("--steps", type=int, help="DDIM steps (default 50)")
-        q.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
-        q.add_argument("--height", type=int)
-        q.add_argument("--width", type=int)
-        q.add_argument("--steps-offset", type=int, dest="steps_offset")
-        q.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
 
-    g = sub.add_parser("generate", help="plain text-to-image")
-    g.add_argument("--ckpt", default=DEFAULT_CKPT, help=CKPT_HELP)
-    g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    sampling(g)
-    g.set_defaults(func=cmd_generate, seed=0, steps=50, guidance=7.5, steps_offset=1)
+def inversion_options(q):
+    q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"],
+                   help=f"how to invert the photo (default {InvertConfig.method})")
+    q.add_argument("--inner-steps", dest="num_inner_steps", type=int,
+                   help=f"null-text: Adam iterations per step at most (default {InvertConfig.num_inner_steps})")
+    q.add_argument("--early-stop", dest="early_stop_epsilon", type=float,
+                   help="null-text: stop a step's iterations when the loss < this + 2e-5 i "
+                        f"(default {InvertConfig.early_stop_epsilon})")
+    q.add_argument("--offsets", nargs=4, type=int, metavar=("L", "R", "T", "B"),
+                   help="pixels cut from the left, right, top and bottom before the centre crop")
 
-    e = sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch")
+
+def edit_parser(e) -> None:
     e.add_argument("--ckpt", help=CKPT_HELP)
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
     e.add_argument("--prompt", help="the source prompt")
     e.add_argument("--edit", dest="edits", action="append", help="an edited prompt; repeat for several")
     e.add_argument("--mode", choices=["replace", "refine", "reweight"])
-    e.add_argument("--cross-steps", dest="cross_steps", nargs="+",
+    e.add_argument("--cross-steps", dest="cross_replace_steps", nargs="+",
                    help="fraction of steps with injected cross-attention: F, START END, or F WORD=F ...")
-    e.add_argument("--self-steps", dest="self_steps", nargs="+", type=float, help="F or START END")
-    e.add_argument("--self-max-res", dest="self_max_res", type=int, help="inject self-attention up to this side")
+    e.add_argument("--self-steps", dest="self_replace_steps", nargs="+", type=float, help="F or START END")
+    e.add_argument("--self-max-res", dest="self_replace_max_res", type=int,
+                   help="inject self-attention up to this side")
     e.add_argument("--blend", nargs="+", help="LocalBlend words, one per prompt, source first (a,b for several)")
     e.add_argument("--blend-threshold", dest="blend_threshold", type=float)
     e.add_argument("--blend-level", dest="blend_level", type=int,
                    help="resolution level of the maps the blend mask is made from (default: the deepest; "
                         "0 for the miniature's 16x16 maps)")
-    e.add_argument("--weight", action="append", help="WORD=C reweights WORD by C (C1,C2 for one per edit)")
-    e.add_argument("--show-attention", dest="show_attention", action="store_true",
+    e.add_argument("--weight", dest="equalizer", action="append",
+                   help="WORD=C reweights WORD by C (C1,C2 for one per edit)")
+    e.add_argument("--show-attention", dest="show_attention", action="store_true", default=None,
                    help="also write per-token cross-attention maps of every prompt")
-    sampling(e)
-    e.set_defaults(func=cmd_edit)
-
-    def inversion_options(q):
-        q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"], default="null-text",
-                       help="how to invert the photo (default null-text)")
-        q.add_argument("--inner-steps", dest="inner_steps", type=int, default=10,
-                       help="null-text: Adam iterations per step at most (default 10)")
-        q.add_argument("--early-stop", dest="early_stop", type=float, default=1e-5,
-                       help="null-text: stop a step's iterations when the loss < this + 2e-5 i")
-        q.add_argument("--offsets", nargs=4, type=int, default=[0, 0, 0, 0], metavar=("L", "R", "T", "B"),
-                       help="pixels cut from the left, right, top and bottom before the centre crop")
-
+    sampling_options(e)
+    e.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
     photo.add_argument("--inversion", help="edit from a saved inversion (`p2p invert -o FILE`)")
     inversion_options(e)
+    e.set_defaults(func=cmd_edit)
 
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing on Stable Diffusion v1.x")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="plain text-to-image")
+    g.add_argument("--ckpt", help=CKPT_HELP)
+    g.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for a batch")
+    sampling_options(g)
+    g.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
+    g.set_defaults(func=cmd_generate)
+    edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
     v = sub.add_parser("invert", help="invert a photo for editing (DDIM, null-text, negative-prompt, direct)")
     v.add_argument("--ckpt", required=True)
     v.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
     v.add_argument("--prompt", required=True, help="a caption of the photo: the source prompt of later edits")
     inversion_options(v)
-    v.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    v.add_argument("--guidance", type=float, default=7.5, help="guidance the edits will use (default 7.5)")
-    v.add_argument("--steps-offset", dest="steps_offset", type=int, default=1,
-                   help="1 (default): timesteps 981..1; 0: 980..0 as the null-text notebook")
-    v.add_argument("--height", type=int)
-    v.add_argument("--width", type=int)
+    sampling_options(v, seed=False)
     v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)
-
     i = sub.add_parser("inspect", help="what a checkpoint holds")
     i.add_argument("path")
     i.set_defaults(func=cmd_inspect)
-
-    from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
     w = sweep_arguments(sub.add_parser("sweep", help="an ablation grid (configs/ablations/NAME.yaml): "
-                                     "figure, metrics CSV/JSON, per-cell configs; resumable"))
+                                       "figure, metrics CSV/JSON, per-cell configs; resumable"))
     w.set_defaults(func=run_sweep)
-
     d = sub.add_parser("demo", help="Replace, with and without LocalBlend, on the shipped miniature: "
                        "an edit grid and one edit's attention pictures")
     d.add_argument("-o", "--output", default="demo")

@@ -1,45 +1,153 @@
-"""Experiment configs: the YAML schema of an edit (configs/edits/) and of an ablation (configs/ablations/).
+"""Run settings: typed configs for generate(), edit() and invert(), and their YAML files.
 
-An edit config names every knob of one Prompt-to-Prompt run (prompts, edit type and parameters,
-LocalBlend, seed, steps, guidance, size, checkpoint). An ablation config is an edit config plus a
-`grid` of knobs to sweep. Both are checked here before any computation: unknown keys, wrong types
-and words that are not in their prompt fail with the file, the key and the fix in the message
-(words are checked with the tokenizer alone: no model is loaded).
+`GenerateConfig`, `EditConfig` and `InvertConfig` are frozen dataclasses whose field names and
+defaults are the library's own: the functions take their defaults from them, a YAML file's keys
+are their fields (configs/edits/), and the command line fills them from its flags. An ablation
+(configs/ablations/) is an edit config plus a `grid` of knobs to sweep. Files are checked before
+any computation: unknown or renamed keys, wrong types and words that are not in their prompt fail
+with the file, the key and the fix in the message (words are checked with the tokenizer alone).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
-from weights_tools.registry import CHECKPOINTS
+import yaml
 
-EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml), with their types
-    "ckpt": str, "prompt": str, "edits": list, "mode": str, "cross_steps": (float, int, list, dict),
-    "self_steps": (float, int, list), "self_max_res": int, "blend": list, "blend_threshold": (float, int),
-    "weight": dict, "seed": int, "steps": int, "guidance": (float, int), "height": int, "width": int,
-    "steps_offset": int, "show_attention": bool, "description": str,
-    # the remaining knobs of the specs (config files only): Replace(reference_tail), LocalBlend(start_blend,
-    # substruct_words, th) as in the null-text notebook
-    "reference_tail": bool, "blend_start": (float, int), "blend_substruct": list, "blend_th": list,
-    "blend_level": int,
+from models.clip import default_tokenizer
+from weights_tools.registry import CHECKPOINTS, DEFAULT as DEFAULT_CKPT
+
+from .blend import LocalBlend, word_alpha
+from .control import Refine, Replace, Reweight, self_window, time_word_alpha
+
+
+# ------------------------------------------------------------------------------- the configs
+@dataclass(frozen=True)
+class Sampling:
+    """The sampler's settings, shared by generate(), edit() and invert(). height / width None: the
+    model's default size."""
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    steps_offset: int = 1          # 1: timesteps 981..1 (SD's); 0: 980..0 (the null-text notebook)
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateConfig(Sampling):
+    prompts: tuple = ()
+    seed: int = 0                  # x_T is torch.randn from manual_seed(seed) on the CPU
+    ckpt: str = DEFAULT_CKPT       # a path, or a name in weights_tools.registry.CHECKPOINTS
+
+
+@dataclass(frozen=True)
+class EditConfig(Sampling):
+    """One Prompt-to-Prompt run: prompt is the source P, edits the edited prompts P*; the spec's knobs
+    (mode, cross/self replace steps, equalizer, reference_tail) and LocalBlend, with their defaults."""
+    prompt: str = ""
+    edits: tuple = ()
+    mode: str = "replace"          # replace | refine | reweight (a Reweight on top of replace/refine
+    #                                when an equalizer is given with those)
+    cross_replace_steps: Union[float, tuple, dict] = Replace.cross_replace_steps
+    self_replace_steps: Union[float, tuple] = Replace.self_replace_steps
+    self_replace_max_res: int = Replace.self_replace_max_res
+    equalizer: dict | None = None
+    local_blend: LocalBlend | None = None
+    reference_tail: bool = Replace.reference_tail
+    seed: int = GenerateConfig.seed
+    ckpt: str = DEFAULT_CKPT
+    show_attention: bool = False
+    description: str = ""
+
+    @property
+    def prompts(self) -> list:
+        return [self.prompt, *self.edits]
+
+    def build(self) -> tuple:
+        """(spec, local_blend): the edit spec these settings describe."""
+        common = dict(cross_replace_steps=self.cross_replace_steps, self_replace_steps=self.self_replace_steps,
+                      self_replace_max_res=self.self_replace_max_res)
+        if self.reference_tail and self.mode != "replace":
+            raise ValueError("reference_tail applies to mode: replace only")
+        if self.mode == "reweight":
+            if not self.equalizer:
+                raise ValueError("mode 'reweight' needs an equalizer: {WORD: C} (--weight WORD=C)")
+            return Reweight(equalizer=self.equalizer, **common), self.local_blend
+        if self.mode not in ("replace", "refine"):
+            raise ValueError(f"mode must be replace, refine or reweight, got {self.mode!r}")
+        spec = Replace(**common, reference_tail=self.reference_tail) if self.mode == "replace" else Refine(**common)
+        if self.equalizer:
+            spec = Reweight(equalizer=self.equalizer, base=spec, **common)
+        return spec, self.local_blend
+
+    def check(self, where="settings", tokenizer=None) -> tuple:
+        """(spec, local_blend), every word checked against the tokenizer without a model. Errors name
+        `where` (the file), the key, and what to change."""
+        check_prompts(self, where)
+        tok = tokenizer or default_tokenizer()
+
+        def attempt(key, fn, fix=""):
+            try:
+                return fn()
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"{where}: {key!r}: {err}{fix}") from None
+
+        spec, blend = attempt("equalizer" if self.equalizer else "mode", self.build)
+        attempt("equalizer" if self.equalizer else "edits", lambda: spec.cross_edit(tok, self.prompts),
+                " (fix: a word-swap edit keeps the word count; a reweighted word must be in the edited prompt)")
+        attempt("cross_replace_steps", lambda: time_word_alpha(tok, self.prompts, self.num_steps,
+                                                               spec.cross_replace_steps))
+        attempt("self_replace_steps", lambda: self_window(self.num_steps, spec.self_replace_steps))
+        if blend is not None:
+            attempt("local_blend.words", lambda: word_alpha(tok, self.prompts, blend.words, "LocalBlend words"),
+                    " (fix: local_blend.words takes one word of each prompt, source first)")
+            if blend.substruct_words is not None:
+                attempt("local_blend.substruct_words",
+                        lambda: word_alpha(tok, self.prompts, blend.substruct_words, "LocalBlend substruct_words"),
+                        " (fix: one word of each prompt, source first)")
+        return spec, blend
+
+
+@dataclass(frozen=True)
+class InvertConfig(Sampling):
+    method: str = "null-text"      # null-text | ddim | negative-prompt | direct (see p2p.inversion)
+    num_inner_steps: int = 10      # null-text: Adam iterations per step at most
+    early_stop_epsilon: float = 1e-5
+    offsets: tuple = (0, 0, 0, 0)  # pixels cut from the left, right, top and bottom before the centre crop
+
+
+def check_prompts(cfg: EditConfig, where) -> None:
+    for key in ("prompt", "edits"):
+        if not getattr(cfg, key):
+            raise ValueError(f"{where}: missing {key!r}: set it (prompt: the source prompt; edits: a list of "
+                             f"edited prompts)")
+    if not all(isinstance(e, str) for e in cfg.edits):
+        raise ValueError(f"{where}: 'edits' must be a list of prompts (strings), got {list(cfg.edits)!r}")
+    for key in ("num_steps", "height", "width"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            raise ValueError(f"{where}: {key!r} must be positive, got {getattr(cfg, key)!r}")
+
+
+# ------------------------------------------------------------------------------- the YAML schema
+EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml): EditConfig's fields, with their types
+    "ckpt": str, "prompt": str, "edits": list, "mode": str, "cross_replace_steps": (float, int, list, dict),
+    "self_replace_steps": (float, int, list), "self_replace_max_res": int, "equalizer": dict,
+    "local_blend": dict, "reference_tail": bool, "seed": int, "num_steps": int, "guidance_scale": (float, int),
+    "height": int, "width": int, "steps_offset": int, "show_attention": bool, "description": str,
 }
-DEFAULTS = dict(mode="replace", cross_steps=0.8, self_steps=0.4, self_max_res=16, blend=None, blend_threshold=0.3,
-                blend_level=None,
-                weight=None, seed=8888, steps=50, guidance=7.5, height=None, width=None, steps_offset=1,
-                show_attention=False)
-
-ABLATION_KEYS = {  # an ablation config: any edit key (the base settings) plus these
-    "base": (str, dict),       # an edit config file (relative to this file, or the working directory) or a mapping
-    "grid": dict,              # knob -> list of values; the cells are the product
-    "rows": list,              # knobs on the figure's rows (default: the knobs that change the source, else the first)
-    "cols": list,              # knobs on the figure's columns (default: the others)
-    "metrics": dict,           # {iou_threshold: 0.3, iou_words: [source word, edited word]}
-    "batch_size": int,         # most edited prompts run in one batch (cells sharing a source)
-    "name": str,
+BLEND_KEYS = {  # local_blend: {...}: LocalBlend's fields
+    "words": list, "threshold": (float, int), "start_blend": (float, int), "substruct_words": list, "th": list,
+    "level": int,
 }
-METRIC_KEYS = {"iou_threshold": (float, int), "iou_words": list}
-# knobs that change the source image (every other knob only changes the edited prompts)
-SOURCE_KNOBS = ("ckpt", "prompt", "seed", "steps", "guidance", "height", "width", "steps_offset")
+RENAMED = {  # old key -> the library's name, which the files use now
+    "steps": "num_steps", "guidance": "guidance_scale", "cross_steps": "cross_replace_steps",
+    "self_steps": "self_replace_steps", "self_max_res": "self_replace_max_res", "weight": "equalizer",
+    "blend": "local_blend.words", "blend_threshold": "local_blend.threshold", "blend_start": "local_blend.start_blend",
+    "blend_substruct": "local_blend.substruct_words", "blend_th": "local_blend.th", "blend_level": "local_blend.level",
+}
 
 
 def _type_name(t) -> str:
@@ -53,10 +161,21 @@ def _is(value, types) -> bool:
     return isinstance(value, types)
 
 
-def _unknown(where, key, known) -> ValueError:
+def new_name(old: str) -> str | None:
+    """The current name of a renamed key or grid knob (`weight.car` -> `equalizer.car`), else None."""
+    head, dot, rest = str(old).partition(".")
+    return RENAMED[head] + dot + rest if head in RENAMED else None
+
+
+def _unknown(where, key, known, what="key") -> ValueError:
+    new = new_name(key)
+    if new is not None:
+        nested = new.startswith("local_blend.") and what == "key"
+        fix = f"write local_blend: {{{new.split('.')[1]}: ...}}" if nested else f"rename it to {new!r}"
+        return ValueError(f"{where}: {what} {key!r} is now called {new!r} (the library's name): {fix}")
     near = difflib.get_close_matches(str(key), sorted(known), n=1)
     hint = f"did you mean {near[0]!r}? " if near else ""
-    return ValueError(f"{where}: unknown key {key!r}; {hint}the keys are {sorted(known)}")
+    return ValueError(f"{where}: unknown {what} {key!r}; {hint}the {what}s are {sorted(known)}")
 
 
 def check_types(data: dict, schema: dict, where) -> None:
@@ -69,8 +188,6 @@ def check_types(data: dict, schema: dict, where) -> None:
 
 
 def read_yaml(path) -> dict:
-    import yaml
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -83,125 +200,85 @@ def read_yaml(path) -> dict:
     return data
 
 
-def load_edit_config(path) -> dict:
-    """Settings from configs/edits/NAME.yaml; unknown keys and wrong types fail before any computation."""
-    data = read_yaml(path)
-    check_types(data, EDIT_KEYS, path)
-    return data
+def _tuples(x):
+    """YAML lists -> tuples, recursively: the specs' (start, end) pairs and word groups."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_tuples(v) for v in x)
+    return {k: _tuples(v) for k, v in x.items()} if isinstance(x, dict) else x
 
 
-# ------------------------------------------------------------------------------- settings -> spec
-def parse_cross_steps(values):
-    """["0.8"] -> 0.8; ["0.2", "0.8"] -> (0.2, 0.8); ["1.0", "lion=0.4"] -> {"default_": 1.0, "lion": 0.4}."""
-    if values is None or isinstance(values, (int, float, dict)):
-        return values
-    plain = [v for v in values if "=" not in str(v)]
-    words = {v.split("=")[0]: float(v.split("=")[1]) for v in values if "=" in str(v)}
-    base = float(plain[0]) if len(plain) == 1 else tuple(map(float, plain)) if plain else (0.0, 1.0)
-    return {"default_": base, **words} if words else base
+def blend_words(words) -> tuple:
+    """[squirrel, lion] or [[a, b], c] (a group of words for one prompt) -> LocalBlend words."""
+    return _tuples(words)
 
 
-def parse_weights(items) -> dict | None:
-    if not items or isinstance(items, dict):
-        return items or None
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--weight takes WORD=C (e.g. car=2), got {item!r}")
-        word, c = item.split("=", 1)
-        out[word] = [float(x) for x in c.split(",")] if "," in c else float(c)
-    return out
+def _local_blend(data: dict | None, where) -> LocalBlend | None:
+    if data is None:
+        return None
+    check_types(data, BLEND_KEYS, f"{where}: local_blend")
+    if not data.get("words"):
+        raise ValueError(f"{where}: 'local_blend' needs words: [source word, edited word, ...] (one per prompt)")
+    th = data.get("th")
+    if th is not None and len(th) != 2:
+        raise ValueError(f"{where}: 'local_blend.th' is a pair (mask threshold, substruct threshold), got {th!r}")
+    return LocalBlend(**{k: _tuples(v) for k, v in data.items() if v is not None})
 
 
-def blend_words(blend) -> tuple:
-    """["squirrel", "lion"] or ["a,b", "c"] (CLI) or [[a, b], c] (YAML) -> LocalBlend words."""
-    return tuple(tuple(w) if isinstance(w, (list, tuple)) else tuple(w.split(",")) if isinstance(w, str) and "," in w
-                 else w for w in blend)
+def edit_config(data: dict, where="settings") -> EditConfig:
+    """An EditConfig from a mapping of YAML keys (a file's, or a sweep cell's); unset keys take the defaults."""
+    check_types(data, EDIT_KEYS, where)
+    s = {k: v for k, v in data.items() if v is not None}
+    for key in ("edits", "cross_replace_steps", "self_replace_steps", "equalizer"):
+        if key in s:
+            s[key] = _tuples(s[key])
+    if isinstance(s.get("self_replace_steps"), tuple) and len(s["self_replace_steps"]) == 1:
+        s["self_replace_steps"] = s["self_replace_steps"][0]
+    s["local_blend"] = _local_blend(data.get("local_blend"), where)
+    return EditConfig(**s)
 
 
-def build_spec(s: dict):
-    """An edit spec and a LocalBlend from resolved settings (CLI flags or a config file)."""
-    from p2p import LocalBlend, Refine, Replace, Reweight
-
-    cross = parse_cross_steps(s["cross_steps"])
-    if isinstance(cross, dict):
-        cross = {k: tuple(v) if isinstance(v, list) else v for k, v in cross.items()}
-    elif isinstance(cross, list):
-        cross = tuple(cross)
-    self_steps = tuple(s["self_steps"]) if isinstance(s["self_steps"], (list, tuple)) else s["self_steps"]
-    if isinstance(self_steps, tuple) and len(self_steps) == 1:
-        self_steps = self_steps[0]
-    common = dict(cross_replace_steps=cross, self_replace_steps=self_steps, self_replace_max_res=s["self_max_res"])
-    modes = {"replace": Replace, "refine": Refine}
-    weights = parse_weights(s["weight"])
-    if s.get("reference_tail") and s["mode"] != "replace":
-        raise ValueError("reference_tail applies to mode: replace only")
-    if s["mode"] == "reweight":
-        if not weights:
-            raise ValueError("--mode reweight needs --weight WORD=C")
-        spec = Reweight(equalizer=weights, **common)
-    elif s["mode"] in modes:
-        spec = modes[s["mode"]](**common, **({"reference_tail": True} if s.get("reference_tail") else {}))
-        if weights:
-            spec = Reweight(equalizer=weights, base=spec, **common)
-    else:
-        raise ValueError(f"--mode must be replace, refine or reweight, got {s['mode']!r}")
-    blend = None
-    if s["blend"]:
-        th = s.get("blend_th")
-        if th is not None and len(th) != 2:
-            raise ValueError(f"blend_th is a pair (mask threshold, substruct threshold), got {th!r}")
-        blend = LocalBlend(blend_words(s["blend"]), threshold=s["blend_threshold"], start_blend=s.get("blend_start") or 0.0,
-                           substruct_words=blend_words(s["blend_substruct"]) if s.get("blend_substruct") else None,
-                           th=tuple(th) if th is not None else None, level=s.get("blend_level"))
-    elif any(s.get(k) is not None for k in ("blend_start", "blend_substruct", "blend_th", "blend_level")):
-        raise ValueError("blend_start / blend_substruct / blend_th / blend_level need blend: "
-                         "[source word, edited word, ...]")
-    return spec, blend
+def _plain(x):
+    """Tuples -> lists, recursively: the YAML / JSON form."""
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else x
 
 
-def check_settings(s: dict, where="settings", tokenizer=None) -> tuple:
-    """Resolve settings into (spec, local_blend) and check every word against the tokenizer, without a
-    model. Errors name `where` (the file), the key, and what to change."""
-    from models.clip import default_tokenizer
+def to_dict(cfg) -> dict:
+    """A config's fields as plain YAML / JSON values (LocalBlend as a mapping): edit_config's inverse."""
+    return _plain(dataclasses.asdict(cfg))
 
-    from .blend import word_alpha
-    from .control import self_window, time_word_alpha
 
-    for key in ("prompt", "edits"):
-        if not s.get(key):
-            raise ValueError(f"{where}: missing {key!r}: set it (prompt: the source prompt; edits: a list of "
-                             f"edited prompts)")
-    if not all(isinstance(e, str) for e in s["edits"]):
-        raise ValueError(f"{where}: 'edits' must be a list of prompts (strings), got {s['edits']!r}")
-    for key in ("steps", "height", "width"):
-        if s.get(key) is not None and s[key] <= 0:
-            raise ValueError(f"{where}: {key!r} must be positive, got {s[key]!r}")
-    prompts = [s["prompt"], *s["edits"]]
-    tok = tokenizer or default_tokenizer()
+def load_edit_config(path) -> EditConfig:
+    """configs/edits/NAME.yaml as an EditConfig; unknown keys and wrong types fail before any computation."""
+    return edit_config(read_yaml(path), path)
 
-    def attempt(key, fn, fix=""):
-        try:
-            return fn()
-        except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"{where}: {key!r}: {err}{fix}") from None
 
-    spec, blend = attempt("mode" if not s.get("weight") else "weight", lambda: build_spec(s))
-    key = "weight" if s.get("weight") else "edits"
-    attempt(key, lambda: spec.cross_edit(tok, prompts),
-            " (fix: a word-swap edit keeps the word count; a reweighted word must be in the edited prompt)")
-    attempt("cross_steps", lambda: time_word_alpha(tok, prompts, s["steps"], spec.cross_replace_steps))
-    attempt("self_steps", lambda: self_window(s["steps"], spec.self_replace_steps))
-    if blend is not None:
-        attempt("blend", lambda: word_alpha(tok, prompts, blend.words, "LocalBlend words"),
-                " (fix: blend takes one word of each prompt, source first)")
-        if blend.substruct_words is not None:
-            attempt("blend_substruct", lambda: word_alpha(tok, prompts, blend.substruct_words, "LocalBlend substruct_words"),
-                    " (fix: one word of each prompt, source first)")
-    return spec, blend
+def check_settings(s, where="settings", tokenizer=None) -> tuple:
+    """(spec, local_blend) from an EditConfig or a mapping of its YAML keys, every word checked."""
+    cfg = s if isinstance(s, EditConfig) else edit_config(s, where)
+    return cfg.check(where, tokenizer)
+
+
+DEFAULTS = to_dict(EditConfig())  # an edit config's keys with their default values
 
 
 # ------------------------------------------------------------------------------- ablations
+ABLATION_KEYS = {  # an ablation config: any edit key (the base settings) plus these
+    "base": (str, dict),       # an edit config file (relative to this file, or the working directory) or a mapping
+    "grid": dict,              # knob -> list of values; the cells are the product
+    "rows": list,              # knobs on the figure's rows (default: the knobs that change the source, else the first)
+    "cols": list,              # knobs on the figure's columns (default: the others)
+    "metrics": dict,           # {iou_threshold: 0.3, iou_words: [source word, edited word]}
+    "batch_size": int,         # most edited prompts run in one batch (cells sharing a source)
+    "name": str,
+}
+METRIC_KEYS = {"iou_threshold": (float, int), "iou_words": list}
+# knobs that change the source image (every other knob only changes the edited prompts)
+SOURCE_KNOBS = ("ckpt", "prompt", "seed", "num_steps", "guidance_scale", "height", "width", "steps_offset")
+MAPPING_KNOBS = {"equalizer": (float, int, list), "cross_replace_steps": (float, int, list)}  # KNOB.WORD
+
+
 def _resolve_path(p, near: Path) -> Path:
     p = Path(p)
     for cand in (p, near / p):
@@ -211,22 +288,20 @@ def _resolve_path(p, near: Path) -> Path:
 
 
 def knob_type(knob: str, where):
-    """The type a grid knob's values must have: an edit key, `edit` (one edited prompt), or
-    `weight.WORD` / `cross_steps.WORD` (one entry of a mapping)."""
+    """The type a grid knob's values must have: an edit key, `edit` (one edited prompt),
+    `equalizer.WORD` / `cross_replace_steps.WORD` (one entry of a mapping), or `local_blend.FIELD`."""
     if knob in EDIT_KEYS and knob not in ("description", "show_attention"):
         return EDIT_KEYS[knob]
     if knob == "edit":
         return str
     head, _, word = knob.partition(".")
-    if word and head == "weight":
-        return (float, int, list)
-    if word and head == "cross_steps":
-        return (float, int, list)
-    known = [k for k in EDIT_KEYS if k not in ("description", "show_attention")] + ["edit", "weight.WORD",
-                                                                                    "cross_steps.WORD"]
-    near = difflib.get_close_matches(knob, known, n=1)
-    hint = f"did you mean {near[0]!r}? " if near else ""
-    raise ValueError(f"{where}: grid: unknown knob {knob!r}; {hint}the knobs are {known}")
+    if word and head in MAPPING_KNOBS:
+        return MAPPING_KNOBS[head]
+    if head == "local_blend" and word in BLEND_KEYS:
+        return BLEND_KEYS[word]
+    known = [k for k in EDIT_KEYS if k not in ("description", "show_attention")] + [
+        "edit", "equalizer.WORD", "cross_replace_steps.WORD"] + [f"local_blend.{k}" for k in BLEND_KEYS]
+    raise _unknown(f"{where}: grid", knob, known, "knob")
 
 
 def set_knob(s: dict, knob: str, value) -> None:
@@ -243,13 +318,10 @@ def set_knob(s: dict, knob: str, value) -> None:
         s[knob] = value
 
 
-def load_ablation(path, overrides: dict | None = None) -> dict:
-    """An ablation config, checked: {"path", "name", "base" (settings), "grid", "rows", "cols", "metrics",
-    "batch_size"}. `overrides` (CLI flags: ckpt, steps, ...) replace the base's values."""
-    path = Path(path)
-    data = read_yaml(path)
-    check_types(data, ABLATION_KEYS | EDIT_KEYS, path)
-    base = dict(DEFAULTS)
+def _ablation_base(data: dict, path: Path, overrides: dict | None) -> dict:
+    """The base settings of an ablation: the defaults, its base file or mapping, its own edit keys, then
+    `overrides` (CLI flags: ckpt, num_steps, ...). An ablation names its checkpoint: no default one."""
+    base = {k: v for k, v in DEFAULTS.items() if k != "ckpt"}
     if data.get("base") is not None:
         b = data["base"]
         if isinstance(b, str):
@@ -257,18 +329,24 @@ def load_ablation(path, overrides: dict | None = None) -> dict:
             if not bpath.exists():
                 raise ValueError(f"{path}: 'base': no edit config {b!r} (looked in the working directory and "
                                  f"{path.parent}); give a path to a configs/edits/*.yaml or a mapping of edit keys")
-            b = load_edit_config(bpath)
+            b, where = read_yaml(bpath), bpath
         else:
-            check_types(b, EDIT_KEYS, f"{path}: base")
+            where = f"{path}: base"
+        edit_config(b, where)  # its keys and types checked, naming its file
         base.update(b)
     base.update({k: v for k, v in data.items() if k in EDIT_KEYS})
-    base.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None and k != "batch_size"}
+    check_types(overrides, EDIT_KEYS, f"{path}: overrides")
+    base.update(overrides)
     if base.get("ckpt") and base["ckpt"] not in CHECKPOINTS:  # a named checkpoint, resolved when loaded
         base["ckpt"] = str(_resolve_path(base["ckpt"], path.parent).resolve())  # cells rerun from anywhere
-    grid = data.get("grid") or {}
+    return base
+
+
+def _check_grid(grid: dict, path: Path) -> None:
     if not grid:
         raise ValueError(f"{path}: 'grid' is missing or empty: give knob: [values, ...], e.g. "
-                         f"grid: {{cross_steps: [0.2, 0.5, 0.8]}}")
+                         f"grid: {{cross_replace_steps: [0.2, 0.5, 0.8]}}")
     for knob, values in grid.items():
         t = knob_type(knob, path)
         if not isinstance(values, list) or not values:
@@ -277,8 +355,9 @@ def load_ablation(path, overrides: dict | None = None) -> dict:
             if not _is(v, t):
                 raise ValueError(f"{path}: grid: {knob!r} value {v!r} has the wrong type "
                                  f"({type(v).__name__}); it takes {_type_name(t)}")
-    metrics = dict(data.get("metrics") or {})
-    check_types(metrics, METRIC_KEYS, f"{path}: metrics")
+
+
+def _axes(data: dict, grid: dict, path: Path) -> tuple:
     knobs = list(grid)
     rows, cols = data.get("rows"), data.get("cols")
     for name, axis in (("rows", rows), ("cols", cols)):
@@ -293,6 +372,22 @@ def load_ablation(path, overrides: dict | None = None) -> dict:
     missing = [k for k in knobs if k not in rows and k not in cols]
     if missing:
         raise ValueError(f"{path}: grid knobs {missing} are on neither 'rows' nor 'cols'; put each knob on one axis")
+    return rows, cols
+
+
+def load_ablation(path, overrides: dict | None = None) -> dict:
+    """An ablation config, checked: {"path", "name", "base" (settings: EditConfig's YAML keys), "grid",
+    "rows", "cols", "metrics", "batch_size"}. `overrides` (CLI flags: ckpt, num_steps, ...) replace the
+    base's values."""
+    path = Path(path)
+    data = read_yaml(path)
+    check_types(data, ABLATION_KEYS | EDIT_KEYS, path)
+    base = _ablation_base(data, path, overrides)
+    grid = data.get("grid") or {}
+    _check_grid(grid, path)
+    metrics = dict(data.get("metrics") or {})
+    check_types(metrics, METRIC_KEYS, f"{path}: metrics")
+    rows, cols = _axes(data, grid, path)
     batch_size = data.get("batch_size") or 8
     if batch_size < 1:
         raise ValueError(f"{path}: 'batch_size' must be >= 1, got {batch_size}")

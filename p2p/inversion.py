@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from weights_tools.files import atomic_path
+from .config import InvertConfig
 from .images import load_image
 
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")
@@ -231,9 +232,10 @@ def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance
     return residuals
 
 
-def invert(sd, image, prompt: str, method: str = "null-text", num_steps: int = 50, guidance_scale: float = 7.5,
-           num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5, steps_offset: int = 1,
-           height: int | None = None, width: int | None = None, offsets=(0, 0, 0, 0),
+def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps: int = InvertConfig.num_steps,
+           guidance_scale: float = InvertConfig.guidance_scale, num_inner_steps: int = InvertConfig.num_inner_steps,
+           early_stop_epsilon: float = InvertConfig.early_stop_epsilon, steps_offset: int = InvertConfig.steps_offset,
+           height: int | None = None, width: int | None = None, offsets=InvertConfig.offsets,
            progress: bool = True) -> Inversion:
     """Invert a real image for editing with `edit(sd, [prompt, ...], spec, inversion=inv)`.
 

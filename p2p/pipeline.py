@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from models.clip import default_tokenizer
 
+from .config import EditConfig, GenerateConfig
+
 
 @dataclass
 class Output:
@@ -67,8 +69,9 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
 
 
 @torch.no_grad()
-def generate(sd, prompts, *, seed: int = 0, latents=None, num_steps: int = 50, guidance_scale: float = 7.5,
-             height: int | None = None, width: int | None = None, steps_offset: int = 1,
+def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_steps: int = GenerateConfig.num_steps,
+             guidance_scale: float = GenerateConfig.guidance_scale, height: int | None = None,
+             width: int | None = None, steps_offset: int = GenerateConfig.steps_offset,
              progress: bool = True) -> Output:
     """Plain text-to-image with DDIM and classifier-free guidance: the loop Algorithm 1 extends."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -82,7 +85,7 @@ def generate(sd, prompts, *, seed: int = 0, latents=None, num_steps: int = 50, g
 
 
 @torch.no_grad()
-def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = 0, latents=None, num_steps: int | None = None,
+def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None, num_steps: int | None = None,
          guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
          steps_offset: int | None = None, store=None, fast: bool = True, progress: bool = True,
          inversion=None) -> Output:
@@ -105,9 +108,9 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = 0, latents=Non
         s = inversion.edit_settings(prompts, num_steps, guidance_scale, steps_offset, height, width, latents)
         num_steps, guidance_scale, steps_offset, height, width, latents = (
             s[k] for k in ("num_steps", "guidance_scale", "steps_offset", "height", "width", "latents"))
-    num_steps = 50 if num_steps is None else num_steps
-    guidance_scale = 7.5 if guidance_scale is None else guidance_scale
-    steps_offset = 1 if steps_offset is None else steps_offset
+    num_steps = EditConfig.num_steps if num_steps is None else num_steps  # None: the inversion's, else these
+    guidance_scale = EditConfig.guidance_scale if guidance_scale is None else guidance_scale
+    steps_offset = EditConfig.steps_offset if steps_offset is None else steps_offset
     height = height or sd.cfg.default_height
     width = width or sd.cfg.default_height
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))

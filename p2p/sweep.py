@@ -127,9 +127,9 @@ def expand(ab: dict, tokenizer=None) -> list[Cell]:
             if len(s.get("edits") or []) != 1:
                 raise ValueError(f"{where}: a cell takes exactly one edited prompt, got edits={s.get('edits')!r}; "
                                  f"sweep several with the knob `edit: [prompt, prompt, ...]`")
-            for k in ("blend", "blend_substruct"):
-                if s.get(k) and len(s[k]) != 2:
-                    raise ValueError(f"{where}: {k!r} needs two words (source, edited), got {s[k]!r}")
+            for k, v in (s.get("local_blend") or {}).items():
+                if k in ("words", "substruct_words") and v and len(v) != 2:
+                    raise ValueError(f"{where}: 'local_blend.{k}' needs two words (source, edited), got {v!r}")
             check_settings(s, where, tokenizer)
             if not s.get("ckpt"):
                 raise ValueError(f"{ab['path']}: missing 'ckpt': name the checkpoint in the config (ckpt: PATH, "
@@ -143,10 +143,10 @@ def expand(ab: dict, tokenizer=None) -> list[Cell]:
 def batch_key(s: dict) -> str:
     """Cells with equal keys can share one batch: everything but the edited prompt, the reweight c
     values and the edited prompt's blend word must agree."""
-    shared = {k: v for k, v in s.items() if k not in ("edits", "weight", "blend", "blend_substruct", "description")}
-    shared["weight_words"] = sorted(s["weight"]) if s.get("weight") else None
-    for k in ("blend", "blend_substruct"):
-        shared[k + "_source"] = s[k][0] if s.get(k) else None
+    shared = {k: v for k, v in s.items() if k not in ("edits", "equalizer", "local_blend", "description")}
+    shared["equalizer_words"] = sorted(s["equalizer"]) if s.get("equalizer") else None
+    shared["local_blend"] = {k: v[0] if k in ("words", "substruct_words") and v else v
+                             for k, v in (s.get("local_blend") or {}).items()}
     return json.dumps(shared, sort_keys=True, default=str)
 
 
@@ -161,12 +161,12 @@ def batch_settings(cells: list[Cell]) -> dict:
     """One edit's settings for [source, edit of cell 1, edit of cell 2, ...]."""
     s = dict(cells[0].settings)
     s["edits"] = [c.settings["edits"][0] for c in cells]
-    if s.get("weight"):
+    if s.get("equalizer"):
         one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
-        s["weight"] = {w: [one(c.settings["weight"][w]) for c in cells] for w in s["weight"]}
-    for k in ("blend", "blend_substruct"):          # one word per prompt, source first
-        if s.get(k):
-            s[k] = [s[k][0], *(c.settings[k][1] for c in cells)]
+        s["equalizer"] = {w: [one(c.settings["equalizer"][w]) for c in cells] for w in s["equalizer"]}
+    if s.get("local_blend"):                        # one word per prompt, source first
+        s["local_blend"] = {k: [v[0], *(c.settings["local_blend"][k][1] for c in cells)]
+                            if k in ("words", "substruct_words") and v else v for k, v in s["local_blend"].items()}
     return s
 
 
@@ -178,14 +178,14 @@ def iou_words(s: dict, metrics_cfg: dict):
 
     if metrics_cfg.get("iou_words"):
         return tuple(metrics_cfg["iou_words"])
-    if s.get("blend"):
-        w = blend_words(s["blend"])
+    if (s.get("local_blend") or {}).get("words"):
+        w = blend_words(s["local_blend"]["words"])
         return w[0], w[1]
     pos = changed_words(s["prompt"], s["edits"][0])
     if pos:
         return pos, pos
-    if s.get("weight"):
-        words = tuple(w for w in s["weight"] if w in s["prompt"].split(" ") and w in s["edits"][0].split(" "))
+    if s.get("equalizer"):
+        words = tuple(w for w in s["equalizer"] if w in s["prompt"].split(" ") and w in s["edits"][0].split(" "))
         if words:
             return words, words
     return None
@@ -204,15 +204,15 @@ def run_batch(sd, cells: list[Cell], metrics_cfg: dict, tokenizer) -> tuple[list
     if cuda:
         torch.cuda.reset_peak_memory_stats(sd.device)
     t0 = time.perf_counter()
-    out = edit(sd, prompts, spec, local_blend=blend, seed=s["seed"], num_steps=s["steps"],
-               guidance_scale=s["guidance"], height=s["height"], width=s["width"], steps_offset=s["steps_offset"],
+    out = edit(sd, prompts, spec, local_blend=blend, seed=s["seed"], num_steps=s["num_steps"],
+               guidance_scale=s["guidance_scale"], height=s["height"], width=s["width"], steps_offset=s["steps_offset"],
                progress=False)
     if cuda:
         torch.cuda.synchronize(sd.device)
     seconds = time.perf_counter() - t0
     mask = None
     if blend is not None:
-        mask = M.blend_mask(blend, out.attention, tokenizer, prompts, s["steps"], sd.unet.sites,
+        mask = M.blend_mask(blend, out.attention, tokenizer, prompts, s["num_steps"], sd.unet.sites,
                             out.latents.shape[2:])
     src = out.images[0]
     th = float(metrics_cfg.get("iou_threshold", 0.3))
@@ -448,7 +448,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args) -> int:
     import torch
 
-    overrides = {k: getattr(args, k) for k in ("ckpt", "steps", "height", "width", "batch_size")}
+    overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size")} | {"num_steps": args.steps}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         run_sweep(args.config, args.output, overrides, progress=args.progress)

@@ -187,6 +187,21 @@ def self_attention_components(self_map, res: int, top: int = 10, size: int = 256
     return Image.fromarray(np.concatenate(tiles, axis=1))
 
 
+def attention_pictures(store, images, prompts, tokenizer, level: int | None = None) -> dict:
+    """What `p2p edit --show-attention` draws for every prompt: {"attention": [per-token cross-attention
+    heatmaps over its image], "self_attention": [top self-attention components]}, as the reference's
+    show_cross_attention / show_self_attention_comp. The maps are the down/up layers at `level`
+    (store.read_level's rule: None is the deepest, 16x16 for SD v1 at 512 px); self-attention at the
+    same side, when those layers were kept (AttentionStore(self_attention=True))."""
+    pics = {"attention": [cross_attention_grid(store.level_maps(level, i), prompt_tokens(tokenizer, p), image=images[i])
+                          for i, p in enumerate(prompts)]}
+    h, w = store.level_maps(level).shape[:2]
+    if h == w and store.layers(("up", "down"), False, res=h):
+        pics["self_attention"] = [self_attention_components(store.aggregate(h, ("up", "down"), False, i)
+                                                            .reshape(h * h, -1), h) for i in range(len(prompts))]
+    return pics
+
+
 # ----------------------------------------------------------------------------- files
 def _format_for(path: Path) -> str:
     ext = path.suffix.lower()

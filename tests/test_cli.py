@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from models.clip import default_tokenizer
-from p2p.cli import build_spec, load_edit_config, main, DEFAULTS
+from p2p.cli import main
+from p2p.config import load_edit_config
 from p2p.control import Controller
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "edits").glob("*.yaml"))
@@ -20,7 +21,7 @@ def test_generate_writes_picture_and_sidecar(tmp_path, golden_dir):
     assert Image.open(out).size[0] >= 64
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["checkpoint_sha256"] == json.loads((golden_dir / "tiny-sd-a.json").read_text())["checkpoint_sha256"]
-    assert record["settings"]["prompt"] == ["a cat", "a dog"] and record["p2p_version"]
+    assert record["settings"]["prompts"] == ["a cat", "a dog"] and record["p2p_version"]
 
 
 def test_edit_with_flags_and_attention(tmp_path, golden_dir):
@@ -42,20 +43,20 @@ def test_edit_from_config_file(tmp_path, golden_dir):
     cfg = Path(__file__).parent.parent / "configs" / "edits" / "squirrel_lion_wordsteps_blend.yaml"
     assert main(["edit", "--config", str(cfg), "--ckpt", str(golden_dir / "tiny-sd-a.safetensors"), *FAST,
                  "-o", str(out)]) == 0
-    assert json.loads(out.with_suffix(".json").read_text())["settings"]["cross_steps"] == {"default_": 1.0, "lion": 0.4}
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["cross_replace_steps"] == {"default_": 1.0, "lion": 0.4}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_edit_config_resolves(path, tiny_sd):
-    s = dict(DEFAULTS) | load_edit_config(path)
-    spec, blend = build_spec(s)
-    Controller(default_tokenizer(), [s["prompt"], *s["edits"]], spec, 50, tiny_sd.unet.sites, blend)
+    cfg = load_edit_config(path)
+    spec, blend = cfg.build()
+    Controller(default_tokenizer(), cfg.prompts, spec, 50, tiny_sd.unet.sites, blend)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--edit", "a cat riding a car", "--blend", "bicycle", "tiger"], "'tiger' is not in prompt"),
     (["--edit", "a big cat riding a car"], "same number of words"),
-    (["--edit", "a cat riding a car", "--mode", "reweight"], "needs --weight"),
+    (["--edit", "a cat riding a car", "--mode", "reweight"], "needs an equalizer"),
     (["--edit", "a cat riding a car", "--weight", "car"], "WORD=C"),
 ])
 def test_edit_errors_leave_no_output(tmp_path, golden_dir, capsys, args, message):

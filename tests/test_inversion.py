@@ -157,7 +157,7 @@ def test_cli_invert_then_edit(tmp_path, golden_dir, photo):
     assert main(["edit", "--ckpt", ckpt, "--inversion", str(out), "--prompt", PROMPT, "--edit", EDITED,
                  "-o", str(tmp_path / "edit.png")]) == 0
     record = json.loads((tmp_path / "edit.json").read_text())
-    assert record["settings"]["steps"] == 2 and record["settings"]["method"] == "null-text"
+    assert record["settings"]["num_steps"] == 2 and record["settings"]["method"] == "null-text"
 
     assert main(["edit", "--ckpt", ckpt, "--image", str(photo), "--method", "direct", "--prompt", PROMPT,
                  "--edit", EDITED, *FAST, "-o", str(tmp_path / "direct.png")]) == 0

@@ -20,14 +20,15 @@ ckpt: {ckpt}
 prompt: A painting of a squirrel eating a burger
 edits: [A painting of a lion eating a burger]
 mode: replace
-blend: [4, 4]
-blend_threshold: 0.8          # random weights spread attention: a partial mask needs a high threshold
+local_blend:
+  words: [4, 4]
+  threshold: 0.8            # random weights spread attention: a partial mask needs a high threshold
 seed: 8888
-steps: 2
+num_steps: 2
 height: 64
 width: 64
 grid:
-  cross_steps: [0.4, 0.8]
+  cross_replace_steps: [0.4, 0.8]
   edit: ["A painting of a lion eating a burger", "A painting of a cat eating a burger"]
 """
 
@@ -61,12 +62,12 @@ def counting(monkeypatch):
 def test_outputs(run):
     cfg, out = run
     names = sorted(p.stem for p in (out / "cells").glob("*.yaml"))
-    assert names == ["000_cross_steps-0.4_edit-lion", "001_cross_steps-0.4_edit-cat",
-                     "002_cross_steps-0.8_edit-lion", "003_cross_steps-0.8_edit-cat"]
+    assert names == ["000_cross_replace_steps-0.4_edit-lion", "001_cross_replace_steps-0.4_edit-cat",
+                     "002_cross_replace_steps-0.8_edit-lion", "003_cross_replace_steps-0.8_edit-cat"]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert [r["cell"] for r in rows] == names and rows[0]["cross_steps"] == "0.4"
+    assert [r["cell"] for r in rows] == names and rows[0]["cross_replace_steps"] == "0.4"
     record = json.loads((out / "metrics.json").read_text())
-    assert record["rows"] == ["cross_steps"] and record["cols"] == ["edit"] and len(record["cells"]) == 4
+    assert record["rows"] == ["cross_replace_steps"] and record["cols"] == ["edit"] and len(record["cells"]) == 4
     for r in record["cells"]:
         m = r["metrics"]
         assert m["batch_cells"] == 2                           # the two edited prompts of a tau shared a batch
@@ -80,7 +81,7 @@ def test_outputs(run):
 
 def test_a_cell_config_reruns_alone(run, tiny_sd, tmp_path, monkeypatch):
     _, out = run
-    cell = out / "cells" / "001_cross_steps-0.4_edit-cat.yaml"
+    cell = out / "cells" / "001_cross_replace_steps-0.4_edit-cat.yaml"
     monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt: tiny_sd)
     outs, real_edit = [], p2p.edit
     monkeypatch.setattr(p2p, "edit", lambda *a, **k: outs.append(real_edit(*a, **k)) or outs[-1])
@@ -97,10 +98,10 @@ def test_rerun_skips_and_resumes_one_cell(run, tiny_sd, monkeypatch):
     done = counting(monkeypatch)
     p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)
     assert done == []                                            # everything finished: nothing recomputed
-    (out / "cells" / "002_cross_steps-0.8_edit-lion.json").unlink()   # as if killed while it ran
+    (out / "cells" / "002_cross_replace_steps-0.8_edit-lion.json").unlink()   # as if killed while it ran
     (out / "metrics.csv").unlink()
     p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)
-    assert done == ["002_cross_steps-0.8_edit-lion"]
+    assert done == ["002_cross_replace_steps-0.8_edit-lion"]
     after = json.loads((out / "metrics.json").read_text())["cells"]
     assert (out / "metrics.csv").exists() and [r["cell"] for r in after] == [r["cell"] for r in before]
     for a, b in zip(before, after):

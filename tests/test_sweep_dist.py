@@ -18,11 +18,11 @@ ABLATION = """ckpt: {ckpt}
 prompt: a cat riding a bicycle
 edits: [a cat riding a car]
 mode: replace
-steps: 2
+num_steps: 2
 height: 64
 width: 64
 grid:
-  self_steps: [0.0, 0.5]
+  self_replace_steps: [0.0, 0.5]
   edit: [a cat riding a car, a cat riding a horse]
 """
 METRICS = ("psnr_bg", "ssim_bg", "change_in_mask", "mask_fraction", "latent_l2", "attention_iou", "batch_cells")
