@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import p2p
@@ -42,19 +41,19 @@ def run(tmp_path_factory, golden_dir, tiny_sd):
     cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
     out = d / "runs" / "abl"
     with pytest.MonkeyPatch.context() as mp:     # the CLI, with the session's model (loading it again is slow)
-        mp.setattr(p2p.sweep, "load_model", lambda ckpt, device: tiny_sd)
+        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device: tiny_sd)
         assert main(["sweep", str(cfg), "-o", str(out), "--no-progress"]) == 0
     return cfg, out
 
 
 def counting(monkeypatch):
     done = []
-    real = p2p.sweep.run_batch
+    real = p2p.sweep.run.run_batch
 
     def wrapped(sd, cells, *a, **k):
         done.extend(c.name for c in cells)
         return real(sd, cells, *a, **k)
-    monkeypatch.setattr(p2p.sweep, "run_batch", wrapped)
+    monkeypatch.setattr(p2p.sweep.run, "run_batch", wrapped)
     return done
 
 
