@@ -1,4 +1,5 @@
-"""Pictures: image grids with captions, cross-attention heatmaps per token, self-attention components.
+"""Pictures: image grids with captions, the sweep's labelled table, cross-attention heatmaps per token,
+self-attention components.
 
 PIL and numpy only. The heatmaps follow the reference's show_cross_attention (map * 255 / max,
 truncated to uint8, grey, resized to 256) and show_self_attention_comp (SVD of the self-attention
