@@ -1,4 +1,5 @@
-"""Pictures: image grids with captions, cross-attention heatmaps per token, self-attention components.
+"""Pictures: image grids with captions, the sweep's labelled table, cross-attention heatmaps per token,
+self-attention components.
 
 PIL and numpy only. The heatmaps follow the reference's show_cross_attention (map * 255 / max,
 truncated to uint8, grey, resized to 256) and show_self_attention_comp (SVD of the self-attention
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from models.clip import BOS, CONTEXT_LENGTH, EOS
 from weights_tools.files import atomic_path
 
 WHITE, BLACK = 255, (0, 0, 0)
@@ -103,6 +105,62 @@ def image_grid(images, captions: Sequence[str] | None = None, rows: int = 1, pad
     return grid
 
 
+# ----------------------------------------------------------------------------- labelled tables
+def _table_layout(probe, font, size: int, captions, row_labels, col_labels) -> dict:
+    """Where sweep_figure puts things: the row-label column's width and the band heights."""
+    pad = 6
+    n_head = max([len([ln for t in ts for ln in _wrap(probe, t, font, size)]) for ts in col_labels] + [1])
+    return dict(pad=pad, size=size, title_h=24, head_h=18 * n_head + 6,
+                cap_h=4 + 13 * max((len(c) for row in captions for c in row if c), default=2),
+                label_w=max([int(probe.textlength(t, font=font)) for ts in row_labels for t in ts] + [60]) + 2 * pad)
+
+
+def _draw_tile(fig, d, x: int, y: int, tile, caption: list[str], L: dict, font, small) -> None:
+    """One tile resized (nearest) with its caption lines under it, or an empty frame saying "not run"."""
+    size = L["size"]
+    if tile is None:
+        d.rectangle([x, y, x + size - 1, y + size - 1], outline=(200, 200, 200))
+        d.text((x + 8, y + size // 2 - 7), "not run", fill=(150, 150, 150), font=font)
+        return
+    fig.paste(tile.resize((size, size), Image.NEAREST), (x, y))
+    for n, line in enumerate(caption):
+        d.text((x, y + size + 2 + 13 * n), line, fill="black", font=small)
+
+
+def sweep_figure(title: str, tiles, captions, sources, row_labels, col_labels, min_size: int = 128) -> Image.Image:
+    """A labelled table of pictures: `title` on top, a "source" column, then one column per swept value.
+
+    tiles: rows of PIL images, None where a cell did not run (drawn as an empty frame); captions: the
+    same rows of caption lines (small type); sources: one image (or None) per row, for the left
+    column; row_labels / col_labels: lines of text per row / per column (column labels wrap to the
+    tile width). Tiles are resized (nearest) to the widest tile, at least `min_size`.
+    """
+    images = [t for row in tiles for t in row if t is not None]
+    font, small = _font(13), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    L = _table_layout(probe, font, max(min_size, max((t.size[0] for t in images), default=min_size)),
+                      captions, row_labels, col_labels)
+    pad, size, top = L["pad"], L["size"], L["title_h"] + L["head_h"]
+    fig = Image.new("RGB", (L["label_w"] + (len(col_labels) + 1) * (size + pad) + pad,
+                            top + len(row_labels) * (size + L["cap_h"] + pad) + pad), "white")
+    d = ImageDraw.Draw(fig)
+    d.text((pad, 4), title, fill="black", font=font)
+    d.text((L["label_w"] + 2, top - 18), "source", fill="black", font=font)
+    for c, texts in enumerate(col_labels):
+        lines = [ln for t in texts for ln in _wrap(probe, t, font, size)]
+        for n, line in enumerate(lines):
+            d.text((L["label_w"] + (c + 1) * (size + pad) + 2, L["title_h"] + n * 18), line, fill="black", font=font)
+    for r, texts in enumerate(row_labels):
+        y = top + r * (size + L["cap_h"] + pad)
+        for n, t in enumerate(texts):
+            d.text((pad, y + size // 2 - 9 * len(texts) + 18 * n), t, fill="black", font=font)
+        if sources[r] is not None:
+            fig.paste(sources[r].resize((size, size), Image.NEAREST), (L["label_w"], y))
+        for c, tile in enumerate(tiles[r]):
+            _draw_tile(fig, d, L["label_w"] + (c + 1) * (size + pad), y, tile, captions[r][c], L, font, small)
+    return fig
+
+
 # ----------------------------------------------------------------------------- cross-attention
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     """The text of each token the text encoder sees: ["<|startoftext|>", "a", ..., "<|endoftext|>"].
@@ -110,8 +168,6 @@ def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     Column k of a cross-attention map belongs to entry k. Tokens are decoded one at a time (a
     word of several tokens shows as its pieces, e.g. "cr", "out", "ons").
     """
-    from models.clip import BOS, CONTEXT_LENGTH, EOS
-
     ids = [BOS] + tokenizer.encode(prompt)[:CONTEXT_LENGTH - 2] + [EOS]
     return [tokenizer.decode([i]).strip() for i in ids]
 

@@ -18,7 +18,7 @@ def no_model(monkeypatch):
     """Any model load fails the test: configs must be rejected before that."""
     def boom(*a, **k):
         raise AssertionError("a model was loaded for a bad config")
-    monkeypatch.setattr(p2p.sweep, "load_model", boom)
+    monkeypatch.setattr(p2p.sweep.command, "load_checkpoint", boom)
     monkeypatch.setattr(p2p.cli, "load_model", boom)
 
 

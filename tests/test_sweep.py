@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import p2p
 import p2p.cli
 import p2p.sweep
+from p2p.sweep.report import METRIC_COLUMNS, caption, csv_bytes
 from p2p.cli import main
 
 # 4 cells in 2 batches (tau differs across batches; the edited prompt within one), with LocalBlend on
@@ -43,19 +43,19 @@ def run(tmp_path_factory, golden_dir, tiny_sd):
     cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
     out = d / "runs" / "abl"
     with pytest.MonkeyPatch.context() as mp:     # the CLI, with the session's model (loading it again is slow)
-        mp.setattr(p2p.sweep, "load_model", lambda ckpt, device: tiny_sd)
+        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device: tiny_sd)
         assert main(["sweep", str(cfg), "-o", str(out), "--no-progress"]) == 0
     return cfg, out
 
 
 def counting(monkeypatch):
     done = []
-    real = p2p.sweep.run_batch
+    real = p2p.sweep.run.run_batch
 
     def wrapped(sd, cells, *a, **k):
         done.extend(c.name for c in cells)
         return real(sd, cells, *a, **k)
-    monkeypatch.setattr(p2p.sweep, "run_batch", wrapped)
+    monkeypatch.setattr(p2p.sweep.run, "run_batch", wrapped)
     return done
 
 
@@ -115,3 +115,16 @@ def test_changed_settings_are_not_done(run):
     assert all(p2p.sweep.is_done(out, c) for c in cells)
     _, cells, _ = p2p.sweep.prepare(cfg, {"seed": 1})      # same names, other settings
     assert not any(p2p.sweep.is_done(out, c) for c in cells)
+
+
+def test_figure_captions_and_csv_rows():
+    """What the figure writes under a cell, and a CSV row: knob values that are not plain go as JSON,
+    metrics JSON holds as null as empty."""
+    m = {"psnr_bg": "inf", "ssim_bg": 0.5, "attention_iou": None, "latent_l2": 2.04}
+    assert caption(m) == ["PSNR inf  SSIM 0.50", "IoU -  dz 2.0"]
+    assert caption(m | {"mask_fraction": 0.254, "change_in_mask": 0.1234})[2] == "mask 25%  in 0.123"
+    rows = list(csv.reader(csv_bytes(["seed", "weight.smiling"], [
+        {"cell": "000_x", "knobs": {"seed": 1, "weight.smiling": [1.0, 2.0]}, "metrics": m}]).decode().splitlines()))
+    assert rows[0] == ["cell", "seed", "weight.smiling", *METRIC_COLUMNS]
+    assert rows[1][:5] == ["000_x", "1", "[1.0, 2.0]", "inf", "0.5"]
+    assert rows[1][3 + METRIC_COLUMNS.index("attention_iou")] == ""

@@ -5,9 +5,8 @@ import torch
 from PIL import Image
 
 from models.clip import default_tokenizer
-from p2p import viz
 from p2p.viz import (cross_attention_grid, heatmap, image_grid, prompt_tokens, save_image,
-                     self_attention_components, self_attention_svd)
+                     self_attention_components, self_attention_svd, sweep_figure)
 
 
 def solid(n, h=32, w=40, value=0):
@@ -59,6 +58,28 @@ def test_grid_errors():
         image_grid(solid(3), ["a", "b"])
     with pytest.raises(TypeError, match="uint8"):
         image_grid(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_sweep_figure_places_sources_tiles_and_cells_not_run():
+    """2 x 2 swept cells of 16 px drawn at 64 px (nearest), the source column first, one cell not run."""
+    red, blue, green = (Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0)))
+    fig = sweep_figure("title", [[red, None], [blue, blue]], [[["PSNR 1.0"], []], [["a"], ["b"]]],
+                       [green, None], [["row=0"], ["row=1"]], [["col=0"], ["col=1"]], min_size=64)
+    # the row-label column is 60 + 2 * 6 px wide (short labels); bands: title 24, one header line 24,
+    # one caption line 17; each tile 64 px and a pad of 6
+    n, label_w, top = 64, 72, 48
+    row_h, col_w = n + 17 + 6, n + 6
+    assert fig.size == (label_w + 3 * col_w + 6, top + 2 * row_h + 6)
+    a = np.asarray(fig)
+    at = lambda r, c: a[top + r * row_h: top + r * row_h + n, label_w + c * col_w: label_w + c * col_w + n]
+    assert (at(0, 0) == (0, 255, 0)).all()                      # the first row's source
+    assert (at(1, 0) == 255).all()                              # no source for the second row: white
+    assert (at(0, 1) == (255, 0, 0)).all() and (at(1, 1) == (0, 0, 255)).all() and (at(1, 2) == (0, 0, 255)).all()
+    empty = at(0, 2)
+    assert (empty[0] == 200).all() and (empty[-1] == 200).all()   # a grey frame saying "not run" in grey
+    assert ((empty == 255).all(-1) | (empty[..., 0] == empty[..., 2])).all() and (empty[1:-1, 1:-1] < 200).any()
+    under = lambda c: (a[top + n: top + n + 17, label_w + c * col_w: label_w + c * col_w + n] < 128).all(-1)
+    assert under(1).any() and not under(2).any()               # a caption under the red tile, none under "not run"
 
 
 # ----------------------------------------------------------------------------- cross-attention

@@ -1,0 +1,110 @@
+"""`p2p sweep` / `python -m p2p.sweep`: plan the cells, run this rank's pending batches, merge on rank 0."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from weights_tools import load_checkpoint
+
+from . import run
+from .plan import checkpoint, plan_batches, prepare, shard
+from .report import merge
+
+
+def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, bar) -> None:
+    """Each batch on its checkpoint (`sd` when given; else loaded, one kept at a time), its cells saved."""
+    models = {}
+    for batch in batches:
+        model = sd
+        if model is None:
+            if checkpoint(batch) not in models:
+                models.clear()
+                models[checkpoint(batch)] = load_checkpoint(checkpoint(batch), device=device)
+            model = models[checkpoint(batch)]
+        results, images = run.run_batch(model, batch, ab["metrics"], tok)
+        for b, (cell, m) in enumerate(zip(batch, results), start=1):
+            run.save_cell(out_dir, cell, m, images[0], images[b])
+        bar.update(len(batch))
+
+
+def run_sweep(config, out_dir, overrides=None, *, sd=None, progress=True, rank=0, world=1, barrier=None,
+              device=None, log=print) -> list[dict] | None:
+    """Run the cells of this rank that are not done, then (rank 0) merge. `sd`: a model already loaded
+    (its checkpoint must be the cells' one). Returns the merged records on rank 0."""
+    out_dir = Path(out_dir)
+    ab, cells, tok = prepare(config, overrides)
+    pending = [c for c in cells if not run.is_done(out_dir, c)]
+    if rank == 0:
+        run.write_cell_configs(out_dir, cells)
+        log(f"{ab['name']}: {len(cells)} cells, {len(cells) - len(pending)} done, {len(pending)} to run"
+            + (f" on {world} ranks" if world > 1 else ""))
+    if barrier:
+        barrier()
+    batches = shard(plan_batches(pending, ab["batch_size"]), rank, world)
+    bar = tqdm(total=sum(map(len, batches)), desc=f"cells (rank {rank})" if world > 1 else "cells",
+               disable=not progress, position=rank, unit="cell")
+    _run_batches(out_dir, batches, ab, tok, sd, device or ("cuda" if torch.cuda.is_available() else "cpu"), bar)
+    bar.close()
+    if barrier:
+        barrier()
+    if rank != 0:
+        return None
+    records = merge(out_dir, ab, cells)
+    log(f"wrote {out_dir / 'figure.png'}, {out_dir / 'metrics.csv'}, {out_dir / 'metrics.json'} "
+        f"and {len(cells)} cell configs in {out_dir / 'cells'}")
+    return records
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", help="configs/ablations/NAME.yaml")
+    p.add_argument("-o", "--output", required=True,
+                   help="run folder, e.g. runs/NAME (reused: finished cells are skipped)")
+    p.add_argument("--ckpt", help="checkpoint (overrides the config's ckpt)")
+    p.add_argument("--steps", type=int, help="DDIM steps (overrides the config)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="most cells in one batch (default 8)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _run_distributed(args, overrides: dict) -> None:
+    """One rank of `torchrun`: nccl with one GPU per rank where there are GPUs, else gloo on the CPU."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
+    try:
+        barrier = (lambda: dist.barrier(device_ids=[local])) if cuda else dist.barrier
+        run_sweep(args.config, args.output, overrides, progress=args.progress, rank=dist.get_rank(),
+                  world=dist.get_world_size(), barrier=barrier, device=f"cuda:{local}" if cuda else "cpu",
+                  log=print if dist.get_rank() == 0 else (lambda *a: None))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_from_args(args) -> int:
+    overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size")} | {"num_steps": args.steps}
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        run_sweep(args.config, args.output, overrides, progress=args.progress)
+    else:
+        _run_distributed(args, overrides)
+    return 0
+
+
+def main(argv=None) -> int:
+    description = sys.modules[__package__].__doc__.splitlines()[0]
+    args = add_arguments(argparse.ArgumentParser(prog="p2p sweep", description=description)).parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"p2p sweep: error: {err}", file=sys.stderr)
+        return 2
