@@ -496,12 +496,13 @@ def train(out=DEFAULT_OUT, *, config="miniature", seed=0, n_data=8000, vae_steps
 
 # option -> train()'s keyword, where they differ; every other option is its keyword's name
 KEYWORDS = {"layout_loss": "layout_weight", "ema": "ema_decay", "log": "log_path"}
+# each option's default is train()'s (read once, here: the command line passes every option on)
+DEFAULTS = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+DEFAULTS.update({option: DEFAULTS[k] for option, k in KEYWORDS.items()})
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line; each option's default is train()'s."""
-    d = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-    d.update({option: d[k] for option, k in KEYWORDS.items()})
+    d = DEFAULTS
     ap = argparse.ArgumentParser(prog="python -m p2p.miniature.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--config", default=d["config"], help="CompVis-style YAML or a configs/ name")
