@@ -293,3 +293,32 @@ def test_subset_bounds_are_the_quantiles_of_small_subset_means(tmp_path, capsys)
     path.write_text(json.dumps(R))
     assert main(["--bounds-from", str(path)]) == 0
     assert "| coin | 0.500 |" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_an_unknown_part_and_defaults_to_the_shipped_checkpoint(capsys):
+    """A misspelt --parts name is refused with the names it may take (it used to measure fidelity
+    alone, silently); the default --checkpoint is the registry's name for the shipped file."""
+    from p2p.miniature import CHECKPOINT
+    from p2p.miniature.evaluate import main, parser
+    from weights_tools.registry import resolve_checkpoint
+
+    with pytest.raises(SystemExit):
+        main(["--parts", "fidelity,blnd", "--seeds", "0"])
+    err = capsys.readouterr().err
+    assert "unknown 'blnd'" in err and "fidelity, replace, blend, reweight, refine, decoder" in err
+    assert resolve_checkpoint(parser().parse_args([]).checkpoint) == CHECKPOINT
+
+
+def test_the_training_log_keeps_what_a_failed_run_wrote(tmp_path):
+    """json_lines writes one JSON record a line, with the seconds since the start, and the records of
+    a run that fails stay in the file."""
+    from p2p.miniature.train import json_lines
+
+    path = tmp_path / "log.jsonl"
+    with pytest.raises(RuntimeError), json_lines(path, 0.0) as log:
+        log(dict(stage="vae", step=0))
+        raise RuntimeError("stage failed")
+    rec = json.loads(path.read_text())
+    assert rec["stage"] == "vae" and rec["step"] == 0 and rec["time"] > 0
+    with json_lines(None, 0.0) as log:
+        log(dict(stage="vae"))  # no path: nothing written, no error

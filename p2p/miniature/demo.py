@@ -16,6 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from p2p import LocalBlend, Replace, edit, generate
+from p2p.viz import image_grid, save_image
+
+from . import BLEND_LEVEL
+
 STEPS, GUIDANCE = 20, 5.0
 
 # (what, source prompt, edited prompt, LocalBlend words (source, edited) or None, seed)
@@ -28,10 +33,6 @@ ROWS = (
 
 def demo_rows(sd, steps: int = STEPS, guidance: float = GUIDANCE):
     """[(images (3, H, W, 3) uint8, captions (3))], one per ROWS entry."""
-    from p2p import LocalBlend, Replace, edit, generate
-
-    from . import BLEND_LEVEL
-
     kw = dict(num_steps=steps, guidance_scale=guidance, progress=False)
     rows = []
     for what, src, dst, blend, seed in ROWS:
@@ -45,8 +46,6 @@ def demo_rows(sd, steps: int = STEPS, guidance: float = GUIDANCE):
 
 def write_demo(sd, out_dir, steps: int = STEPS, guidance: float = GUIDANCE) -> Path:
     """Write out_dir/edits.png (ROWS x 3, captioned) and return its path."""
-    from p2p.viz import image_grid, save_image
-
     rows = demo_rows(sd, steps, guidance)
     images = [im for ims, _ in rows for im in ims]
     captions = [c for _, cs in rows for c in cs]

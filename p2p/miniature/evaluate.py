@@ -1,6 +1,6 @@
 """Measure the miniature model and Prompt-to-Prompt's claims on it, from the pixels.
 
-    python -m p2p.miniature.evaluate --seeds 100 [--checkpoint PATH] [--steps 20] [--guidance 5]
+    python -m p2p.miniature.evaluate --seeds 100 [--checkpoint PATH|NAME] [--steps 20] [--guidance 5]
 
 For seed s an evaluation prompt is drawn (`eval_case(s)`: a big object, a colour, a flat background)
 and the initial noise is manual_seed(s), as `p2p.generate` draws it. Measured (see measure.py):
@@ -34,21 +34,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
-from . import BLEND_LEVEL, measure as M
+from models.clip import default_tokenizer
+from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
+from p2p.align import word_token_indices
+from p2p.metrics import iou, psnr
+from p2p.pipeline import initial_latent, to_uint8
+from weights_tools import load_checkpoint
+from weights_tools.files import write_bytes_atomic
+
+from . import BLEND_LEVEL, NAME, measure as M
 from .data import BACKGROUNDS, PALETTE, SHAPES, STRIPES, background_colours
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_CKPT = HERE / "miniature.safetensors"
 FLAT = tuple(b for b in BACKGROUNDS if b != "striped")
 C_VALUES = (-2.0, -1.0, 0.0, 1.0, 2.0)
 STRIPE_DIST = 45.0  # RGB distance to a stripe grey
-
-
-def load(path=DEFAULT_CKPT):
-    from weights_tools import load_checkpoint
-
-    return load_checkpoint(path)
+PARTS = ("fidelity", "replace", "blend", "reweight", "refine")  # the default
+ALL_PARTS = PARTS + ("decoder",)  # the decoder's spread is opt-in
 
 
 def eval_case(seed: int) -> dict:
@@ -63,16 +67,12 @@ def eval_case(seed: int) -> dict:
 
 
 def x_T(sd, seed: int) -> torch.Tensor:
-    from p2p.pipeline import initial_latent
-
     h = sd.cfg.default_height
     return initial_latent(sd, seed, h, h)
 
 
 def generate_many(sd, prompts, seeds, steps, guidance, chunk=16) -> np.ndarray:
     """generate() for (prompt, seed) pairs, batched: each row starts from its own seed's x_T."""
-    from p2p import generate
-
     out = []
     for i in range(0, len(prompts), chunk):
         lat = torch.cat([x_T(sd, s) for s in seeds[i:i + chunk]])
@@ -119,8 +119,6 @@ def decoder_spread(sd, z_a, z_b, block: int = 8) -> float:
     """Mean |pixel change| (0-255) in the outer 8-px frame of the picture when only the central
     block x block latents of z_a are replaced by z_b's: what LocalBlend cannot keep, since a blend
     mask acts on latents and the decoder carries a latent change this far."""
-    from p2p.pipeline import to_uint8
-
     z = z_a.clone()
     h, w = z.shape[-2:]
     y0, x0 = (h - block) // 2, (w - block) // 2
@@ -136,9 +134,6 @@ def attention_on_object(store, prompt, words, mask) -> tuple[float, float]:
     step mean at the finest stored side, up and down; mean over the words) that falls on the
     object's cells (a cell is on it if any of its pixels is, as `train.layout_loss` counts), and
     the share of cells on the object (what a map spread evenly would score)."""
-    from models.clip import default_tokenizer
-    from p2p.align import word_token_indices
-
     side = max(s.h for s in store.sites.values() if s.is_cross)
     maps = store.aggregate(side, ("up", "down"), True, select=0)  # (side, side, 77)
     f = mask.shape[0] // side
@@ -152,8 +147,6 @@ def background_psnrs(src, src_mask, images, bg) -> list | None:
     """PSNR (dB, capped at 60) of each picture against the source over the background: outside the
     source's object and the picture's, both dilated 2 px. None when the objects leave no background
     in one of them, so that every picture is compared on a seed or none is."""
-    from p2p.metrics import psnr
-
     keeps = [~dilate(src_mask | M.object_mask(im, bg)) for im in images]
     if not all(k.any() for k in keeps):
         return None
@@ -167,17 +160,12 @@ def shift_and_scale(src_mask, mask):
     return math.dist(cs, c), abs(math.log(a / a_s))
 
 
-def iou(a, b) -> float:
-    u = (a | b).sum()
-    return float((a & b).sum() / u) if u else 0.0
+def colour_swap(case: dict) -> str:
+    return case["prompt"].replace(case["colour"], case["colour2"])
 
 
-def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend", "reweight", "refine"),
-        progress=True) -> dict:
-    from tqdm.auto import tqdm
-
-    from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
-
+def run(sd, seeds, steps=20, guidance=5.0, parts=PARTS, progress=True) -> dict:
+    """Every measurement of `parts` (fidelity always) on `seeds`: {name: [one number per seed]}."""
     cases = [eval_case(s) for s in seeds]
     kw = dict(num_steps=steps, guidance_scale=guidance, progress=False)
     R = {k: [] for k in ("colour_ok", "shape_ok", "found", "rep_shift_p2p", "rep_scale_p2p", "rep_shift_base",
@@ -191,16 +179,31 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
         R["found"].append(bool(m.sum() >= 8))
         R["colour_ok"].append(M.object_colour(im, c["bg"], m) == c["colour"])
         R["shape_ok"].append(M.object_shape(m) == c["shape"])
+    if "replace" in parts or "blend" in parts:
+        replace_and_blend(sd, R, cases, src, src_masks, parts, kw, progress)
+    if "decoder" in parts:  # opt-in: how far the VAE decoder spreads a latent change
+        for c in cases:
+            lat = [generate(sd, [p], seed=c["seed"], **kw).latents for p in (c["prompt"], colour_swap(c))]
+            R["decoder_spread"].append(decoder_spread(sd, *lat))
+    if "reweight" in parts:
+        reweight_areas(sd, R, cases, src_masks, kw, progress)
+    if "refine" in parts:
+        refine_overlaps(sd, R, cases, kw, progress)
+    return R
+
+
+def replace_and_blend(sd, R, cases, src, src_masks, parts, kw, progress) -> None:
+    """The "replace" and "blend" parts, and where the source's attention falls (`attention_on_object`)."""
+    steps, guidance = kw["num_steps"], kw["guidance_scale"]
+    seeds = [c["seed"] for c in cases]
     rep_dst = [c["prompt"].replace(c["shape"], "square") for c in cases]
-    col_dst = [c["prompt"].replace(c["colour"], c["colour2"]) for c in cases]
+    col_dst = [colour_swap(c) for c in cases]
     base_rep = generate_many(sd, rep_dst, seeds, steps, guidance) if "replace" in parts else None
     base_col = generate_many(sd, col_dst, seeds, steps, guidance) if "blend" in parts else None
     for i, c in enumerate(tqdm(cases, desc="replace, blend", disable=not progress)):
         # both Replace edits share the source: one batch [source, shape edit, colour edit]
         # (a batch of edits equals each edit alone: tests/test_edit_properties.py)
         P = [c["prompt"]] + [rep_dst[i]] * ("replace" in parts) + [col_dst[i]] * ("blend" in parts)
-        if len(P) == 1:
-            continue
         res = edit(sd, P, Replace(), seed=c["seed"], **kw)
         out = dict(zip(P[1:], res.images[1:]))
         inside, area = attention_on_object(res.attention, c["prompt"], (c["colour"], c["shape"]), src_masks[i])
@@ -215,37 +218,46 @@ def run(sd, seeds, steps=20, guidance=5.0, parts=("fidelity", "replace", "blend"
                     R[f"rep_scale_{name}"].append(a)
                 R[f"rep_target_{name}"].append(M.object_shape(m) == "square")
         if "blend" in parts:
-            words = ((c["colour"], c["shape"]), (c["colour2"], c["shape"]))
-            blended, deep = (edit(sd, [c["prompt"], col_dst[i]], Replace(), local_blend=LocalBlend(words, level=lv),
-                                  seed=c["seed"], **kw).images[1] for lv in (BLEND_LEVEL, None))
-            named = (("blend", blended), ("blend_deep", deep), ("p2p", out[col_dst[i]]), ("base", base_col[i]))
-            db = background_psnrs(src[i], src_masks[i], [im for _, im in named], c["bg"])
-            for (name, _), v in zip(named, db or ()):
-                R[f"psnr_{name}"].append(v)
-            R["blend_colour_ok"].append(M.object_colour(blended, c["bg"]) == c["colour2"])
-    if "decoder" in parts:  # opt-in: how far the VAE decoder spreads a latent change
-        for i, c in enumerate(cases):
-            lat = [generate(sd, [p], seed=c["seed"], **kw).latents for p in (c["prompt"], col_dst[i])]
-            R["decoder_spread"].append(decoder_spread(sd, *lat))
-    if "reweight" in parts:
-        for i, c in enumerate(tqdm(cases, desc="reweight", disable=not progress)):
-            P = [c["prompt"]] * (1 + len(C_VALUES))
-            out = edit(sd, P, Reweight(equalizer={"big": list(C_VALUES)}), seed=c["seed"], **kw).images
-            a0 = max(int(src_masks[i].sum()), 1)
-            for cv, im in zip(C_VALUES, out[1:]):
-                R[f"area_c{cv:g}"].append(M.object_mask(im, c["bg"]).sum() / a0)
-    if "refine" in parts:
-        P0 = [f"a big {c['colour']} {c['shape']}" for c in cases]
-        P1 = [p + " on a striped background" for p in P0]
-        base = generate_many(sd, P1, seeds, steps, guidance)
-        for i, c in enumerate(tqdm(cases, desc="refine", disable=not progress)):
-            out = edit(sd, [P0[i], P1[i]], Refine(), seed=c["seed"], **kw).images
-            m0 = colour_mask(out[0], c["colour"], None)
-            for name, im in (("p2p", out[1]), ("base", base[i])):
-                m = colour_mask(im, c["colour"], "striped")
-                R[f"refine_iou_{name}"].append(iou(m0, m))
-                R[f"refine_striped_{name}"].append(is_striped(im, m))
-    return R
+            blend_backgrounds(sd, R, c, src[i], src_masks[i], out[col_dst[i]], base_col[i], kw)
+
+
+def blend_backgrounds(sd, R, c, src, src_mask, p2p_image, base_image, kw) -> None:
+    """The colour swap's background PSNRs: with LocalBlend (its mask from the BLEND_LEVEL maps, and
+    from the deepest), without it (`p2p_image`) and the baseline's; and the blended object's colour."""
+    words = ((c["colour"], c["shape"]), (c["colour2"], c["shape"]))
+    blended, deep = (edit(sd, [c["prompt"], colour_swap(c)], Replace(), local_blend=LocalBlend(words, level=lv),
+                          seed=c["seed"], **kw).images[1] for lv in (BLEND_LEVEL, None))
+    named = (("blend", blended), ("blend_deep", deep), ("p2p", p2p_image), ("base", base_image))
+    db = background_psnrs(src, src_mask, [im for _, im in named], c["bg"])
+    for (name, _), v in zip(named, db or ()):
+        R[f"psnr_{name}"].append(v)
+    R["blend_colour_ok"].append(M.object_colour(blended, c["bg"]) == c["colour2"])
+
+
+def reweight_areas(sd, R, cases, src_masks, kw, progress) -> None:
+    """Reweight of "big" with each c of C_VALUES: the object's area over the source's."""
+    for i, c in enumerate(tqdm(cases, desc="reweight", disable=not progress)):
+        P = [c["prompt"]] * (1 + len(C_VALUES))
+        out = edit(sd, P, Reweight(equalizer={"big": list(C_VALUES)}), seed=c["seed"], **kw).images
+        a0 = max(int(src_masks[i].sum()), 1)
+        for cv, im in zip(C_VALUES, out[1:]):
+            R[f"area_c{cv:g}"].append(M.object_mask(im, c["bg"]).sum() / a0)
+
+
+def refine_overlaps(sd, R, cases, kw, progress) -> None:
+    """Refine "a big <colour> <shape>" -> "... on a striped background": the object's IoU with the
+    source's (0.0 when neither has one) and whether the background came out striped, P2P and baseline."""
+    P0 = [f"a big {c['colour']} {c['shape']}" for c in cases]
+    P1 = [p + " on a striped background" for p in P0]
+    base = generate_many(sd, P1, [c["seed"] for c in cases], kw["num_steps"], kw["guidance_scale"])
+    for i, c in enumerate(tqdm(cases, desc="refine", disable=not progress)):
+        out = edit(sd, [P0[i], P1[i]], Refine(), seed=c["seed"], **kw).images
+        m0 = colour_mask(out[0], c["colour"], None)
+        for name, im in (("p2p", out[1]), ("base", base[i])):
+            m = colour_mask(im, c["colour"], "striped")
+            overlap = iou(m0, m)
+            R[f"refine_iou_{name}"].append(0.0 if math.isnan(overlap) else overlap)
+            R[f"refine_striped_{name}"].append(is_striped(im, m))
 
 
 def mean(x):
@@ -327,10 +339,6 @@ GRID_PROMPTS = ("a big red circle on a blue background", "a big yellow square on
 def save_grid(sd, path, seeds=(0, 1, 2, 3), steps=20, guidance=5.0) -> np.ndarray:
     """Rows: GRID_PROMPTS; columns: seeds. Then two rows (seeds[0], seeds[1]) of Replace
     circle -> square on the first prompt: source | P2P | fixed-seed baseline. Upscaled 4x, nearest."""
-    from PIL import Image
-
-    from p2p import Replace, edit
-
     rows = [np.concatenate(list(generate_many(sd, [p] * len(seeds), list(seeds), steps, guidance)), 1)
             for p in GRID_PROMPTS]
     P = [GRID_PROMPTS[0], GRID_PROMPTS[0].replace("circle", "square")]
@@ -344,40 +352,55 @@ def save_grid(sd, path, seeds=(0, 1, 2, 3), steps=20, guidance=5.0) -> np.ndarra
     return img
 
 
-def main(argv=None) -> int:
+def print_bounds(path) -> None:
+    """`--bounds-from`: subset_bounds of a --json file, as a markdown table."""
+    R = json.loads(Path(path).read_text())
+    print(f"{path}: mean over every seed, and the 0.1% / 99.9% quantiles of the mean of 12 of them\n")
+    print("| measurement | mean | 0.1% | 99.9% |\n|---|---|---|---|")
+    for key, (m, lo, hi) in subset_bounds(R).items():
+        print(f"| {key} | {m:.3f} | {lo:.3f} | {hi:.3f} |")
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m p2p.miniature.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
+    ap.add_argument("--checkpoint", default=NAME, help="a checkpoint file, or a name in weights_tools.registry "
+                    f"(default {NAME!r}: the shipped one)")
     ap.add_argument("--seeds", type=int, default=100, help="evaluate seeds 0..N-1")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--parts", default="fidelity,replace,blend,reweight,refine")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(ALL_PARTS)}")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the per-seed numbers here")
     ap.add_argument("--grid", default=None, help="also write a picture grid (GRID_PROMPTS x 4 seeds, and a Replace row)")
     ap.add_argument("--bounds-from", default=None, metavar="JSON",
                     help="evaluate nothing: from a --json file, print each measurement's mean and the 0.1%% and 99.9%% "
                          "quantiles of its mean over 12 seeds (the margins the claims test may assert)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     a = ap.parse_args(argv)
+    parts = tuple(a.parts.split(","))
+    unknown = [p for p in parts if p not in ALL_PARTS]
+    if unknown:
+        ap.error(f"--parts: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_PARTS)}")
     if a.bounds_from:
-        R = json.loads(Path(a.bounds_from).read_text())
-        print(f"{a.bounds_from}: mean over every seed, and the 0.1% / 99.9% quantiles of the mean of 12 of them\n")
-        print("| measurement | mean | 0.1% | 99.9% |\n|---|---|---|---|")
-        for key, (m, lo, hi) in subset_bounds(R).items():
-            print(f"| {key} | {m:.3f} | {lo:.3f} | {hi:.3f} |")
+        print_bounds(a.bounds_from)
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
-    sd = load(a.checkpoint)
+    sd = load_checkpoint(a.checkpoint)
     if a.grid:
         save_grid(sd, a.grid, steps=a.steps, guidance=a.guidance)
         print(f"wrote {a.grid}")
     if a.seeds <= 0:
         return 0
-    R = run(sd, list(range(a.seeds)), a.steps, a.guidance, tuple(a.parts.split(",")))
+    R = run(sd, list(range(a.seeds)), a.steps, a.guidance, parts)
     print(f"checkpoint {a.checkpoint}, seeds 0..{a.seeds - 1}, DDIM {a.steps} steps, guidance {a.guidance}\n")
     print(table(R, a.seeds))
     if a.json:
-        Path(a.json).write_text(json.dumps({k: [float(x) for x in v] for k, v in R.items()}))
+        write_bytes_atomic(a.json, json.dumps({k: [float(x) for x in v] for k, v in R.items()}).encode())
     return 0
 
 
