@@ -58,26 +58,29 @@ def ssim(a, b, where=None) -> float:
     return float(m.mean())
 
 
+def _diff(a, b, where) -> np.ndarray | None:
+    """a - b (float64, uint8 units) at the pixels where `where` (bool (H, W)) is True, or everywhere;
+    None for an empty region (the metrics over it are nan: undefined, not perfect)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if where is None:
+        return d
+    where = np.asarray(where, bool)
+    return d[where] if where.any() else None
+
+
 def psnr(a, b, where=None) -> float:
     """10 log10(255^2 / MSE) over the pixels where `where` is True (all channels); inf if equal."""
-    d = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
-    if where is not None:
-        where = np.asarray(where, bool)
-        if not where.any():
-            return float("nan")
-        d = d[where]
-    mse = d.mean()
+    d = _diff(a, b, where)
+    if d is None:
+        return float("nan")
+    mse = (d ** 2).mean()
     return float("inf") if mse == 0 else float(10 * math.log10(255 ** 2 / mse))
 
 
 def mean_abs_change(a, b, where=None) -> float:
-    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / 255
-    if where is not None:
-        where = np.asarray(where, bool)
-        if not where.any():
-            return float("nan")
-        d = d[where]
-    return float(d.mean())
+    """Mean |a - b| on 0..1 over the pixels where `where` is True (all channels)."""
+    d = _diff(a, b, where)
+    return float("nan") if d is None else float((np.abs(d) / 255).mean())
 
 
 def latent_l2(z_src: torch.Tensor, z_edit: torch.Tensor) -> float:
