@@ -46,6 +46,7 @@ from .pipeline import denoise, guidance, guided_step, picture_size
 
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")
 FORMAT = "p2p-inversion"
+SETTINGS = ("num_steps", "guidance_scale", "steps_offset", "height", "width")  # what an edit from it reuses
 
 
 @dataclass
@@ -80,10 +81,8 @@ class Inversion:
                              f"{prompts[0] if prompts else None!r}")
         if latents is not None:
             raise ValueError("an edit from an inversion starts from its x_T: do not pass latents as well")
-        mine = dict(num_steps=self.num_steps, guidance_scale=self.guidance_scale, steps_offset=self.steps_offset,
-                    height=self.height, width=self.width)
-        given = dict(num_steps=num_steps, guidance_scale=guidance_scale, steps_offset=steps_offset,
-                     height=height, width=width)
+        mine = {k: getattr(self, k) for k in SETTINGS}
+        given = dict(zip(SETTINGS, (num_steps, guidance_scale, steps_offset, height, width)))
         for key, value in given.items():
             if value is not None and value != mine[key]:
                 raise ValueError(f"{key}={value} conflicts with the inversion's {key}={mine[key]}; "
@@ -113,9 +112,8 @@ class Inversion:
             tensors["uncond_embeddings"] = torch.stack(list(self.uncond_embeddings))
         if self.residuals is not None:
             tensors["residuals"] = torch.cat(list(self.residuals))
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        meta = {k: getattr(self, k) for k in ("method", "prompt", "num_steps", "guidance_scale", "steps_offset",
-                                              "height", "width")} | {"info": self.info}
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+        meta = {k: getattr(self, k) for k in ("method", "prompt", *SETTINGS)} | {"info": self.info}
         return save_safetensors_atomic(tensors, path, {"format": FORMAT, "inversion": json.dumps(meta)})
 
     @classmethod
