@@ -55,17 +55,13 @@ def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) ->
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
-def guided_eps(sd, x, t, uncond, cond, guidance_scale, attn_override=None) -> torch.Tensor:
-    """The guided noise prediction for latents x (B, 4, h, w), in ONE UNet call on the batch
-    [uncond..., cond...] as the reference. cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
+def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None) -> torch.Tensor:
+    """One guided DDIM step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
+    methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference.
+    cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
     context = torch.cat([uncond.expand(x.shape[0], -1, -1), cond])
     eps_u, eps_c = sd.unet(torch.cat([x, x]), t, context, attn_override=attn_override).chunk(2)
-    return guidance(eps_u, eps_c, guidance_scale)
-
-
-def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None) -> torch.Tensor:
-    """One guided DDIM step: the sampling loop's, and the one the inversion methods retrace."""
-    return scheduler.step(guided_eps(sd, x, t, uncond, cond, guidance_scale, attn_override), t, x)
+    return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
 
 
 def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM",
