@@ -14,9 +14,15 @@ import importlib.util
 import warnings
 from pathlib import Path
 
+import regex
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    import ftfy
+except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected without it
+    ftfy = None
 
 from .config import CLIPTextConfig
 
@@ -56,8 +62,6 @@ class Tokenizer:
     PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
     def __init__(self, vocab_path: str | Path | None = None):
-        import regex
-
         with gzip.open(vocab_path or bpe_vocab_path(), "rt", encoding="utf-8") as f:
             merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
         symbols = list(bytes_to_unicode().values())
@@ -96,11 +100,8 @@ class Tokenizer:
 
     @staticmethod
     def normalize(text: str) -> str:
-        try:
-            import ftfy
+        if ftfy is not None:
             text = ftfy.fix_text(text)
-        except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected
-            pass
         text = html.unescape(html.unescape(text))
         return " ".join(text.split()).strip().lower()
 

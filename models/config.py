@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -28,6 +30,11 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs
+
+    @property
+    def downsample(self) -> int:
+        """How much the UNet shrinks its input: it halves it once per level after the first."""
+        return 2 ** (len(self.channel_mult) - 1)
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,22 @@ class SDConfig:
     @property
     def default_height(self) -> int:
         return self.image_size * self.vae.downsample
+
+    @property
+    def default_width(self) -> int:
+        return self.default_height  # SD trains on square latents (image_size x image_size)
+
+    @property
+    def size_multiple(self) -> int:
+        """Picture sides must be multiples of this: the VAE divides them by its downsampling factor,
+        then the UNet halves the latent once per level after the first and doubles it back."""
+        return self.vae.downsample * self.unet.downsample
+
+    def check_size(self, height: int, width: int) -> None:
+        """A clear error for a picture size this model cannot denoise."""
+        check_size(height, width, self.size_multiple,
+                   f"the VAE divides the sides by {self.vae.downsample}, then the UNet halves that latent "
+                   f"{len(self.unet.channel_mult) - 1} time(s) and doubles it back")
 
     # ---- reading and writing CompVis-style configs ----
     @classmethod
@@ -147,10 +170,17 @@ class SDConfig:
         return dataclasses.replace(self, **kw)
 
 
+def check_size(height: int, width: int, multiple: int, why: str = "") -> None:
+    """height and width positive multiples of `multiple`, or a ValueError that names them (and why)."""
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        up = [max(1, -(-side // multiple)) * multiple for side in (height, width)]
+        raise ValueError(f"height and width must be positive multiples of {multiple}"
+                         f"{f' ({why})' if why else ''}, got {height}x{width}; "
+                         f"the nearest size at least as large is {up[0]}x{up[1]}")
+
+
 def load_config(path_or_name) -> SDConfig:
     """An `SDConfig` from a YAML/JSON file path, or a name in configs/ ("sd-v1", "tiny")."""
-    import yaml
-
     path = Path(path_or_name)
     if not path.exists():
         path = CONFIG_DIR / f"{path_or_name}.yaml"

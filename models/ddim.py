@@ -38,15 +38,17 @@ class DDIM:
     def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
         """x_t -> x_{t-step}: x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
         t = int(t)
-        a_t, a_prev = self.alpha(t), self.alpha(self.prev_timestep(t))
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        return ddim_update(x, eps, self.alpha(t), self.alpha(self.prev_timestep(t)))
 
     def inverse_step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
         """x_{t-step} -> x_t, the step DDIM inversion takes: the same update with the roles swapped.
 
         The reference evaluates eps at the destination timestep t (not at t - step)."""
         t = int(t)
-        a_t, a_prev = self.alpha(t), self.alpha(self.prev_timestep(t))
-        x0 = (x - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
-        return a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps
+        return ddim_update(x, eps, self.alpha(self.prev_timestep(t)), self.alpha(t))
+
+
+def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_from, a_to) -> torch.Tensor:
+    """The deterministic (eta 0) DDIM move of x from alpha_cumprod a_from to a_to, with noise eps."""
+    x0 = (x - (1 - a_from) ** 0.5 * eps) / a_from ** 0.5
+    return a_to ** 0.5 * x0 + (1 - a_to) ** 0.5 * eps

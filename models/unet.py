@@ -210,7 +210,7 @@ class UNetModel(nn.Module):
         return sites
 
     def forward(self, x, t, context, attn_override=None):
-        """eps = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h and w multiples of 2**levels."""
+        """eps = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h and w multiples of cfg.downsample."""
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))

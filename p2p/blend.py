@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import MAX_LEN, word_token_indices
-from .store import read_level
+from .store import read_sites
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,9 @@ class LocalBlend:
         sub = (word_alpha(tokenizer, prompts, self.substruct_words, "LocalBlend substruct_words")
                if self.substruct_words is not None else None)
         try:
-            level = read_level(sites, self.level)
+            layers = frozenset(s.index for s in read_sites(sites, self.level))
         except ValueError as err:
             raise ValueError(f"LocalBlend {err}") from None
-        layers = frozenset(s.index for s in sites if s.is_cross and s.place in ("down", "up") and s.level == level)
         return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds())
 
 

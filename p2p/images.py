@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.config import check_size
+
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
 
 
@@ -93,9 +95,9 @@ def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
 def load_image(path_or_pil, height: int, width: int, offsets=(0, 0, 0, 0), multiple: int = 1) -> torch.Tensor:
     """A photo as the model's input: (1, 3, height, width) float32 in [-1, 1].
 
-    `multiple`: height and width must be multiples of it (8 * the VAE's downsampling factor)."""
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+    `multiple`: height and width must be multiples of it (a model's is `sd.cfg.size_multiple`: its
+    VAE's downsampling factor times its UNet's)."""
+    check_size(height, width, multiple)
     img = open_image(path_or_pil)
     img = ImageOps.exif_transpose(img)
     img = to_rgb(img)

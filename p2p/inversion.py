@@ -37,14 +37,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from weights_tools.files import atomic_path
+from weights_tools.files import save_safetensors_atomic
+
 from .config import InvertConfig
 from .images import load_image
+from .pipeline import denoise, guidance, guided_step, picture_size
 
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")
 FORMAT = "p2p-inversion"
+SETTINGS = ("num_steps", "guidance_scale", "steps_offset", "height", "width")  # what an edit from it reuses
 
 
 @dataclass
@@ -79,10 +83,8 @@ class Inversion:
                              f"{prompts[0] if prompts else None!r}")
         if latents is not None:
             raise ValueError("an edit from an inversion starts from its x_T: do not pass latents as well")
-        mine = dict(num_steps=self.num_steps, guidance_scale=self.guidance_scale, steps_offset=self.steps_offset,
-                    height=self.height, width=self.width)
-        given = dict(num_steps=num_steps, guidance_scale=guidance_scale, steps_offset=steps_offset,
-                     height=height, width=width)
+        mine = {k: getattr(self, k) for k in SETTINGS}
+        given = dict(zip(SETTINGS, (num_steps, guidance_scale, steps_offset, height, width)))
         for key, value in given.items():
             if value is not None and value != mine[key]:
                 raise ValueError(f"{key}={value} conflicts with the inversion's {key}={mine[key]}; "
@@ -107,25 +109,17 @@ class Inversion:
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:
         """One safetensors file: the tensors, and every setting as JSON in its metadata. Atomic."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
         tensors = {"x_T": self.x_T, "trajectory": torch.cat(list(self.trajectory))}
         if self.uncond_embeddings is not None:
             tensors["uncond_embeddings"] = torch.stack(list(self.uncond_embeddings))
         if self.residuals is not None:
             tensors["residuals"] = torch.cat(list(self.residuals))
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        meta = {k: getattr(self, k) for k in ("method", "prompt", "num_steps", "guidance_scale", "steps_offset",
-                                              "height", "width")} | {"info": self.info}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, "inversion": json.dumps(meta)})
-        return path
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+        meta = {k: getattr(self, k) for k in ("method", "prompt", *SETTINGS)} | {"info": self.info}
+        return save_safetensors_atomic(tensors, path, {"format": FORMAT, "inversion": json.dumps(meta)})
 
     @classmethod
     def load(cls, path) -> "Inversion":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"inversion file {path} does not exist")
@@ -170,12 +164,6 @@ def ddim_inversion(sd, z0: torch.Tensor, cond: torch.Tensor, scheduler, progress
     return trajectory
 
 
-def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler):
-    """One guided DDIM step of a single row, batched [uncond, cond] as the editing loop does it."""
-    eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
-    return scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x)
-
-
 def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_scale, num_inner_steps=10,
                            early_stop_epsilon=1e-5, progress=True):
     """Null-text inversion's optimisation (Mokady et al. 2023, Algorithm 1): one {empty}_t per step."""
@@ -196,8 +184,7 @@ def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_sca
             for j in range(num_inner_steps):
                 with torch.enable_grad():
                     eps_u = sd.unet(latent, t, uncond)
-                    eps = eps_u + guidance_scale * (eps_c - eps_u)
-                    loss = F.mse_loss(scheduler.step(eps, t, latent), target)
+                    loss = F.mse_loss(scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, latent), target)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
@@ -232,6 +219,18 @@ def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance
     return residuals
 
 
+def model_input(sd, image, height: int, width: int, offsets=(0, 0, 0, 0)) -> torch.Tensor:
+    """The image as the VAE's input, (1, 3, H, W) in [-1, 1]: a tensor as it is (its own size), a
+    path or PIL image loaded at height x width (p2p.images). Either size must suit the model."""
+    if not torch.is_tensor(image):
+        sd.cfg.check_size(height, width)
+        return load_image(image, height, width, offsets, sd.cfg.size_multiple)
+    if image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"an image tensor must be (1, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
+    sd.cfg.check_size(image.shape[2], image.shape[3])
+    return image
+
+
 def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps: int = InvertConfig.num_steps,
            guidance_scale: float = InvertConfig.guidance_scale, num_inner_steps: int = InvertConfig.num_inner_steps,
            early_stop_epsilon: float = InvertConfig.early_stop_epsilon, steps_offset: int = InvertConfig.steps_offset,
@@ -247,17 +246,8 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
-    height = height or sd.cfg.default_height
-    width = width or sd.cfg.default_height
-    multiple = 8 * sd.latent_downsample
-    if torch.is_tensor(image):
-        x = image
-        if x.dim() != 4 or x.shape[:2] != (1, 3) or x.shape[2] % multiple or x.shape[3] % multiple:
-            raise ValueError(f"an image tensor must be (1, 3, H, W) with H, W multiples of {multiple}, "
-                             f"got {tuple(x.shape)}")
-        height, width = x.shape[2], x.shape[3]
-    else:
-        x = load_image(image, height, width, offsets, multiple)
+    x = model_input(sd, image, *picture_size(sd, height, width), offsets)
+    height, width = x.shape[2:]
     scheduler = sd.scheduler(num_steps, steps_offset)
     with torch.no_grad():
         z0 = sd.encode(x)
@@ -280,8 +270,6 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
 @torch.no_grad()
 def reconstruct(sd, inversion: Inversion, progress: bool = True) -> torch.Tensor:
     """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets)."""
-    from .pipeline import denoise
-
     cond = sd.encode_text([inversion.prompt])
     uncond, correction = inversion.guidance_inputs(sd, cond)
     return denoise(sd, cond, uncond, inversion.x_T, sd.scheduler(inversion.num_steps, inversion.steps_offset),

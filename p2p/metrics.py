@@ -6,8 +6,9 @@
   chosen pixels.
 * change inside the mask: mean |edit - source| (0..1) over the mask's pixels.
 * latent distance: ||z0_src - z0_edit||_2.
-* attention IoU: the edited word's and the replaced word's cross-attention maps (deepest down/up
-  level, 16x16 for SD v1 at 512 px), each divided by its max and thresholded, as sets of pixels.
+* attention IoU (`iou`): the edited word's and the replaced word's cross-attention maps (deepest down/up
+  level, 16x16 for SD v1 at 512 px), each divided by its max and thresholded, as sets of pixels;
+  nan when both sets are empty (no IoU exists then), as every metric here over an empty region.
 """
 from __future__ import annotations
 
@@ -57,35 +58,43 @@ def ssim(a, b, where=None) -> float:
     return float(m.mean())
 
 
+def _diff(a, b, where) -> np.ndarray | None:
+    """a - b (float64, uint8 units) at the pixels where `where` (bool (H, W)) is True, or everywhere;
+    None for an empty region (the metrics over it are nan: undefined, not perfect)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if where is None:
+        return d
+    where = np.asarray(where, bool)
+    return d[where] if where.any() else None
+
+
 def psnr(a, b, where=None) -> float:
     """10 log10(255^2 / MSE) over the pixels where `where` is True (all channels); inf if equal."""
-    d = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
-    if where is not None:
-        where = np.asarray(where, bool)
-        if not where.any():
-            return float("nan")
-        d = d[where]
-    mse = d.mean()
+    d = _diff(a, b, where)
+    if d is None:
+        return float("nan")
+    mse = (d ** 2).mean()
     return float("inf") if mse == 0 else float(10 * math.log10(255 ** 2 / mse))
 
 
 def mean_abs_change(a, b, where=None) -> float:
-    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / 255
-    if where is not None:
-        where = np.asarray(where, bool)
-        if not where.any():
-            return float("nan")
-        d = d[where]
-    return float(d.mean())
+    """Mean |a - b| on 0..1 over the pixels where `where` is True (all channels)."""
+    d = _diff(a, b, where)
+    return float("nan") if d is None else float((np.abs(d) / 255).mean())
 
 
 def latent_l2(z_src: torch.Tensor, z_edit: torch.Tensor) -> float:
     return float((z_src.double() - z_edit.double()).norm())
 
 
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+def iou(a, b, empty: float = float("nan")) -> float:
+    """|a & b| / |a | b| of two bool masks (torch or numpy, same shape): the project's one IoU.
+
+    Two empty masks have no IoU: the result is `empty`, nan by default, so that a mean over cases
+    (np.nanmean) leaves such a case out instead of counting it as a perfect or a failed match, and a
+    plain mean shows it. Pass empty=0.0 (or 1.0) where a number is needed and its meaning is clear."""
     union = (a | b).sum()
-    return float((a & b).sum() / union) if union else float("nan")
+    return float((a & b).sum() / union) if union else float(empty)
 
 
 def word_map(store, tokenizer, prompt: str, select: int, words, level: int | None = None) -> torch.Tensor:

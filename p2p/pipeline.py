@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from models.clip import default_tokenizer
 
 from .config import EditConfig, GenerateConfig
+from .control import Controller
 
 
 @dataclass
@@ -26,12 +27,15 @@ class Output:
     attention: object = None      # stored attention maps (p2p.store.AttentionStore), when kept
 
 
+def picture_size(sd, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width): the ones given, else the model's default size."""
+    return height or sd.cfg.default_height, width or sd.cfg.default_width
+
+
 def initial_latent(sd, seed: int, height: int, width: int, latents=None, batch: int = 1) -> torch.Tensor:
     """x_T: `latents` if given (1 or N rows), else ONE CPU draw from manual_seed(seed), expanded to the batch."""
+    sd.cfg.check_size(height, width)
     f = sd.latent_downsample
-    if height % (8 * f) or width % (8 * f):
-        raise ValueError(f"height and width must be multiples of {8 * f} (the UNet halves the latent three "
-                         f"times), got {height}x{width}")
     shape = (sd.cfg.unet.in_channels, height // f, width // f)
     if latents is None:
         latents = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
@@ -48,19 +52,30 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)
 
 
+def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u)."""
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None) -> torch.Tensor:
+    """One guided DDIM step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
+    methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference.
+    cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
+    context = torch.cat([uncond.expand(x.shape[0], -1, -1), cond])
+    eps_u, eps_c = sd.unet(torch.cat([x, x]), t, context, attn_override=attn_override).chunk(2)
+    return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
+
+
 def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM",
             correction=None):
     """The guided DDIM loop. cond (B, 77, d); uncond (B, 77, d) or a list of one per step (null-text).
     correction(i, x) -> x, if given, adjusts the latents after step i, before the controller's
     step_callback (Direct Inversion adds its residual to the source row there; see p2p.inversion)."""
-    B = cond.shape[0]
-    x = x_T.to(sd.device, sd.dtype).expand(B, -1, -1, -1)
+    x = x_T.to(sd.device, sd.dtype).expand(cond.shape[0], -1, -1, -1)
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-        context = torch.cat([u.expand(B, -1, -1), cond])
         override = controller.override(i) if controller is not None else None
-        eps_u, eps_c = sd.unet(torch.cat([x, x]), t, context, attn_override=override).chunk(2)
-        x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x)
+        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override)
         if correction is not None:
             x = correction(i, x)
         if controller is not None:
@@ -75,8 +90,7 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
              progress: bool = True) -> Output:
     """Plain text-to-image with DDIM and classifier-free guidance: the loop Algorithm 1 extends."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    height = height or sd.cfg.default_height
-    width = width or sd.cfg.default_height
+    height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     cond = sd.encode_text(prompts)
     uncond = sd.encode_text([""])
@@ -85,8 +99,8 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
 
 
 @torch.no_grad()
-def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None, num_steps: int | None = None,
-         guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
+         num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
          steps_offset: int | None = None, store=None, fast: bool = True, progress: bool = True,
          inversion=None) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
@@ -97,12 +111,10 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     generation with the attention maps kept (`out.attention`). `store` chooses which maps are kept
     (default: cross-attention maps of layers up to 32x32, as the reference).
 
-    Defaults: num_steps 50, guidance_scale 7.5, steps_offset 1. `inversion` (p2p.invert's result)
+    Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1. `inversion` (p2p.invert's result)
     edits a real image: x_T, the unconditional embedding(s) and any per-step correction come from it,
     prompts[0] must be its prompt, and steps / guidance / offset / size are its own (passing a
     different value is an error; `seed` is unused)."""
-    from .control import Controller
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if inversion is not None:
         s = inversion.edit_settings(prompts, num_steps, guidance_scale, steps_offset, height, width, latents)
@@ -111,8 +123,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     num_steps = EditConfig.num_steps if num_steps is None else num_steps  # None: the inversion's, else these
     guidance_scale = EditConfig.guidance_scale if guidance_scale is None else guidance_scale
     steps_offset = EditConfig.steps_offset if steps_offset is None else steps_offset
-    height = height or sd.cfg.default_height
-    width = width or sd.cfg.default_height
+    height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     controller = Controller(default_tokenizer(), prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
     cond = sd.encode_text(prompts)

@@ -14,11 +14,16 @@ import torch
 from models.attention import Site
 
 
+def is_read(site: Site) -> bool:
+    """Maps are read from down/up cross-attention layers only (the reference's from_where=("up", "down"))."""
+    return site.is_cross and site.place in ("down", "up")
+
+
 def read_level(sites, level: int | None = None) -> int:
     """The one rule for which maps are read (LocalBlend's mask, metrics, attention pictures): the
     down/up cross-attention layers at resolution `level`, or at the deepest level when None, as the
     reference (level 2, 16x16, for SD v1 at 512 px). `sites`: the UNet's or a store's."""
-    levels = sorted({s.level for s in sites if s.is_cross and s.place in ("down", "up")})
+    levels = sorted({s.level for s in sites if is_read(s)})
     if not levels:
         raise ValueError("no down/up cross-attention layers to read maps from (were any stored?)")
     if level is None:
@@ -27,6 +32,13 @@ def read_level(sites, level: int | None = None) -> int:
         raise ValueError(f"level={level}: this UNet has down/up cross-attention at levels {levels} only; "
                          f"pick one of them (or None for the deepest, {levels[-1]})")
     return level
+
+
+def read_sites(sites, level: int | None = None) -> list[Site]:
+    """The sites `read_level`'s rule reads, in the order given: down/up cross-attention at that level."""
+    sites = list(sites)
+    level = read_level(sites, level)
+    return [s for s in sites if is_read(s) and s.level == level]
 
 
 @dataclass
@@ -90,8 +102,7 @@ class AttentionStore:
     def level_maps(self, level: int | None = None, select: int = 0) -> torch.Tensor:
         """Step-averaged down/up cross-attention of prompt `select` at `level` (`read_level`'s rule):
         (h, w, K), what metrics and pictures read."""
-        sites = self.layers(("down", "up"), True, level=read_level(self.sites.values(), level))
-        return self.layer_mean(sites)[select]
+        return self.layer_mean(read_sites([self.sites[i] for i in sorted(self.sites)], level))[select]
 
     def aggregate(self, res, from_where=("up", "down"), is_cross=True, select: int = 0) -> torch.Tensor:
         """The reference's aggregate_attention: mean over layers and heads of the step-averaged

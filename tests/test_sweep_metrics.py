@@ -69,3 +69,11 @@ def test_iou_and_helpers():
     assert M.changed_words("a cat", "a big cat") is None
     up = M.upsample_mask(torch.tensor([[True, False], [False, False]]), (4, 4))
     assert up.sum() == 4 and up[:2, :2].all()
+
+
+def test_iou_of_numpy_masks_and_of_two_empty_masks():
+    x, y = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    assert math.isnan(M.iou(x, y)) and M.iou(x, y, empty=0.0) == 0.0     # no IoU exists: nan unless told
+    x[:2], y[1:3] = True, True
+    assert M.iou(x, y) == 4 / 12 and M.iou(x, y, empty=0.0) == 4 / 12     # `empty` is only for that case
+    assert M.iou(x, np.zeros_like(x)) == 0.0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 
 from models import SDConfig
 
@@ -114,8 +115,6 @@ def read_safetensors_header(path: Path, size: int) -> tuple[dict, dict]:
 
 
 def open_safetensors(path: Path, size: int) -> Source:
-    from safetensors import safe_open
-
     raw, metadata = read_safetensors_header(path, size)
     names = _canonical_names(raw, str(path))
     handle = {}
