@@ -100,9 +100,9 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
 
 @torch.no_grad()
 def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
-         num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-         steps_offset: int | None = None, store=None, fast: bool = True, progress: bool = True,
-         inversion=None) -> Output:
+         num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
+         width: int | None = None, steps_offset: int | None = None, store=None, fast: bool = True,
+         progress: bool = True, inversion=None) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's

@@ -152,8 +152,8 @@ def batch_edit(cells: list[Cell], tokenizer) -> BatchEdit:
     s = batch_settings(cells)
     spec, blend = check_settings(s, "batch", tokenizer)
     return BatchEdit([s["prompt"], *s["edits"]], spec, blend,
-                     dict(seed=s["seed"], num_steps=s["num_steps"], guidance_scale=s["guidance_scale"], height=s["height"],
-                          width=s["width"], steps_offset=s["steps_offset"]))
+                     dict(seed=s["seed"], num_steps=s["num_steps"], guidance_scale=s["guidance_scale"],
+                          height=s["height"], width=s["width"], steps_offset=s["steps_offset"]))
 
 
 def checkpoint(batch: list[Cell]):
