@@ -142,6 +142,9 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
                   scale_factor=float(vae.get("scaling_factor", 0.18215)))
     except KeyError as e:
         raise CheckpointError(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{where}: a diffusers config.json has a value of the wrong kind ({e}); "
+                              "cannot tell the architecture") from e
     if scheduler:
         kw.update(linear_start=scheduler.get("beta_start", 0.00085), linear_end=scheduler.get("beta_end", 0.012),
                   num_train_timesteps=scheduler.get("num_train_timesteps", 1000))

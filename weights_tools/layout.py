@@ -181,3 +181,39 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
             and not problems["missing"] and not problems["mismatched"] else ""
         raise CheckpointError(f"{where}: tensors do not fit the model built from {config_source}; "
                               f"{hint}{extra}. Found {describe_problems(problems, n=3)}")
+
+
+# ------------------------------------------------------------------------------------ plausible configs
+# Bounds an architecture read from a file (ldm_config metadata, a diffusers config.json) must keep
+# before anything is built from it: far above every real SD-family model, far below what would make
+# building even the meta-device model take minutes or divide by zero.
+BOUNDS = {"unet.model_channels": (1, 4096), "unet.num_res_blocks": (1, 16), "unet.num_heads": (1, 256),
+          "unet.transformer_depth": (1, 64), "unet.context_dim": (1, 8192), "unet.in_channels": (1, 64),
+          "unet.out_channels": (1, 64), "vae.ch": (1, 2048), "vae.num_res_blocks": (1, 16),
+          "vae.z_channels": (1, 64), "vae.embed_dim": (1, 64), "vae.in_channels": (1, 16), "vae.out_ch": (1, 16),
+          "text.vocab_size": (1, 1_000_000), "text.max_position_embeddings": (1, 4096), "text.width": (1, 8192),
+          "text.layers": (1, 128), "text.heads": (1, 256), "text.intermediate_size": (1, 65536)}
+MULT_BOUNDS = {"unet.channel_mult": (1, 16), "vae.ch_mult": (1, 16)}  # each entry; at most 8 levels
+
+
+def check_plausible(cfg: SDConfig, where: str) -> None:
+    """Refuse an architecture outside BOUNDS, or whose head count does not divide its widths."""
+    def bad(name, value, why):
+        return CheckpointError(f"{where}: its architecture has {name} = {str(value)[:80]}, {why}; the file's "
+                               f"config is corrupt or not a Stable Diffusion model (pass config= to override it)")
+
+    for name, (lo, hi) in BOUNDS.items():
+        part, field = name.split(".")
+        value = getattr(getattr(cfg, part), field)
+        if type(value) is not int or not lo <= value <= hi:
+            raise bad(name, value, f"outside {lo}..{hi}")
+    for name, (lo, hi) in MULT_BOUNDS.items():
+        part, field = name.split(".")
+        mults = getattr(getattr(cfg, part), field)
+        if not 1 <= len(mults) <= 8 or not all(type(m) is int and lo <= m <= hi for m in mults):
+            raise bad(name, mults, f"not 1 to 8 levels of {lo}..{hi}")
+    for m in cfg.unet.channel_mult:
+        if (cfg.unet.model_channels * m) % cfg.unet.num_heads:
+            raise bad("unet.num_heads", cfg.unet.num_heads, f"which does not divide {cfg.unet.model_channels * m}")
+    if cfg.text.width % cfg.text.heads:
+        raise bad("text.heads", cfg.text.heads, f"which does not divide the width {cfg.text.width}")

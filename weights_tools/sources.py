@@ -8,6 +8,7 @@ length then JSON), torch zip (`.ckpt`, `.pt`, `.bin`), or a diffusers folder.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from models import SDConfig
 
 from . import diffusers_keys
-from .layout import CheckpointError, canonical_key
+from .layout import CheckpointError, canonical_key, check_plausible
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
@@ -96,22 +97,63 @@ def open_file(path: Path, size: int, kind: str) -> Source:
 
 
 # ------------------------------------------------------------------------------------ safetensors
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
 def read_safetensors_header(path: Path, size: int) -> tuple[dict, dict]:
-    """(entries, metadata) from the JSON header, checking that the file holds every byte it names."""
+    """(entries, metadata) from the JSON header, every entry checked as loading would check it: the
+    file holds every byte it names, and the tensors tile the data region without overlap or gap."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER:  # (a header longer than the file is refused when the format is sniffed)
+            raise CheckpointError(f"{path}: corrupt safetensors file: its header claims {n} bytes, more than "
+                                  f"the {MAX_HEADER} safetensors allows; {SUPPORTED}")
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e}); {SUPPORTED}") from e
     metadata = header.pop("__metadata__", None) or {}
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: the header describes {8 + n + end} bytes, "
-                              f"the file has {size} (an interrupted download or copy?)")
-    entries = {k: (tuple(v["shape"]), SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"])) for k, v in header.items()}
-    return entries, metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
+    entries = {k: _header_entry(path, k, v) for k, v in header.items()}
+    _check_tiling(path, entries, size - 8 - n)
+    return {k: (shape, dtype) for k, (shape, dtype, _) in entries.items()}, metadata
+
+
+def _header_entry(path: Path, key: str, v) -> tuple[tuple, torch.dtype, tuple[int, int]]:
+    """(shape, dtype, (begin, end)) of one tensor's header entry, or a CheckpointError naming it."""
+    bad = f"{path}: corrupt safetensors header entry {key!r}"
+    if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= v.keys():
+        raise CheckpointError(f"{bad}: it must be a mapping with dtype, shape and data_offsets, got {str(v)[:200]}")
+    dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{bad}: dtype {str(dtype)[:40]!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CheckpointError(f"{bad}: shape must be a list of non-negative integers, got {str(shape)[:200]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{bad}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                              f"got {str(offsets)[:200]}")
+    dt = SAFETENSORS_DTYPES[dtype]
+    nbytes = math.prod(shape) * dt.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(f"{bad}: shape {shape} of {dtype} is {nbytes} bytes, its data_offsets span "
+                              f"{offsets[1] - offsets[0]}")
+    return tuple(shape), dt, tuple(offsets)
+
+
+def _check_tiling(path: Path, entries: dict, data_size: int) -> None:
+    """The tensors' byte ranges, in order, start at 0 and follow one another (what safetensors requires)."""
+    at = 0
+    for key, (_, _, (begin, end)) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+        if begin != at:
+            what = "overlaps the previous tensor" if begin < at else "leaves a gap after the previous tensor"
+            raise CheckpointError(f"{path}: corrupt safetensors file: tensor {key!r} at bytes [{begin}, {end}) {what}")
+        at = end
+    if at > data_size:
+        raise CheckpointError(f"{path}: truncated safetensors file: the header describes {at} bytes of tensors, "
+                              f"the file holds {data_size} (an interrupted download or copy?)")
 
 
 def open_safetensors(path: Path, size: int) -> Source:
@@ -128,10 +170,11 @@ def open_safetensors(path: Path, size: int) -> Source:
     if "ldm_config" in metadata:
         try:
             src.config = SDConfig.from_ldm(json.loads(metadata["ldm_config"]))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: its `ldm_config` metadata is not a usable CompVis config ({e}); "
                                   "pass config= to override it") from e
         src.config_source = "the file's ldm_config metadata"
+        check_plausible(src.config, f"{path} (ldm_config metadata)")
     return src
 
 
@@ -194,9 +237,12 @@ def _weights_file(folder: Path) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable config ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a config.json is a mapping of settings, got a {type(data).__name__}")
+    return data
 
 
 def open_diffusers(folder: Path) -> Source:
@@ -211,6 +257,10 @@ def open_diffusers(folder: Path) -> Source:
                               "(missing component); SD v1 needs unet/, vae/ and text_encoder/, each with "
                               "config.json and weights")
     configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = diffusers_keys.sd_config(configs["unet"], configs["vae"], configs["text_encoder"],
+                                   _read_json(sched_path) if sched_path.exists() else None, str(folder))
+    check_plausible(cfg, f"{folder} (config.json files)")
     entries, fetchers = {}, {}
     for part, d in parts.items():
         sub_path = _weights_file(folder / d)
@@ -219,9 +269,6 @@ def open_diffusers(folder: Path) -> Source:
             ldm = diffusers_keys.to_ldm_key(part, key, configs[part], str(folder / d))
             entries[ldm] = entry
             fetchers[ldm] = (sub.fetch, key)
-    sched_path = folder / "scheduler" / "scheduler_config.json"
-    cfg = diffusers_keys.sd_config(configs["unet"], configs["vae"], configs["text_encoder"],
-                                   _read_json(sched_path) if sched_path.exists() else None, str(folder))
     return Source(str(folder), "diffusers", entries, lambda k: fetchers[k][0](fetchers[k][1]),
                   {"model_index": _read_json(folder / "model_index.json")} if (folder / "model_index.json").exists()
                   else {}, cfg, "the diffusers config.json files")

@@ -1,0 +1,93 @@
+"""Corrupt and hostile checkpoint files get a CheckpointError naming the problem, from loading and from
+`inspect` alike, before anything large is allocated or built (each file is built here, a few bytes)."""
+import json
+import shutil
+import struct
+
+import pytest
+
+from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
+
+from conftest import GOLDEN_CKPT
+
+
+def raw_safetensors(path, header: dict, data: bytes = b"", length: int | None = None):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+    return path
+
+
+def refused_everywhere(path, pattern):
+    """load_checkpoint and inspect_checkpoint both refuse the file with the same kind of message."""
+    for read in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=pattern):
+            read(path)
+
+
+F32 = lambda shape, begin: {"dtype": "F32", "shape": shape, "data_offsets": [begin, begin + 4 * _n(shape)]}  # noqa
+_n = lambda shape: eval("*".join(map(str, shape)) or "1")  # noqa: E731
+
+
+@pytest.mark.parametrize("header, data, pattern", [
+    ({"a": F32([2], 0), "b": F32([2], 4)}, bytes(12), "overlaps the previous tensor"),
+    ({"a": F32([2], 0), "b": F32([2], 12)}, bytes(20), "leaves a gap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), r"0 <= begin <= end"),
+    ({"a": {"dtype": "F128", "shape": [2], "data_offsets": [0, 32]}}, bytes(32), "dtype 'F128' is not one of"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "is 12 bytes, its data_offsets span 8"),
+    ({"a": [1, 2, 3]}, b"", "must be a mapping with dtype, shape and data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), "must be a mapping with dtype, shape and data_offsets"),
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, bytes(8), "shape must be a list"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "shape must be a list"),
+    ({"a": F32([4], 0)}, bytes(8), "truncated safetensors file"),
+    ({"__metadata__": {"x": 1}, "a": F32([2], 0)}, bytes(8), "__metadata__ must map names to strings"),
+])
+def test_corrupt_safetensors_headers(tmp_path, header, data, pattern):
+    refused_everywhere(raw_safetensors(tmp_path / "bad.safetensors", header, data), pattern)
+
+
+def test_header_length_beyond_the_file(tmp_path):
+    path = raw_safetensors(tmp_path / "bad.safetensors", {"a": F32([2], 0)}, bytes(8), length=3 << 30)
+    refused_everywhere(path, "its header alone should be 3221225472 bytes")
+
+
+def test_header_longer_than_safetensors_allows(tmp_path):
+    path = raw_safetensors(tmp_path / "bad.safetensors", {"a": F32([2], 0)}, bytes(8), length=200 << 20)
+    path.write_bytes(path.read_bytes() + bytes(200 << 20))  # the file is long enough: the format's limit refuses it
+    refused_everywhere(path, "more than the 104857600 safetensors allows")
+
+
+def with_ldm_config(tmp_path, edit):
+    """The golden checkpoint with its ldm_config metadata edited (the tensors' bytes kept as they are)."""
+    raw = GOLDEN_CKPT.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    cfg = json.loads(header["__metadata__"]["ldm_config"])
+    edit(cfg["model"]["params"])
+    header["__metadata__"]["ldm_config"] = json.dumps(cfg)
+    text = json.dumps(header).encode()
+    path = tmp_path / "edited.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return path
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("num_heads", 0, r"unet.num_heads = 0, outside 1..256"),
+    ("num_res_blocks", 200000, r"unet.num_res_blocks = 200000, outside 1..16"),
+    ("model_channels", "32", r"unet.model_channels = 32, outside"),
+    ("channel_mult", [1] * 40, r"unet.channel_mult = .*not 1 to 8 levels"),
+])
+def test_implausible_architecture_metadata_is_refused_at_once(tmp_path, field, value, pattern):
+    path = with_ldm_config(tmp_path, lambda p: p["unet_config"]["params"].__setitem__(field, value))
+    refused_everywhere(path, pattern)  # before any model is built from it (200000 blocks took minutes)
+
+
+@pytest.mark.parametrize("content, pattern", [("{}", "lacks 'block_out_channels'"), ("[1, 2]", "mapping of settings"),
+                                              ('{"block_out_channels": 3}', "wrong kind")])
+def test_diffusers_unet_config_of_the_wrong_shape(tmp_path, content, pattern):
+    folder = tmp_path / "model"
+    for part in ("unet", "vae", "text_encoder"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text("{}")
+        shutil.copy(GOLDEN_CKPT, folder / part / "diffusion_pytorch_model.safetensors")
+    (folder / "unet" / "config.json").write_text(content)
+    refused_everywhere(folder, pattern)
