@@ -1,12 +1,16 @@
 """Corrupt and hostile checkpoint files get a CheckpointError naming the problem, from loading and from
 `inspect` alike, before anything large is allocated or built (each file is built here, a few bytes)."""
 import json
+import pickle
 import shutil
 import struct
+import zipfile
 
 import pytest
+import torch
 
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
+from weights_tools.safe_pickle import TorchZip
 
 from conftest import GOLDEN_CKPT
 
@@ -91,3 +95,77 @@ def test_diffusers_unet_config_of_the_wrong_shape(tmp_path, content, pattern):
         shutil.copy(GOLDEN_CKPT, folder / part / "diffusion_pytorch_model.safetensors")
     (folder / "unet" / "config.json").write_text(content)
     refused_everywhere(folder, pattern)
+
+
+# ------------------------------------------------------------------------------------ .ckpt (torch zip)
+def torch_zip(path, pickle_bytes: bytes, records: dict | None = None, compress=zipfile.ZIP_STORED):
+    """A zip laid out as torch.save writes it: archive/data.pkl, archive/data/KEY, archive/byteorder."""
+    with zipfile.ZipFile(path, "w", compression=compress) as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/byteorder", "little")
+        for key, data in (records or {}).items():
+            z.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def claim_size(path, name: str, size: int):
+    """Rewrite the central directory's uncompressed size of `name` (what zipfile believes)."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"PK\x01\x02")  # the first central directory entry
+    while True:
+        n, m, k = struct.unpack("<HHH", raw[at + 28:at + 34])
+        if raw[at + 46:at + 46 + n].decode() == name:
+            struct.pack_into("<I", raw, at + 24, size)
+            path.write_bytes(bytes(raw))
+            return path
+        at = raw.index(b"PK\x01\x02", at + 46 + n + m + k)
+
+
+def test_memo_index_beyond_the_pickle(tmp_path):
+    pkl = b"\x80\x02}r" + struct.pack("<I", 1 << 28) + b"."   # {} memoised at index 2**28
+    refused_everywhere(torch_zip(tmp_path / "memo.ckpt", pkl), "names memo entry 268435456")
+
+
+def test_bytearray_larger_than_the_file(tmp_path):
+    pkl = b"\x80\x02c__builtin__\nbytearray\n\x8a\x05" + (3 << 30).to_bytes(5, "little") + b"\x85R."
+    refused_everywhere(torch_zip(tmp_path / "alloc.ckpt", pkl), "bytearray of 3221225472 bytes")
+
+
+def test_str_of_a_shared_nested_list_is_not_allowed(tmp_path):
+    """builtins.str of memo-shared nested lists (each level holds the previous one twice) grows
+    exponentially with the depth; checkpoints never need str() called, so the name is refused."""
+    levels = b"".join(b"0]q" + bytes([i + 1]) + b"(h" + bytes([i]) + b"h" + bytes([i]) + b"e" for i in range(40))
+    pkl = b"\x80\x02c__builtin__\nstr\n]q\x00" + levels + b"\x85R."
+    refused_everywhere(torch_zip(tmp_path / "str.ckpt", pkl), r"`__builtin__.str`")
+
+
+def test_records_claiming_more_than_the_file_holds(tmp_path):
+    state = {"w": torch.zeros(4)}
+    torch.save(state, tmp_path / "ok.ckpt")
+    src = zipfile.ZipFile(tmp_path / "ok.ckpt")
+    pkl_name = next(n for n in src.namelist() if n.endswith("data.pkl"))
+    data_name = next(n for n in src.namelist() if "/data/" in n)
+    shutil.copy(tmp_path / "ok.ckpt", tmp_path / "pkl.ckpt")
+    refused_everywhere(claim_size(tmp_path / "pkl.ckpt", pkl_name, 2 << 30), r"data.pkl` claims 2147483648 bytes")
+    shutil.copy(tmp_path / "ok.ckpt", tmp_path / "rec.ckpt")
+    claim_size(tmp_path / "rec.ckpt", data_name, int(3.5 * (1 << 30)))
+    with pytest.raises(CheckpointError, match="claims 3758096384 bytes"):
+        TorchZip(tmp_path / "rec.ckpt").read(TorchZip(tmp_path / "ok.ckpt").obj["w"])
+
+
+def test_deflated_pickle_beyond_the_limit(tmp_path):
+    pkl = pickle.dumps({"x": "a" * 10}, protocol=2)
+    path = torch_zip(tmp_path / "big.ckpt", pkl, compress=zipfile.ZIP_DEFLATED)
+    refused_everywhere(claim_size(path, "archive/data.pkl", 300 << 20), "claims 314572800 bytes")
+
+
+@pytest.mark.parametrize("length", [6, 7])
+def test_storage_record_of_half_or_odd_length(tmp_path, length):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "ok.ckpt")
+    with zipfile.ZipFile(tmp_path / "ok.ckpt") as src, zipfile.ZipFile(tmp_path / "cut.ckpt", "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data[:length] if "/data/" in name else data)
+    zip_ = TorchZip(tmp_path / "cut.ckpt")
+    with pytest.raises(CheckpointError, match=f"has {length} bytes, which is not the whole torch.float32 elements"):
+        zip_.read(zip_.obj["state_dict"]["w"])

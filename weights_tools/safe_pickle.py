@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import pickletools
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ DANGEROUS_MODULES = frozenset({
     "platform", "pdb", "timeit", "inspect", "gc", "weakref", "_io", "posixpath", "ntpath", "zipimport",
     "pip", "setuptools", "distutils", "urllib", "http", "ftplib", "smtplib", "telnetlib", "requests"})
 
-SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "dict": dict, "list": list, "tuple": tuple, "int": int,
-                 "float": float, "str": str, "bytes": bytes, "bytearray": bytearray, "bool": bool,
-                 "complex": complex, "slice": slice}
+# what pickles of plain values name by GLOBAL (strings, numbers, lists, dicts and tuples are opcodes);
+# `str` and friends are left out on purpose: str() of a memo-shared nested list grows without bound
+SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice}
+MAX_PICKLE = 256 << 20    # data.pkl of a real SD checkpoint is a few MB at most
+MAX_DEFLATE_RATIO = 1032  # the most deflate can expand a record: a larger claim is a lie
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,9 @@ def placeholder_class(module: str, name: str) -> type:
 def _rebuild_tensor(storage, offset, size, stride, *rest):
     if not isinstance(storage, LazyStorage):
         raise CheckpointError(f"tensor rebuilt from a {type(storage).__name__}, not a storage record")
-    return LazyTensor(storage, int(offset), tuple(size), tuple(stride))
+    if not all(type(x) is int for x in (offset, *size, *stride)):
+        raise CheckpointError(f"tensor rebuilt with a non-integer offset, size or stride: {str((offset, size))[:80]}")
+    return LazyTensor(storage, offset, tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
@@ -108,7 +113,7 @@ ALLOWED = {
     ("_codecs", "encode"): lambda s, enc="utf-8", *a: s.encode(enc),  # how protocol 2 pickles bytes
     **{("torch", n): _storage_type(d) for n, d in STORAGE_DTYPES.items()},
     **{("torch", str(d).split(".")[1]): d for d in STORAGE_DTYPES.values()},
-    **{("builtins", n): f for n, f in SAFE_BUILTINS.items()},
+    **{("builtins", n): f for n, f in SAFE_BUILTINS.items()},  # bytearray: RestrictedUnpickler.bytearray
     **{("__builtin__", n): f for n, f in SAFE_BUILTINS.items()},
 }
 
@@ -116,12 +121,21 @@ ALLOWED = {
 class RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allow-listed names; storages become `LazyStorage` records."""
 
-    def __init__(self, file, where: str):
+    def __init__(self, file, where: str, max_bytes: int):
         super().__init__(file)
-        self.where = where
+        self.where, self.max_bytes = where, max_bytes
         self.placeholders: set[str] = set()
 
+    def bytearray(self, *args):
+        """bytearray(n) allocates n bytes: no more than the file itself holds."""
+        if args and isinstance(args[0], int) and not 0 <= args[0] <= self.max_bytes:
+            raise CheckpointError(f"{self.where}: the pickle asks for a bytearray of {args[0]} bytes, more than "
+                                  f"the file's {self.max_bytes}: a corrupt or hostile file")
+        return bytearray(*args)
+
     def find_class(self, module: str, name: str):
+        if module in ("builtins", "__builtin__") and name == "bytearray":
+            return self.bytearray
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         root = module.split(".")[0]
@@ -138,6 +152,31 @@ class RestrictedUnpickler(pickle.Unpickler):
                 and isinstance(pid[1], tuple) and pid[1][0] == "storage_type"):
             raise CheckpointError(f"{self.where}: unsupported persistent id in the pickle: {pid!r:.80}")
         return LazyStorage(str(pid[2]), pid[1][1])
+
+
+MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def check_memo(data: bytes, where: str) -> None:
+    """A memo index names one of the pickle's own values, so it is below the number of opcodes; the C
+    unpickler would otherwise size its memo to whatever index the file claims (2**28: 2 GB)."""
+    try:
+        ops = list(pickletools.genops(data))
+    except Exception as e:  # a corrupt pickle: ValueError, EOFError, ...
+        raise CheckpointError(f"{where}: the checkpoint's pickle is corrupt ({type(e).__name__}: {e})") from e
+    for op, arg, pos in ops:
+        if op.name in MEMO_OPS and isinstance(arg, int) and not 0 <= arg <= len(ops):
+            raise CheckpointError(f"{where}: the checkpoint's pickle names memo entry {arg} at byte {pos}, beyond "
+                                  f"its {len(ops)} opcodes: a corrupt or hostile file")
+
+
+def check_extent(t: LazyTensor, size: int, where: str) -> None:
+    """The storage record holds whole elements and every one the tensor's shape and strides reach."""
+    item = t.dtype.itemsize
+    last = t.offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride)) if all(t.shape) else -1
+    if size % item or t.offset < 0 or any(st < 0 for st in t.stride) or (last + 1) * item > size:
+        raise CheckpointError(f"{where} has {size} bytes, which is not the whole {t.dtype} elements a tensor of "
+                              f"shape {t.shape} at offset {t.offset} needs: a truncated or corrupt checkpoint")
 
 
 class TorchZip:
@@ -158,7 +197,9 @@ class TorchZip:
         self.root = pkl[0][: -len("data.pkl")]
         if f"{self.root}byteorder" in names and self.zip.read(f"{self.root}byteorder").strip() != b"little":
             raise CheckpointError(f"{where}: big-endian torch checkpoint; only little-endian files are supported")
-        unpickler = RestrictedUnpickler(io.BytesIO(self._read_record(pkl[0])), where)
+        data = self._read_record(pkl[0], MAX_PICKLE)
+        check_memo(data, where)
+        unpickler = RestrictedUnpickler(io.BytesIO(data), where, self.path.stat().st_size)
         try:
             self.obj = unpickler.load()
         except CheckpointError:
@@ -167,19 +208,37 @@ class TorchZip:
             raise CheckpointError(f"{where}: the checkpoint's pickle is corrupt ({type(e).__name__}: {e})") from e
         self.placeholders = sorted(unpickler.placeholders)
 
-    def _read_record(self, name: str) -> bytes:
+    def _read_record(self, name: str, limit: int | None = None) -> bytes:
+        self.record_size(name, limit)
         try:
             return self.zip.read(name)
         except (zipfile.BadZipFile, OSError, EOFError, KeyError, zlib.error) as e:
             raise CheckpointError(f"{self.path}: cannot read `{name}` from the checkpoint (truncated or "
                                   f"corrupt: {e})") from e
 
+    def record_size(self, name: str, limit: int | None = None) -> int:
+        """A record's size as its zip entry claims it, checked against the bytes the file holds before
+        anything that size is allocated: stored records as they are, deflated ones at deflate's ratio."""
+        try:
+            info = self.zip.getinfo(name)
+        except KeyError as e:
+            raise CheckpointError(f"{self.path}: the checkpoint has no record `{name}` (truncated or corrupt)") from e
+        stored = info.compress_type == zipfile.ZIP_STORED
+        bound = info.compress_size if stored else info.compress_size * MAX_DEFLATE_RATIO
+        if info.file_size > bound or info.header_offset + info.compress_size > self.path.stat().st_size or (
+                limit is not None and info.file_size > limit):
+            raise CheckpointError(f"{self.path}: record `{name}` claims {info.file_size} bytes, more than the file "
+                                  f"holds for it ({info.compress_size} stored): a corrupt or hostile checkpoint")
+        return info.file_size
+
     def read(self, t: LazyTensor) -> torch.Tensor:
         """The tensor's values, read from its storage record (one storage at a time)."""
         name = f"{self.root}data/{t.storage.key}"
+        size = self.record_size(name)
+        check_extent(t, size, f"{self.path}: tensor storage `{name}`")
         try:
             with self.zip.open(name) as f:
-                buf = bytearray(self.zip.getinfo(name).file_size)
+                buf = bytearray(size)
                 if f.readinto(buf) != len(buf):
                     raise EOFError("short read")
         except (zipfile.BadZipFile, OSError, EOFError, KeyError, zlib.error) as e:
