@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -125,10 +126,10 @@ def check_prompts(cfg: EditConfig, where) -> None:
             raise ValueError(f"{where}: missing {key!r}: set it (prompt: the source prompt; edits: a list of "
                              f"edited prompts)")
     if not all(isinstance(e, str) for e in cfg.edits):
-        raise ValueError(f"{where}: 'edits' must be a list of prompts (strings), got {list(cfg.edits)!r}")
+        raise ValueError(f"{where}: 'edits' must be a list of prompts (strings), got {short(list(cfg.edits))}")
     for key in ("num_steps", "height", "width"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise ValueError(f"{where}: {key!r} must be positive, got {getattr(cfg, key)!r}")
+            raise ValueError(f"{where}: {key!r} must be positive, got {short(getattr(cfg, key))}")
 
 
 # ------------------------------------------------------------------------------- the YAML schema
@@ -167,15 +168,25 @@ def new_name(old: str) -> str | None:
     return RENAMED[head] + dot + rest if head in RENAMED else None
 
 
+REPR = reprlib.Repr()
+REPR.maxlevel, REPR.maxtuple, REPR.maxlist, REPR.maxdict, REPR.maxstring, REPR.maxother = 3, 6, 6, 6, 80, 80
+
+
+def short(value, limit: int = 200) -> str:
+    """repr() of a value from a file, bounded: a message never formats a value of unbounded size."""
+    text = REPR.repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _unknown(where, key, known, what="key") -> ValueError:
     new = new_name(key)
     if new is not None:
         nested = new.startswith("local_blend.") and what == "key"
         fix = f"write local_blend: {{{new.split('.')[1]}: ...}}" if nested else f"rename it to {new!r}"
-        return ValueError(f"{where}: {what} {key!r} is now called {new!r} (the library's name): {fix}")
-    near = difflib.get_close_matches(str(key), sorted(known), n=1)
+        return ValueError(f"{where}: {what} {short(key)} is now called {new!r} (the library's name): {fix}")
+    near = difflib.get_close_matches(str(key)[:200], sorted(known), n=1)
     hint = f"did you mean {near[0]!r}? " if near else ""
-    return ValueError(f"{where}: unknown {what} {key!r}; {hint}the {what}s are {sorted(known)}")
+    return ValueError(f"{where}: unknown {what} {short(key)}; {hint}the {what}s are {sorted(known)}")
 
 
 def check_types(data: dict, schema: dict, where) -> None:
@@ -183,8 +194,23 @@ def check_types(data: dict, schema: dict, where) -> None:
         if key not in schema:
             raise _unknown(where, key, schema)
         if value is not None and not _is(value, schema[key]):
-            raise ValueError(f"{where}: {key!r} has the wrong type ({type(value).__name__}: {value!r}); "
+            raise ValueError(f"{where}: {short(key)} has the wrong type ({type(value).__name__}: {short(value)}); "
                              f"it takes {_type_name(schema[key])}")
+
+
+MAX_YAML_VALUES = 10_000  # values a config may hold with every alias copied out (a real one has < 100)
+
+
+def expanded_size(node, memo: dict) -> int:
+    """How many values a YAML node stands for once its aliases are copied out (each shared node is
+    counted as often as it is used; a recursive alias counts once)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1
+    kids = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else []
+    memo[id(node)] = 1 + sum(expanded_size(k, memo) for k in kids)
+    return memo[id(node)]
 
 
 def read_yaml(path) -> dict:
@@ -192,9 +218,14 @@ def read_yaml(path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        text = path.read_text()
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise ValueError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_VALUES} values; a config "
+                             "holds a few dozen: write the values out, or use fewer nested aliases")
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid YAML: {short(err, 400)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config is a mapping of settings, got {type(data).__name__}")
     return data
@@ -220,7 +251,7 @@ def _local_blend(data: dict | None, where) -> LocalBlend | None:
         raise ValueError(f"{where}: 'local_blend' needs words: [source word, edited word, ...] (one per prompt)")
     th = data.get("th")
     if th is not None and len(th) != 2:
-        raise ValueError(f"{where}: 'local_blend.th' is a pair (mask threshold, substruct threshold), got {th!r}")
+        raise ValueError(f"{where}: 'local_blend.th' is a pair (mask threshold, substruct threshold), got {short(th)}")
     return LocalBlend(**{k: _tuples(v) for k, v in data.items() if v is not None})
 
 
@@ -327,7 +358,7 @@ def _ablation_base(data: dict, path: Path, overrides: dict | None) -> dict:
         if isinstance(b, str):
             bpath = _resolve_path(b, path.parent)
             if not bpath.exists():
-                raise ValueError(f"{path}: 'base': no edit config {b!r} (looked in the working directory and "
+                raise ValueError(f"{path}: 'base': no edit config {short(b)} (looked in the working directory and "
                                  f"{path.parent}); give a path to a configs/edits/*.yaml or a mapping of edit keys")
             b, where = read_yaml(bpath), bpath
         else:
@@ -350,10 +381,10 @@ def _check_grid(grid: dict, path: Path) -> None:
     for knob, values in grid.items():
         t = knob_type(knob, path)
         if not isinstance(values, list) or not values:
-            raise ValueError(f"{path}: grid: {knob!r} must be a non-empty list of values, got {values!r}")
+            raise ValueError(f"{path}: grid: {knob!r} must be a non-empty list of values, got {short(values)}")
         for v in values:
             if not _is(v, t):
-                raise ValueError(f"{path}: grid: {knob!r} value {v!r} has the wrong type "
+                raise ValueError(f"{path}: grid: {knob!r} value {short(v)} has the wrong type "
                                  f"({type(v).__name__}); it takes {_type_name(t)}")
 
 

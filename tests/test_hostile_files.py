@@ -9,6 +9,7 @@ import zipfile
 import pytest
 import torch
 
+from p2p.config import load_edit_config
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
 from weights_tools.safe_pickle import TorchZip
 
@@ -169,3 +170,29 @@ def test_storage_record_of_half_or_odd_length(tmp_path, length):
     zip_ = TorchZip(tmp_path / "cut.ckpt")
     with pytest.raises(CheckpointError, match=f"has {length} bytes, which is not the whole torch.float32 elements"):
         zip_.read(zip_.obj["state_dict"]["w"])
+
+
+# ------------------------------------------------------------------------------------ YAML configs
+def laughs(key: str, depth: int = 9) -> str:
+    """A few hundred bytes of YAML whose aliases stand for 10**depth values under `key`."""
+    lines = ['_a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"_a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, depth)]
+    return "\n".join(lines + [f"{key}: *a{depth - 1}"]) + "\n"
+
+
+@pytest.mark.parametrize("key", ["prompt", "edits", "cross_replace_steps", "local_blend", "seed"])
+def test_yaml_aliases_that_expand_without_bound(tmp_path, key):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(laughs(key))
+    assert path.stat().st_size < 1000
+    with pytest.raises(ValueError, match="aliases .* expand to more than 10000 values") as e:
+        load_edit_config(path)
+    assert len(str(e.value)) < 500
+
+
+def test_a_long_value_is_shortened_in_messages(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("prompt: a cat\nedits: [a dog]\nseed: [" + ", ".join(["12345678"] * 5000) + "]\n")
+    with pytest.raises(ValueError, match="'seed' has the wrong type") as e:
+        load_edit_config(path)
+    assert len(str(e.value)) < 500
