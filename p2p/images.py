@@ -38,6 +38,10 @@ def open_image(path_or_pil) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path} is too large to open safely ({err}); downscale it first, or raise Pillow's limit "
+                         f"(now {Image.MAX_IMAGE_PIXELS} pixels, refused above twice that) in Python with "
+                         "`PIL.Image.MAX_IMAGE_PIXELS = N` before editing it") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
     return img

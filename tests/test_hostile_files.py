@@ -5,6 +5,7 @@ import pickle
 import shutil
 import struct
 import zipfile
+import zlib
 
 import pytest
 import torch
@@ -196,3 +197,21 @@ def test_a_long_value_is_shortened_in_messages(tmp_path):
     with pytest.raises(ValueError, match="'seed' has the wrong type") as e:
         load_edit_config(path)
     assert len(str(e.value)) < 500
+
+
+# ------------------------------------------------------------------------------------ pictures
+def png_claiming(path, width: int, height: int):
+    """A PNG of a few bytes whose header claims width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_picture(tmp_path):
+    from p2p.images import open_image
+
+    with pytest.raises(ValueError, match=r"too large to open safely .* `PIL.Image.MAX_IMAGE_PIXELS = N`"):
+        open_image(png_claiming(tmp_path / "huge.png", 20000, 20000))
