@@ -22,9 +22,13 @@ class DDIM:
                beta_end: float = 0.012, num_train_timesteps: int = 1000) -> "DDIM":
         if not 1 <= num_steps <= num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+        step = num_train_timesteps // num_steps
+        if not 0 <= steps_offset < step + num_train_timesteps - step * num_steps:
+            raise ValueError(f"steps_offset must be in [0, {step + num_train_timesteps - step * num_steps - 1}] for "
+                             f"{num_steps} steps (the first timestep, {(num_steps - 1) * step} + offset, must stay "
+                             f"below {num_train_timesteps}), got {steps_offset}")
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        step = num_train_timesteps // num_steps
         timesteps = torch.arange(0, num_steps, dtype=torch.int64).flip(0) * step + steps_offset
         return cls(alphas_cumprod, timesteps, step)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,30 @@ def check_prompts(cfg: EditConfig, where) -> None:
                              f"edited prompts)")
     if not all(isinstance(e, str) for e in cfg.edits):
         raise ValueError(f"{where}: 'edits' must be a list of prompts (strings), got {short(list(cfg.edits))}")
-    for key in ("num_steps", "height", "width"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise ValueError(f"{where}: {key!r} must be positive, got {short(getattr(cfg, key))}")
+    check_values(cfg, where)
+
+
+# Ranges of the numbers a run takes, checked before a model is loaded or anything allocated: far outside
+# them a run only gives black pictures (nan, inf, 1e30) or allocates gigabytes (a 100000-px side).
+RANGES = {"num_steps": (1, 1000), "height": (8, 16384), "width": (8, 16384), "guidance_scale": (-10000, 10000),
+          "seed": (0, 2 ** 64 - 1), "steps_offset": (0, 999)}  # seed: what torch.Generator.manual_seed takes
+WEIGHT_RANGE = (-10000, 10000)  # a reweighting c; the reference's examples use -5 to 10
+
+
+def in_range(value, lo, hi) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+
+
+def check_values(cfg, where) -> None:
+    """Every number of a GenerateConfig / EditConfig / InvertConfig within RANGES (None: the default)."""
+    for key, (lo, hi) in RANGES.items():
+        value = getattr(cfg, key, None)
+        if value is not None and not in_range(value, lo, hi):
+            raise ValueError(f"{where}: {key!r} must be a finite number from {lo} to {hi}, got {short(value)}")
+    for word, c in (getattr(cfg, "equalizer", None) or {}).items():
+        if not all(in_range(v, *WEIGHT_RANGE) for v in (c if isinstance(c, (list, tuple)) else [c])):
+            raise ValueError(f"{where}: 'equalizer' gives {short(word)} the weight {short(c)}; a weight is a finite "
+                             f"number from {WEIGHT_RANGE[0]} to {WEIGHT_RANGE[1]}")
 
 
 # ------------------------------------------------------------------------------- the YAML schema

@@ -215,3 +215,33 @@ def test_decompression_bomb_picture(tmp_path):
 
     with pytest.raises(ValueError, match=r"too large to open safely .* `PIL.Image.MAX_IMAGE_PIXELS = N`"):
         open_image(png_claiming(tmp_path / "huge.png", 20000, 20000))
+
+
+# ------------------------------------------------------------------------------------ settings
+@pytest.mark.parametrize("flags, pattern", [
+    (["--seed", str(2 ** 70)], r"'seed' must be a finite number from 0 to 18446744073709551615, got 1180591620"),
+    (["--guidance", "nan"], r"'guidance_scale' must be a finite number .* got nan"),
+    (["--guidance", "inf"], r"'guidance_scale' .* got inf"),
+    (["--guidance", "1e30"], r"'guidance_scale' .* got 1e\+30"),
+    (["--weight", "square=nan"], r"'equalizer' gives 'square' the weight nan"),
+    (["--weight", "square=1e30"], r"'equalizer' gives 'square' the weight 1e\+30"),
+    (["--steps", "10000000"], r"'num_steps' must be a finite number from 1 to 1000"),
+    (["--height", "100000"], r"'height' must be a finite number from 8 to 16384"),
+    (["--steps-offset", "-500"], r"'steps_offset' must be a finite number from 0 to 999"),
+])
+def test_absurd_settings_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch, flags, pattern):
+    import p2p.cli
+
+    monkeypatch.setattr(p2p.cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    out = tmp_path / "x.png"
+    argv = ["edit", "--prompt", "a red circle", "--edit", "a red square", *flags, "-o", str(out)]
+    assert p2p.cli.main(argv) == 2
+    assert __import__("re").search(pattern, capsys.readouterr().err) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("steps, offset", [(50, 20), (50, 1000), (1000, 1)])
+def test_steps_offset_past_the_schedule(steps, offset):
+    from models.ddim import DDIM
+
+    with pytest.raises(ValueError, match=r"steps_offset must be in \[0, \d+\] for \d+ steps"):
+        DDIM.create(steps, offset)
