@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from models.clip import default_tokenizer
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
-from weights_tools.files import write_json_atomic
+from weights_tools.files import file_sha256, write_json_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
 from .config import EditConfig, GenerateConfig, InvertConfig, Sampling, load_edit_config, to_dict
@@ -33,22 +32,6 @@ from .viz import attention_pictures, image_grid, save_image
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
              "the miniature SD that ships with the project")
 SAMPLING = [f.name for f in dataclasses.fields(Sampling)]
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a checkpoint file, or of the sorted (name, hash) list of a diffusers folder."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    outer = hashlib.sha256()
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        if not path.is_dir():
-            return h.hexdigest()
-        outer.update(f"{f.relative_to(path)}:{h.hexdigest()}\n".encode())
-    return outer.hexdigest()
 
 
 # ------------------------------------------------------------------------------- flags -> configs

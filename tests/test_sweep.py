@@ -128,3 +128,20 @@ def test_figure_captions_and_csv_rows():
     assert rows[0] == ["cell", "seed", "weight.smiling", *METRIC_COLUMNS]
     assert rows[1][:5] == ["000_x", "1", "[1.0, 2.0]", "inf", "0.5"]
     assert rows[1][3 + METRIC_COLUMNS.index("attention_iou")] == ""
+
+
+def test_a_changed_checkpoint_file_is_recomputed(tmp_path, golden_dir, tiny_sd, monkeypatch):
+    """The resume is keyed on the checkpoint's bytes, not its path: new weights at the same path rerun
+    every cell, and the log says why."""
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes((golden_dir / "tiny-sd-a.safetensors").read_bytes())
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text(ABLATION.format(ckpt=ckpt))
+    out, logs = tmp_path / "runs", []
+    p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=logs.append)
+    done = counting(monkeypatch)
+    p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=logs.append)
+    assert done == []
+    ckpt.write_bytes(ckpt.read_bytes()[:-4] + b"\0\0\0\0")      # other weights, same path and size
+    p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=logs.append)
+    assert len(done) == 4 and "4 to run (4 of them again: their checkpoint file changed" in logs[-2]

@@ -1,6 +1,7 @@
 """Writing files so that a failure never leaves a partial one: the project's one atomic-write helper."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -41,3 +42,19 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], out, metadata: dic
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     return Path(out)
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a checkpoint file, or of the sorted (name, hash) list of a diffusers folder."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    outer = hashlib.sha256()
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if not path.is_dir():
+            return h.hexdigest()
+        outer.update(f"{f.relative_to(path)}:{h.hexdigest()}\n".encode())
+    return outer.hexdigest()

@@ -12,14 +12,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from weights_tools import load_checkpoint
+from weights_tools.files import file_sha256
+from weights_tools.registry import resolve_checkpoint
 
 from . import run
 from .plan import checkpoint, plan_batches, prepare, shard
 from .report import merge
 
 
-def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, bar) -> None:
-    """Each batch on its checkpoint (`sd` when given; else loaded, one kept at a time), its cells saved."""
+def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, bar, identity: dict) -> None:
+    """Each batch on its checkpoint (`sd` when given; else loaded, one kept at a time), its cells saved
+    with the SHA-256 of that checkpoint's bytes (`identity`)."""
     models = {}
     for batch in batches:
         model = sd
@@ -30,7 +33,7 @@ def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, bar) -> None
             model = models[checkpoint(batch)]
         results, images = run.run_batch(model, batch, ab["metrics"], tok)
         for b, (cell, m) in enumerate(zip(batch, results), start=1):
-            run.save_cell(out_dir, cell, m, images[0], images[b])
+            run.save_cell(out_dir, cell, m, images[0], images[b], identity[checkpoint(batch)])
         bar.update(len(batch))
 
 
@@ -40,17 +43,21 @@ def run_sweep(config, out_dir, overrides=None, *, sd=None, progress=True, rank=0
     (its checkpoint must be the cells' one). Returns the merged records on rank 0."""
     out_dir = Path(out_dir)
     ab, cells, tok = prepare(config, overrides)
-    pending = [c for c in cells if not run.is_done(out_dir, c)]
+    identity = {c.settings["ckpt"]: file_sha256(resolve_checkpoint(c.settings["ckpt"])) for c in cells}
+    pending = [c for c in cells if not run.is_done(out_dir, c, identity[c.settings["ckpt"]])]
     if rank == 0:
         run.write_cell_configs(out_dir, cells)
+        stale = sum(run.is_done(out_dir, c) for c in pending)  # done, but on other weights at that path
         log(f"{ab['name']}: {len(cells)} cells, {len(cells) - len(pending)} done, {len(pending)} to run"
+            + (f" ({stale} of them again: their checkpoint file changed since they ran)" if stale else "")
             + (f" on {world} ranks" if world > 1 else ""))
     if barrier:
         barrier()
     batches = shard(plan_batches(pending, ab["batch_size"]), rank, world)
     bar = tqdm(total=sum(map(len, batches)), desc=f"cells (rank {rank})" if world > 1 else "cells",
                disable=not progress, position=rank, unit="cell")
-    _run_batches(out_dir, batches, ab, tok, sd, device or ("cuda" if torch.cuda.is_available() else "cpu"), bar)
+    _run_batches(out_dir, batches, ab, tok, sd, device or ("cuda" if torch.cuda.is_available() else "cpu"), bar,
+                 identity)
     bar.close()
     if barrier:
         barrier()

@@ -46,26 +46,28 @@ def cell_file(out_dir: Path, cell: Cell, suffix: str) -> Path:
     return Path(out_dir) / "cells" / f"{cell.name}{suffix}"
 
 
-def save_cell(out_dir: Path, cell: Cell, metrics: dict, source, image) -> None:
+def save_cell(out_dir: Path, cell: Cell, metrics: dict, source, image, checkpoint_sha256: str | None) -> None:
     save_image(source, cell_file(out_dir, cell, ".source.png"))
     save_image(image, cell_file(out_dir, cell, ".png"))
     write_json(cell_file(out_dir, cell, ".json"), {"cell": cell.name, "index": cell.index, "knobs": cell.knobs,
                                                    "row": cell.row, "col": cell.col, "config_hash": cell.hash,
-                                                   "metrics": metrics})
+                                                   "checkpoint_sha256": checkpoint_sha256, "metrics": metrics})
 
 
-def read_record(out_dir: Path, cell: Cell) -> dict | None:
-    """The cell's JSON if the cell is done with its current settings, else None."""
+def read_record(out_dir: Path, cell: Cell, checkpoint_sha256: str | None = None) -> dict | None:
+    """The cell's JSON if the cell is done with its current settings (and, when given, on the checkpoint
+    whose bytes hash to checkpoint_sha256), else None."""
     try:
         rec = json.loads(cell_file(out_dir, cell, ".json").read_text())
     except (OSError, ValueError):
         return None
     done = rec.get("config_hash") == cell.hash and cell_file(out_dir, cell, ".png").exists()
-    return rec if done else None
+    same_weights = checkpoint_sha256 is None or rec.get("checkpoint_sha256") == checkpoint_sha256
+    return rec if done and same_weights else None
 
 
-def is_done(out_dir: Path, cell: Cell) -> bool:
-    return read_record(out_dir, cell) is not None
+def is_done(out_dir: Path, cell: Cell, checkpoint_sha256: str | None = None) -> bool:
+    return read_record(out_dir, cell, checkpoint_sha256) is not None
 
 
 def write_cell_configs(out_dir: Path, cells: list[Cell]) -> None:
