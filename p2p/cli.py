@@ -111,6 +111,13 @@ def edit_config(args) -> EditConfig:
     return cfg
 
 
+def memory_options(args) -> dict:
+    """--low-memory: the guidance batch in two halves, the VAE one image at a time (tiled above 512 px),
+    the text encoder and VAE offloaded to the CPU between uses; the same pictures (see p2p.pipeline)."""
+    low = bool(getattr(args, "low_memory", False))
+    return {"low_memory": low, "offload": low}
+
+
 def load_model(ckpt):
     return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
 
@@ -127,9 +134,10 @@ def cmd_generate(args) -> int:
     sd = load_model(cfg.ckpt)
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                       steps_offset=cfg.steps_offset)
+                       steps_offset=cfg.steps_offset, **memory_options(args))
     save_image(image_grid(out.images, list(cfg.prompts), min_size=256), args.output)
-    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt), Path(args.output).with_suffix(".json"))
+    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt) | memory_options(args),
+                      Path(args.output).with_suffix(".json"))
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
     return 0
 
@@ -142,7 +150,7 @@ def cmd_edit(args) -> int:
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
                    guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                   steps_offset=cfg.steps_offset, inversion=inv)
+                   steps_offset=cfg.steps_offset, inversion=inv, **memory_options(args))
     output = Path(args.output)
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
     if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
@@ -152,7 +160,8 @@ def cmd_edit(args) -> int:
                         for kind, row in pics.items() for i, pic in enumerate(row)})
     for path, img in outputs.items():
         save_image(img, path)
-    record = settings_record(to_dict(cfg) | photo, cfg.ckpt) | {"spec": repr(spec), "local_blend": repr(blend)}
+    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt) | memory_options(args)
+              | {"spec": repr(spec), "local_blend": repr(blend)})
     write_json_atomic(record, output.with_suffix(".json"))
     print("wrote " + ", ".join(map(str, [*outputs, output.with_suffix(".json")])))
     return 0
@@ -233,6 +242,12 @@ def sampling_options(q, seed: bool = True):
     q.add_argument("--width", type=int)
 
 
+def low_memory_option(q):
+    q.add_argument("--low-memory", dest="low_memory", action="store_true",
+                   help="for small GPUs: the guidance batch in two halves, the VAE one image at a time (tiled "
+                        "above 512 px), text encoder and VAE on the CPU between uses; the same pictures")
+
+
 def inversion_options(q):
     q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"],
                    help=f"how to invert the photo (default {InvertConfig.method})")
@@ -266,6 +281,7 @@ def edit_parser(e) -> None:
     e.add_argument("--show-attention", dest="show_attention", action="store_true", default=None,
                    help="also write per-token cross-attention maps of every prompt")
     sampling_options(e)
+    low_memory_option(e)
     e.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
@@ -281,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", help=CKPT_HELP)
     g.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for a batch")
     sampling_options(g)
+    low_memory_option(g)
     g.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     g.set_defaults(func=cmd_generate)
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
