@@ -72,12 +72,12 @@ def measure(variant: str, size: int, steps: int) -> dict:
 
 def report(mem: dict, args) -> None:
     gib = 2 ** 30
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    machine = [platform.platform(), platform.machine(), f"{os.cpu_count()} cores", f"torch {torch.__version__}",
+               f"Python {platform.python_version()}"]
     print(f"\n## Low-memory mode: SD v1.5-size model, random weights, CPU fp32, {args.size}x{args.size}, "
           f"{args.steps} DDIM steps, 2 prompts + guidance\n")
-    print(f"Command: `{cmd}`  ")
-    print(f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, Python {platform.python_version()}  ")
+    print(f"Command: `python {shlex.join(['benchmarks/low_memory.py', *sys.argv[1:]])}`  ")
+    print(f"Machine: {', '.join(machine)}  ")
     print("Peak memory: one fresh subprocess per variant, ru_maxrss after the call (text encoding, loop, VAE "
           "decode) minus after building the model. Time: that one call, not a benchmark of speed.\n")
     print("| variant | call peak extra GiB | x default | process peak GiB | s (one run) |")

@@ -167,8 +167,8 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def run_inversion(sd, image, prompt, cfg: InvertConfig):
-    return p2p.invert(sd, image, prompt, **dataclasses.asdict(cfg))
+def run_inversion(sd, image, prompt, cfg: InvertConfig, args):
+    return p2p.invert(sd, image, prompt, **dataclasses.asdict(cfg), low_memory=memory_options(args)["low_memory"])
 
 
 def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
@@ -181,7 +181,7 @@ def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
         inv = p2p.Inversion.load(args.inversion)
     else:
         sampling = {k: getattr(cfg, k) for k in SAMPLING}
-        inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling))
+        inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling), args)
     explicit = given(args, Sampling)
     cfg = dataclasses.replace(cfg, **{k: getattr(inv, k) for k in SAMPLING if k not in explicit})
     return cfg, inv, dict(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info)
@@ -193,13 +193,14 @@ def cmd_invert(args) -> int:
     cfg = InvertConfig(**given(args, InvertConfig))
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     sd = load_model(args.ckpt)
-    inv = run_inversion(sd, args.image, args.prompt, cfg)
+    inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
         with torch.no_grad():
-            rec = to_uint8(sd.decode(reconstruct(sd, inv)))[0]
+            low = memory_options(args)["low_memory"]
+            rec = to_uint8(sd.decode(reconstruct(sd, inv, low_memory=low), low_memory=low))[0]
     settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
-    record = settings_record(settings, args.ckpt) | {"inversion": inv.info}
+    record = settings_record(settings, args.ckpt) | memory_options(args) | {"inversion": inv.info}
     written = [inv.save(args.output)]
     if rec is not None:
         written.append(save_image(rec, args.reconstruction))
@@ -307,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt", required=True, help="a caption of the photo: the source prompt of later edits")
     inversion_options(v)
     sampling_options(v, seed=False)
+    low_memory_option(v)
     v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)

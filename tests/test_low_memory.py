@@ -80,9 +80,17 @@ def test_edit_low_memory_equals_default(tiny_sd, spec, blend):
         assert torch.allclose(a.attention.average(site), b.attention.average(site), atol=1e-5)
 
 
-def test_inversion_edit_low_memory_equals_default(tiny_sd):
-    image = torch.linspace(-1, 1, 64 * 64 * 3).reshape(1, 3, 64, 64)
-    inv = invert(tiny_sd, image, PROMPTS[0], method="direct", num_steps=STEPS, progress=False)
+IMAGE = torch.linspace(-1, 1, 64 * 64 * 3).reshape(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("method", ["direct", "null-text"])
+def test_inversion_and_its_edit_low_memory_equal_default(tiny_sd, method):
+    kw = dict(method=method, num_steps=STEPS, num_inner_steps=2, progress=False)
+    inv = invert(tiny_sd, IMAGE, PROMPTS[0], **kw)
+    inv_low = invert(tiny_sd, IMAGE, PROMPTS[0], low_memory=True, **kw)
+    assert torch.equal(inv.x_T, inv_low.x_T)               # DDIM inversion runs the conditional half alone
+    for a, b in zip(inv.residuals or inv.uncond_embeddings, inv_low.residuals or inv_low.uncond_embeddings):
+        assert (a - b).abs().max() < 1e-4
     a = edit(tiny_sd, PROMPTS, Replace(), inversion=inv, progress=False)
     b = edit(tiny_sd, PROMPTS, Replace(), inversion=inv, progress=False, low_memory=True, offload=True)
     assert_same_result(a, b)
