@@ -84,7 +84,9 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
     x = x_T.to(sd.device, sd.dtype).expand(cond.shape[0], -1, -1, -1)
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-        override = controller.override(i, cond_only=low_memory) if controller is not None else None
+        override = None
+        if controller is not None:  # (a controller without the low-memory mode need not take cond_only)
+            override = controller.override(i, cond_only=True) if low_memory else controller.override(i)
         x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override, low_memory)
         if correction is not None:
             x = correction(i, x)
