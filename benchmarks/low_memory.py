@@ -75,7 +75,7 @@ def report(mem: dict, args) -> None:
     gib = 2 ** 30
     machine = [platform.platform(), platform.machine(), f"{os.cpu_count()} cores", f"torch {torch.__version__}",
                f"Python {platform.python_version()}"]
-    print(f"\n## Low-memory mode: SD v1.5-size model, random weights, CPU fp32, {args.size}x{args.size}, "
+    print(f"\n## Low-memory mode: SD v1.5-size model, constant weights, CPU fp32, {args.size}x{args.size}, "
           f"{args.steps} DDIM steps, 2 prompts + guidance\n")
     print(f"Command: `python {shlex.join(['benchmarks/low_memory.py', *sys.argv[1:]])}`  ")
     print(f"Machine: {', '.join(machine)}  ")
