@@ -14,6 +14,48 @@ from .vae import AutoencoderKL
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.transformer.text_model."}
 
+TILE = 64  # low-memory decoding: latent tiles of 64 (512 px in SD v1), neighbours overlapping by a quarter
+
+
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of side `tile` covering [0, n), neighbours overlapping by `overlap` or more, the
+    last flush with n; [0] (one tile of side n) when n <= tile."""
+    if n <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tiles of side {tile} need an overlap in [0, {tile}), got {overlap}")
+    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+
+
+def seam_ramp(n: int, ramp: int) -> torch.Tensor:
+    """Blend weights (n,) rising linearly over `ramp` pixels at both ends of a tile, 1 inside."""
+    i = torch.arange(n, dtype=torch.float32) + 0.5
+    return (torch.minimum(i, n - i) / ramp).clamp(max=1.0)
+
+
+def decode_tiled(decode, z: torch.Tensor, tile: int, overlap: int, f: int) -> torch.Tensor:
+    """decode(z) for one latent z (1, C, h, w), in tiles of tile x tile latents overlapping by `overlap`,
+    each decoded alone and blended with linear ramps across the seams (f: pixels per latent).
+
+    Exact when z fits one tile. Otherwise not: each tile's GroupNorm statistics and the mid-block
+    attention see that tile only, not the whole picture (as diffusers' tiled VAE); the pictures
+    differ most near the seams (tests/test_low_memory.py measures and bounds it)."""
+    h, w = z.shape[-2:]
+    if h <= tile and w <= tile:
+        return decode(z)
+    out = weight = None
+    for y in tile_starts(h, tile, overlap):
+        for x in tile_starts(w, tile, overlap):
+            img = decode(z[..., y:y + tile, x:x + tile]).float()
+            th, tw = img.shape[-2:]
+            if out is None:
+                out = img.new_zeros(*img.shape[:2], h * f, w * f)
+                weight = img.new_zeros(h * f, w * f)
+            ramp = (seam_ramp(th, overlap * f)[:, None] * seam_ramp(tw, overlap * f)[None]).to(img.device)
+            out[..., y * f:y * f + th, x * f:x * f + tw] += img * ramp
+            weight[y * f:y * f + th, x * f:x * f + tw] += ramp
+    return (out / weight).to(z.dtype)
+
 
 class StableDiffusion(nn.Module):
     def __init__(self, cfg: SDConfig = SDConfig()):
@@ -48,9 +90,14 @@ class StableDiffusion(nn.Module):
         mean, _ = self.vae.encode_moments(images.to(self.device, self.dtype))
         return mean * self.cfg.scale_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (N, 4, h, w) -> images in [-1, 1] (not clamped), (N, 3, H, W)."""
-        return self.vae.decode(latents.to(self.device, self.dtype) / self.cfg.scale_factor)
+    def decode(self, latents: torch.Tensor, low_memory: bool = False, tile: int = TILE) -> torch.Tensor:
+        """Latents (N, 4, h, w) -> images in [-1, 1] (not clamped), (N, 3, H, W). low_memory: one image
+        at a time, and latents with a side above `tile` in overlapping tiles (see decode_tiled)."""
+        z = latents.to(self.device, self.dtype) / self.cfg.scale_factor
+        if not low_memory:
+            return self.vae.decode(z)
+        f = self.latent_downsample
+        return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
     def scheduler(self, num_steps: int = 50, steps_offset: int = 1) -> DDIM:
         c = self.cfg

@@ -94,6 +94,13 @@ def edit_config(args) -> EditConfig:
     return cfg
 
 
+def memory_options(args) -> dict:
+    """--low-memory: the guidance batch in two halves, the VAE one image at a time (tiled above 512 px),
+    the text encoder and VAE offloaded to the CPU between uses; the same pictures (see p2p.pipeline)."""
+    low = bool(getattr(args, "low_memory", False))
+    return {"low_memory": low, "offload": low}
+
+
 def load_model(ckpt):
     return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
 
@@ -110,9 +117,10 @@ def cmd_generate(args) -> int:
     sd = load_model(cfg.ckpt)
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                       steps_offset=cfg.steps_offset)
+                       steps_offset=cfg.steps_offset, **memory_options(args))
     save_image(image_grid(out.images, list(cfg.prompts), min_size=256), args.output)
-    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt), Path(args.output).with_suffix(".json"))
+    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt) | memory_options(args),
+                      Path(args.output).with_suffix(".json"))
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
     return 0
 
@@ -125,7 +133,7 @@ def cmd_edit(args) -> int:
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
                    guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                   steps_offset=cfg.steps_offset, inversion=inv)
+                   steps_offset=cfg.steps_offset, inversion=inv, **memory_options(args))
     output = Path(args.output)
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
     if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
@@ -135,14 +143,15 @@ def cmd_edit(args) -> int:
                         for kind, row in pics.items() for i, pic in enumerate(row)})
     for path, img in outputs.items():
         save_image(img, path)
-    record = settings_record(to_dict(cfg) | photo, cfg.ckpt) | {"spec": repr(spec), "local_blend": repr(blend)}
+    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt) | memory_options(args)
+              | {"spec": repr(spec), "local_blend": repr(blend)})
     write_json_atomic(record, output.with_suffix(".json"))
     print("wrote " + ", ".join(map(str, [*outputs, output.with_suffix(".json")])))
     return 0
 
 
-def run_inversion(sd, image, prompt, cfg: InvertConfig):
-    return p2p.invert(sd, image, prompt, **dataclasses.asdict(cfg))
+def run_inversion(sd, image, prompt, cfg: InvertConfig, args):
+    return p2p.invert(sd, image, prompt, **dataclasses.asdict(cfg), low_memory=memory_options(args)["low_memory"])
 
 
 def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
@@ -155,7 +164,7 @@ def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
         inv = p2p.Inversion.load(args.inversion)
     else:
         sampling = {k: getattr(cfg, k) for k in SAMPLING}
-        inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling))
+        inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling), args)
     explicit = given(args, Sampling)
     cfg = dataclasses.replace(cfg, **{k: getattr(inv, k) for k in SAMPLING if k not in explicit})
     return cfg, inv, dict(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info)
@@ -167,13 +176,14 @@ def cmd_invert(args) -> int:
     cfg = InvertConfig(**given(args, InvertConfig))
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     sd = load_model(args.ckpt)
-    inv = run_inversion(sd, args.image, args.prompt, cfg)
+    inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
         with torch.no_grad():
-            rec = to_uint8(sd.decode(reconstruct(sd, inv)))[0]
+            low = memory_options(args)["low_memory"]
+            rec = to_uint8(sd.decode(reconstruct(sd, inv, low_memory=low), low_memory=low))[0]
     settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
-    record = settings_record(settings, args.ckpt) | {"inversion": inv.info}
+    record = settings_record(settings, args.ckpt) | memory_options(args) | {"inversion": inv.info}
     written = [inv.save(args.output)]
     if rec is not None:
         written.append(save_image(rec, args.reconstruction))
@@ -216,6 +226,12 @@ def sampling_options(q, seed: bool = True):
     q.add_argument("--width", type=int)
 
 
+def low_memory_option(q):
+    q.add_argument("--low-memory", dest="low_memory", action="store_true",
+                   help="for small GPUs: the guidance batch in two halves, the VAE one image at a time (tiled "
+                        "above 512 px), text encoder and VAE on the CPU between uses; the same pictures")
+
+
 def inversion_options(q):
     q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"],
                    help=f"how to invert the photo (default {InvertConfig.method})")
@@ -249,6 +265,7 @@ def edit_parser(e) -> None:
     e.add_argument("--show-attention", dest="show_attention", action="store_true", default=None,
                    help="also write per-token cross-attention maps of every prompt")
     sampling_options(e)
+    low_memory_option(e)
     e.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
@@ -264,6 +281,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", help=CKPT_HELP)
     g.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for a batch")
     sampling_options(g)
+    low_memory_option(g)
     g.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     g.set_defaults(func=cmd_generate)
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
@@ -273,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt", required=True, help="a caption of the photo: the source prompt of later edits")
     inversion_options(v)
     sampling_options(v, seed=False)
+    low_memory_option(v)
     v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)

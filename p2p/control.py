@@ -6,7 +6,8 @@ the self-attention window) and then, for step i, returns `override(site, q, k, v
 Nothing advances as a side effect of a forward pass: the sampling loop passes the step.
 
 Batch layout, as the reference: the guidance batch is [uncond x B, cond x B]; prompts[0] is the
-source and prompts[1:] the edited prompts; only the conditional rows are edited or stored.
+source and prompts[1:] the edited prompts; only the conditional rows are edited or stored. The
+low-memory mode runs the two halves as two UNet calls and controls only the conditional one.
 """
 from __future__ import annotations
 
@@ -250,25 +251,34 @@ class Controller:
                 and site.pixels <= self.spec.self_replace_max_res ** 2)
 
     # ---- step i's override: three paths, each a short function
-    def override(self, i: int):
-        return partial(self.attend, i)
+    def override(self, i: int, cond_only: bool = False):
+        """Step i's override for a UNet call on [uncond x B, cond x B], or, cond_only, on the conditional
+        rows alone (the low-memory mode's second call; its unconditional call runs with no override,
+        as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass)."""
+        return partial(self.attend_cond if cond_only else self.attend, i)
 
     def attend(self, i: int, site: Site, q, k, v):
-        """Attention of one layer at step i, or None for plain fused attention. Rows: [uncond x B, cond x B]."""
+        """Attention of one layer at step i, or None for plain fused attention. Rows: [uncond x B, cond x B];
+        the unconditional half is never edited or stored."""
         B = self.B
+        out_c = self.attend_cond(i, site, q[B:], k[B:], v[B:])
+        if out_c is None:
+            return None
+        return torch.cat([F.scaled_dot_product_attention(q[:B], k[:B], v[:B]), out_c])
+
+    def attend_cond(self, i: int, site: Site, qc, kc, vc):
+        """The conditional rows (source, then edits) of one layer at step i, or None for plain fused attention."""
         active = self.cross_active(i) if site.is_cross else self.self_active(i, site)
         keep = self.store.wants(site)
         if not (active or keep):
             return None
-        qc, kc, vc = q[B:], k[B:], v[B:]                    # conditional rows: source, then edits
         fast = self.fast_cross if site.is_cross else self.fast_self
         if keep or not fast:
-            out_c = self.on_maps(i, site, active, keep, qc, kc, vc)
-        elif site.is_cross:
-            out_c = self.cross_on_values(i, qc, kc, vc)
-        else:                                               # self-attention: softmax(q_t k_t^T) v*
-            out_c = F.scaled_dot_product_attention(qc[:1].expand(B, -1, -1, -1), kc[:1].expand(B, -1, -1, -1), vc)
-        return torch.cat([F.scaled_dot_product_attention(q[:B], k[:B], v[:B]), out_c])
+            return self.on_maps(i, site, active, keep, qc, kc, vc)
+        if site.is_cross:
+            return self.cross_on_values(i, qc, kc, vc)
+        B = self.B                                          # self-attention: softmax(q_t k_t^T) v*
+        return F.scaled_dot_product_attention(qc[:1].expand(B, -1, -1, -1), kc[:1].expand(B, -1, -1, -1), vc)
 
     def on_maps(self, i, site, active, keep, qc, kc, vc):
         """The definition: form M, edit it (edit_cross / inject_self), store it if kept, return M V."""

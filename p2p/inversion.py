@@ -165,8 +165,10 @@ def ddim_inversion(sd, z0: torch.Tensor, cond: torch.Tensor, scheduler, progress
 
 
 def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_scale, num_inner_steps=10,
-                           early_stop_epsilon=1e-5, progress=True):
-    """Null-text inversion's optimisation (Mokady et al. 2023, Algorithm 1): one {empty}_t per step."""
+                           early_stop_epsilon=1e-5, progress=True, low_memory=False):
+    """Null-text inversion's optimisation (Mokady et al. 2023, Algorithm 1): one {empty}_t per step.
+    Its inner loop runs the two halves of guidance apart already; low_memory splits each step's
+    closing guided step too (pipeline.guided_step)."""
     S = len(scheduler.timesteps)
     if S >= 100:
         raise ValueError(f"null-text inversion's learning rate 1e-2 (1 - i/100) reaches 0 at step 100; "
@@ -198,13 +200,14 @@ def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_sca
             iterations.append(j + 1 if num_inner_steps else 0)
             losses.append(loss_item)
             with torch.no_grad():
-                latent = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler)
+                latent = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler, low_memory=low_memory)
     bar.close()
     return embeddings, {"inner_iterations": iterations, "losses": losses}
 
 
 @torch.no_grad()
-def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance_scale, progress=True) -> list:
+def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance_scale, progress=True,
+                               low_memory=False) -> list:
     """Direct Inversion (Ju et al. 2024): r_t = z*_{t-1} - guided_step(z_t), z_{t-1} = guided_step(z_t) + r_t.
 
     The latent follows prev + r (not z* itself), the same arithmetic the editing loop does, so the
@@ -213,7 +216,7 @@ def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance
     latent, residuals = trajectory[-1], []
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="direct inversion", disable=not progress,
                                leave=False)):
-        prev = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler)
+        prev = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler, low_memory=low_memory)
         residuals.append(trajectory[S - i - 1] - prev)
         latent = prev + residuals[-1]
     return residuals
@@ -235,13 +238,14 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
            guidance_scale: float = InvertConfig.guidance_scale, num_inner_steps: int = InvertConfig.num_inner_steps,
            early_stop_epsilon: float = InvertConfig.early_stop_epsilon, steps_offset: int = InvertConfig.steps_offset,
            height: int | None = None, width: int | None = None, offsets=InvertConfig.offsets,
-           progress: bool = True) -> Inversion:
+           progress: bool = True, low_memory: bool = False) -> Inversion:
     """Invert a real image for editing with `edit(sd, [prompt, ...], spec, inversion=inv)`.
 
     image: a path, a PIL image (any mode; see p2p.images) or a (1, 3, H, W) tensor in [-1, 1].
     method: "null-text" (default, the paper's), "ddim", "negative-prompt" or "direct" (see the module).
     The null-text notebook ran with steps_offset 0 (timesteps 980..0); the default here is 1 (981..1),
-    as generate() and edit(); pass steps_offset=0 to match the notebook."""
+    as generate() and edit(); pass steps_offset=0 to match the notebook. low_memory: guided steps in
+    two halves (see pipeline.guided_step); DDIM inversion runs the conditional half alone anyway."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if num_inner_steps < 0:
@@ -258,19 +262,21 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     info = {"offsets": list(offsets)}
     if method == "null-text":
         embeddings, stats = null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_scale,
-                                                   num_inner_steps, early_stop_epsilon, progress)
+                                                   num_inner_steps, early_stop_epsilon, progress, low_memory)
         info |= {"num_inner_steps": num_inner_steps, "early_stop_epsilon": early_stop_epsilon} | stats
     elif method == "direct":
-        residuals = direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance_scale, progress)
+        residuals = direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance_scale, progress,
+                                               low_memory)
     return Inversion(method, prompt, num_steps, float(guidance_scale), steps_offset, int(height), int(width),
                      x_T=trajectory[-1], trajectory=trajectory, uncond_embeddings=embeddings, residuals=residuals,
                      info=info)
 
 
 @torch.no_grad()
-def reconstruct(sd, inversion: Inversion, progress: bool = True) -> torch.Tensor:
+def reconstruct(sd, inversion: Inversion, progress: bool = True, low_memory: bool = False) -> torch.Tensor:
     """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets)."""
     cond = sd.encode_text([inversion.prompt])
     uncond, correction = inversion.guidance_inputs(sd, cond)
     return denoise(sd, cond, uncond, inversion.x_T, sd.scheduler(inversion.num_steps, inversion.steps_offset),
-                   inversion.guidance_scale, progress=progress, desc="reconstruction", correction=correction)
+                   inversion.guidance_scale, progress=progress, desc="reconstruction", correction=correction,
+                   low_memory=low_memory)

@@ -1,12 +1,14 @@
 """Algorithm 1 of the paper: `generate()` (plain text-to-image) and `edit()` (Prompt-to-Prompt).
 
 Both run the reference's loop: one CPU noise draw shared by the batch, classifier-free guidance
-with the batch ordered [uncond..., cond...] in one UNet call, DDIM with eta 0, and images made
-uint8 by truncation. The loop knows the step index and asks the controller for that step's
-attention override; nothing advances as a side effect of a forward pass.
+with the batch ordered [uncond..., cond...] in one UNet call (two halves in the low-memory mode,
+as the reference's LOW_RESOURCE), DDIM with eta 0, and images made uint8 by truncation. The loop
+knows the step index and asks the controller for that step's attention override; nothing advances
+as a side effect of a forward pass.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,25 +59,35 @@ def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) ->
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
-def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None) -> torch.Tensor:
+def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None,
+                low_memory: bool = False) -> torch.Tensor:
     """One guided DDIM step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
-    methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference.
+    methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference; low_memory:
+    two calls of B rows, the unconditional one with no override (attn_override must then take the
+    conditional rows alone: `Controller.override(i, cond_only=True)`).
     cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
-    context = torch.cat([uncond.expand(x.shape[0], -1, -1), cond])
-    eps_u, eps_c = sd.unet(torch.cat([x, x]), t, context, attn_override=attn_override).chunk(2)
+    uncond = uncond.expand(x.shape[0], -1, -1)
+    if low_memory:  # the reference's LOW_RESOURCE: half the UNet's activations at a time
+        eps_u = sd.unet(x, t, uncond)
+        eps_c = sd.unet(x, t, cond, attn_override=attn_override)
+    else:
+        eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override).chunk(2)
     return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
 
 
 def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM",
-            correction=None):
+            correction=None, low_memory: bool = False):
     """The guided DDIM loop. cond (B, 77, d); uncond (B, 77, d) or a list of one per step (null-text).
     correction(i, x) -> x, if given, adjusts the latents after step i, before the controller's
-    step_callback (Direct Inversion adds its residual to the source row there; see p2p.inversion)."""
+    step_callback (Direct Inversion adds its residual to the source row there; see p2p.inversion).
+    low_memory: each step's guidance batch in two halves (see guided_step)."""
     x = x_T.to(sd.device, sd.dtype).expand(cond.shape[0], -1, -1, -1)
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-        override = controller.override(i) if controller is not None else None
-        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override)
+        override = None
+        if controller is not None:  # (a controller without the low-memory mode need not take cond_only)
+            override = controller.override(i, cond_only=True) if low_memory else controller.override(i)
+        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override, low_memory)
         if correction is not None:
             x = correction(i, x)
         if controller is not None:
@@ -83,33 +95,61 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
     return x
 
 
+@contextlib.contextmanager
+def visiting(sd, part: str, offload: bool):
+    """Sequential offload: with offload, sd.<part> (the text encoder or the VAE) comes to the UNet's
+    device for the block and goes back to the CPU after, so that it holds no accelerator memory while
+    the UNet runs. Without, nothing moves."""
+    module = getattr(sd, part)
+    if offload:
+        module.to(next(sd.unet.parameters()).device)
+    try:
+        yield module
+    finally:
+        if offload:
+            module.to("cpu")
+
+
+def decoded(sd, z0, x_T, low_memory: bool, offload: bool, attention=None) -> Output:
+    """The Output of a loop that ended at z0: the VAE's pictures (one at a time and tiled, low_memory) as uint8."""
+    with visiting(sd, "vae", offload):
+        images = to_uint8(sd.decode(z0, low_memory=low_memory))
+    return Output(images=images, latents=z0, x_T=x_T, attention=attention)
+
+
 @torch.no_grad()
 def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_steps: int = GenerateConfig.num_steps,
              guidance_scale: float = GenerateConfig.guidance_scale, height: int | None = None,
              width: int | None = None, steps_offset: int = GenerateConfig.steps_offset,
-             progress: bool = True) -> Output:
-    """Plain text-to-image with DDIM and classifier-free guidance: the loop Algorithm 1 extends."""
+             progress: bool = True, low_memory: bool = False, offload: bool = False) -> Output:
+    """Plain text-to-image with DDIM and classifier-free guidance: the loop Algorithm 1 extends.
+    low_memory: the guidance batch in two halves and the VAE one image at a time (tiled above
+    models.sd.TILE latents a side); the same pictures. offload: the text encoder and the VAE stay on
+    the CPU and visit the UNet's device only while they run (see `visiting`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
-    cond = sd.encode_text(prompts)
-    uncond = sd.encode_text([""])
-    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, progress=progress)
-    return Output(images=to_uint8(sd.decode(z0)), latents=z0, x_T=x_T)
+    with visiting(sd, "text_encoder", offload):
+        cond = sd.encode_text(prompts)
+        uncond = sd.encode_text([""])
+    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, progress=progress,
+                 low_memory=low_memory)
+    return decoded(sd, z0, x_T, low_memory, offload)
 
 
 @torch.no_grad()
 def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
          num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
          width: int | None = None, steps_offset: int | None = None, store=None, fast: bool = True,
-         progress: bool = True, inversion=None) -> Output:
+         progress: bool = True, inversion=None, low_memory: bool = False, offload: bool = False) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's
     maps M_t into the edited prompts through `spec` (Replace / Refine / Reweight), and LocalBlend,
     if given, keeps the source latents outside the edited words' mask. `spec=None` is plain
     generation with the attention maps kept (`out.attention`). `store` chooses which maps are kept
-    (default: cross-attention maps of layers up to 32x32, as the reference).
+    (default: cross-attention maps of layers up to 32x32, as the reference). low_memory and offload
+    as in generate(): the controller then sees the conditional call alone.
 
     Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1. `inversion` (p2p.invert's result)
     edits a real image: x_T, the unconditional embedding(s) and any per-step correction come from it,
@@ -126,8 +166,10 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     controller = Controller(default_tokenizer(), prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
-    cond = sd.encode_text(prompts)
-    uncond, correction = inversion.guidance_inputs(sd, cond) if inversion is not None else (sd.encode_text([""]), None)
+    with visiting(sd, "text_encoder", offload):
+        cond = sd.encode_text(prompts)
+        uncond, correction = (inversion.guidance_inputs(sd, cond) if inversion is not None
+                              else (sd.encode_text([""]), None))
     z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, controller,
-                 progress=progress, desc="Prompt-to-Prompt", correction=correction)
-    return Output(images=to_uint8(sd.decode(z0)), latents=z0, x_T=x_T, attention=controller.store)
+                 progress=progress, desc="Prompt-to-Prompt", correction=correction, low_memory=low_memory)
+    return decoded(sd, z0, x_T, low_memory, offload, controller.store)
