@@ -145,3 +145,15 @@ def test_a_changed_checkpoint_file_is_recomputed(tmp_path, golden_dir, tiny_sd, 
     ckpt.write_bytes(ckpt.read_bytes()[:-4] + b"\0\0\0\0")      # other weights, same path and size
     p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=logs.append)
     assert len(done) == 4 and "4 to run (4 of them again: their checkpoint file changed" in logs[-2]
+
+
+def test_a_second_sweep_in_the_same_folder_is_refused(run, tiny_sd):
+    """Two sweeps writing one folder at once would each compute every cell: the second is refused."""
+    import fcntl
+
+    cfg, out = run
+    with open(out / ".lock", "a+") as held:                     # as a running sweep holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another sweep is writing .* give another -o"):
+            p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)
+    p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)   # released: runs

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -42,7 +44,29 @@ def run_sweep(config, out_dir, overrides=None, *, sd=None, progress=True, rank=0
     """Run the cells of this rank that are not done, then (rank 0) merge. `sd`: a model already loaded
     (its checkpoint must be the cells' one). Returns the merged records on rank 0."""
     out_dir = Path(out_dir)
-    ab, cells, tok = prepare(config, overrides)
+    ab, cells, tok = prepare(config, overrides)       # every cell checked before the folder is touched
+    with (run_folder_lock(out_dir) if rank == 0 else contextlib.nullcontext()):
+        return _run_cells(ab, cells, tok, out_dir, sd, progress, rank, world, barrier, device, log)
+
+
+@contextlib.contextmanager
+def run_folder_lock(out_dir: Path):
+    """One sweep at a time in a run folder (two would compute every cell twice): an exclusive lock on
+    OUT/.lock for the whole run, released when it ends or its process dies."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another sweep is writing {out_dir} (it holds {out_dir / '.lock'}); wait for it to "
+                             "finish, or give another -o") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_cells(ab, cells, tok, out_dir: Path, sd, progress, rank, world, barrier, device, log):
     identity = {c.settings["ckpt"]: file_sha256(resolve_checkpoint(c.settings["ckpt"])) for c in cells}
     pending = [c for c in cells if not run.is_done(out_dir, c, identity[c.settings["ckpt"]])]
     if rank == 0:
