@@ -35,10 +35,19 @@ SAMPLING = [f.name for f in dataclasses.fields(Sampling)]
 
 
 # ------------------------------------------------------------------------------- flags -> configs
+def number(text: str, flag: str, form: str) -> float:
+    """A flag's number, or an error naming the flag and the form it takes."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag} takes {form}; {text!r} is not a number") from None
+
+
 def parse_cross_steps(values):
     """["0.8"] -> 0.8; ["0.2", "0.8"] -> (0.2, 0.8); ["1.0", "lion=0.4"] -> {"default_": 1.0, "lion": 0.4}."""
-    plain = [float(v) for v in values if "=" not in v]
-    words = {w: float(f) for w, _, f in (v.partition("=") for v in values if "=" in v)}
+    form = "F, START END, or F WORD=F ... (fractions of the steps, e.g. 0.8 lion=0.4)"
+    plain = [number(v, "--cross-steps", form) for v in values if "=" not in v]
+    words = {w: number(f, "--cross-steps", form) for w, _, f in (v.partition("=") for v in values if "=" in v)}
     base = plain[0] if len(plain) == 1 else tuple(plain) if plain else (0.0, 1.0)
     return {"default_": base, **words} if words else base
 
@@ -50,7 +59,8 @@ def parse_weights(items) -> dict:
         if "=" not in item:
             raise ValueError(f"--weight takes WORD=C (e.g. car=2), got {item!r}")
         word, c = item.split("=", 1)
-        out[word] = [float(x) for x in c.split(",")] if "," in c else float(c)
+        cs = [number(x, "--weight", "WORD=C or WORD=C1,C2 (one C per edited prompt)") for x in c.split(",")]
+        out[word] = cs if "," in c else cs[0]
     return out
 
 

@@ -228,6 +228,9 @@ def test_decompression_bomb_picture(tmp_path):
     (["--steps", "10000000"], r"'num_steps' must be a finite number from 1 to 1000"),
     (["--height", "100000"], r"'height' must be a finite number from 8 to 16384"),
     (["--steps-offset", "-500"], r"'steps_offset' must be a finite number from 0 to 999"),
+    (["--cross-steps", "abc"], r"--cross-steps takes F, START END, or F WORD=F .*'abc' is not a number"),
+    (["--cross-steps", "0.5", "square=x"], r"--cross-steps takes .*'x' is not a number"),
+    (["--weight", "square=abc"], r"--weight takes WORD=C or WORD=C1,C2 .*'abc' is not a number"),
 ])
 def test_absurd_settings_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch, flags, pattern):
     import p2p.cli
