@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from models.clip import default_tokenizer
 
-from .config import EditConfig, GenerateConfig
+from .config import EditConfig, GenerateConfig, check_values
 from .control import Controller
 
 
@@ -75,6 +75,18 @@ def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override
     return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
 
 
+class NonFiniteError(ValueError):
+    """A run produced nan or inf: raised where it first appears, so that nothing is written from it."""
+
+
+def check_finite(x: torch.Tensor, where: str) -> torch.Tensor:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{where} holds nan or inf: the checkpoint's weights may hold nan/inf (check them with "
+                             "`p2p inspect` and the file's source), or the numbers overflowed (in fp16, decode the "
+                             "VAE in fp32; a huge guidance_scale); nothing was written")
+    return x
+
+
 def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM",
             correction=None, low_memory: bool = False):
     """The guided DDIM loop. cond (B, 77, d); uncond (B, 77, d) or a list of one per step (null-text).
@@ -82,6 +94,8 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
     step_callback (Direct Inversion adds its residual to the source row there; see p2p.inversion).
     low_memory: each step's guidance batch in two halves (see guided_step)."""
     x = x_T.to(sd.device, sd.dtype).expand(cond.shape[0], -1, -1, -1)
+    for text in [cond, *(uncond if isinstance(uncond, (list, tuple)) else [uncond])]:
+        check_finite(text, "the text encoder's output")
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
         override = None
@@ -92,6 +106,7 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
             x = correction(i, x)
         if controller is not None:
             x = controller.step_callback(i, x)
+        check_finite(x, f"the latents after UNet step {i} (t={t})")
     return x
 
 
@@ -113,7 +128,7 @@ def visiting(sd, part: str, offload: bool):
 def decoded(sd, z0, x_T, low_memory: bool, offload: bool, attention=None) -> Output:
     """The Output of a loop that ended at z0: the VAE's pictures (one at a time and tiled, low_memory) as uint8."""
     with visiting(sd, "vae", offload):
-        images = to_uint8(sd.decode(z0, low_memory=low_memory))
+        images = to_uint8(check_finite(sd.decode(z0, low_memory=low_memory), "the VAE decoder's output"))
     return Output(images=images, latents=z0, x_T=x_T, attention=attention)
 
 
@@ -127,6 +142,8 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     models.sd.TILE latents a side); the same pictures. offload: the text encoder and the VAE stay on
     the CPU and visit the UNet's device only while they run (see `visiting`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_values(GenerateConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height,
+                                width=width, steps_offset=steps_offset), "generate()")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     with visiting(sd, "text_encoder", offload):
@@ -163,6 +180,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     num_steps = EditConfig.num_steps if num_steps is None else num_steps  # None: the inversion's, else these
     guidance_scale = EditConfig.guidance_scale if guidance_scale is None else guidance_scale
     steps_offset = EditConfig.steps_offset if steps_offset is None else steps_offset
+    check_values(EditConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
+                            steps_offset=steps_offset), "edit()")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     controller = Controller(default_tokenizer(), prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)

@@ -248,3 +248,30 @@ def test_steps_offset_past_the_schedule(steps, offset):
 
     with pytest.raises(ValueError, match=r"steps_offset must be in \[0, \d+\] for \d+ steps"):
         DDIM.create(steps, offset)
+
+
+# ------------------------------------------------------------------------------------ non-finite runs
+@pytest.mark.parametrize("part, name, where", [
+    ("text_encoder", "final_layer_norm.weight", "the text encoder's output"),
+    ("unet", "out.2.bias", r"the latents after UNet step 0 \(t=751\)"),
+    ("vae", "decoder.conv_out.bias", "the VAE decoder's output"),
+])
+def test_nan_weights_stop_the_run_where_they_show(part, name, where):
+    from p2p import generate
+    from p2p.pipeline import NonFiniteError
+
+    sd = load_checkpoint(GOLDEN_CKPT)
+    with torch.no_grad():
+        dict(getattr(sd, part).named_parameters())[name].fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=where + " holds nan or inf"):
+        generate(sd, ["a cat"], num_steps=4, height=32, width=32, progress=False)
+
+
+@pytest.mark.parametrize("kw, pattern", [(dict(guidance_scale=float("nan")), "'guidance_scale'"),
+                                         (dict(seed=2 ** 70), "'seed'"), (dict(height=100000), "'height'")])
+def test_the_api_refuses_absurd_settings_too(tiny_sd, kw, pattern):
+    from p2p import edit, generate
+
+    for run in (generate, lambda sd, p, **k: edit(sd, [p[0], p[0]], None, **k)):
+        with pytest.raises(ValueError, match=pattern):
+            run(tiny_sd, ["a cat"], progress=False, **kw)
