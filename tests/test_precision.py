@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+import p2p.sweep.command
 from models.attention import Site, attention_probs
 from p2p import AttentionStore, LocalBlend, Refine, Replace, Reweight, edit, generate, invert
 from p2p.cli import main
@@ -32,6 +33,7 @@ from p2p.pipeline import to_uint8
 from weights_tools import load_checkpoint
 
 from test_inversion import smooth_image  # the same photo the inversion tests use
+from test_sweep import ABLATION
 
 STEPS, INNER = 5, 3
 PROMPTS = ["a cat riding a bicycle", "a cat riding a car"]
@@ -156,3 +158,16 @@ def test_cli_dtype(tmp_path, golden_dir, dtype):
     assert main(["generate", "--ckpt", str(golden_dir / "tiny-sd-a.safetensors"), "--prompt", "a cat",
                  "--steps", "2", "--dtype", dtype, "-o", str(out)]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["dtype"] == dtype
+
+
+def test_sweep_dtype_reaches_the_loader(tmp_path, golden_dir, monkeypatch):
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
+    seen = []
+
+    def loader(ckpt, device, dtype):
+        seen.append(dtype)
+        raise ValueError("loaded")  # enough: the sweep asked for the dtype given
+    monkeypatch.setattr(p2p.sweep.command, "load_checkpoint", loader)
+    assert main(["sweep", str(cfg), "-o", str(tmp_path / "run"), "--dtype", "bfloat16", "--no-progress"]) == 2
+    assert seen == [torch.bfloat16]
