@@ -42,9 +42,13 @@ class Site:
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """M = softmax(q k^T / sqrt(d)): (B, heads, N, K). The explicit map the paper edits."""
-    sim = torch.einsum("bhnd,bhkd->bhnk", q, k) * q.shape[-1] ** -0.5
-    return sim.softmax(dim=-1)
+    """M = softmax(q k^T / sqrt(d)): (B, heads, N, K). The explicit map the paper edits.
+
+    q k^T and the softmax run in fp32 whatever the model's dtype (in fp16 the logits overflow, and
+    a half softmax rounds small weights to 0); M comes back in q's dtype, to multiply v. For an
+    fp32 model the casts are no-ops and the result is bit-identical."""
+    sim = torch.einsum("bhnd,bhkd->bhnk", q.float(), k.float()) * q.shape[-1] ** -0.5
+    return sim.softmax(dim=-1).to(q.dtype)
 
 
 class CrossAttention(nn.Module):

@@ -1,6 +1,8 @@
 """StableDiffusion: the parts together. It knows nothing about editing."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -85,20 +87,48 @@ class StableDiffusion(nn.Module):
         """(N, 77, context_dim): CLIP last_hidden_state (after the final layer norm)."""
         return self.text_encoder(self.tokenize(prompts).to(self.device))
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], (N, 3, H, W) -> posterior mean * scale factor (no sampling)."""
-        mean, _ = self.vae.encode_moments(images.to(self.device, self.dtype))
-        return mean * self.cfg.scale_factor
+    def vae_dtype(self, upcast: bool | None) -> torch.dtype:
+        """The dtype the VAE runs in: fp32 if `upcast`, else the model's. None: upcast an fp16 model
+        only, whose VAE overflows to inf (NaN, black pictures) at SD's activations; bf16 has fp32's range."""
+        upcast = self.dtype == torch.float16 if upcast is None else upcast
+        return torch.float32 if upcast else self.dtype
 
-    def decode(self, latents: torch.Tensor, low_memory: bool = False, tile: int = TILE) -> torch.Tensor:
-        """Latents (N, 4, h, w) -> images in [-1, 1] (not clamped), (N, 3, H, W). low_memory: one image
-        at a time, and latents with a side above `tile` in overlapping tiles (see decode_tiled)."""
-        z = latents.to(self.device, self.dtype) / self.cfg.scale_factor
-        if not low_memory:
-            return self.vae.decode(z)
-        f = self.latent_downsample
-        return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
+    def encode(self, images: torch.Tensor, upcast: bool | None = None) -> torch.Tensor:
+        """Images in [-1, 1], (N, 3, H, W) -> posterior mean * scale factor (no sampling), in the
+        model's dtype. `upcast`: run the VAE in fp32 (see `vae_dtype`)."""
+        dtype = self.vae_dtype(upcast)
+        with as_dtype(self.vae, dtype):
+            mean, _ = self.vae.encode_moments(images.to(self.device, dtype))
+        return (mean * self.cfg.scale_factor).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor, upcast: bool | None = None, low_memory: bool = False,
+               tile: int = TILE) -> torch.Tensor:
+        """Latents (N, 4, h, w) -> images in [-1, 1] (not clamped), (N, 3, H, W), in the dtype the VAE
+        ran in. `upcast`: run the VAE in fp32 (see `vae_dtype`). low_memory: one image at a time, and
+        latents with a side above `tile` in overlapping tiles (see decode_tiled)."""
+        dtype = self.vae_dtype(upcast)
+        z = latents.to(self.device, dtype) / self.cfg.scale_factor
+        with as_dtype(self.vae, dtype):
+            if not low_memory:
+                return self.vae.decode(z)
+            f = self.latent_downsample
+            return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
     def scheduler(self, num_steps: int = 50, steps_offset: int = 1) -> DDIM:
         c = self.cfg
         return DDIM.create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps)
+
+
+@contextlib.contextmanager
+def as_dtype(module: nn.Module, dtype: torch.dtype):
+    """Run `module` in `dtype` for the block, then cast it back (fp16 / bf16 -> fp32 -> back is exact).
+    The parameters stay the same objects; only their data is cast, and only when the dtype differs."""
+    old = next(module.parameters()).dtype
+    if old == dtype:
+        yield module
+        return
+    module.to(dtype)
+    try:
+        yield module
+    finally:
+        module.to(old)

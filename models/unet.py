@@ -18,10 +18,23 @@ from .config import UNetConfig
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back (CompVis `GroupNorm32`), eps 1e-5."""
+    """GroupNorm computed in fp32 and cast back (CompVis `GroupNorm32`), eps 1e-5. Its weight and
+    bias are upcast too: in an fp16 / bf16 model they are half (CompVis kept them fp32)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, run in fp32 for an fp16 input on the CPU and cast back: PyTorch's CPU fp16
+    convolution is its slow reference loop (~100x the fp32 time), so only this op is upcast there."""
+
+    def forward(self, x):
+        if x.dtype != torch.float16 or x.device.type != "cpu":
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return self._conv_forward(x.float(), self.weight.float(), bias).half()
 
 
 def normalization(ch: int) -> nn.GroupNorm:
@@ -39,11 +52,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     def __init__(self, ch: int, emb_ch: int, out_ch: int):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         self.out_layers = nn.Sequential(normalization(out_ch), nn.SiLU(), nn.Dropout(0.0),
-                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+                                        Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if ch == out_ch else Conv2d(ch, out_ch, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x)
@@ -90,10 +103,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.linear = linear
         self.norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.proj_in = nn.Linear(ch, inner) if linear else Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
-        self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+        self.proj_out = nn.Linear(inner, ch) if linear else Conv2d(inner, ch, 1)
 
     def forward(self, x, context, attn_override=None):
         b, c, h, w = x.shape
@@ -116,7 +129,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)  # symmetric padding in the UNet (not the VAE)
+        self.op = Conv2d(ch, ch, 3, stride=2, padding=1)  # symmetric padding in the UNet (not the VAE)
 
     def forward(self, x):
         return self.op(x)
@@ -125,7 +138,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -157,7 +170,7 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
         # Input blocks: every output is kept as a skip for the output blocks.
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -186,7 +199,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
         self.sites = self._assign_sites()
 
     def _assign_sites(self) -> list[Site]:

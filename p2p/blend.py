@@ -88,7 +88,8 @@ class Blender:
 
     def mask_for(self, store, size) -> torch.Tensor:
         """The blend mask from the maps stored so far, bool (B, 1, *size); row 0 is the source's."""
-        maps = store.layer_mean([store.sites[i] for i in sorted(self.layers)], average=False)  # (B, h, w, K)
+        # fp32 whatever the model's dtype: the max-normalised threshold must not see half rounding
+        maps = store.layer_mean([store.sites[i] for i in sorted(self.layers)], average=False).float()  # (B, h, w, K)
         mask = self.mask(maps, self.alpha, size, True, self.th_pool)
         if self.substruct is not None:
             mask = mask & ~self.mask(maps, self.substruct, size, False, self.th_sub)

@@ -27,6 +27,7 @@ from .images import open_image
 from .inversion import reconstruct
 from .pipeline import to_uint8
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
+from .sweep.command import DTYPES, dtype_option
 from .viz import attention_pictures, image_grid, save_image
 
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
@@ -111,25 +112,26 @@ def memory_options(args) -> dict:
     return {"low_memory": low, "offload": low}
 
 
-def load_model(ckpt):
-    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
+def load_model(ckpt, dtype: str = "float32"):
+    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name)."""
+    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype])
 
 
-def settings_record(settings: dict, ckpt) -> dict:
+def settings_record(settings: dict, ckpt, dtype: str) -> dict:
     path = resolve_checkpoint(ckpt)
-    return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path),
+    return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "dtype": dtype,
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": sys.argv[1:]}
 
 
 # ------------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
     cfg = GenerateConfig(**given(args, GenerateConfig))
-    sd = load_model(cfg.ckpt)
+    sd = load_model(cfg.ckpt, args.dtype)
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                        steps_offset=cfg.steps_offset, **memory_options(args))
     save_image(image_grid(out.images, list(cfg.prompts), min_size=256), args.output)
-    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt) | memory_options(args),
+    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt, args.dtype) | memory_options(args),
                       Path(args.output).with_suffix(".json"))
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
     return 0
@@ -138,7 +140,7 @@ def cmd_generate(args) -> int:
 def cmd_edit(args) -> int:
     cfg = edit_config(args)
     spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
-    sd = load_model(cfg.ckpt)
+    sd = load_model(cfg.ckpt, args.dtype)
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
@@ -153,7 +155,7 @@ def cmd_edit(args) -> int:
                         for kind, row in pics.items() for i, pic in enumerate(row)})
     for path, img in outputs.items():
         save_image(img, path)
-    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt) | memory_options(args)
+    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args.dtype) | memory_options(args)
               | {"spec": repr(spec), "local_blend": repr(blend)})
     write_json_atomic(record, output.with_suffix(".json"))
     print("wrote " + ", ".join(map(str, [*outputs, output.with_suffix(".json")])))
@@ -185,7 +187,7 @@ def cmd_invert(args) -> int:
     writes the picture the inverted prompt gives back from it."""
     cfg = InvertConfig(**given(args, InvertConfig))
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
-    sd = load_model(args.ckpt)
+    sd = load_model(args.ckpt, args.dtype)
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
@@ -193,7 +195,7 @@ def cmd_invert(args) -> int:
             low = memory_options(args)["low_memory"]
             rec = to_uint8(sd.decode(reconstruct(sd, inv, low_memory=low), low_memory=low))[0]
     settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
-    record = settings_record(settings, args.ckpt) | memory_options(args) | {"inversion": inv.info}
+    record = settings_record(settings, args.ckpt, args.dtype) | memory_options(args) | {"inversion": inv.info}
     written = [inv.save(args.output)]
     if rec is not None:
         written.append(save_image(rec, args.reconstruction))
@@ -213,11 +215,11 @@ def cmd_demo(args) -> int:
     from p2p.miniature.demo import ROWS, write_demo
 
     out = Path(args.output)
-    sd = load_model(DEFAULT_CKPT)
+    sd = load_model(DEFAULT_CKPT, args.dtype)
     grid = write_demo(sd, out, args.steps)
     _, src, dst, _, seed = ROWS[0]
     rc = main(["edit", "--prompt", src, "--edit", dst, "--seed", str(seed), "--steps", str(args.steps),
-               "--guidance", "5", "--show-attention", "-o", str(out / "replace.png")])
+               "--guidance", "5", "--show-attention", "--dtype", args.dtype, "-o", str(out / "replace.png")])
     print(f"wrote {grid}: each row is source | Prompt-to-Prompt edit | same seed regenerated")
     return rc
 
@@ -276,6 +278,7 @@ def edit_parser(e) -> None:
                    help="also write per-token cross-attention maps of every prompt")
     sampling_options(e)
     low_memory_option(e)
+    dtype_option(e)
     e.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
@@ -292,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for a batch")
     sampling_options(g)
     low_memory_option(g)
+    dtype_option(g)
     g.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     g.set_defaults(func=cmd_generate)
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
@@ -302,6 +306,7 @@ def parser() -> argparse.ArgumentParser:
     inversion_options(v)
     sampling_options(v, seed=False)
     low_memory_option(v)
+    dtype_option(v)
     v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)
@@ -315,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
                        "an edit grid and one edit's attention pictures")
     d.add_argument("-o", "--output", default="demo")
     d.add_argument("--steps", type=int, default=20)
+    dtype_option(d)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -55,7 +55,7 @@ SETTINGS = ("num_steps", "guidance_scale", "steps_offset", "height", "width")  #
 class Inversion:
     """What editing a real image needs. trajectory[k] is the DDIM-inversion latent after k steps:
     trajectory[0] = z_0 (the image's latents), trajectory[-1] = z*_T = x_T; each (1, 4, h, w).
-    uncond_embeddings[i] (77, d) is null-text's {empty}_t for denoising step i (None for the others);
+    uncond_embeddings[i] (77, d), fp32, is null-text's {empty}_t for denoising step i (None for the others);
     residuals[i] (1, 4, h, w) is Direct Inversion's correction after step i (None for the others)."""
     method: str
     prompt: str
@@ -178,15 +178,18 @@ def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_sca
     with frozen(sd.unet):
         for i, t in enumerate(scheduler.timesteps.tolist()):
             target = trajectory[S - i - 1]                              # z*_{t-1}
-            uncond = uncond.detach().clone().requires_grad_(True)       # warm start, a fresh leaf
+            # warm start, a fresh leaf in fp32 whatever the model's dtype, so Adam's state is fp32 too:
+            # fp16 rounds Adam's eps 1e-8 to 0 and small updates away (the reference's fp16 runs go black)
+            uncond = uncond.detach().float().clone().requires_grad_(True)
             optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
             with torch.no_grad():
                 eps_c = sd.unet(latent, t, cond)
             loss_item, j = float("nan"), 0
             for j in range(num_inner_steps):
                 with torch.enable_grad():
-                    eps_u = sd.unet(latent, t, uncond)
-                    loss = F.mse_loss(scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, latent), target)
+                    eps_u = sd.unet(latent, t, uncond.to(cond.dtype))
+                    z = scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, latent)
+                    loss = F.mse_loss(z.float(), target.float())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
@@ -200,7 +203,8 @@ def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_sca
             iterations.append(j + 1 if num_inner_steps else 0)
             losses.append(loss_item)
             with torch.no_grad():
-                latent = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler, low_memory=low_memory)
+                latent = guided_step(sd, latent, t, uncond.to(cond.dtype), cond, guidance_scale, scheduler,
+                                     low_memory=low_memory)
     bar.close()
     return embeddings, {"inner_iterations": iterations, "losses": losses}
 

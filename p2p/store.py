@@ -66,8 +66,9 @@ class AttentionStore:
         return self.self_attention and site.pixels <= self.self_max_res ** 2
 
     def add(self, site: Site, M: torch.Tensor) -> None:
-        """M: (B, heads, N, K) probabilities of the conditional rows, after editing."""
-        m = M.mean(dim=1)
+        """M: (B, heads, N, K) probabilities of the conditional rows, after editing. Kept in fp32
+        whatever the model's dtype: a half sum over 50 steps loses the small weights."""
+        m = M.float().mean(dim=1)
         prev = self.sums.get(site.index)
         self.sums[site.index] = m if prev is None else prev + m
         self.sites[site.index] = site

@@ -43,7 +43,7 @@ def run(tmp_path_factory, golden_dir, tiny_sd):
     cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
     out = d / "runs" / "abl"
     with pytest.MonkeyPatch.context() as mp:     # the CLI, with the session's model (loading it again is slow)
-        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device: tiny_sd)
+        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device, dtype: tiny_sd)
         assert main(["sweep", str(cfg), "-o", str(out), "--no-progress"]) == 0
     return cfg, out
 
@@ -82,7 +82,7 @@ def test_outputs(run):
 def test_a_cell_config_reruns_alone(run, tiny_sd, tmp_path, monkeypatch):
     _, out = run
     cell = out / "cells" / "001_cross_replace_steps-0.4_edit-cat.yaml"
-    monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt: tiny_sd)
+    monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt, dtype="float32": tiny_sd)
     outs, real_edit = [], p2p.edit
     monkeypatch.setattr(p2p, "edit", lambda *a, **k: outs.append(real_edit(*a, **k)) or outs[-1])
     assert main(["edit", "--config", str(cell), "-o", str(tmp_path / "cell.png")]) == 0

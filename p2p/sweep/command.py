@@ -21,17 +21,25 @@ from . import run
 from .plan import checkpoint, plan_batches, prepare, shard
 from .report import merge
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, bar, identity: dict) -> None:
-    """Each batch on its checkpoint (`sd` when given; else loaded, one kept at a time), its cells saved
-    with the SHA-256 of that checkpoint's bytes (`identity`)."""
+
+def dtype_option(p: argparse.ArgumentParser) -> None:
+    """--dtype: the precision the model is loaded in (the sweep's and every `p2p` command's)."""
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="load the model in this precision (default float32); float16 decodes with an fp32 VAE")
+
+
+def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, dtype, bar, identity: dict) -> None:
+    """Each batch on its checkpoint (`sd` when given; else loaded in `dtype`, one kept at a time), its cells
+    saved with the SHA-256 of that checkpoint's bytes (`identity`)."""
     models = {}
     for batch in batches:
         model = sd
         if model is None:
             if checkpoint(batch) not in models:
                 models.clear()
-                models[checkpoint(batch)] = load_checkpoint(checkpoint(batch), device=device)
+                models[checkpoint(batch)] = load_checkpoint(checkpoint(batch), device=device, dtype=dtype)
             model = models[checkpoint(batch)]
         results, images = run.run_batch(model, batch, ab["metrics"], tok)
         for b, (cell, m) in enumerate(zip(batch, results), start=1):
@@ -40,13 +48,14 @@ def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, bar, identit
 
 
 def run_sweep(config, out_dir, overrides=None, *, sd=None, progress=True, rank=0, world=1, barrier=None,
-              device=None, log=print) -> list[dict] | None:
+              device=None, dtype=torch.float32, log=print) -> list[dict] | None:
     """Run the cells of this rank that are not done, then (rank 0) merge. `sd`: a model already loaded
-    (its checkpoint must be the cells' one). Returns the merged records on rank 0."""
+    (its checkpoint must be the cells' one); else each checkpoint is loaded in `dtype`. Returns the
+    merged records on rank 0."""
     out_dir = Path(out_dir)
     ab, cells, tok = prepare(config, overrides)       # every cell checked before the folder is touched
     with (run_folder_lock(out_dir) if rank == 0 else contextlib.nullcontext()):
-        return _run_cells(ab, cells, tok, out_dir, sd, progress, rank, world, barrier, device, log)
+        return _run_cells(ab, cells, tok, out_dir, sd, progress, rank, world, barrier, device, dtype, log)
 
 
 @contextlib.contextmanager
@@ -66,7 +75,7 @@ def run_folder_lock(out_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run_cells(ab, cells, tok, out_dir: Path, sd, progress, rank, world, barrier, device, log):
+def _run_cells(ab, cells, tok, out_dir: Path, sd, progress, rank, world, barrier, device, dtype, log):
     identity = {c.settings["ckpt"]: file_sha256(resolve_checkpoint(c.settings["ckpt"])) for c in cells}
     pending = [c for c in cells if not run.is_done(out_dir, c, identity[c.settings["ckpt"]])]
     if rank == 0:
@@ -80,8 +89,8 @@ def _run_cells(ab, cells, tok, out_dir: Path, sd, progress, rank, world, barrier
     batches = shard(plan_batches(pending, ab["batch_size"]), rank, world)
     bar = tqdm(total=sum(map(len, batches)), desc=f"cells (rank {rank})" if world > 1 else "cells",
                disable=not progress, position=rank, unit="cell")
-    _run_batches(out_dir, batches, ab, tok, sd, device or ("cuda" if torch.cuda.is_available() else "cpu"), bar,
-                 identity)
+    _run_batches(out_dir, batches, ab, tok, sd, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype,
+                 bar, identity)
     bar.close()
     if barrier:
         barrier()
@@ -103,6 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="most cells in one batch (default 8)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    dtype_option(p)
     return p
 
 
@@ -117,6 +127,7 @@ def _run_distributed(args, overrides: dict) -> None:
         barrier = (lambda: dist.barrier(device_ids=[local])) if cuda else dist.barrier
         run_sweep(args.config, args.output, overrides, progress=args.progress, rank=dist.get_rank(),
                   world=dist.get_world_size(), barrier=barrier, device=f"cuda:{local}" if cuda else "cpu",
+                  dtype=DTYPES[args.dtype],
                   log=print if dist.get_rank() == 0 else (lambda *a: None))
     finally:
         dist.destroy_process_group()
@@ -125,7 +136,7 @@ def _run_distributed(args, overrides: dict) -> None:
 def run_from_args(args) -> int:
     overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size")} | {"num_steps": args.steps}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        run_sweep(args.config, args.output, overrides, progress=args.progress)
+        run_sweep(args.config, args.output, overrides, progress=args.progress, dtype=DTYPES[args.dtype])
     else:
         _run_distributed(args, overrides)
     return 0
