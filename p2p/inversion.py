@@ -131,14 +131,55 @@ class Inversion:
             raise ValueError(f"{path} is not a safetensors file ({err})") from None
         if metadata.get("format") != FORMAT or "inversion" not in metadata:
             raise ValueError(f"{path} is a safetensors file but not a saved Inversion (no {FORMAT!r} metadata)")
-        meta = json.loads(metadata["inversion"])
-        inv = cls(**{k: v for k, v in meta.items() if k != "info"}, info=meta.get("info", {}),
-                  x_T=tensors["x_T"], trajectory=list(tensors["trajectory"][:, None]),
-                  uncond_embeddings=list(tensors["uncond_embeddings"]) if "uncond_embeddings" in tensors else None,
-                  residuals=list(tensors["residuals"][:, None]) if "residuals" in tensors else None)
-        if len(inv.trajectory) != inv.num_steps + 1:
-            raise ValueError(f"{path}: {len(inv.trajectory)} trajectory latents for {inv.num_steps} steps")
-        return inv
+        meta = check_saved(path, metadata["inversion"], tensors)
+        return cls(**{k: v for k, v in meta.items() if k != "info"}, info=meta["info"],
+                   x_T=tensors["x_T"], trajectory=list(tensors["trajectory"][:, None]),
+                   uncond_embeddings=list(tensors["uncond_embeddings"]) if "uncond_embeddings" in tensors else None,
+                   residuals=list(tensors["residuals"][:, None]) if "residuals" in tensors else None)
+
+
+SAVED_TYPES = {"method": str, "prompt": str, "num_steps": int, "guidance_scale": (int, float), "steps_offset": int,
+               "height": int, "width": int, "info": dict}  # a saved Inversion's metadata (SETTINGS and the rest)
+
+
+def check_saved(path, text: str, tensors: dict) -> dict:
+    """The metadata of a saved Inversion, checked with its tensors before anything is built from them."""
+    def bad(why):
+        return ValueError(f"{path}: not a usable saved Inversion: {why}; make it again with `p2p invert`")
+
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad(f"its metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.keys() != SAVED_TYPES.keys():
+        got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise bad(f"its metadata must have the keys {sorted(SAVED_TYPES)}, has {str(got)[:200]}")
+    for key, kind in SAVED_TYPES.items():
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool) or meta[key] != meta[key]:
+            raise bad(f"{key!r} is {str(meta[key])[:80]!r}, not a {kind.__name__ if isinstance(kind, type) else 'number'}")
+    if meta["method"] not in METHODS or not 1 <= meta["num_steps"] <= 1000:
+        raise bad(f"method {meta['method'][:40]!r} / num_steps {meta['num_steps']} (methods: {', '.join(METHODS)})")
+    check_saved_tensors(tensors, meta["num_steps"], meta["method"], bad)
+    return meta
+
+
+def check_saved_tensors(tensors: dict, n: int, method: str, bad) -> None:
+    """x_T (1, C, h, w); trajectory (n + 1, C, h, w) ending at x_T; null-text's embeddings (n, K, d) and
+    Direct Inversion's residuals (n, C, h, w) where the method has them."""
+    x = tensors.get("x_T")
+    if x is None or x.dim() != 4 or x.shape[0] != 1:
+        raise bad(f"x_T must be a (1, C, h, w) tensor, got {None if x is None else tuple(x.shape)}")
+    want = {"trajectory": (n + 1, *x.shape[1:])}
+    if method == "null-text":
+        want["uncond_embeddings"] = (n, *tensors.get("uncond_embeddings", torch.empty(0, 0, 0)).shape[1:])
+    if method == "direct":
+        want["residuals"] = (n, *x.shape[1:])
+    for key, shape in want.items():
+        t = tensors.get(key)
+        if t is None or tuple(t.shape) != shape or (key == "uncond_embeddings" and t.dim() != 3):
+            raise bad(f"{key} must have shape {shape}, got {None if t is None else tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise bad(f"{key} holds nan or inf")
 
 
 # ---------------------------------------------------------------------------------- the methods

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from p2p import Inversion, Replace, edit, invert
 from p2p.cli import main
@@ -188,3 +189,37 @@ def invert_small(golden_dir, path, photo):
 
     sd = load_checkpoint(golden_dir / "tiny-sd-a.safetensors")
     return invert(sd, photo, PROMPT, method="ddim", num_steps=2, height=32, width=32, progress=False).save(path)
+
+
+def tampered(src, dst, edit_meta=None, edit_tensors=None):
+    """A copy of a saved Inversion with its metadata and / or tensors changed."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(metadata["inversion"])
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(dst), metadata={"format": metadata["format"], "inversion": json.dumps(meta)})
+    return dst
+
+
+@pytest.mark.parametrize("edit_meta, edit_tensors, pattern", [
+    (lambda m: m.update(extra=1), None, "its metadata must have the keys"),
+    (lambda m: m.pop("steps_offset"), None, "its metadata must have the keys"),
+    (lambda m: m.update(num_steps="3"), None, "'num_steps' is '3', not a int"),
+    (lambda m: m.update(guidance_scale=float("nan")), None, "'guidance_scale' is 'nan'"),
+    (lambda m: m.update(method="magic"), None, "method 'magic'"),
+    (None, lambda t: t.pop("x_T"), "x_T must be a"),
+    (None, lambda t: t.update(trajectory=t["trajectory"][:2]), "trajectory must have shape"),
+    (None, lambda t: t.update(uncond_embeddings=t["uncond_embeddings"][:1]), "uncond_embeddings must have shape"),
+    (None, lambda t: t.pop("uncond_embeddings"), "uncond_embeddings must have shape"),
+])
+def test_tampered_inversion_files_are_refused(inversions, tmp_path, edit_meta, edit_tensors, pattern):
+    """Every tampering of a saved .inv gets one ValueError naming the file and the fix, never a traceback."""
+    src = inversions["null-text"].save(tmp_path / "ok.inv")
+    bad = tampered(src, tmp_path / "bad.inv", edit_meta, edit_tensors)
+    with pytest.raises(ValueError, match=f"bad.inv: not a usable saved Inversion: {pattern}"):
+        Inversion.load(bad)
