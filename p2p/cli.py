@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -22,13 +23,14 @@ from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
 from weights_tools.files import file_sha256, write_json_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
-from .config import EditConfig, GenerateConfig, InvertConfig, Sampling, load_edit_config, to_dict
+from .config import (EditConfig, GenerateConfig, InvertConfig, Sampling, check_values, load_edit_config,
+                     to_dict)
 from .images import open_image
 from .inversion import reconstruct
 from .pipeline import to_uint8
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option
-from .viz import attention_pictures, image_grid, save_image
+from .viz import attention_pictures, image_format, image_grid, save_image
 
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
              "the miniature SD that ships with the project")
@@ -112,6 +114,20 @@ def memory_options(args) -> dict:
     return {"low_memory": low, "offload": low}
 
 
+def check_outputs(pictures=(), files=()) -> None:
+    """Every output path usable, checked before a model loads: a picture's format from its extension,
+    no path that is a folder, a parent folder that is a folder and writable."""
+    for p in map(Path, pictures):
+        image_format(p)
+    for p in map(Path, [*pictures, *files]):
+        if p.is_dir():
+            raise ValueError(f"output {p} is a folder: give a file name")
+        near = next(a for a in [p.parent, *p.parent.parents] if a.exists())  # the folder it will be written in
+        if not near.is_dir() or not os.access(near, os.W_OK):
+            why = "a file" if not near.is_dir() else "not writable"
+            raise ValueError(f"output {p}: cannot write in {near} ({why})")
+
+
 def load_model(ckpt, dtype: str = "float32"):
     """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name)."""
     return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype])
@@ -126,6 +142,8 @@ def settings_record(settings: dict, ckpt, dtype: str) -> dict:
 # ------------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
     cfg = GenerateConfig(**given(args, GenerateConfig))
+    check_values(cfg, "the command line")
+    check_outputs([args.output], [Path(args.output).with_suffix(".json")])
     sd = load_model(cfg.ckpt, args.dtype)
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
@@ -140,6 +158,7 @@ def cmd_generate(args) -> int:
 def cmd_edit(args) -> int:
     cfg = edit_config(args)
     spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
+    check_outputs([args.output], [Path(args.output).with_suffix(".json")])
     sd = load_model(cfg.ckpt, args.dtype)
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
@@ -186,7 +205,10 @@ def cmd_invert(args) -> int:
     """Invert a photo and save the Inversion (safetensors) with a JSON sidecar; --reconstruction also
     writes the picture the inverted prompt gives back from it."""
     cfg = InvertConfig(**given(args, InvertConfig))
+    check_values(cfg, "the command line")
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
+    check_outputs([args.reconstruction] if args.reconstruction else [],
+                  [args.output, Path(args.output).with_suffix(".json")])
     sd = load_model(args.ckpt, args.dtype)
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None

@@ -259,7 +259,8 @@ def attention_pictures(store, images, prompts, tokenizer, level: int | None = No
 
 
 # ----------------------------------------------------------------------------- files
-def _format_for(path: Path) -> str:
+def image_format(path: Path) -> str:
+    """Pillow's format name for a picture path, from its extension; an error naming the usable ones."""
     ext = path.suffix.lower()
     formats = Image.registered_extensions()
     if ext not in formats:
@@ -276,7 +277,7 @@ def save_image(img, path: str | os.PathLike, **save_kwargs) -> Path:
     The image is written to a temporary file in the same folder and renamed over `path`.
     """
     path = Path(path)
-    fmt = _format_for(path)
+    fmt = image_format(path)
     if not isinstance(img, Image.Image):
         img = Image.fromarray(_to_uint8_rgb(img))
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):

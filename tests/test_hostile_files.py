@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 import torch
+from PIL import Image
 
 from p2p.config import load_edit_config
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
@@ -275,3 +276,25 @@ def test_the_api_refuses_absurd_settings_too(tiny_sd, kw, pattern):
     for run in (generate, lambda sd, p, **k: edit(sd, [p[0], p[0]], None, **k)):
         with pytest.raises(ValueError, match=pattern):
             run(tiny_sd, ["a cat"], progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------ outputs
+@pytest.mark.parametrize("command", ["generate", "edit", "invert"])
+@pytest.mark.parametrize("output, pattern", [("out.pgn", "cannot tell the image format"),
+                                             ("out", "cannot tell the image format"),
+                                             ("folder.png", "is a folder"), ("afile/out.png", "a file")])
+def test_bad_output_paths_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, command, output, pattern):
+    import p2p.cli
+
+    monkeypatch.setattr(p2p.cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "afile").write_text("")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    out = str(tmp_path / output)
+    argv = {"generate": ["generate", "--prompt", "a cat", "-o", out],
+            "edit": ["edit", "--prompt", "a red circle", "--edit", "a red square", "-o", out],
+            "invert": ["invert", "--ckpt", "miniature", "--image", str(photo), "--prompt", "a cat",
+                       "--reconstruction", out, "-o", str(tmp_path / "x.inv")]}[command]
+    assert p2p.cli.main(argv) == 2
+    assert __import__("re").search(pattern, capsys.readouterr().err)
