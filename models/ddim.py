@@ -23,8 +23,9 @@ class DDIM:
         if not 1 <= num_steps <= num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
         step = num_train_timesteps // num_steps
-        if not 0 <= steps_offset < step + num_train_timesteps - step * num_steps:
-            raise ValueError(f"steps_offset must be in [0, {step + num_train_timesteps - step * num_steps - 1}] for "
+        room = num_train_timesteps - (num_steps - 1) * step  # the first timestep is (S - 1) step + offset
+        if not 0 <= steps_offset < room:
+            raise ValueError(f"steps_offset must be in [0, {room - 1}] for "
                              f"{num_steps} steps (the first timestep, {(num_steps - 1) * step} + offset, must stay "
                              f"below {num_train_timesteps}), got {steps_offset}")
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2

@@ -40,20 +40,26 @@ CHECKPOINTS = {
 DEFAULT = "miniature"  # the command line's --ckpt when none is given
 
 
+def named(ckpt) -> Named | None:
+    """The registry's entry for a name (None or "": the default's), or None for a path."""
+    name = DEFAULT if ckpt in (None, "") else ckpt
+    return CHECKPOINTS.get(name) if isinstance(name, str) else None
+
+
 def resolve_checkpoint(ckpt) -> Path:
     """A checkpoint path, or a name in CHECKPOINTS (None or "": the default) -> its path."""
-    name = DEFAULT if ckpt in (None, "") else ckpt
-    if isinstance(name, str) and name in CHECKPOINTS:
-        entry = CHECKPOINTS[name]
-        if not entry.path.exists():
-            raise FileNotFoundError(f"the named checkpoint {name!r} ({entry.path}) is missing: {entry.missing_fix}")
-        return entry.path
-    return Path(ckpt)
+    entry = named(ckpt)
+    if entry is None:
+        return Path(ckpt)
+    if not entry.path.exists():
+        raise FileNotFoundError(f"the named checkpoint {ckpt or DEFAULT!r} ({entry.path}) is missing: "
+                                f"{entry.missing_fix}")
+    return entry.path
 
 
 def named_blend_level(ckpt) -> int | None:
     """The LocalBlend level a named checkpoint recommends; None for paths (the deepest level)."""
-    entry = CHECKPOINTS.get(DEFAULT if ckpt in (None, "") else ckpt) if isinstance(ckpt, (str, type(None))) else None
+    entry = named(ckpt)
     return entry.blend_level if entry is not None else None
 
 
