@@ -20,21 +20,86 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass(frozen=True)
 class UNetConfig:
+    """The CompVis / SGM `UNetModel` parameters. SD 1: `num_heads` heads everywhere; SD 2 and SDXL:
+    `num_head_channels` 64, so the head count grows with the level's channels (5 / 10 / 20 at 320 /
+    640 / 1280); SDXL also skips attention at the first level, deepens the transformers per level and
+    adds a vector conditioning `y` of `adm_in_channels` (pooled text + size ids, see models/sdxl.py)."""
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
     channel_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_resolutions: tuple = (4, 2, 1)  # downsample factors that get a SpatialTransformer
-    num_heads: int = 8
-    transformer_depth: int = 1
+    num_heads: int = 8            # heads per transformer, used when num_head_channels is -1
+    num_head_channels: int = -1   # > 0: heads of this width, heads = channels // num_head_channels
+    transformer_depth: int | tuple = 1  # blocks per SpatialTransformer: one for all levels, or one per level
     context_dim: int = 768
-    use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs
+    use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs; SD 2 / SDXL: Linear
+    adm_in_channels: int = 0      # > 0: the `label_emb` vector conditioning (SDXL base: 2816); 0: none
 
     @property
     def downsample(self) -> int:
         """How much the UNet shrinks its input: it halves it once per level after the first."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    def heads(self, ch: int) -> tuple[int, int]:
+        """(heads, head width) of a SpatialTransformer on `ch` channels (CompVis' rule)."""
+        if self.num_head_channels > 0:
+            return ch // self.num_head_channels, self.num_head_channels
+        return self.num_heads, ch // self.num_heads
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at `level`; the middle block takes the last level's."""
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
+
+    @classmethod
+    def from_ldm(cls, u: dict) -> "UNetConfig":
+        """From the `params` of a CompVis `unet_config` (SD 1 / 2) or SGM `network_config` (SDXL)."""
+        if u.get("num_classes") not in (None, "sequential"):
+            raise ValueError(f"UNet config has num_classes={u['num_classes']!r} (a class-conditional UNet); "
+                             "text-to-image UNets have none, or 'sequential' with adm_in_channels (SDXL)")
+        if u.get("num_classes") == "sequential" and not u.get("adm_in_channels"):
+            raise ValueError("UNet config has num_classes='sequential' without adm_in_channels (the width of "
+                             "its vector conditioning, SDXL base: 2816): add it")
+        if u.get("num_heads", -1) == -1 and u.get("num_head_channels", -1) == -1:
+            raise ValueError("UNet config gives neither num_heads (SD 1: 8) nor num_head_channels (SD 2 / SDXL: 64)")
+        depth = u.get("transformer_depth", 1)
+        middle = u.get("transformer_depth_middle")
+        if isinstance(depth, (list, tuple)):
+            depth = tuple(depth)
+            if len(depth) != len(u["channel_mult"]):
+                raise ValueError(f"UNet config has transformer_depth {list(depth)} for {len(u['channel_mult'])} "
+                                 "levels (channel_mult): give one depth, or one per level")
+        if middle is not None and middle != (depth[-1] if isinstance(depth, tuple) else depth):
+            raise ValueError(f"UNet config has transformer_depth_middle={middle}; this UNet gives the middle "
+                             "block the last level's depth: drop the key or set it to that depth")
+        return cls(
+            in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4),
+            model_channels=u["model_channels"], channel_mult=tuple(u["channel_mult"]),
+            num_res_blocks=u["num_res_blocks"], attention_resolutions=tuple(u["attention_resolutions"]),
+            num_heads=u.get("num_heads", -1), num_head_channels=u.get("num_head_channels", -1),
+            transformer_depth=depth, context_dim=u["context_dim"],
+            use_linear_in_transformer=u.get("use_linear_in_transformer", False),
+            adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0)
+
+    def to_ldm(self, image_size: int) -> dict:
+        """The inverse of `from_ldm`: the `params` of a CompVis-style UNet config."""
+        d = self.transformer_depth
+        u = dict(image_size=image_size, in_channels=self.in_channels, out_channels=self.out_channels,
+                 model_channels=self.model_channels, attention_resolutions=list(self.attention_resolutions),
+                 num_res_blocks=self.num_res_blocks, channel_mult=list(self.channel_mult),
+                 use_spatial_transformer=True, transformer_depth=list(d) if isinstance(d, tuple) else d,
+                 context_dim=self.context_dim, use_checkpoint=False, legacy=False)
+        if self.num_head_channels > 0:  # SD 2 / SDXL configs name the head width and no head count
+            u["num_head_channels"] = self.num_head_channels
+        else:
+            u["num_heads"] = self.num_heads
+        if self.use_linear_in_transformer:
+            u["use_linear_in_transformer"] = True
+        if self.adm_in_channels:
+            u.update(num_classes="sequential", adm_in_channels=self.adm_in_channels)
+        return u
 
 
 @dataclass(frozen=True)
@@ -102,15 +167,7 @@ class SDConfig:
     def from_ldm(cls, cfg: dict) -> "SDConfig":
         """Build from the dict of a CompVis `v1-inference.yaml` (keys model.params....)."""
         p = cfg["model"]["params"] if "model" in cfg else cfg["params"]
-        u = p["unet_config"]["params"]
-        if u.get("num_head_channels", -1) not in (-1, None):
-            raise ValueError("config uses num_head_channels (SD 2.x style heads); SD v1.x configs give num_heads")
-        unet = UNetConfig(
-            in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4),
-            model_channels=u["model_channels"], channel_mult=tuple(u["channel_mult"]),
-            num_res_blocks=u["num_res_blocks"], attention_resolutions=tuple(u["attention_resolutions"]),
-            num_heads=u["num_heads"], transformer_depth=u.get("transformer_depth", 1),
-            context_dim=u["context_dim"], use_linear_in_transformer=u.get("use_linear_in_transformer", False))
+        unet = UNetConfig.from_ldm((p.get("unet_config") or p["network_config"])["params"])
         fs = p["first_stage_config"]["params"]
         dd = fs["ddconfig"]
         vae = VAEConfig(
@@ -135,13 +192,7 @@ class SDConfig:
     def to_ldm(self) -> dict:
         """The inverse of `from_ldm`: a CompVis-style config dict (JSON/YAML serialisable)."""
         u, v, t = self.unet, self.vae, self.text
-        unet = dict(image_size=self.image_size, in_channels=u.in_channels, out_channels=u.out_channels,
-                    model_channels=u.model_channels, attention_resolutions=list(u.attention_resolutions),
-                    num_res_blocks=u.num_res_blocks, channel_mult=list(u.channel_mult), num_heads=u.num_heads,
-                    use_spatial_transformer=True, transformer_depth=u.transformer_depth,
-                    context_dim=u.context_dim, use_checkpoint=False, legacy=False)
-        if u.use_linear_in_transformer:
-            unet["use_linear_in_transformer"] = True
+        unet = u.to_ldm(self.image_size)
         ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=v.resolution, in_channels=v.in_channels,
                         out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks,
                         attn_resolutions=list(v.attn_resolutions), dropout=0.0)

@@ -1,4 +1,7 @@
-"""The SD v1.x UNet (CompVis `openaimodel.UNetModel`), with the checkpoint's own module names.
+"""The Stable Diffusion UNet (CompVis / SGM `openaimodel.UNetModel`), with the checkpoint's own module names.
+
+One module for SD 1, SD 2 and SDXL: they differ by `UNetConfig` alone (head width, linear projections,
+which levels attend, transformer depth per level, SDXL's vector conditioning `label_emb`).
 
 `unet.input_blocks[1][1].proj_in` is `model.diffusion_model.input_blocks.1.1.proj_in` in the file,
 so loading is a strict `load_state_dict` after the prefix is stripped. Dropout sits at the indices
@@ -160,14 +163,17 @@ class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        mc, heads = cfg.model_channels, cfg.num_heads
+        mc = cfg.model_channels
         emb_ch = mc * 4
 
-        def transformer(ch):
-            return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim,
+        def transformer(ch, level):
+            return SpatialTransformer(ch, *cfg.heads(ch), cfg.depth(level), cfg.context_dim,
                                       cfg.use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.adm_in_channels:  # SDXL: the vector y joins the timestep embedding (SGM's "sequential" label_emb)
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
 
         # Input blocks: every output is kept as a skip for the output blocks.
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -177,7 +183,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, emb_ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -185,7 +191,9 @@ class UNetModel(nn.Module):
                 skip_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch), transformer(ch), ResBlock(ch, emb_ch, ch))
+        last = len(cfg.channel_mult) - 1  # the middle block always attends, at the last level's depth
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch), transformer(ch, last),
+                                                    ResBlock(ch, emb_ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -193,7 +201,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_ch, mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -222,11 +230,14 @@ class UNetModel(nn.Module):
                         level -= 1
         return sites
 
-    def forward(self, x, t, context, attn_override=None):
-        """eps = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h and w multiples of cfg.downsample."""
+    def forward(self, x, t, context, attn_override=None, y=None):
+        """eps = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h and w multiples of
+        cfg.downsample. y (B, cfg.adm_in_channels): the vector conditioning of an SDXL-style UNet
+        (models.sdxl.vector_conditioning builds it), required there and refused elsewhere."""
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        emb = self._add_label_embedding(emb, y)
         hs, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context, attn_override)
@@ -235,3 +246,17 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, attn_override)
         return self.out(h)
+
+    def _add_label_embedding(self, emb, y):
+        """emb + label_emb(y) (SGM's ADM conditioning); emb itself for a UNet without it."""
+        n = self.cfg.adm_in_channels
+        if not n:
+            if y is not None:
+                raise ValueError("y was given, but this UNet has no vector conditioning (adm_in_channels = 0); "
+                                 "pass y=None (only SDXL-style UNets take pooled text and size ids)")
+            return emb
+        if y is None or y.shape != (emb.shape[0], n):
+            got = "none" if y is None else tuple(y.shape)
+            raise ValueError(f"this UNet needs y of shape ({emb.shape[0]}, {n}) (pooled text and size ids, "
+                             f"models.sdxl.vector_conditioning builds it), got {got}")
+        return emb + self.label_emb(y.to(emb.dtype))
