@@ -231,7 +231,7 @@ class UNetModel(nn.Module):
         return sites
 
     def forward(self, x, t, context, attn_override=None, y=None):
-        """eps = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h and w multiples of
+        """eps (v for a v-model) = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h, w multiples of
         cfg.downsample. y (B, cfg.adm_in_channels): the vector conditioning of an SDXL-style UNet
         (models.sdxl.vector_conditioning builds it), required there and refused elsewhere."""
         t = torch.as_tensor(t, device=x.device)
