@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from models.clip import BOS, CONTEXT_LENGTH, EOS
 from weights_tools.files import write_bytes_atomic
 
 WHITE, BLACK = 255, (0, 0, 0)
@@ -169,7 +168,7 @@ def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     Column k of a cross-attention map belongs to entry k. Tokens are decoded one at a time (a
     word of several tokens shows as its pieces, e.g. "cr", "out", "ons").
     """
-    ids = [BOS] + tokenizer.encode(prompt)[:CONTEXT_LENGTH - 2] + [EOS]
+    ids = [tokenizer.bos] + tokenizer.encode(prompt)[:tokenizer.length - 2] + [tokenizer.eos]
     return [tokenizer.decode([i]).strip() for i in ids]
 
 
