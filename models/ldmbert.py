@@ -24,6 +24,9 @@ from torch import nn
 from .wordpiece import CONTEXT_LENGTH, WordPieceTokenizer
 
 
+BERT_EMBEDDER = "ldm.modules.encoders.modules.BERTEmbedder"  # the CompVis config's cond_stage_config target
+
+
 @dataclass(frozen=True)
 class LDMBertConfig:
     vocab_size: int = 30522
@@ -32,7 +35,7 @@ class LDMBertConfig:
     layers: int = 32           # n_layer: 32 attention + 32 feed-forward sublayers
     heads: int = 8
     head_dim: int = 64
-    ff_mult: int = 4
+    intermediate_size: int = 5120  # the feed-forward's width: 4 x width in CompVis' FeedForward
     vocab: str | None = None   # the user's BERT `vocab.txt`: not part of the weights, never shipped
 
     def tokenizer(self) -> WordPieceTokenizer:
@@ -47,6 +50,26 @@ class LDMBertConfig:
                              f"{self.vocab_size} rows: pass the vocab.txt this checkpoint was trained with "
                              f"(bert-base-uncased's, 30522 tokens, for LDM-400M)")
         return tok
+
+
+    @classmethod
+    def from_ldm(cls, params: dict, vocab: str | None = None) -> "LDMBertConfig":
+        """From a CompVis `BERTEmbedder`'s params (n_embed, n_layer, vocab_size, max_seq_len); the
+        heads and the feed-forward are x_transformer's defaults (8 of 64, 4 x n_embed), unless the
+        params spell them (tiny test models do)."""
+        width = params["n_embed"]
+        return cls(vocab_size=params.get("vocab_size", 30522), max_position_embeddings=params.get("max_seq_len", 77),
+                   width=width, layers=params["n_layer"], heads=params.get("heads", 8),
+                   head_dim=params.get("head_dim", 64), intermediate_size=params.get("intermediate_size", 4 * width),
+                   vocab=vocab)
+
+    def to_ldm(self) -> dict:
+        """The inverse of `from_ldm`: a CompVis cond_stage_config (the vocabulary path is not part of it)."""
+        params = dict(n_embed=self.width, n_layer=self.layers, vocab_size=self.vocab_size,
+                      max_seq_len=self.max_position_embeddings)
+        if (self.heads, self.head_dim, self.intermediate_size) != (8, 64, 4 * self.width):
+            params |= dict(heads=self.heads, head_dim=self.head_dim, intermediate_size=self.intermediate_size)
+        return {"target": BERT_EMBEDDER, "params": params}
 
 
 class PositionalEmbedding(nn.Module):
@@ -76,7 +99,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: LDMBertConfig):
         super().__init__()
-        inner = cfg.width * cfg.ff_mult
+        inner = cfg.intermediate_size
         # net.0 = (Linear, exact GELU), net.1 = the training dropout, net.2 = Linear: the checkpoint's indices
         self.net = nn.Sequential(nn.Sequential(nn.Linear(cfg.width, inner), nn.GELU()), nn.Identity(),
                                  nn.Linear(inner, cfg.width))

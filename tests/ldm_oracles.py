@@ -95,7 +95,7 @@ def hf_bert_ids(prompts, length: int = 77) -> torch.Tensor:
 def tiny_ldmbert_config(**kw):
     from models.ldmbert import LDMBertConfig
 
-    return LDMBertConfig(**(dict(vocab_size=len(VOCAB), width=64, layers=2, heads=4, head_dim=16) | kw))
+    return LDMBertConfig(**(dict(vocab_size=len(VOCAB), width=64, layers=2, heads=4, head_dim=16, intermediate_size=256) | kw))
 
 
 def seeded_ldmbert(cfg, seed: int = O.SEED):
@@ -115,7 +115,7 @@ def ref_ldmbert(ours):
     c = ours.cfg
     config = LDMBertConfig(vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings,
                            d_model=c.width, encoder_layers=c.layers, encoder_attention_heads=c.heads,
-                           head_dim=c.head_dim, encoder_ffn_dim=c.width * c.ff_mult)
+                           head_dim=c.head_dim, encoder_ffn_dim=c.intermediate_size)
     transformer = types.SimpleNamespace(**dict(ours.named_children()))
     transformer.to_logits = torch.nn.Linear(c.width, c.vocab_size)  # the LM head we do not build
     ref = convert_ldm_bert_checkpoint(types.SimpleNamespace(transformer=transformer), config)
@@ -128,3 +128,81 @@ def ref_ldmbert_meta():
 
     with torch.device("meta"):
         return LDMBertModel(LDMBertConfig())
+
+
+# ------------------------------------------------------------------------------ a tiny LDM
+def tiny_ldm_config():
+    """configs/tiny.yaml's UNet and VAE with the tiny LDMBert (its width is the UNet's context), family "ldm"."""
+    import dataclasses
+
+    from models import load_config
+
+    base = load_config("tiny")
+    text = tiny_ldmbert_config(vocab=str(vocab_dir() / "vocab.txt"))
+    return base.replace(unet=dataclasses.replace(base.unet, context_dim=text.width), text=text, family="ldm")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_ldm(seed: int = O.SEED):
+    """Our tiny LDM with seeded non-trivial weights, fp32, eval, no grad."""
+    from models import StableDiffusion
+
+    sd = StableDiffusion(tiny_ldm_config())
+    gen = torch.Generator().manual_seed(seed)
+    O.seeded_init_(sd.unet, gen, qk_gain=1.5)
+    O.seeded_init_(sd.vae, gen)
+    O.seeded_init_(sd.text_encoder, gen)
+    return sd.float().eval().requires_grad_(False)
+
+
+def single_file_state(sd) -> dict[str, torch.Tensor]:
+    """Our weights under CompVis' single-file keys, the LM head `to_logits` a real file carries added."""
+    from models import prefixes
+
+    out = {prefix + k: v.clone() for part, prefix in prefixes(sd.cfg).items()
+           for k, v in getattr(sd, part).state_dict().items()}
+    c = sd.cfg.text
+    out["cond_stage_model.transformer.to_logits.weight"] = torch.ones(c.vocab_size, c.width)
+    out["cond_stage_model.transformer.to_logits.bias"] = torch.ones(c.vocab_size)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def ref_ldm_pipeline(seed: int = O.SEED):
+    """diffusers' LDMTextToImagePipeline from the tiny LDM's weights: UNet and KL autoencoder through
+    diffusers' CompVis converters, LDMBert through its converter, BertTokenizer on the same vocab.txt."""
+    from diffusers import AutoencoderKL, LDMTextToImagePipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+
+    sd = tiny_ldm(seed)
+    ckpt, ldm_cfg = single_file_state(sd), sd.cfg.to_ldm()
+    ucfg = create_unet_diffusers_config_from_ldm(ldm_cfg, ckpt)
+    unet = UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True)
+    vcfg = create_vae_diffusers_config_from_ldm(ldm_cfg, ckpt)
+    vae = AutoencoderKL(**vcfg)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True)
+    pipe = LDMTextToImagePipeline(vqvae=vae.float().eval(), bert=ref_ldmbert(sd.text_encoder),
+                                  tokenizer=hf_bert_tokenizer(), unet=unet.float().eval(),
+                                  scheduler=O.ref_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def compvis_bert_shapes(vocab: int = 30522, d: int = 1280, layers: int = 32, inner: int = 512, ff: int = 5120,
+                        positions: int = 77) -> dict[str, tuple]:
+    """CompVis BERTEmbedder's `transformer.*` keys and shapes, written out from x_transformer.py:
+    TransformerWrapper(token_emb, pos_emb.emb, attn_layers = Encoder(layers of [norm, block, residual])
+    alternating Attention (to_q/k/v without bias, to_out) and FeedForward (net.0.0, net.2), norm, to_logits)."""
+    want = {"token_emb.weight": (vocab, d), "pos_emb.emb.weight": (positions, d), "norm.weight": (d,),
+            "norm.bias": (d,), "to_logits.weight": (vocab, d), "to_logits.bias": (vocab,)}
+    for i in range(layers):
+        a, f = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}"
+        want |= {f"{a}.0.weight": (d,), f"{a}.0.bias": (d,), f"{f}.0.weight": (d,), f"{f}.0.bias": (d,)}
+        want |= {f"{a}.1.to_{x}.weight": (inner, d) for x in "qkv"}
+        want |= {f"{a}.1.to_out.weight": (d, inner), f"{a}.1.to_out.bias": (d,)}
+        want |= {f"{f}.1.net.0.0.weight": (ff, d), f"{f}.1.net.0.0.bias": (ff,),
+                 f"{f}.1.net.2.weight": (d, ff), f"{f}.1.net.2.bias": (d,)}
+    return want
