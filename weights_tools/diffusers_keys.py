@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 
-from models import PREFIXES, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
-from models.ldmbert import LDMBertConfig
+from models import PREFIXES, TEXT_TOWERS, CLIPTextConfig, LDMBertConfig, SDConfig, UNetConfig, VAEConfig
 
 from .layout import CheckpointError
 
@@ -159,7 +158,7 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
 BERT_LAYER = {"self_attn_layer_norm": (0, "0"), "self_attn.q_proj": (0, "1.to_q"), "self_attn.k_proj": (0, "1.to_k"),
               "self_attn.v_proj": (0, "1.to_v"), "self_attn.out_proj": (0, "1.to_out"),
               "final_layer_norm": (1, "0"), "fc1": (1, "1.net.0.0"), "fc2": (1, "1.net.2")}
-LDM_TEXT_PREFIX = "cond_stage_model.transformer."
+LDM_TEXT_PREFIX = TEXT_TOWERS[LDMBertConfig].prefix
 BERT_FIXED = {"model.embed_tokens.": "token_emb.", "model.embed_positions.": "pos_emb.emb.",
               "model.layer_norm.": "norm.", "to_logits.": "to_logits."}
 

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from models import PREFIXES, SDConfig, StableDiffusion, load_config
+from models import SDConfig, StableDiffusion, load_config, prefixes
 from models.ldmbert import LDMBertConfig
 
 from .layout import CheckpointError, detect_variant, model_keys, model_shapes, validate_shapes
@@ -90,7 +90,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
         model = StableDiffusion(cfg, tokenizer=tok)
-    for part, prefix in PREFIXES.items():
+    for part, prefix in prefixes(cfg).items():
         module = getattr(model, part)
         wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         state = {k: read_tensor(src, prefix + k, shape, device, dtype) for k, shape in wanted.items()}
