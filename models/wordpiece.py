@@ -12,6 +12,7 @@ never downloaded or shipped.
 """
 from __future__ import annotations
 
+import json
 import unicodedata
 import warnings
 from pathlib import Path
@@ -77,19 +78,34 @@ def words(text: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the tokenizer
 def read_vocab(path: str | Path) -> dict[str, int]:
-    """{token: id} from a BERT `vocab.txt`, with a clear error for a missing file or missing specials."""
+    """{token: id} from a BERT `vocab.txt` (or the `tokenizer.json` transformers writes beside or instead
+    of it), with a clear error for a missing file or missing specials."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"BERT vocabulary {path} not found: pass the `vocab.txt` of the model's "
                                 f"tokenizer (the diffusers folder's tokenizer/vocab.txt)")
-    vocab = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
-        token = line.rstrip("\r")
-        if token and token not in vocab:
-            vocab[token] = i
+    if path.suffix == ".json":
+        vocab = json_vocab(path)
+    else:
+        vocab = {}
+        for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+            token = line.rstrip("\r")
+            if token and token not in vocab:
+                vocab[token] = i
     missing = [s for s in SPECIALS if s not in vocab]
     if missing:
         raise ValueError(f"{path} is not a BERT WordPiece vocabulary: it lacks {missing}")
+    return vocab
+
+
+def json_vocab(path: Path) -> dict[str, int]:
+    """The WordPiece vocabulary inside a `tokenizer.json` (its model.vocab)."""
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a tokenizer.json with a WordPiece vocabulary (model.vocab): {e}") from e
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{path}: its model.vocab is not a mapping of tokens to ids")
     return vocab
 
 

@@ -132,14 +132,16 @@ def ref_ldmbert_meta():
 
 # ------------------------------------------------------------------------------ a tiny LDM
 def tiny_ldm_config():
-    """configs/tiny.yaml's UNet and VAE with the tiny LDMBert (its width is the UNet's context), family "ldm"."""
+    """configs/tiny.yaml's UNet with the tiny LDMBert (its width is the UNet's context), family "ldm", and its
+    VAE given four levels: f8 like KL-f8, which LDMTextToImagePipeline assumes (it sizes x_T as H // 8)."""
     import dataclasses
 
     from models import load_config
 
     base = load_config("tiny")
     text = tiny_ldmbert_config(vocab=str(vocab_dir() / "vocab.txt"))
-    return base.replace(unet=dataclasses.replace(base.unet, context_dim=text.width), text=text, family="ldm")
+    return base.replace(unet=dataclasses.replace(base.unet, context_dim=text.width), text=text, family="ldm",
+                        vae=dataclasses.replace(base.vae, ch_mult=(1, 1, 1, 1)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,6 +183,7 @@ def ref_ldm_pipeline(seed: int = O.SEED):
     ucfg = create_unet_diffusers_config_from_ldm(ldm_cfg, ckpt)
     unet = UNet2DConditionModel(**ucfg)
     unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True)
+    unet.register_to_config(sample_size=sd.cfg.image_size)  # the latent side, as the hub's unet/config.json
     vcfg = create_vae_diffusers_config_from_ldm(ldm_cfg, ckpt)
     vae = AutoencoderKL(**vcfg)
     vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True)

@@ -20,7 +20,7 @@ from p2p.inversion import reconstruct
 from conftest import GOLDEN_CKPT
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint, make_tiny, model_shapes
 
-STEPS, GUIDANCE, H, W = 10, 5.0, 64, 48
+STEPS, GUIDANCE, H, W = 10, 5.0, 64, 96
 KW = dict(seed=3, num_steps=4, height=64, width=64, progress=False)
 SRC, LION = "a painting of a squirrel eating a burger", "a painting of a lion eating a burger"
 
@@ -89,7 +89,7 @@ def test_full_size_layout_matches_diffusers_and_compvis():
     want = L.compvis_bert_shapes()
     assert text == {k: s for k, s in want.items() if not k.startswith("to_logits.")}
     counts = {p: sum(k.startswith(pre) for k in ours) for p, pre in prefixes(cfg).items()}
-    assert counts == {"unet": 686, "vae": 248, "text_encoder": 4 + 32 * 16}
+    assert counts == {"unet": 686, "vae": 248, "text_encoder": 4 + 32 * 13}
 
 
 def test_full_size_header_validates_and_inspects():
@@ -140,7 +140,8 @@ def diffusers_folder(tmp_path_factory, sd):
     pipe.unet.save_pretrained(folder / "unet")
     pipe.vqvae.save_pretrained(folder / "vqvae")
     pipe.bert.save_pretrained(folder / "bert")
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    pipe.tokenizer.save_pretrained(folder / "tokenizer")   # transformers 5 writes tokenizer.json only
+    L.write_vocab(folder / "tokenizer")                     # the hub's folder has vocab.txt
     pipe.scheduler.save_pretrained(folder / "scheduler")
     return folder
 
@@ -154,6 +155,20 @@ def test_diffusers_folder_loads(sd, diffusers_folder):
         mine = getattr(got, part).state_dict()
         assert mine.keys() == ref.keys() and all(torch.equal(v, ref[k]) for k, v in mine.items())
     assert inspect_checkpoint(diffusers_folder)["variant"] == "LDM-400M"
+    assert got.tokenize(L.WORDPIECE_PROMPTS[:6]).tolist() == L.hf_bert_ids(L.WORDPIECE_PROMPTS[:6]).tolist()
+
+
+def test_diffusers_folder_vocabulary_from_tokenizer_json(diffusers_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "json-only"
+    shutil.copytree(diffusers_folder, folder)
+    (folder / "tokenizer" / "vocab.txt").unlink()
+    got = load_checkpoint(folder)
+    assert got.tokenize(L.WORDPIECE_PROMPTS[:6]).tolist() == L.hf_bert_ids(L.WORDPIECE_PROMPTS[:6]).tolist()
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(CheckpointError, match="tokenizer=PATH"):
+        load_checkpoint(folder)
 
 
 def test_diffusers_folder_converts_to_the_single_file(diffusers_folder, tiny_file, tmp_path):

@@ -267,7 +267,8 @@ def open_diffusers(folder: Path) -> Source:
 
 def open_ldm_diffusers(folder: Path) -> Source:
     """LDM-400M's diffusers folder (CompVis/ldm-text2im-large-256): bert/, unet/, vqvae/ (a KL
-    autoencoder despite the name), tokenizer/vocab.txt and scheduler/."""
+    autoencoder despite the name), tokenizer/vocab.txt (or the tokenizer.json transformers 5 writes)
+    and scheduler/."""
     parts = {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"}
     missing = [d for d in parts.values() if not (folder / d / "config.json").exists()]
     if missing:
@@ -275,9 +276,9 @@ def open_ldm_diffusers(folder: Path) -> Source:
                               "(missing component); LDM-400M needs bert/, unet/ and vqvae/, each with config.json "
                               "and weights, and tokenizer/vocab.txt")
     configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
-    vocab = folder / "tokenizer" / "vocab.txt"
+    vocab = next((p for p in (folder / "tokenizer" / n for n in ("vocab.txt", "tokenizer.json")) if p.exists()), None)
     cfg = diffusers_keys.ldm_config(configs["unet"], configs["vae"], configs["text_encoder"], _read_scheduler(folder),
-                                    str(vocab) if vocab.exists() else None, str(folder))
+                                    str(vocab) if vocab else None, str(folder))
     return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.ldm_key)
 
 
