@@ -127,9 +127,10 @@ def check_outputs(pictures=(), files=()) -> None:
             raise ValueError(f"output {p}: cannot write in {near} ({why})")
 
 
-def load_model(ckpt, dtype: str = "float32"):
-    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name)."""
-    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype])
+def load_model(ckpt, dtype: str = "float32", tokenizer=None):
+    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); `tokenizer`: --tokenizer."""
+    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
+                           tokenizer=tokenizer)
 
 
 def settings_record(settings: dict, ckpt, dtype: str) -> dict:
@@ -143,7 +144,7 @@ def cmd_generate(args) -> int:
     cfg = GenerateConfig(**given(args, GenerateConfig))
     check_values(cfg, "the command line")
     check_outputs([args.output], [Path(args.output).with_suffix(".json")])
-    sd = load_model(cfg.ckpt, args.dtype)
+    sd = load_model(cfg.ckpt, args.dtype, args.tokenizer)
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                        steps_offset=cfg.steps_offset, **memory_options(args))
@@ -158,7 +159,7 @@ def cmd_edit(args) -> int:
     cfg = edit_config(args)
     spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
     check_outputs([args.output], [Path(args.output).with_suffix(".json")])
-    sd = load_model(cfg.ckpt, args.dtype)
+    sd = load_model(cfg.ckpt, args.dtype, args.tokenizer)
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
@@ -208,7 +209,7 @@ def cmd_invert(args) -> int:
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     check_outputs([args.reconstruction] if args.reconstruction else [],
                   [args.output, Path(args.output).with_suffix(".json")])
-    sd = load_model(args.ckpt, args.dtype)
+    sd = load_model(args.ckpt, args.dtype, args.tokenizer)
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
@@ -265,6 +266,11 @@ def low_memory_option(q):
                         "above 512 px), text encoder and VAE on the CPU between uses; the same pictures")
 
 
+def tokenizer_option(q):
+    q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
+                                       "folder's tokenizer/ is found without it)")
+
+
 def inversion_options(q):
     q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"],
                    help=f"how to invert the photo (default {InvertConfig.method})")
@@ -300,6 +306,7 @@ def edit_parser(e) -> None:
     sampling_options(e)
     low_memory_option(e)
     dtype_option(e)
+    tokenizer_option(e)
     e.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
@@ -317,6 +324,7 @@ def parser() -> argparse.ArgumentParser:
     sampling_options(g)
     low_memory_option(g)
     dtype_option(g)
+    tokenizer_option(g)
     g.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     g.set_defaults(func=cmd_generate)
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
@@ -328,6 +336,7 @@ def parser() -> argparse.ArgumentParser:
     sampling_options(v, seed=False)
     low_memory_option(v)
     dtype_option(v)
+    tokenizer_option(v)
     v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)

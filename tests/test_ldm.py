@@ -259,3 +259,13 @@ def test_make_tiny_ldm(tmp_path):
     assert not any("position_ids" in k for k in load_file(str(path)))
     got = load_checkpoint(path, tokenizer=L.vocab_dir() / "vocab.txt")
     assert isinstance(got.text_encoder, LDMBertModel)
+
+
+def test_cli_edit_with_tokenizer(tiny_file, tmp_path, capsys):
+    out = tmp_path / "edit.png"
+    args = ["edit", "--ckpt", str(tiny_file), "--prompt", SRC, "--edit", LION, "--blend", "squirrel", "lion",
+            "--steps", "2", "--height", "64", "--width", "64", "-o", str(out)]
+    assert main(args) == 2 and not out.exists()
+    assert "--tokenizer PATH" in capsys.readouterr().err
+    assert main(args + ["--tokenizer", str(L.vocab_dir() / "vocab.txt")]) == 0
+    assert out.exists() and out.with_suffix(".json").exists()
