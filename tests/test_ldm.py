@@ -269,3 +269,18 @@ def test_cli_edit_with_tokenizer(tiny_file, tmp_path, capsys):
     assert "--tokenizer PATH" in capsys.readouterr().err
     assert main(args + ["--tokenizer", str(L.vocab_dir() / "vocab.txt")]) == 0
     assert out.exists() and out.with_suffix(".json").exists()
+
+
+def test_ldm_notebook_local_blend_differs_without_pooling(sd):
+    """The LDM notebook's LocalBlend resizes the unpooled map (pool=False): a smaller mask, a different edit."""
+    from p2p import AttentionStore
+
+    prompts, kw = [SRC, LION], KW | dict(height=128, width=128)   # 16x16 latents, 8x8 maps at level 1
+    out = edit(sd, prompts, Replace(0.8, 0.4), store=AttentionStore(), **kw)
+    blends = [LocalBlend(("squirrel", "lion"), threshold=0.7, level=1, pool=p) for p in (True, False)]
+    pooled, unpooled = (b.build(sd.tokenizer, prompts, 4, sd.unet.sites).mask_for(out.attention, (16, 16))
+                        for b in blends)
+    assert 0 < unpooled.sum() < pooled.sum() < pooled.numel()
+    assert (pooled | unpooled).equal(pooled)   # max-pooling only grows the mask
+    a, b = (edit(sd, prompts, Replace(0.8, 0.4), local_blend=blend, **kw) for blend in blends)
+    assert (a.latents - b.latents).abs().max() > 1e-4
