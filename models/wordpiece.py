@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import unicodedata
-import warnings
 from pathlib import Path
 
 import torch
+
+from .tokens import token_rows
 
 CONTEXT_LENGTH = 77
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
@@ -156,14 +157,4 @@ class WordPieceTokenizer:
 
     def __call__(self, prompts: list[str] | str, length: int | None = None) -> torch.Tensor:
         """(N, length) int64: [CLS], content truncated to length - 2 (with a warning), [SEP], [PAD]s."""
-        length = length or self.length
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = []
-        for p in prompts:
-            ids = self.encode(p)
-            if len(ids) > length - 2:
-                warnings.warn(f"prompt has {len(ids)} tokens; the text encoder takes {length - 2}: truncated "
-                              f"to {self.decode(ids[:length - 2])!r}", stacklevel=2)
-                ids = ids[:length - 2]
-            rows.append([self.bos] + ids + [self.eos] + [self.pad] * (length - 2 - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)
+        return token_rows(self, prompts, length or self.length, "the text encoder")

@@ -10,19 +10,9 @@ import pytest
 import torch
 
 import ldm_oracles as L
-import oracles as O
 from models.ldmbert import LDMBertConfig, LDMBertModel
 from models.wordpiece import WordPieceTokenizer
-
-TOL = 1e-5  # relative to max(1, std(reference))
-
-
-def check(name, ours, ref, tol=TOL):
-    diff, scale = O.compare(ours, ref)
-    msg = f"{name}: max|diff| = {diff:.3e}, ref scale = {scale:.3f}, tol = {tol * scale:.1e}"
-    print("\n  " + msg, end="")
-    assert diff <= tol * scale, msg
-
+from test_parity_models import check  # the same tolerance rule: 1e-5 relative
 
 @pytest.fixture(scope="module")
 def pair():
