@@ -268,7 +268,7 @@ def test_cli_edit_with_tokenizer(tiny_file, tmp_path, capsys):
     assert main(args) == 2 and not out.exists()
     assert "--tokenizer PATH" in capsys.readouterr().err
     assert main(args + ["--tokenizer", str(L.vocab_dir() / "vocab.txt")]) == 0
-    assert out.exists() and out.with_suffix(".json").exists()
+    assert out.exists() and out.with_name(out.name + ".json").exists()
 
 
 def test_ldm_notebook_local_blend_differs_without_pooling(sd):
