@@ -11,7 +11,6 @@ import functools
 import gzip
 import html
 import importlib.util
-import warnings
 from pathlib import Path
 
 import regex
@@ -25,6 +24,7 @@ except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected 
     ftfy = None
 
 from .config import CLIPTextConfig
+from .tokens import token_rows
 
 BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
 
@@ -122,16 +122,7 @@ class Tokenizer:
 
     def __call__(self, prompts: list[str] | str, length: int = CONTEXT_LENGTH) -> torch.Tensor:
         """(N, 77) int64: BOS, content truncated to 75 tokens (with a warning), EOS, EOS padding."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rows = []
-        for p in prompts:
-            ids = self.encode(p)
-            if len(ids) > length - 2:
-                warnings.warn(f"prompt has {len(ids)} tokens; CLIP takes {length - 2}: truncated to "
-                              f"{self.decode(ids[:length - 2]).strip()!r}", stacklevel=2)
-                ids = ids[:length - 2]
-            rows.append([self.bos] + ids + [self.eos] + [self.pad] * (length - 2 - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)
+        return token_rows(self, prompts, length, "CLIP")
 
 
 @functools.lru_cache()

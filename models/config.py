@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .ldmbert import LDMBertConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -188,8 +190,11 @@ class SDConfig:
             ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"],
             embed_dim=fs.get("embed_dim", dd["z_channels"]), resolution=dd.get("resolution", 256),
             attn_resolutions=tuple(dd.get("attn_resolutions", ())))
-        cs = (p.get("cond_stage_config") or {}).get("params") or {}
-        if "tiny_clip_text" in cs:
+        cond = p.get("cond_stage_config") or {}
+        cs, family = cond.get("params") or {}, "sd1"
+        if str(cond.get("target", "")).endswith("BERTEmbedder"):  # LDM-400M's LDMBert
+            text, family = LDMBertConfig.from_ldm(cs), "ldm"
+        elif "tiny_clip_text" in cs:
             t = cs["tiny_clip_text"]
             text = CLIPTextConfig(
                 vocab_size=t["vocab_size"], max_position_embeddings=t["max_position_embeddings"],
@@ -198,7 +203,7 @@ class SDConfig:
                 layer_norm_eps=t.get("layer_norm_eps", 1e-5))
         else:
             text = CLIPTextConfig()
-        return cls(unet=unet, vae=vae, text=text, scale_factor=p.get("scale_factor", 0.18215),
+        return cls(unet=unet, vae=vae, text=text, family=family, scale_factor=p.get("scale_factor", 0.18215),
                    linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
                    num_train_timesteps=p.get("timesteps", 1000), image_size=p.get("image_size", 64),
                    prediction_type=prediction_type(p.get("parameterization", "eps")))
@@ -211,7 +216,9 @@ class SDConfig:
                         out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks,
                         attn_resolutions=list(v.attn_resolutions), dropout=0.0)
         cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
-        if t != CLIPTextConfig():
+        if isinstance(t, LDMBertConfig):
+            cond = t.to_ldm()
+        elif t != CLIPTextConfig():
             cond["params"] = {"tiny_clip_text": dict(
                 vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, width=t.width,
                 layers=t.layers, heads=t.heads, intermediate_size=t.intermediate_size,

@@ -6,10 +6,15 @@ max-pooled 3x3, resized to the latent, divided by their maximum and thresholded;
 source word OR the edited word selects where the edited latents are kept; elsewhere they are the
 source's.
 
-One class covers both reference variants: the stable notebook's (threshold 0.3, from the first
-step) and the null-text notebook's (`start_blend`, `th` pair, `substruct_words`). The reference's
-stable version breaks for more than two prompts; here every edited prompt is blended with the
-source on its own mask.
+One class covers the reference variants: the stable notebook's (threshold 0.3, from the first
+step), the null-text notebook's (`start_blend`, `th` pair, `substruct_words`) and the LDM
+notebook's. The reference's stable version breaks for more than two prompts; here every edited
+prompt is blended with the source on its own mask.
+
+The LDM notebook (LDM-400M at 256 px) reads `down_cross[:2] + up_cross[3:6]` of a store that keeps
+maps of at most 16x16 pixels: its five 16x16 maps, level 1 of a 32x32 latent (`level=1`; None
+reads the deepest level, 8x8 there). It computes the max-pooled map and then resizes the unpooled
+one, discarding the pooling: `pool=False` does the same.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ class LocalBlend:
     threshold: mask threshold on the max-normalised, pooled map (th[0] when th is given).
     start_blend: fraction of the steps before blending starts (null-text notebook: 0.2).
     substruct_words: words whose (unpooled, th[1]-thresholded) mask is removed from the blend mask.
+    pool: False resizes the map without the 3x3 max-pool, as the LDM notebook does (see the module).
     level: resolution level of the down/up cross-attention maps the mask is made from (the latent is
     downsampled by 2**level there); None: the deepest, as the reference (level 2, 16x16, for SD v1
     at 512 px). A model whose deepest maps are coarse for its picture (the miniature's are 8x8 for
@@ -40,6 +46,7 @@ class LocalBlend:
     substruct_words: tuple | None = None
     th: tuple | None = None
     level: int | None = None
+    pool: bool = True  # max-pool the map 3x3 before resizing it; False: the LDM notebook's unpooled map
 
     def thresholds(self) -> tuple[float, float]:
         return tuple(self.th) if self.th is not None else (self.threshold, self.threshold)
@@ -52,7 +59,7 @@ class LocalBlend:
             layers = frozenset(s.index for s in read_sites(sites, self.level))
         except ValueError as err:
             raise ValueError(f"LocalBlend {err}") from None
-        return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds())
+        return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds(), self.pool)
 
 
 def word_alpha(tokenizer, prompts, words, what: str) -> torch.Tensor:
@@ -75,6 +82,7 @@ class Blender:
     start: int                   # first step index that blends
     th_pool: float
     th_sub: float
+    pool: bool = True            # max-pool the blend words' map (the substruct map is never pooled)
 
     def mask(self, maps: torch.Tensor, alpha: torch.Tensor, size, pool: bool, th: float) -> torch.Tensor:
         """maps (B, h, w, K) summed over layers -> bool mask (B, 1, *size), OR-ed with the source's."""
@@ -90,7 +98,7 @@ class Blender:
         """The blend mask from the maps stored so far, bool (B, 1, *size); row 0 is the source's."""
         # fp32 whatever the model's dtype: the max-normalised threshold must not see half rounding
         maps = store.layer_mean([store.sites[i] for i in sorted(self.layers)], average=False).float()  # (B, h, w, K)
-        mask = self.mask(maps, self.alpha, size, True, self.th_pool)
+        mask = self.mask(maps, self.alpha, size, self.pool, self.th_pool)
         if self.substruct is not None:
             mask = mask & ~self.mask(maps, self.substruct, size, False, self.th_sub)
         return mask

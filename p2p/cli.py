@@ -148,9 +148,10 @@ def write_outputs(files: dict) -> None:
     print("wrote " + ", ".join(map(str, write_files_atomic(files))))
 
 
-def load_model(ckpt, dtype: str = "float32"):
-    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name)."""
-    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype])
+def load_model(ckpt, dtype: str = "float32", tokenizer=None):
+    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); `tokenizer`: --tokenizer."""
+    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
+                           tokenizer=tokenizer)
 
 
 def settings_record(settings: dict, ckpt, args) -> dict:
@@ -166,7 +167,7 @@ def cmd_generate(args) -> int:
     check_values(cfg, "the command line")
     output = Path(args.output)
     check_outputs([output], [sidecar(output)])
-    sd = load_model(cfg.ckpt, args.dtype)
+    sd = load_model(cfg.ckpt, args.dtype, args.tokenizer)
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                        steps_offset=cfg.steps_offset, **memory_options(args))
@@ -182,7 +183,7 @@ def cmd_edit(args) -> int:
     output = Path(args.output)
     shown = [attention_path(output, k, i) for k in ATTENTION_KINDS for i in range(len(cfg.prompts))]
     check_outputs([output, *(shown if cfg.show_attention else [])], [sidecar(output)])
-    sd = load_model(cfg.ckpt, args.dtype)
+    sd = load_model(cfg.ckpt, args.dtype, args.tokenizer)
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
@@ -229,7 +230,7 @@ def cmd_invert(args) -> int:
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     output = Path(args.output)
     check_outputs([args.reconstruction] if args.reconstruction else [], [output, sidecar(output)])
-    sd = load_model(args.ckpt, args.dtype)
+    sd = load_model(args.ckpt, args.dtype, args.tokenizer)
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
@@ -285,6 +286,11 @@ def low_memory_option(q):
                         "above 512 px), text encoder and VAE on the CPU between uses; the same pictures")
 
 
+def tokenizer_option(q):
+    q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
+                                       "folder's tokenizer/ is found without it)")
+
+
 def inversion_options(q):
     q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"],
                    help=f"how to invert the photo (default {InvertConfig.method})")
@@ -320,6 +326,7 @@ def edit_parser(e) -> None:
     sampling_options(e)
     low_memory_option(e)
     dtype_option(e)
+    tokenizer_option(e)
     e.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
@@ -339,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
     sampling_options(g)
     low_memory_option(g)
     dtype_option(g)
+    tokenizer_option(g)
     g.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     g.set_defaults(func=cmd_generate)
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
@@ -350,6 +358,7 @@ def parser() -> argparse.ArgumentParser:
     sampling_options(v, seed=False)
     low_memory_option(v)
     dtype_option(v)
+    tokenizer_option(v)
     v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)

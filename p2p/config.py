@@ -163,7 +163,7 @@ EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml): EditCon
 }
 BLEND_KEYS = {  # local_blend: {...}: LocalBlend's fields
     "words": list, "threshold": (float, int), "start_blend": (float, int), "substruct_words": list, "th": list,
-    "level": int,
+    "level": int, "pool": bool,
 }
 RENAMED = {  # old key -> the library's name, which the files use now
     "steps": "num_steps", "guidance": "guidance_scale", "cross_steps": "cross_replace_steps",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .files import save_safetensors_atomic
-from .layout import POSITION_IDS, CheckpointError, position_ids
+from .layout import CheckpointError, carried_buffers
 from .load import read_state_dict
 
 
@@ -22,5 +22,5 @@ def convert_checkpoint(src, out, fp16: bool = False, config=None, strict: bool =
     state, cfg, _ = read_state_dict(src, config, strict)
     if fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    state[POSITION_IDS] = position_ids(cfg.text.max_position_embeddings)
+    state |= carried_buffers(cfg)
     return save_safetensors_atomic(state, out, {"ldm_config": cfg.to_json()})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from models import PREFIXES, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+from models import PREFIXES, TEXT_TOWERS, CLIPTextConfig, LDMBertConfig, SDConfig, UNetConfig, VAEConfig
 
 from .layout import CheckpointError
 
@@ -134,12 +134,13 @@ def text_config(c: dict) -> CLIPTextConfig:
                           layer_norm_eps=c.get("layer_norm_eps", 1e-5))
 
 
-def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: str) -> SDConfig:
-    """SDConfig from the config.json files of a diffusers folder."""
+def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: str, text_cfg=text_config,
+              **family) -> SDConfig:
+    """SDConfig from the config.json files of a diffusers folder (`text_cfg` reads the text tower's)."""
     try:
         ucfg, sample = unet_config(unet, where)
-        kw = dict(unet=ucfg, vae=vae_config(vae), text=text_config(text), image_size=sample,
-                  scale_factor=float(vae.get("scaling_factor", 0.18215)))
+        kw = dict(unet=ucfg, vae=vae_config(vae), text=text_cfg(text), image_size=sample,
+                  scale_factor=float(vae.get("scaling_factor", 0.18215)), **family)
     except KeyError as e:
         raise CheckpointError(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
     except (TypeError, ValueError, ZeroDivisionError) as e:
@@ -149,3 +150,45 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
         kw.update(linear_start=scheduler.get("beta_start", 0.00085), linear_end=scheduler.get("beta_end", 0.012),
                   num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
     return SDConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------- LDM-400M
+# diffusers' LDMBertModel (BART-style names) -> CompVis' BERTEmbedder (x_transformer names). Layer i
+# of diffusers is CompVis' attention sublayer 2i and feed-forward sublayer 2i + 1, each [norm, block].
+BERT_LAYER = {"self_attn_layer_norm": (0, "0"), "self_attn.q_proj": (0, "1.to_q"), "self_attn.k_proj": (0, "1.to_k"),
+              "self_attn.v_proj": (0, "1.to_v"), "self_attn.out_proj": (0, "1.to_out"),
+              "final_layer_norm": (1, "0"), "fc1": (1, "1.net.0.0"), "fc2": (1, "1.net.2")}
+LDM_TEXT_PREFIX = TEXT_TOWERS[LDMBertConfig].prefix
+BERT_FIXED = {"model.embed_tokens.": "token_emb.", "model.embed_positions.": "pos_emb.emb.",
+              "model.layer_norm.": "norm.", "to_logits.": "to_logits."}
+
+
+def bert_key(key: str, where: str = "bert") -> str:
+    """`model.layers.3.fc1.weight` -> `attn_layers.layers.7.1.net.0.0.weight` (under the text prefix)."""
+    for old, new in BERT_FIXED.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    if m := re.match(r"model\.layers\.(\d+)\.(.*)\.(weight|bias)$", key):
+        if m[2] in BERT_LAYER:
+            sub, name = BERT_LAYER[m[2]]
+            return f"attn_layers.layers.{2 * int(m[1]) + sub}.{name}.{m[3]}"
+    raise CheckpointError(f"{where}: unknown diffusers LDMBert key `{key}` (not part of LDM-400M's text tower)")
+
+
+def ldm_key(part: str, key: str, cfg: dict, where: str) -> str:
+    """The prefixed single-file key of a key of LDM-400M's diffusers folder."""
+    if part == "text_encoder":
+        return LDM_TEXT_PREFIX + bert_key(key, where)
+    return to_ldm_key(part, key, cfg, where)
+
+
+def ldm_config(unet: dict, vae: dict, bert: dict, scheduler: dict | None, vocab: str | None, where: str) -> SDConfig:
+    """SDConfig (family "ldm") from LDM-400M's diffusers config.json files; `vocab`: its tokenizer/vocab.txt."""
+    return sd_config(unet, vae, bert, scheduler, where, lambda c: ldmbert_config(c, vocab), family="ldm")
+
+
+def ldmbert_config(c: dict, vocab: str | None) -> LDMBertConfig:
+    """LDMBertConfig from a diffusers `bert/config.json` (diffusers' LDMBertConfig names)."""
+    return LDMBertConfig(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
+                         width=c["d_model"], layers=c["encoder_layers"], heads=c["encoder_attention_heads"],
+                         head_dim=c["head_dim"], intermediate_size=c["encoder_ffn_dim"], vocab=vocab)

@@ -12,7 +12,7 @@ from .layout import CheckpointError, detect_variant, split_parts, validate_shape
 from .load import SD_V1_SOURCE, resolve_config
 from .sources import open_source
 
-REPORTED_PARTS = ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "other")
+REPORTED_PARTS = ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "unused", "other")
 
 
 def inspect_checkpoint(path) -> dict:

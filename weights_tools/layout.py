@@ -11,7 +11,8 @@ import re
 
 import torch
 
-from models import PREFIXES, SDConfig, StableDiffusion
+from models import PREFIXES, AutoencoderKL, CLIPTextConfig, SDConfig, UNetModel, prefixes
+from models.sd import text_tower
 
 POSITION_IDS = PREFIXES["text_encoder"] + "embeddings.position_ids"
 
@@ -21,7 +22,17 @@ def position_ids(n: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64)[None]
 
 
+def carried_buffers(cfg: SDConfig) -> dict[str, torch.Tensor]:
+    """Buffers real files of this family carry beside the weights: CLIP's `position_ids` (LDMBert has none)."""
+    return {POSITION_IDS: position_ids(cfg.text.max_position_embeddings)} if isinstance(cfg.text, CLIPTextConfig) else {}
+
+
 OLD_CLIP_PREFIX = "cond_stage_model.transformer."
+CLIP_NAMES = ("embeddings.", "encoder.", "final_layer_norm.")  # CLIP's modules, the level old files omit
+# LDM-400M's text tower (CompVis BERTEmbedder) sits directly under OLD_CLIP_PREFIX; its language-model
+# head is not needed for embeddings and is never read.
+LDM_TEXT_KEY = OLD_CLIP_PREFIX + "token_emb.weight"
+UNUSED_PREFIXES = (OLD_CLIP_PREFIX + "to_logits.",)
 
 # DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
 SCHEDULE_KEYS = frozenset({
@@ -35,7 +46,8 @@ SCHEDULE_KEYS = frozenset({
 SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
                      r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
 
-VARIANTS = ("SD v1", "SD 2.x", "SDXL", "inpainting", "pix2pix", "unknown")
+VARIANTS = ("SD v1", "LDM-400M", "SD 2.x", "SDXL", "inpainting", "pix2pix", "unknown")
+LOADABLE = {"SD v1": "sd1", "LDM-400M": "ldm"}  # variant -> the config family that loads it
 
 
 class CheckpointError(ValueError):
@@ -45,16 +57,19 @@ class CheckpointError(ValueError):
 
 def canonical_key(key: str) -> str:
     """The key in today's layout: old files write CLIP without the `text_model.` level."""
-    if key.startswith(OLD_CLIP_PREFIX) and not key.startswith(PREFIXES["text_encoder"]):
+    if key.startswith(OLD_CLIP_PREFIX) and key[len(OLD_CLIP_PREFIX):].startswith(CLIP_NAMES):
         return PREFIXES["text_encoder"] + key[len(OLD_CLIP_PREFIX):]
     return key
 
 
 def part_of(key: str) -> str:
-    """unet / vae / text_encoder / ema / schedule / position_ids / other, for a canonical key."""
+    """unet / vae / text_encoder / ema / schedule / position_ids / unused / other, for a canonical key.
+    Every text tower lives under `cond_stage_model.transformer.` (CLIP one level deeper)."""
     if key == POSITION_IDS:
         return "position_ids"
-    for part, prefix in PREFIXES.items():
+    if key.startswith(UNUSED_PREFIXES):
+        return "unused"
+    for part, prefix in (PREFIXES | {"text_encoder": OLD_CLIP_PREFIX}).items():
         if key.startswith(prefix):
             return part
     if key.startswith("model_ema."):
@@ -66,7 +81,8 @@ def part_of(key: str) -> str:
 
 def split_parts(shapes: dict) -> dict[str, dict]:
     """Group a canonical `{key: value}` mapping by `part_of`."""
-    parts: dict[str, dict] = {p: {} for p in ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "other")}
+    parts: dict[str, dict] = {p: {} for p in ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids",
+                                               "unused", "other")}
     for k, v in shapes.items():
         parts[part_of(k)][k] = v
     return parts
@@ -74,8 +90,10 @@ def split_parts(shapes: dict) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------------- variants
 def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
-    """(variant, evidence) from canonical keys and shapes. Only "SD v1" is loadable."""
+    """(variant, evidence) from canonical keys and shapes. "SD v1" and "LDM-400M" are loadable."""
     unet = PREFIXES["unet"]
+    if LDM_TEXT_KEY in shapes:
+        return "LDM-400M", f"found the LDMBert text tower of CompVis' BERTEmbedder (`{LDM_TEXT_KEY}`)"
     if any(k.startswith("conditioner.embedders") for k in shapes) or unet + "label_emb.0.0.weight" in shapes:
         return "SDXL", "found `conditioner.embedders.*` / `label_emb` keys"
     if any(k.startswith("cond_stage_model.model.") for k in shapes):
@@ -92,14 +110,19 @@ def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
     return "SD v1", "CompVis UNet with 4 input channels, CLIP text encoder, no SD 2.x / SDXL keys"
 
 
-def check_variant(shapes: dict[str, tuple], where: str) -> None:
+def check_variant(shapes: dict[str, tuple], where: str, family: str = "sd1") -> None:
     variant, evidence = detect_variant(shapes)
-    if variant == "SD v1":
+    if variant in LOADABLE and LOADABLE[variant] != family:
+        raise CheckpointError(f"{where}: this is an {variant} checkpoint ({evidence}) but the config describes "
+                              f"the {family!r} family; pass a config of family {LOADABLE[variant]!r}"
+                              f"{' (configs/ldm-400m.yaml)' if variant == 'LDM-400M' else ''} or none")
+    if variant in LOADABLE:
         return
     if variant == "unknown":
         return  # a missing component is reported by `check_components`, with a better message
     raise CheckpointError(f"{where}: this is a {variant} checkpoint ({evidence}); only Stable Diffusion v1.x "
-                          "text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) are supported")
+                          "text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) and LDM-400M "
+                          "are supported")
 
 
 def check_components(parts: dict[str, dict], where: str) -> None:
@@ -121,10 +144,10 @@ def model_shapes(cfg: SDConfig) -> dict[str, tuple]:
 
 @functools.lru_cache(maxsize=8)
 def _model_shapes(cfg: SDConfig) -> tuple:
-    with torch.device("meta"):
-        model = StableDiffusion(cfg)
-    return tuple((PREFIXES[part] + k, tuple(v.shape))
-                 for part in PREFIXES for k, v in getattr(model, part).state_dict().items())
+    with torch.device("meta"):  # the parts alone: shapes need no tokenizer (LDM's reads a user's file)
+        parts = {"unet": UNetModel(cfg.unet), "vae": AutoencoderKL(cfg.vae), "text_encoder": text_tower(cfg).module(cfg.text)}
+    return tuple((prefix + k, tuple(v.shape))
+                 for part, prefix in prefixes(cfg).items() for k, v in parts[part].state_dict().items())
 
 
 def fits(key: str, have: tuple, want: tuple) -> bool:
@@ -169,7 +192,7 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
     outside every known group (not EMA, not a schedule buffer).
     """
     parts = split_parts(shapes)
-    check_variant(shapes, where)
+    check_variant(shapes, where, cfg.family)
     check_components(parts, where)
     problems = shape_problems(model_keys(shapes), model_shapes(cfg), strict)
     if strict and parts["other"]:

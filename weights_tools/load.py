@@ -6,15 +6,19 @@ parameter (`load_state_dict(assign=True)`), one part at a time.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from models import SDConfig, StableDiffusion, load_config, prefixes
+from models.ldmbert import LDMBertConfig
 
-from .layout import CheckpointError, model_keys, model_shapes, validate_shapes
+from .layout import CheckpointError, detect_variant, model_keys, model_shapes, validate_shapes
 from .registry import resolve_checkpoint
 from .sources import Source, open_source
 
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
+LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
 
 
 def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
@@ -32,7 +36,27 @@ def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
             raise CheckpointError(f"config {config!r} is not a usable CompVis v1-inference.yaml: {e}") from e
     if src.config is not None:
         return src.config, src.config_source
+    if detect_variant(src.shapes)[0] == "LDM-400M":
+        return load_config("ldm-400m"), LDM_SOURCE
     return SDConfig(), SD_V1_SOURCE
+
+
+def with_tokenizer(cfg: SDConfig, tokenizer, where: str) -> tuple[SDConfig, object]:
+    """(config, the tokenizer the text tower reads), built and checked before any tensor is read.
+
+    `tokenizer`: for LDM, the path of BERT's vocab.txt (a diffusers folder's tokenizer/ is found
+    without it); None for SD, whose CLIP vocabulary comes with open_clip."""
+    if isinstance(cfg.text, LDMBertConfig):
+        if tokenizer is not None:
+            cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab=str(tokenizer)))
+        try:
+            return cfg, cfg.text.tokenizer()
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{where}: {e}") from e
+    if tokenizer is not None:
+        raise CheckpointError(f"{where}: tokenizer= names a BERT vocabulary, which only LDM-400M reads; "
+                              f"this {cfg.family} model tokenises with CLIP's own vocabulary: leave it out")
+    return cfg, None
 
 
 def open_checked(path, config=None, strict: bool = True) -> tuple[Source, SDConfig, str]:
@@ -51,7 +75,8 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
     return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True) -> StableDiffusion:
+def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
+                    tokenizer=None) -> StableDiffusion:
     """Load a Stable Diffusion v1.x checkpoint (.safetensors, .ckpt, diffusers folder) in eval mode.
 
     `path` may also be a name in `weights_tools.registry.CHECKPOINTS` ("miniature": the shipped one).
@@ -59,10 +84,12 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     file's own (ldm_config metadata, diffusers config.json) or SD v1's after a full shape check.
     `strict=False` ignores unknown extra keys (missing or misshapen ones are always errors).
     EMA weights, DDPM schedule buffers and `position_ids` are never read.
+    `tokenizer`: LDM-400M's BERT vocab.txt (needed for its single file; a diffusers folder has its own).
     """
     src, cfg, _ = open_checked(path, config, strict)
+    cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
-        model = StableDiffusion(cfg)
+        model = StableDiffusion(cfg, tokenizer=tok)
     for part, prefix in prefixes(cfg).items():
         module = getattr(model, part)
         wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}

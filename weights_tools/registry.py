@@ -15,7 +15,7 @@ import torch
 from models import StableDiffusion, prefixes
 
 from .files import save_safetensors_atomic
-from .layout import POSITION_IDS, position_ids
+from .layout import carried_buffers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def checkpoint_state(sd: StableDiffusion, dtype: torch.dtype | None = None) -> d
         for k, v in getattr(sd, part).state_dict().items():
             v = v.detach().cpu()
             state[prefix + k] = v.to(dtype) if (dtype is not None and v.is_floating_point()) else v
-    state[POSITION_IDS] = position_ids(sd.cfg.text.max_position_embeddings)
+    state |= carried_buffers(sd.cfg)
     return state
 
 

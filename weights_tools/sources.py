@@ -23,7 +23,8 @@ from .layout import CheckpointError, canonical_key, check_plausible
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
-             "of Stable Diffusion v1.x, or a diffusers folder with unet/, vae/ and text_encoder/")
+             "of Stable Diffusion v1.x or LDM-400M, or a diffusers folder with unet/, vae/ and text_encoder/ "
+             "(LDM-400M: bert/, unet/, vqvae/, tokenizer/)")
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -247,6 +248,8 @@ def _read_json(path: Path) -> dict:
 
 def open_diffusers(folder: Path) -> Source:
     """A diffusers folder as one Source whose keys are the single-file names."""
+    if (folder / "bert" / "config.json").exists():
+        return open_ldm_diffusers(folder)
     parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
     missing = [d for d in parts.values() if not (folder / d / "config.json").exists()]
     if len(missing) == len(parts):
@@ -257,16 +260,42 @@ def open_diffusers(folder: Path) -> Source:
                               "(missing component); SD v1 needs unet/, vae/ and text_encoder/, each with "
                               "config.json and weights")
     configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
-    sched_path = folder / "scheduler" / "scheduler_config.json"
     cfg = diffusers_keys.sd_config(configs["unet"], configs["vae"], configs["text_encoder"],
-                                   _read_json(sched_path) if sched_path.exists() else None, str(folder))
+                                   _read_scheduler(folder), str(folder))
+    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key)
+
+
+def open_ldm_diffusers(folder: Path) -> Source:
+    """LDM-400M's diffusers folder (CompVis/ldm-text2im-large-256): bert/, unet/, vqvae/ (a KL
+    autoencoder despite the name), tokenizer/vocab.txt (or the tokenizer.json transformers 5 writes)
+    and scheduler/."""
+    parts = {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"}
+    missing = [d for d in parts.values() if not (folder / d / "config.json").exists()]
+    if missing:
+        raise CheckpointError(f"{folder}: LDM diffusers folder without {', '.join(d + '/' for d in missing)} "
+                              "(missing component); LDM-400M needs bert/, unet/ and vqvae/, each with config.json "
+                              "and weights, and tokenizer/vocab.txt")
+    configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
+    vocab = next((p for p in (folder / "tokenizer" / n for n in ("vocab.txt", "tokenizer.json")) if p.exists()), None)
+    cfg = diffusers_keys.ldm_config(configs["unet"], configs["vae"], configs["text_encoder"], _read_scheduler(folder),
+                                    str(vocab) if vocab else None, str(folder))
+    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.ldm_key)
+
+
+def _read_scheduler(folder: Path) -> dict | None:
+    path = folder / "scheduler" / "scheduler_config.json"
+    return _read_json(path) if path.exists() else None
+
+
+def _diffusers_source(folder: Path, parts: dict, configs: dict, cfg: SDConfig, to_ldm_key) -> Source:
+    """Every part's weights under their single-file names (`to_ldm_key(part, key, config, where)`)."""
     check_plausible(cfg, f"{folder} (config.json files)")
     entries, fetchers = {}, {}
     for part, d in parts.items():
         sub_path = _weights_file(folder / d)
         sub = open_file(sub_path, sub_path.stat().st_size, _sniff(sub_path))
         for key, entry in sub.entries.items():
-            ldm = diffusers_keys.to_ldm_key(part, key, configs[part], str(folder / d))
+            ldm = to_ldm_key(part, key, configs[part], str(folder / d))
             entries[ldm] = entry
             fetchers[ldm] = (sub.fetch, key)
     return Source(str(folder), "diffusers", entries, lambda k: fetchers[k][0](fetchers[k][1]),

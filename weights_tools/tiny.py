@@ -14,7 +14,7 @@ import torch
 from models import PREFIXES, SDConfig, load_config
 
 from .files import save_safetensors_atomic
-from .layout import POSITION_IDS, model_shapes, position_ids
+from .layout import carried_buffers, model_shapes
 
 
 def init_tensor(key: str, z: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def tiny_state_dict(cfg: SDConfig, seed: int) -> dict[str, torch.Tensor]:
         n = math.prod(shape)
         state[key] = init_tensor(key, z[i:i + n].view(shape))
         i += n
-    state[POSITION_IDS] = position_ids(cfg.text.max_position_embeddings)
+    state |= carried_buffers(cfg)
     return state
 
 
