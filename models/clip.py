@@ -27,6 +27,7 @@ except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected 
 from .config import CLIPTextConfig
 
 BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
+BANG = 0  # "!", the first byte symbol of the vocabulary: OpenCLIP's padding (SD 2.x, SDXL's second tokenizer)
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -57,11 +58,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 class Tokenizer:
-    """CLIP BPE tokenizer with SD v1's padding (pad = EOS = 49407)."""
+    """CLIP BPE tokenizer. `pad`: the id after EOS up to the length: EOS (49407) as SD v1's
+    CLIPTokenizer, or BANG ("!" = 0) as OpenCLIP's (SD 2.x, SDXL's second tokenizer)."""
 
     PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, vocab_path: str | Path | None = None):
+    def __init__(self, vocab_path: str | Path | None = None, pad: int = EOS):
         with gzip.open(vocab_path or bpe_vocab_path(), "rt", encoding="utf-8") as f:
             merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
         symbols = list(bytes_to_unicode().values())
@@ -74,7 +76,10 @@ class Tokenizer:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.pat = regex.compile(self.PATTERN, regex.IGNORECASE)
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS
+        assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS and self.encoder["!"] == BANG
+        if pad not in (EOS, BANG):
+            raise ValueError(f"pad must be EOS ({EOS}, SD v1) or BANG ({BANG}, '!', OpenCLIP), got {pad}")
+        self.bos, self.eos, self.pad, self.length = BOS, EOS, pad, CONTEXT_LENGTH
 
     def bpe(self, token: str) -> str:
         if token in self.cache:
@@ -119,7 +124,7 @@ class Tokenizer:
         return text.replace("</w>", " ")
 
     def __call__(self, prompts: list[str] | str, length: int = CONTEXT_LENGTH) -> torch.Tensor:
-        """(N, 77) int64: BOS, content truncated to 75 tokens (with a warning), EOS, EOS padding."""
+        """(N, 77) int64: BOS, content truncated to 75 tokens (with a warning), EOS, then `pad`."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = []
         for p in prompts:
@@ -128,7 +133,7 @@ class Tokenizer:
                 warnings.warn(f"prompt has {len(ids)} tokens; CLIP takes {length - 2}: truncated to "
                               f"{self.decode(ids[:length - 2]).strip()!r}", stacklevel=2)
                 ids = ids[:length - 2]
-            rows.append([BOS] + ids + [EOS] * (length - 1 - len(ids)))
+            rows.append([BOS] + ids + [EOS] + [self.pad] * (length - 2 - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
 
