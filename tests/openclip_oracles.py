@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import sys
 import types
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -61,32 +63,40 @@ def seeded_tower(cfg, seed: int = O.SEED):
     return model.float().eval().requires_grad_(False)
 
 
-def ref_open_clip(state: dict[str, torch.Tensor], cfg, device: str = "cpu"):
+def ref_open_clip(state: dict[str, torch.Tensor], cfg):
     """open_clip's CLIP with the text half of `cfg` (a tiny image half), loaded with `state` (OpenCLIP
-    keys, no prefix) unless on the meta device. Exact GELU: open_clip's default, as ViT-H/bigG use."""
-    model_module = open_clip_model_module()
-    with torch.device(device):
-        model = model_module.CLIP(
-            embed_dim=cfg.projection_dim or cfg.width,
-            vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-            text_cfg=dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
-                          heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio))
-    if device != "meta":
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        allowed = {"logit_scale", "text_projection"}
-        assert not unexpected and all(k.startswith("visual.") or k in allowed for k in missing), (missing, unexpected)
+    keys, no prefix). Exact GELU: open_clip's default, as ViT-H/bigG use."""
+    model = open_clip_model_module().CLIP(
+        embed_dim=cfg.projection_dim or cfg.width,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
+        text_cfg=dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
+                      heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = {"logit_scale", "text_projection"}
+    assert not unexpected and all(k.startswith("visual.") or k in allowed for k in missing), (missing, unexpected)
     return model.float().eval().requires_grad_(False)
 
 
-def hf_config(cfg, layers: int | None = None):
-    """transformers' CLIPTextConfig of the same tower (exact gelu), `layers` blocks."""
+def open_clip_named_text_state(name: str) -> dict[str, torch.Tensor]:
+    """The text half of open_clip's own architecture `name` (its model_configs/<name>.json: "ViT-H-14",
+    "ViT-bigG-14"), full size on the meta device: what a single file's tower holds, keys without prefix."""
+    model_module = open_clip_model_module()
+    path = Path(model_module.__file__).parent / "model_configs" / f"{name}.json"
+    with torch.device("meta"):
+        model = model_module.CLIP(**json.loads(path.read_text()))
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+
+
+def hf_config(cfg, layers: int | None = None, eos_token_id: int = 49407):
+    """transformers' CLIPTextConfig of the same tower (exact gelu), `layers` blocks. eos_token_id 2 (what
+    the released SD 2.x / SDXL folders' config.json say) makes transformers pool at the largest id."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
         num_hidden_layers=layers or cfg.layers, num_attention_heads=cfg.heads,
         max_position_embeddings=cfg.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
-        projection_dim=cfg.projection_dim or 512, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+        projection_dim=cfg.projection_dim or 512, bos_token_id=49406, eos_token_id=eos_token_id, pad_token_id=0)
 
 
 def diffusers_converted(state: dict[str, torch.Tensor], prefix: str, text_model) -> dict[str, torch.Tensor]:
@@ -96,13 +106,13 @@ def diffusers_converted(state: dict[str, torch.Tensor], prefix: str, text_model)
     return convert_open_clip_checkpoint(text_model, {prefix + k: v for k, v in state.items()}, prefix=prefix)
 
 
-def ref_hf(state: dict[str, torch.Tensor], cfg, prefix: str, layers: int | None = None):
+def ref_hf(state: dict[str, torch.Tensor], cfg, prefix: str, layers: int | None = None, eos_token_id: int = 49407):
     """transformers' CLIPTextModel (no projection) or CLIPTextModelWithProjection, `layers` blocks, loaded
     from `state` (OpenCLIP keys) through diffusers' converter with the single file's `prefix`."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with_projection = cfg.projection_dim is not None
-    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(hf_config(cfg, layers))
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(hf_config(cfg, layers, eos_token_id))
     converted = diffusers_converted(state, prefix, model)
     if not with_projection:  # transformers >= 5.6: CLIPTextModel's keys have no `text_model.` level
         converted = {k.removeprefix("text_model."): v for k, v in converted.items() if k != "text_projection.weight"}

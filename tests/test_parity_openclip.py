@@ -93,9 +93,10 @@ def test_sd2_single_file_state_loads_strictly(sd2):
 
 
 # ------------------------------------------------------------------------------------------ SDXL
-def test_sdxl_context_and_pooled_match_hf_with_projection(sdxl):
+@pytest.mark.parametrize("eos_token_id", [49407, 2])  # transformers pools at the first EOS / at the largest id
+def test_sdxl_context_and_pooled_match_hf_with_projection(sdxl, eos_token_id):
     """SDXL: hidden_states[-2] (no final norm) and text_embeds of CLIPTextModelWithProjection."""
-    ref = OC.ref_hf(single_file(sdxl), TINY_SDXL, SDXL_PREFIX)
+    ref = OC.ref_hf(single_file(sdxl), TINY_SDXL, SDXL_PREFIX, eos_token_id=eos_token_id)
     with torch.no_grad():
         context, pooled = sdxl.encode(ids())
         out = ref(ids(), output_hidden_states=True)
