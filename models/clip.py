@@ -61,6 +61,8 @@ class Tokenizer:
     """CLIP BPE tokenizer. `pad`: the id after EOS up to the length: EOS (49407) as SD v1's
     CLIPTokenizer, or BANG ("!" = 0) as OpenCLIP's (SD 2.x, SDXL's second tokenizer)."""
 
+    bos, eos, pad, length = BOS, EOS, EOS, CONTEXT_LENGTH  # the tokenizer protocol's ids and positions
+
     PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
     def __init__(self, vocab_path: str | Path | None = None, pad: int = EOS):
@@ -79,7 +81,7 @@ class Tokenizer:
         assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS and self.encoder["!"] == BANG
         if pad not in (EOS, BANG):
             raise ValueError(f"pad must be EOS ({EOS}, SD v1) or BANG ({BANG}, '!', OpenCLIP), got {pad}")
-        self.bos, self.eos, self.pad, self.length = BOS, EOS, pad, CONTEXT_LENGTH
+        self.pad = pad
 
     def bpe(self, token: str) -> str:
         if token in self.cache:
@@ -133,7 +135,7 @@ class Tokenizer:
                 warnings.warn(f"prompt has {len(ids)} tokens; CLIP takes {length - 2}: truncated to "
                               f"{self.decode(ids[:length - 2]).strip()!r}", stacklevel=2)
                 ids = ids[:length - 2]
-            rows.append([BOS] + ids + [EOS] + [self.pad] * (length - 2 - len(ids)))
+            rows.append([self.bos] + ids + [self.eos] + [self.pad] * (length - 2 - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
 
