@@ -24,7 +24,7 @@ try:
 except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected without it
     ftfy = None
 
-from .config import CLIPTextConfig
+from .config import CLIPTextConfig, context_layers
 
 BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
 BANG = 0  # "!", the first byte symbol of the vocabulary: OpenCLIP's padding (SD 2.x, SDXL's second tokenizer)
@@ -200,14 +200,17 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
 
-    def forward(self, x):
-        for layer in self.layers:
+    def forward(self, x, n: int | None = None):
+        """The first n layers (all by default)."""
+        for layer in self.layers[:n]:
             x = layer(x)
         return x
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids (N, 77) -> last_hidden_state (N, 77, width), after final_layer_norm."""
+    """Token ids (N, 77) -> the context (N, 77, width). SD v1: last_hidden_state (the last layer, then
+    final_layer_norm). SDXL's first tower: hidden_states[-2] (the penultimate layer, no final norm);
+    its last layer then never runs."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -217,4 +220,5 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, ids):
-        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+        x = self.encoder(self.embeddings(ids), context_layers(self.cfg.layers, self.cfg.output_layer))
+        return self.final_layer_norm(x) if self.cfg.final_ln else x

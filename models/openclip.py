@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import BANG, Tokenizer
-
-OUTPUT_LAYERS = ("last", "penultimate")
+from .config import check_output_layer, context_layers
 
 
 @dataclass(frozen=True)
@@ -39,12 +38,9 @@ class OpenCLIPTextConfig:
     projection_dim: int | None = None  # text_projection's output: the pooled vector (SDXL); None: no pooling
 
     def __post_init__(self):
-        if self.output_layer not in OUTPUT_LAYERS:
-            raise ValueError(f"output_layer must be one of {OUTPUT_LAYERS}, got {self.output_layer!r}")
+        check_output_layer(self.output_layer, self.layers)
         if self.heads <= 0 or self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible into {self.heads} heads")
-        if self.output_layer == "penultimate" and self.layers < 2:
-            raise ValueError("the penultimate output needs at least 2 layers")
 
     @property
     def mlp_width(self) -> int:
@@ -133,7 +129,7 @@ class OpenCLIPTextModel(nn.Module):
 
         Blocks past the context's layer run only when the pooled vector needs them."""
         blocks = self.transformer.resblocks
-        split = len(blocks) - (self.cfg.output_layer == "penultimate")
+        split = context_layers(len(blocks), self.cfg.output_layer)
         x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
         for block in blocks[:split]:
             x = block(x)

@@ -11,6 +11,7 @@ from torch import nn
 from .clip import CLIPTextModel, default_tokenizer
 from .config import CLIPTextConfig, SDConfig
 from .ddim import DDIM, alphas_cumprod
+from .openclip import OpenCLIPTextConfig, OpenCLIPTextModel
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
@@ -27,6 +28,7 @@ class TextTower:
 # one row per text-tower config class; a family with a new tower adds a row
 TEXT_TOWERS = {
     CLIPTextConfig: TextTower(CLIPTextModel, lambda cfg: default_tokenizer(), "cond_stage_model.transformer.text_model."),
+    OpenCLIPTextConfig: TextTower(OpenCLIPTextModel, lambda cfg: cfg.tokenizer(), "cond_stage_model.model."),  # SD 2.x
 }
 
 

@@ -1,12 +1,15 @@
 """OpenCLIP text towers (SD 2.x ViT-H/14, SDXL's bigG/14) on tiny random weights, fp32, against
 open_clip's own CLIP (the single files' layout) and transformers' CLIPTextModel(WithProjection)
 loaded through diffusers' own converter (the folders' layout); the key maps both ways; OpenCLIP's
-"!"-padded tokenisation against transformers' CLIPTokenizer(pad_token="!")."""
+"!"-padded tokenisation against transformers' CLIPTokenizer(pad_token="!"); CLIP-L read as SDXL reads it."""
+import dataclasses
+
 import pytest
 import torch
 
 import oracles as O
 import openclip_oracles as OC
+from models import CLIPTextConfig, CLIPTextModel, StableDiffusion, prefixes
 from models.clip import BANG, BOS, EOS
 from models.openclip import OpenCLIPTextConfig, OpenCLIPTextModel, openclip_tokenizer
 from weights_tools.layout import CheckpointError
@@ -190,3 +193,30 @@ def test_openclip_tokenizer_matches_hf_with_bang_padding():
         ours = openclip_tokenizer()(prompts)
     assert ours.tolist() == OC.hf_ids_bang(prompts).tolist()
     assert ours[-1, -1] == EOS and (ours[:-1] == BANG).any(dim=1).all()
+
+
+# ------------------------------------------------------------------------------------------ CLIP-L in SDXL
+def test_clip_l_penultimate_without_final_norm_matches_hf_hidden_states():
+    """SDXL's first tower: CLIP-L's hidden_states[-2], no final_layer_norm; SD v1's default is unchanged."""
+    sd = O.ours()
+    ref = O.ref_text_encoder()
+    tower = CLIPTextModel(dataclasses.replace(sd.cfg.text, output_layer="penultimate", final_ln=False)).eval()
+    tower.load_state_dict(sd.text_encoder.state_dict(), strict=True)
+    tokens = sd.tokenize(PROMPTS)
+    with torch.no_grad():
+        out = ref(tokens, output_hidden_states=True)
+        assert_close(tower(tokens), out.hidden_states[-2])
+        assert torch.equal(sd.text_encoder(tokens), ref(tokens).last_hidden_state)
+    with pytest.raises(ValueError, match="output_layer"):
+        CLIPTextConfig(output_layer="hidden")
+
+
+def test_stable_diffusion_builds_the_openclip_tower_and_tokenizer():
+    cfg = O.ours().cfg
+    cfg = cfg.replace(family="sd2", text=TINY_SDXL, unet=dataclasses.replace(cfg.unet, context_dim=TINY_SDXL.width))
+    sd = StableDiffusion(cfg).eval()
+    assert isinstance(sd.text_encoder, OpenCLIPTextModel) and sd.tokenizer.pad == BANG
+    assert prefixes(cfg)["text_encoder"] == SD2_PREFIX
+    sd.text_encoder.load_state_dict(OC.seeded_tower(TINY_SDXL, seed=O.SEED + 1).state_dict())
+    with torch.no_grad():
+        assert torch.equal(sd.encode_text(PROMPTS), sd.text_encoder(ids()))
