@@ -23,10 +23,11 @@ try:
 except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected without it
     ftfy = None
 
-from .config import CLIPTextConfig
+from .config import CLIPTextConfig, context_layers
 from .tokens import token_rows
 
 BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
+BANG = 0  # "!", the first byte symbol of the vocabulary: OpenCLIP's padding (SD 2.x, SDXL's second tokenizer)
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -57,13 +58,14 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 class Tokenizer:
-    """CLIP BPE tokenizer with SD v1's padding (pad = EOS = 49407)."""
+    """CLIP BPE tokenizer. `pad`: the id after EOS up to the length: EOS (49407) as SD v1's
+    CLIPTokenizer, or BANG ("!" = 0) as OpenCLIP's (SD 2.x, SDXL's second tokenizer)."""
 
     bos, eos, pad, length = BOS, EOS, EOS, CONTEXT_LENGTH  # the tokenizer protocol's ids and positions
 
     PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    def __init__(self, vocab_path: str | Path | None = None):
+    def __init__(self, vocab_path: str | Path | None = None, pad: int = EOS):
         with gzip.open(vocab_path or bpe_vocab_path(), "rt", encoding="utf-8") as f:
             merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
         symbols = list(bytes_to_unicode().values())
@@ -76,7 +78,10 @@ class Tokenizer:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.pat = regex.compile(self.PATTERN, regex.IGNORECASE)
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS
+        assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS and self.encoder["!"] == BANG
+        if pad not in (EOS, BANG):
+            raise ValueError(f"pad must be EOS ({EOS}, SD v1) or BANG ({BANG}, '!', OpenCLIP), got {pad}")
+        self.pad = pad
 
     def bpe(self, token: str) -> str:
         if token in self.cache:
@@ -121,7 +126,7 @@ class Tokenizer:
         return text.replace("</w>", " ")
 
     def __call__(self, prompts: list[str] | str, length: int = CONTEXT_LENGTH) -> torch.Tensor:
-        """(N, 77) int64: BOS, content truncated to 75 tokens (with a warning), EOS, EOS padding."""
+        """(N, 77) int64: BOS, content truncated to 75 tokens (with a warning), EOS, then `pad`."""
         return token_rows(self, prompts, length, "CLIP")
 
 
@@ -186,14 +191,17 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
 
-    def forward(self, x):
-        for layer in self.layers:
+    def forward(self, x, n: int | None = None):
+        """The first n layers (all by default)."""
+        for layer in self.layers[:n]:
             x = layer(x)
         return x
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids (N, 77) -> last_hidden_state (N, 77, width), after final_layer_norm."""
+    """Token ids (N, 77) -> the context (N, 77, width). SD v1: last_hidden_state (the last layer, then
+    final_layer_norm). SDXL's first tower: hidden_states[-2] (the penultimate layer, no final norm);
+    its last layer then never runs."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -203,4 +211,5 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, ids):
-        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+        x = self.encoder(self.embeddings(ids), context_layers(self.cfg.layers, self.cfg.output_layer))
+        return self.final_layer_norm(x) if self.cfg.final_ln else x

@@ -131,6 +131,27 @@ class CLIPTextConfig:
     intermediate_size: int = 3072
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    output_layer: str = "last"  # the context: the "last" layer's output (SD v1) or the "penultimate" (SDXL)
+    final_ln: bool = True  # final_layer_norm applied to that output (SD v1: yes; SDXL's CLIP-L: no)
+
+    def __post_init__(self):
+        check_output_layer(self.output_layer, self.layers)
+
+
+OUTPUT_LAYERS = ("last", "penultimate")
+
+
+def check_output_layer(output_layer: str, layers: int) -> None:
+    """A text tower's context is its last or penultimate layer's output, and that layer must exist."""
+    if output_layer not in OUTPUT_LAYERS:
+        raise ValueError(f"output_layer must be one of {', '.join(OUTPUT_LAYERS)}, got {output_layer!r}")
+    if layers < 1 + (output_layer == "penultimate"):
+        raise ValueError(f"a text tower of {layers} layer(s) has no {output_layer} layer")
+
+
+def context_layers(layers: int, output_layer: str) -> int:
+    """How many layers run before the context is read: all, or all but the last."""
+    return layers - (output_layer == "penultimate")
 
 
 FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
