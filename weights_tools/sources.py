@@ -201,14 +201,17 @@ def open_ckpt(path: Path) -> Source:
     if not tensors:
         raise CheckpointError(f"{path}: a torch file without tensors (keys: {list(obj)[:6]}), not a model checkpoint")
     names = _canonical_names(tensors, str(path))
-    extras = {k: _summary(v) for k, v in obj.items() if k != "state_dict"} if nested else {}
+    extras = {k: _summary(v, tz.read) for k, v in obj.items()
+              if k != "state_dict" and (nested or not isinstance(v, LazyTensor))}
     src = Source(str(path), "ckpt", {c: (tensors[k].shape, tensors[k].dtype) for c, k in names.items()},
                  lambda key: tz.read(tensors[names[key]]), extras, placeholders=tz.placeholders)
     src.format = "ckpt (weights under 'state_dict')" if nested else "ckpt (flat)"
     return src
 
 
-def _summary(v) -> str:
+def _summary(v, read) -> str:
+    """A top-level entry in a line: plain values as they are, a one-element tensor (a `global_step`
+    saved as a tensor) by its value, anything else by its kind and size."""
     if isinstance(v, (int, float, str, bool)) or v is None:
         return repr(v)
     if isinstance(v, Placeholder):
@@ -216,6 +219,8 @@ def _summary(v) -> str:
     if isinstance(v, dict):
         return f"dict with {len(v)} entries" + (f" ({', '.join(map(str, list(v)[:3]))})" if v else "")
     if isinstance(v, LazyTensor):
+        if math.prod(v.shape) == 1:
+            return repr(read(v).item())
         return f"tensor {list(v.shape)} {v.dtype}"
     return type(v).__name__ + (f" of {len(v)}" if hasattr(v, "__len__") else "")
 
