@@ -7,10 +7,10 @@ import pathlib
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from models import PREFIXES
-from weights_tools import inspect_checkpoint, load_checkpoint
+from weights_tools import CheckpointError, format_inspection, inspect_checkpoint, load_checkpoint
 
 from conftest import GOLDEN_CKPT
 
@@ -63,3 +63,106 @@ def test_flat_ckpt_shows_its_step(tmp_path, golden):
     path = tmp_path / "flat.ckpt"
     torch.save(dict(golden, global_step=1234), path)
     assert inspect_checkpoint(path)["metadata"]["global_step"] == "1234"
+
+
+# ------------------------------------------------------------------------ families, named as such
+def diffusers_folder(root, unet_kw, index_class, text_encoders=("text_encoder",)):
+    """A tiny diffusers folder as diffusers writes it (its own classes and save_pretrained)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    base = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    UNet2DConditionModel(**base | unet_kw).save_pretrained(root / "unet")
+    AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",)).save_pretrained(root / "vae")
+    for name in text_encoders:
+        CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                     num_attention_heads=4)).save_pretrained(root / name)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": index_class, "_diffusers_version": "0.21.0"}))
+    return root
+
+
+SD2_UNET = dict(cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True)
+SDXL_UNET = dict(cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+                 transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=8 * 6 + 32)
+
+
+@pytest.mark.parametrize("unet_kw, index, encoders, variant, family", [
+    (SD2_UNET, "StableDiffusionPipeline", ("text_encoder",), "SD 2.x", "sd2"),
+    (SDXL_UNET, "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"), "SDXL", "sdxl"),
+    (dict(in_channels=9), "StableDiffusionInpaintPipeline", ("text_encoder",), "inpainting", None),
+])
+def test_other_diffusers_families_are_named(tmp_path, unet_kw, index, encoders, variant, family):
+    pytest.importorskip("diffusers")
+    folder = diffusers_folder(tmp_path / "model", unet_kw, index, encoders)
+    with pytest.raises(CheckpointError, match=f"this is a {variant} checkpoint") as e:
+        load_checkpoint(folder)
+    assert "Stable Diffusion v1.x" in str(e.value) and "heads vary" not in str(e.value)
+    info = inspect_checkpoint(folder)
+    assert (info["variant"], info["family"], info["loadable"]) == (variant, family, False)
+    assert info["parts"]["unet"]["tensors"] > 0 and set(encoders) <= set(info["parts"])
+    text = format_inspection(info)
+    assert f"variant:  {variant}" in text and "loadable: no: " in text
+
+
+def test_a_sd2_folder_without_model_index_is_named_by_its_unet(tmp_path):
+    pytest.importorskip("diffusers")
+    folder = diffusers_folder(tmp_path / "model", SD2_UNET, "StableDiffusionPipeline")
+    (folder / "model_index.json").unlink()
+    assert inspect_checkpoint(folder)["variant_evidence"] == "unet/config.json has cross_attention_dim 1024 (OpenCLIP ViT-H)"
+
+
+@pytest.mark.parametrize("index, components, variant", [
+    ("StableDiffusion3Pipeline", ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), "SD3"),
+    ("FluxPipeline", ("transformer", "vae", "text_encoder", "text_encoder_2"), "Flux"),
+    ("KandinskyV22Pipeline", ("unet", "movq"), "Kandinsky"),
+    ("LDMTextToImagePipeline", ("unet", "vqvae", "bert"), "LDM"),
+    (None, ("transformer", "vae"), "DiT"),
+])
+def test_folders_of_other_models_are_described(tmp_path, index, components, variant):
+    folder = tmp_path / "model"
+    for c in components:
+        (folder / c).mkdir(parents=True)
+        (folder / c / "config.json").write_text("{}")
+    if index:
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": index}))
+    with pytest.raises(CheckpointError, match=f"this is a {variant} checkpoint .*Stable Diffusion v1.x"):
+        load_checkpoint(folder)
+    info = inspect_checkpoint(folder)
+    assert info["variant"] == variant and not info["loadable"] and info["tensors"] == 0
+
+
+def test_inspect_describes_a_folder_with_a_missing_component(tmp_path, golden):
+    folder = tmp_path / "model"
+    for c in ("unet", "text_encoder"):
+        (folder / c).mkdir(parents=True)
+        (folder / c / "config.json").write_text("{}")
+    save_file({"conv_in.weight": torch.ones(2, 2)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    info = inspect_checkpoint(folder)
+    assert not info["loadable"] and "without vae/ (missing component)" in info["problem"]
+    assert info["parts"]["unet"]["tensors"] == 1
+
+
+U = PREFIXES["unet"]
+
+
+@pytest.mark.parametrize("extra, variant, family", [
+    ({"cond_stage_model.transformer.token_emb.weight": (10, 4),
+      "cond_stage_model.transformer.attn_layers.layers.0.0.weight": (4,)}, "LDM", "ldm"),
+    ({U + "joint_blocks.0.x_block.attn.qkv.weight": (12, 4)}, "SD3", None),
+    ({"double_blocks.0.img_attn.qkv.weight": (12, 4)}, "Flux", None),
+    ({"depth_model.model.pretrained.act_postprocess1.0.weight": (4,)}, "depth", None),
+    ({"low_scale_model.betas": (10,)}, "upscaler", None),
+    ({"embedder.model.visual.proj": (4, 4), "noise_augmentor.betas": (10,)}, "unCLIP", None),
+])
+def test_single_files_of_other_models_are_named(tmp_path, golden, extra, variant, family):
+    state = dict(golden, **{k: torch.ones(s) for k, s in extra.items()})
+    path = tmp_path / "x.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=f"this is a {variant} checkpoint .*Stable Diffusion v1.x"):
+        load_checkpoint(path)
+    info = inspect_checkpoint(path)
+    assert (info["variant"], info["family"], info["loadable"]) == (variant, family, False)

@@ -35,7 +35,15 @@ SCHEDULE_KEYS = frozenset({
 SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
                      r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
 
-VARIANTS = ("SD v1", "SD 2.x", "SDXL", "inpainting", "pix2pix", "unknown")
+# what a checkpoint can be: the families this package knows (its `SDConfig.family` code), then the
+# kinds it names but does not load
+FAMILIES = {"SD v1": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "LDM": "ldm"}
+UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
+               "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
+# UNet input channels of the image-conditioned kinds (text-to-image: 4)
+CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
+SUPPORTED_KINDS = ("only Stable Diffusion v1.x text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) "
+                   "are supported")
 
 
 class CheckpointError(ValueError):
@@ -73,33 +81,66 @@ def split_parts(shapes: dict) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- variants
+# (variant, evidence) when a key starting with the prefix is present, checked in this order: models
+# that are not UNet text-to-image at all first
+KEY_MARKS = (
+    (("model.diffusion_model.joint_blocks.",), "SD3", "MMDiT keys `model.diffusion_model.joint_blocks.*`"),
+    (("double_blocks.", "model.diffusion_model.double_blocks."), "Flux", "Flux keys `double_blocks.*`"),
+    (("embedder.model.visual.", "noise_augmentor."), "unCLIP", "image-embedding keys `embedder.*` / `noise_augmentor.*`"),
+    (("depth_model.",), "depth", "depth-estimator keys `depth_model.*`"),
+    (("low_scale_model.",), "upscaler", "low-resolution noise schedule `low_scale_model.*`"),
+)
+
+
 def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
-    """(variant, evidence) from canonical keys and shapes. Only "SD v1" is loadable."""
+    """(variant, evidence) from canonical keys and shapes: a key of FAMILIES or of UNSUPPORTED."""
+    for prefixes, variant, evidence in KEY_MARKS:
+        if any(k.startswith(prefixes) for k in shapes):
+            return variant, f"found {evidence}"
     unet = PREFIXES["unet"]
     if any(k.startswith("conditioner.embedders") for k in shapes) or unet + "label_emb.0.0.weight" in shapes:
+        if not any(k.startswith("conditioner.embedders.1.") for k in shapes) and \
+                any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+            return "SDXL refiner", "one OpenCLIP bigG embedder `conditioner.embedders.0.model.*`, no CLIP-L"
         return "SDXL", "found `conditioner.embedders.*` / `label_emb` keys"
+    first = shapes.get(unet + "input_blocks.0.0.weight")
+    if first is not None and len(first) == 4 and first[1] != 4:
+        name = CHANNEL_KINDS.get(first[1], "unknown")
+        return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (text-to-image: 4)"
+    return _text_family(shapes, unet)
+
+
+def _text_family(shapes: dict[str, tuple], unet: str) -> tuple[str, str]:
+    """SD v1, SD 2.x or LDM, told apart by the text encoder (CLIP-L, OpenCLIP-H, LDMBert) and the
+    width of the cross-attention context."""
     if any(k.startswith("cond_stage_model.model.") for k in shapes):
         return "SD 2.x", "found OpenCLIP text-encoder keys `cond_stage_model.model.*`"
+    te = "cond_stage_model.transformer."  # LDMBert's keys, canonical or not, sit under it
+    if any(k.startswith(te) and (".token_emb." in k or ".attn_layers." in k) for k in shapes):
+        return "LDM", "found LDMBert text-encoder keys `cond_stage_model.transformer.token_emb` / `attn_layers`"
     for k, s in shapes.items():
         if k.startswith(unet) and k.endswith("attn2.to_k.weight") and len(s) == 2 and s[1] == 1024:
             return "SD 2.x", f"`{k}` is {list(s)}: 1024-wide cross-attention context (OpenCLIP ViT-H)"
-    first = shapes.get(unet + "input_blocks.0.0.weight")
-    if first is not None and len(first) == 4 and first[1] != 4:
-        name = {9: "inpainting", 8: "pix2pix"}.get(first[1], "unknown")
-        return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (SD v1 text-to-image: 4)"
     if not any(k.startswith(unet) for k in shapes):
         return "unknown", f"no UNet keys (`{unet}*`)"
     return "SD v1", "CompVis UNet with 4 input channels, CLIP text encoder, no SD 2.x / SDXL keys"
 
 
+def refusal(variant: str, evidence: str, where: str) -> str | None:
+    """The one place a family is accepted: None (it loads) for SD v1, else why it does not. SD 2.x,
+    SDXL and LDM are recognised and refused for now; every other kind is named and refused.
+    "unknown" passes: the missing component is reported by `check_components`, with a better message."""
+    if variant in ("SD v1", "unknown"):
+        return None
+    known = (f"; {variant} is recognised, but loading it is not wired in yet" if variant in FAMILIES else
+             f"; {variant} models are not supported (SD 2.x, SDXL and LDM files are recognised)")
+    return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
+
+
 def check_variant(shapes: dict[str, tuple], where: str) -> None:
-    variant, evidence = detect_variant(shapes)
-    if variant == "SD v1":
-        return
-    if variant == "unknown":
-        return  # a missing component is reported by `check_components`, with a better message
-    raise CheckpointError(f"{where}: this is a {variant} checkpoint ({evidence}); only Stable Diffusion v1.x "
-                          "text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) are supported")
+    problem = refusal(*detect_variant(shapes), where)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def check_components(parts: dict[str, dict], where: str) -> None:

@@ -38,6 +38,8 @@ def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
 def open_checked(path, config=None, strict: bool = True) -> tuple[Source, SDConfig, str]:
     """Open, resolve the config and validate every key and shape, all before reading a tensor."""
     src = open_source(resolve_checkpoint(path))
+    if src.problem:
+        raise CheckpointError(src.problem)
     cfg, cfg_source = resolve_config(src, config)
     validate_shapes(src.shapes, cfg, src.where, strict, cfg_source)
     return src, cfg, cfg_source

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from models import SDConfig
 
 from . import diffusers_keys
-from .layout import CheckpointError, canonical_key, check_plausible
+from .family import folder_family
+from .layout import CheckpointError, canonical_key, check_plausible, refusal
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
@@ -44,6 +45,8 @@ class Source:
     config: SDConfig | None = None                # what the file itself says about the architecture
     config_source: str | None = None
     placeholders: list = field(default_factory=list)
+    variant: tuple[str, str] | None = None        # (variant, evidence) when the format says it (a folder)
+    problem: str | None = None                    # why it cannot load, found while describing it
 
     @property
     def shapes(self) -> dict[str, tuple]:
@@ -251,16 +254,24 @@ def _read_json(path: Path) -> dict:
 
 
 def open_diffusers(folder: Path) -> Source:
-    """A diffusers folder as one Source whose keys are the single-file names."""
+    """A diffusers folder as one Source whose keys are the single-file names; a folder of another
+    family or with a component missing is described (its keys as `component/key`) with the reason
+    it cannot load."""
     parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
-    missing = [d for d in parts.values() if not (folder / d / "config.json").exists()]
-    if len(missing) == len(parts):
+    components = sorted(d.name for d in folder.iterdir() if (d / "config.json").exists())
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
+    if not index and not {"unet", "vae", "text_encoder", "transformer"} & set(components):
         raise CheckpointError(f"{folder}: a folder, but not a diffusers model folder (no unet/, vae/, "
                               f"text_encoder/ with config.json); {SUPPORTED}")
-    if missing:
-        raise CheckpointError(f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} "
-                              "(missing component); SD v1 needs unet/, vae/ and text_encoder/, each with "
-                              "config.json and weights")
+    unet_json = _read_json(folder / "unet" / "config.json") if "unet" in components else {}
+    variant = folder_family(folder, index, unet_json)
+    missing = [d for d in parts.values() if d not in components]
+    problem = refusal(*variant, str(folder))
+    if problem is None and missing:
+        problem = (f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} (missing component); "
+                   "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
+    if problem:
+        return _describe_folder(folder, components, index, variant, problem)
     configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
     sched_path = folder / "scheduler" / "scheduler_config.json"
     cfg = diffusers_keys.sd_config(configs["unet"], configs["vae"], configs["text_encoder"],
@@ -268,12 +279,29 @@ def open_diffusers(folder: Path) -> Source:
     check_plausible(cfg, f"{folder} (config.json files)")
     entries, fetchers = {}, {}
     for part, d in parts.items():
-        sub_path = _weights_file(folder / d)
-        sub = open_file(sub_path, sub_path.stat().st_size, _sniff(sub_path))
+        sub = _open_weights(folder / d)
         for key, entry in sub.entries.items():
             ldm = diffusers_keys.to_ldm_key(part, key, configs[part], str(folder / d))
             entries[ldm] = entry
             fetchers[ldm] = (sub.fetch, key)
     return Source(str(folder), "diffusers", entries, lambda k: fetchers[k][0](fetchers[k][1]),
-                  {"model_index": _read_json(folder / "model_index.json")} if (folder / "model_index.json").exists()
-                  else {}, cfg, "the diffusers config.json files")
+                  {"model_index": index} if index else {}, cfg, "the diffusers config.json files", variant=variant)
+
+
+def _open_weights(folder: Path) -> Source:
+    path = _weights_file(folder)
+    return open_file(path, path.stat().st_size, _sniff(path))
+
+
+def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str) -> Source:
+    """A folder that will not load, for `inspect`: each component's tensors as `component/key`."""
+    entries = {}
+    for d in components:
+        if any((folder / d / name).exists() for name in WEIGHT_FILES):
+            entries.update({f"{d}/{k}": e for k, e in _open_weights(folder / d).entries.items()})
+
+    def fetch(key: str) -> torch.Tensor:
+        raise CheckpointError(problem)
+
+    return Source(str(folder), "diffusers", entries, fetch, {"model_index": index} if index else {},
+                  variant=variant, problem=problem)
