@@ -166,3 +166,23 @@ def test_single_files_of_other_models_are_named(tmp_path, golden, extra, variant
         load_checkpoint(path)
     info = inspect_checkpoint(path)
     assert (info["variant"], info["family"], info["loadable"]) == (variant, family, False)
+
+
+# ------------------------------------------------------------------------ old diffusers folders
+@pytest.fixture(scope="module")
+def v1_folder(tmp_path_factory, golden):
+    """The golden checkpoint as a diffusers folder."""
+    pytest.importorskip("diffusers")
+    from test_weights_diffusers import build_diffusers_folder
+    return build_diffusers_folder(tmp_path_factory.mktemp("diffusers") / "tiny-sd", golden)
+
+
+@pytest.mark.parametrize("version, size", [("0.6.0", 64), ("0.8.0.dev0", 64), ("0.9.0", 32), ("0.21.4", 32)])
+def test_sample_size_32_from_before_diffusers_0_9_means_512_px(tmp_path, v1_folder, version, size):
+    import shutil
+    folder = tmp_path / "old"
+    shutil.copytree(v1_folder, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps(config | {"sample_size": 32, "_diffusers_version": version}))
+    sd = load_checkpoint(folder)
+    assert sd.cfg.image_size == size and sd.cfg.default_height == size * sd.cfg.vae.downsample
