@@ -186,3 +186,69 @@ def test_sample_size_32_from_before_diffusers_0_9_means_512_px(tmp_path, v1_fold
     (folder / "unet" / "config.json").write_text(json.dumps(config | {"sample_size": 32, "_diffusers_version": version}))
     sd = load_checkpoint(folder)
     assert sd.cfg.image_size == size and sd.cfg.default_height == size * sd.cfg.vae.downsample
+
+
+# ------------------------------------------------------------------------ a swapped-in VAE
+VAE = PREFIXES["vae"]
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """A second tiny checkpoint (another seed): its VAE is the one swapped in."""
+    from weights_tools import make_tiny
+    return load_file(str(make_tiny(tmp_path_factory.mktemp("other") / "other.safetensors", seed=7, config="tiny")))
+
+
+def vae_of(state, prefix=""):
+    return {prefix + k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE)}
+
+
+def assert_vae_swapped(sd, golden, other):
+    got = model_tensors(sd)
+    assert all(torch.equal(got[k], other[k] if k.startswith(VAE) else golden[k]) for k in got)
+    assert any(not torch.equal(golden[k], other[k]) for k in vae_of(golden, VAE))
+
+
+@pytest.mark.parametrize("prefix", ["", VAE])
+def test_vae_file_with_or_without_prefix(tmp_path, golden, other, prefix):
+    save_file(vae_of(other, prefix), str(tmp_path / "vae-ft-mse.safetensors"))
+    assert_vae_swapped(load_checkpoint(GOLDEN_CKPT, vae=tmp_path / "vae-ft-mse.safetensors"), golden, other)
+
+
+def test_vae_ckpt_and_diffusers_vae_folder(tmp_path, golden, other, v1_folder):
+    torch.save({"state_dict": vae_of(other)}, tmp_path / "vae.ckpt")
+    assert_vae_swapped(load_checkpoint(GOLDEN_CKPT, vae=tmp_path / "vae.ckpt"), golden, other)
+    save_file(other, str(tmp_path / "other.safetensors"))  # the golden's VAE, from the diffusers folder, into it
+    assert_vae_swapped(load_checkpoint(tmp_path / "other.safetensors", config="tiny", vae=v1_folder / "vae"),
+                       other, golden)
+    single = tmp_path / "diffusers_vae.safetensors"  # diffusers' names in one file
+    save_file(load_file(str(v1_folder / "vae" / "diffusion_pytorch_model.safetensors")), str(single))
+    assert_vae_swapped(load_checkpoint(tmp_path / "other.safetensors", config="tiny", vae=single), other, golden)
+
+
+def test_checkpoint_without_a_vae_loads_when_one_is_given(tmp_path, golden, other, v1_folder):
+    import shutil
+    save_file({k: v for k, v in golden.items() if not k.startswith(VAE)}, str(tmp_path / "no-vae.safetensors"))
+    save_file(vae_of(other), str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing component\(s\) vae"):
+        load_checkpoint(tmp_path / "no-vae.safetensors", config="tiny")
+    assert_vae_swapped(load_checkpoint(tmp_path / "no-vae.safetensors", config="tiny",
+                                       vae=tmp_path / "vae.safetensors"), golden, other)
+    folder = tmp_path / "folder"
+    shutil.copytree(v1_folder, folder, ignore=lambda d, names: ["vae"] if d == str(v1_folder) else [])
+    with pytest.raises(CheckpointError, match=r"without vae/ \(missing component\)"):
+        load_checkpoint(folder)
+    sd = load_checkpoint(folder, vae=tmp_path / "vae.safetensors", config="tiny")
+    assert_vae_swapped(sd, golden, other)
+
+
+def test_vae_file_with_leftover_keys_and_non_vae_files(tmp_path, golden, other):
+    save_file(vae_of(other) | {"loss.logvar": torch.zeros(1)}, str(tmp_path / "vae-train.safetensors"))
+    with pytest.raises(CheckpointError, match=r"--non-strict.*1 unexpected: first_stage_model.loss.logvar"):
+        load_checkpoint(GOLDEN_CKPT, vae=tmp_path / "vae-train.safetensors")
+    with pytest.warns(UserWarning, match=r"ignored 1 key\(s\) .*: first_stage_model.loss.logvar"):
+        sd = load_checkpoint(GOLDEN_CKPT, vae=tmp_path / "vae-train.safetensors", strict=False)
+    assert_vae_swapped(sd, golden, other)
+    save_file({"lora_unet_down.alpha": torch.ones(1)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(CheckpointError, match="no VAE keys .* not a VAE file"):
+        load_checkpoint(GOLDEN_CKPT, vae=tmp_path / "lora.safetensors")

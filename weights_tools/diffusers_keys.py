@@ -135,6 +135,9 @@ def _version(text: str) -> tuple:
     return tuple(int(p) if p.isdigit() else 0 for p in text.split(".")[:2])
 
 
+SD_V1_VAE = {"block_out_channels": [128, 256, 512, 512]}  # the config.json of SD v1's VAE, all else default
+
+
 def vae_config(c: dict) -> VAEConfig:
     boc = list(c["block_out_channels"])
     return VAEConfig(in_channels=c.get("in_channels", 3), out_ch=c.get("out_channels", 3), ch=boc[0],

@@ -176,16 +176,24 @@ def fits(key: str, have: tuple, want: tuple) -> bool:
         and all(d == 1 for d in tuple(have)[2:] + tuple(want)[2:])
 
 
-def shape_problems(shapes: dict[str, tuple], expected: dict[str, tuple], strict: bool = True) -> dict[str, list]:
+def shape_problems(shapes: dict[str, tuple], expected: dict[str, tuple]) -> dict[str, list]:
     """Compare a file's model keys (canonical, ignorable keys removed) with the model's.
 
-    Returns lists `missing`, `unexpected` (empty when not strict) and `mismatched` of readable strings.
+    Returns lists `missing` and `mismatched` of readable strings.
     """
     missing = sorted(k for k in expected if k not in shapes)
-    unexpected = sorted(k for k in shapes if k not in expected) if strict else []
     mismatched = [f"{k}: file {list(shapes[k])}, model {list(expected[k])}"
                   for k in sorted(shapes) if k in expected and not fits(k, shapes[k], expected[k])]
-    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    return {"missing": missing, "mismatched": mismatched}
+
+
+def leftover_keys(shapes: dict[str, tuple], cfg: SDConfig) -> list[str]:
+    """Keys the model does not have, beyond those always dropped (EMA, schedule buffers, position_ids):
+    under a model prefix (`first_stage_model.loss.*`) or outside every known group (`embedding_manager.*`,
+    `lora_*`). Strict loading refuses them; non-strict loading lists and ignores them."""
+    expected = model_shapes(cfg)
+    return sorted([k for k in model_keys(shapes) if k not in expected] +
+                  [k for k in shapes if part_of(k) == "other"])
 
 
 def describe_problems(problems: dict[str, list], n: int = 3) -> str:
@@ -212,14 +220,14 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
     parts = split_parts(shapes)
     check_variant(shapes, where)
     check_components(parts, where)
-    problems = shape_problems(model_keys(shapes), model_shapes(cfg), strict)
-    if strict and parts["other"]:
-        problems["unexpected"] = sorted(problems["unexpected"] + list(parts["other"]))
+    problems = shape_problems(model_keys(shapes), model_shapes(cfg))
+    problems["unexpected"] = leftover_keys(shapes, cfg) if strict else []
     if any(problems.values()):
         hint = ("pass config= (a CompVis v1-inference.yaml, or an SDConfig) describing this architecture"
                 if config_source.startswith("SD v1") else f"check that {config_source} describes this file")
-        extra = " (or load with strict=False to ignore unknown keys)" if strict and problems["unexpected"] \
-            and not problems["missing"] and not problems["mismatched"] else ""
+        extra = (" (or load with strict=False, `--non-strict` on the command line, to ignore and list the "
+                 "keys the model does not have)") if problems["unexpected"] and not problems["missing"] \
+            and not problems["mismatched"] else ""
         raise CheckpointError(f"{where}: tensors do not fit the model built from {config_source}; "
                               f"{hint}{extra}. Found {describe_problems(problems, n=3)}")
 

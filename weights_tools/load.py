@@ -6,13 +6,20 @@ parameter (`load_state_dict(assign=True)`), one part at a time.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from models import PREFIXES, SDConfig, StableDiffusion, load_config
 
-from .layout import CheckpointError, model_keys, model_shapes, validate_shapes
+from .layout import CheckpointError, leftover_keys, model_keys, model_shapes, validate_shapes
 from .registry import resolve_checkpoint
 from .sources import Source, open_source
+from .vae_swap import open_vae, with_vae
+
+class IgnoredKeys(UserWarning):
+    """Non-strict loading skipped keys the model does not have; the message lists them."""
+
 
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
 
@@ -35,13 +42,20 @@ def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
     return SDConfig(), SD_V1_SOURCE
 
 
-def open_checked(path, config=None, strict: bool = True) -> tuple[Source, SDConfig, str]:
-    """Open, resolve the config and validate every key and shape, all before reading a tensor."""
-    src = open_source(resolve_checkpoint(path))
+def open_checked(path, config=None, strict: bool = True, vae=None) -> tuple[Source, SDConfig, str]:
+    """Open (the VAE swapped in from `vae` if given), resolve the config and validate every key and
+    shape, all before reading a tensor."""
+    src = open_source(resolve_checkpoint(path), vae_given=vae is not None)
     if src.problem:
         raise CheckpointError(src.problem)
+    if vae is not None:
+        src = with_vae(src, open_vae(vae))
     cfg, cfg_source = resolve_config(src, config)
     validate_shapes(src.shapes, cfg, src.where, strict, cfg_source)
+    if not strict and (ignored := leftover_keys(src.shapes, cfg)):
+        more = f" ... ({len(ignored)} in all)" if len(ignored) > 20 else ""
+        warnings.warn(f"{src.where}: ignored {len(ignored)} key(s) the model does not have (non-strict): "
+                      f"{', '.join(ignored[:20])}{more}", IgnoredKeys, stacklevel=3)
     return src, cfg, cfg_source
 
 
@@ -53,16 +67,20 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
     return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True) -> StableDiffusion:
+def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
+                    vae=None) -> StableDiffusion:
     """Load a Stable Diffusion v1.x checkpoint (.safetensors, .ckpt, diffusers folder) in eval mode.
 
     `path` may also be a name in `weights_tools.registry.CHECKPOINTS` ("miniature": the shipped one).
     `config`: an SDConfig, a CompVis v1-inference.yaml path, or a configs/ name; by default the
     file's own (ldm_config metadata, diffusers config.json) or SD v1's after a full shape check.
-    `strict=False` ignores unknown extra keys (missing or misshapen ones are always errors).
+    `strict=False` ignores keys the model does not have (`embedding_manager.*`, `first_stage_model.loss.*`,
+    `lora_*`) and lists them in an `IgnoredKeys` warning; missing or misshapen keys are always errors.
+    `vae`: a standalone VAE (.safetensors / .ckpt with or without `first_stage_model.`, a diffusers
+    vae/ folder) used in place of the checkpoint's own, which may then be absent.
     EMA weights, DDPM schedule buffers and `position_ids` are never read.
     """
-    src, cfg, _ = open_checked(path, config, strict)
+    src, cfg, _ = open_checked(path, config, strict, vae)
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     for part, prefix in PREFIXES.items():
@@ -77,12 +95,13 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     return model.eval()
 
 
-def read_state_dict(path, config=None, strict: bool = True) -> tuple[dict[str, torch.Tensor], SDConfig, Source]:
+def read_state_dict(path, config=None, strict: bool = True,
+                    vae=None) -> tuple[dict[str, torch.Tensor], SDConfig, Source]:
     """The model's tensors under their single-file names (canonical, shims reshaped), no model built.
 
     Used by conversion; tensors keep their stored dtype.
     """
-    src, cfg, _ = open_checked(path, config, strict)
+    src, cfg, _ = open_checked(path, config, strict, vae)
     expected = model_shapes(cfg)
     keys = sorted(k for k in model_keys(src.shapes) if k in expected)
     return {k: read_tensor(src, k, expected[k], "cpu", None) for k in keys}, cfg, src

@@ -53,16 +53,17 @@ class Source:
         return {k: s for k, (s, _) in self.entries.items()}
 
 
-def open_source(path) -> Source:
+def open_source(path, vae_given: bool = False) -> Source:
+    """`vae_given`: a VAE comes from elsewhere, so a diffusers folder may lack vae/."""
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFound(f"{path}: no such file or folder; {SUPPORTED}")
     if path.is_dir():
-        return open_diffusers(path)
-    return open_file(path, path.stat().st_size, _sniff(path))
+        return open_diffusers(path, vae_given)
+    return open_file(path, path.stat().st_size, sniff(path))
 
 
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """"safetensors" or "zip", or a CheckpointError saying what the file looks like instead."""
     size = path.stat().st_size
     if size == 0:
@@ -234,7 +235,7 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "dif
                 "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             return folder / name
@@ -243,7 +244,7 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES[:2])}, ...)")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -253,29 +254,31 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def open_diffusers(folder: Path) -> Source:
+def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
     """A diffusers folder as one Source whose keys are the single-file names; a folder of another
     family or with a component missing is described (its keys as `component/key`) with the reason
     it cannot load."""
     parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
     components = sorted(d.name for d in folder.iterdir() if (d / "config.json").exists())
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
     if not index and not {"unet", "vae", "text_encoder", "transformer"} & set(components):
         raise CheckpointError(f"{folder}: a folder, but not a diffusers model folder (no unet/, vae/, "
                               f"text_encoder/ with config.json); {SUPPORTED}")
-    unet_json = _read_json(folder / "unet" / "config.json") if "unet" in components else {}
+    unet_json = read_json(folder / "unet" / "config.json") if "unet" in components else {}
     variant = folder_family(folder, index, unet_json)
-    missing = [d for d in parts.values() if d not in components]
+    missing = [d for d in parts.values() if d not in components and not (d == "vae" and vae_given)]
     problem = refusal(*variant, str(folder))
     if problem is None and missing:
         problem = (f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} (missing component); "
                    "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
     if problem:
         return _describe_folder(folder, components, index, variant, problem)
-    configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
+    parts = {p: d for p, d in parts.items() if d in components}
+    configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    cfg = diffusers_keys.sd_config(configs["unet"], configs["vae"], configs["text_encoder"],
-                                   _read_json(sched_path) if sched_path.exists() else None, str(folder))
+    cfg = diffusers_keys.sd_config(configs["unet"], configs.get("vae", diffusers_keys.SD_V1_VAE),
+                                   configs["text_encoder"], read_json(sched_path) if sched_path.exists() else None,
+                                   str(folder))
     check_plausible(cfg, f"{folder} (config.json files)")
     entries, fetchers = {}, {}
     for part, d in parts.items():
@@ -289,8 +292,8 @@ def open_diffusers(folder: Path) -> Source:
 
 
 def _open_weights(folder: Path) -> Source:
-    path = _weights_file(folder)
-    return open_file(path, path.stat().st_size, _sniff(path))
+    path = weights_file(folder)
+    return open_file(path, path.stat().st_size, sniff(path))
 
 
 def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str) -> Source:
