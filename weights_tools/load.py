@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from models import PREFIXES, SDConfig, StableDiffusion, load_config
+from models import SDConfig, StableDiffusion, load_config, prefixes
 
 from .layout import CheckpointError, leftover_keys, model_keys, model_shapes, validate_shapes
 from .registry import resolve_checkpoint
@@ -83,7 +83,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     src, cfg, _ = open_checked(path, config, strict, vae)
     with torch.device("meta"):
         model = StableDiffusion(cfg)
-    for part, prefix in PREFIXES.items():
+    for part, prefix in prefixes(cfg).items():
         module = getattr(model, part)
         wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         state = {k: read_tensor(src, prefix + k, shape, device, dtype) for k, shape in wanted.items()}
