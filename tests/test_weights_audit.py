@@ -252,3 +252,62 @@ def test_vae_file_with_leftover_keys_and_non_vae_files(tmp_path, golden, other):
     save_file({"lora_unet_down.alpha": torch.ones(1)}, str(tmp_path / "lora.safetensors"))
     with pytest.raises(CheckpointError, match="no VAE keys .* not a VAE file"):
         load_checkpoint(GOLDEN_CKPT, vae=tmp_path / "lora.safetensors")
+
+
+# ------------------------------------------------------------------------ prediction type
+def with_metadata(tmp_path, golden, name="v.safetensors", prediction=None, **metadata):
+    from models import load_config
+    cfg = load_config("tiny").replace(prediction_type=prediction) if prediction else load_config("tiny")
+    path = tmp_path / name
+    save_file(golden, str(path), metadata={"ldm_config": cfg.to_json()} | metadata)
+    return path
+
+
+@pytest.mark.parametrize("metadata, source", [
+    ({"modelspec.prediction_type": "v"}, "the file's modelspec.prediction_type metadata"),
+    ({"ss_v_parameterization": "True"}, "the file's ss_v_parameterization metadata"),
+    ({"_prediction": "v"}, "the file's ldm_config metadata (parameterization v)"),
+])
+def test_v_prediction_said_by_the_file(tmp_path, golden, metadata, source):
+    prediction = metadata.pop("_prediction", None)
+    path = with_metadata(tmp_path, golden, prediction=prediction, **metadata)
+    assert load_checkpoint(path).cfg.prediction_type == "v"
+    info = inspect_checkpoint(path)
+    assert (info["prediction_type"], info["prediction_source"]) == ("v", source)
+    assert f"predicts: v ({source})" in format_inspection(info)
+    assert load_checkpoint(path, prediction_type="epsilon").cfg.prediction_type == "epsilon"  # the argument wins
+
+
+def test_v_prediction_from_a_yaml_and_from_a_folder(tmp_path, golden, v1_folder):
+    import shutil
+    import yaml
+    from models.config import CONFIG_DIR
+    cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    cfg["model"]["params"]["parameterization"] = "v"
+    (tmp_path / "v-inference.yaml").write_text(yaml.safe_dump(cfg))
+    save_file(golden, str(tmp_path / "plain.safetensors"))
+    sd = load_checkpoint(tmp_path / "plain.safetensors", config=tmp_path / "v-inference.yaml")
+    assert sd.cfg.prediction_type == "v"
+    folder = tmp_path / "folder"
+    shutil.copytree(v1_folder, folder)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    assert load_checkpoint(folder).cfg.prediction_type == "v"
+    assert inspect_checkpoint(folder)["prediction_source"] == "the folder's scheduler_config.json"
+    from weights_tools import convert_checkpoint
+    out = convert_checkpoint(folder, tmp_path / "v.safetensors")  # the prediction type travels in ldm_config
+    assert load_checkpoint(out).cfg.prediction_type == "v"
+
+
+def test_prediction_type_conflicts_and_unknown_names(tmp_path, golden):
+    path = with_metadata(tmp_path, golden, prediction="v", **{"modelspec.prediction_type": "epsilon"})
+    with pytest.raises(CheckpointError, match=r"modelspec.prediction_type metadata says epsilon but .*says v; "
+                                              r"pass prediction_type="):
+        load_checkpoint(path)
+    assert load_checkpoint(path, prediction_type="v").cfg.prediction_type == "v"
+    odd = with_metadata(tmp_path, golden, name="flow.safetensors", **{"modelspec.prediction_type": "flow"})
+    with pytest.raises(CheckpointError, match="prediction type 'flow' is not supported"):
+        load_checkpoint(odd)
+    with pytest.raises(CheckpointError, match="prediction type 'x0' is not supported"):
+        load_checkpoint(GOLDEN_CKPT, prediction_type="x0")
+    assert load_checkpoint(GOLDEN_CKPT).cfg.prediction_type == "epsilon"

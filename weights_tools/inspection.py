@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from .family import resolve_prediction
 from .layout import FAMILIES, CheckpointError, detect_variant, split_parts, validate_shapes
 from .load import SD_V1_SOURCE, resolve_config
 from .sources import open_source
@@ -31,7 +32,7 @@ def inspect_checkpoint(path) -> dict:
                      (src.metadata or {}).items() if isinstance(v, str)} | _non_str(src.metadata),
         "placeholders": src.placeholders,
     }
-    info.update(_loadability(src))
+    info.update(_loadability(src, variant))
     return info
 
 
@@ -47,12 +48,17 @@ def _parts(src) -> dict[str, dict]:
     return {p: parts[p] for p in REPORTED_PARTS}
 
 
-def _loadability(src) -> dict:
+def _loadability(src, variant: str) -> dict:
+    """config source, prediction type (and where it came from), whether it loads and why not."""
     if src.problem:
-        return {"config_source": "none (the file is not loaded)", "loadable": False, "problem": src.problem}
+        said = src.prediction or (None, "not read (the file is not loaded)")
+        return {"config_source": "none (the file is not loaded)", "prediction_type": said[0],
+                "prediction_source": said[1], "loadable": False, "problem": src.problem}
     cfg, cfg_source = resolve_config(src)
-    out = {"config_source": cfg_source if cfg_source != SD_V1_SOURCE else "SD v1 default (no config in the file)"}
+    out = {"config_source": cfg_source if cfg_source != SD_V1_SOURCE else "SD v1 default (no config in the file)",
+           "prediction_type": None, "prediction_source": None}
     try:
+        out["prediction_type"], out["prediction_source"] = resolve_prediction(src, cfg, cfg_source, variant)
         validate_shapes(src.shapes, cfg, src.where, strict=True, config_source=cfg_source)
         return out | {"loadable": True, "problem": None}
     except CheckpointError as e:
@@ -76,6 +82,7 @@ def format_inspection(info: dict) -> str:
              f"  variant:  {info['variant']} ({info['variant_evidence']})"
              + (f"; family {info['family']!r}" if info["family"] else ""),
              f"  config:   {info['config_source']}",
+             f"  predicts: {info['prediction_type'] or '?'} ({info['prediction_source']})",
              f"  loadable: {'yes' if info['loadable'] else 'no: ' + info['problem']}",
              f"  tensors:  {info['tensors']}"]
     for part, s in info["parts"].items():

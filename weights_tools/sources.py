@@ -19,7 +19,7 @@ from safetensors import safe_open
 from models import SDConfig
 
 from . import diffusers_keys
-from .family import folder_family
+from .family import folder_family, prediction_name, said_in_metadata
 from .layout import CheckpointError, canonical_key, check_plausible, refusal
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
@@ -47,6 +47,7 @@ class Source:
     placeholders: list = field(default_factory=list)
     variant: tuple[str, str] | None = None        # (variant, evidence) when the format says it (a folder)
     problem: str | None = None                    # why it cannot load, found while describing it
+    prediction: tuple[str, str] | None = None     # (prediction type, where) when the file says it
 
     @property
     def shapes(self) -> dict[str, tuple]:
@@ -170,7 +171,8 @@ def open_safetensors(path: Path, size: int) -> Source:
             handle["f"] = safe_open(str(path), framework="pt", device="cpu")
         return handle["f"].get_tensor(names[key])
 
-    src = Source(str(path), "safetensors", {c: raw[k] for c, k in names.items()}, fetch, dict(metadata))
+    src = Source(str(path), "safetensors", {c: raw[k] for c, k in names.items()}, fetch, dict(metadata),
+                 prediction=said_in_metadata(metadata, str(path)))
     if "ldm_config" in metadata:
         try:
             src.config = SDConfig.from_ldm(json.loads(metadata["ldm_config"]))
@@ -271,14 +273,16 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
     if problem is None and missing:
         problem = (f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} (missing component); "
                    "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(sched_path) if sched_path.exists() else None
     if problem:
-        return _describe_folder(folder, components, index, variant, problem)
+        described = _describe_folder(folder, components, index, variant, problem)
+        described.prediction = _scheduler_prediction(scheduler, sched_path)
+        return described
     parts = {p: d for p, d in parts.items() if d in components}
     configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
-    sched_path = folder / "scheduler" / "scheduler_config.json"
     cfg = diffusers_keys.sd_config(configs["unet"], configs.get("vae", diffusers_keys.SD_V1_VAE),
-                                   configs["text_encoder"], read_json(sched_path) if sched_path.exists() else None,
-                                   str(folder))
+                                   configs["text_encoder"], scheduler, str(folder))
     check_plausible(cfg, f"{folder} (config.json files)")
     entries, fetchers = {}, {}
     for part, d in parts.items():
@@ -288,7 +292,14 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
             entries[ldm] = entry
             fetchers[ldm] = (sub.fetch, key)
     return Source(str(folder), "diffusers", entries, lambda k: fetchers[k][0](fetchers[k][1]),
-                  {"model_index": index} if index else {}, cfg, "the diffusers config.json files", variant=variant)
+                  {"model_index": index} if index else {}, cfg, "the diffusers config.json files", variant=variant,
+                  prediction=_scheduler_prediction(scheduler, sched_path))
+
+
+def _scheduler_prediction(scheduler: dict | None, path: Path) -> tuple[str, str] | None:
+    if scheduler and "prediction_type" in scheduler:
+        return prediction_name(scheduler["prediction_type"], str(path)), "the folder's scheduler_config.json"
+    return None
 
 
 def _open_weights(folder: Path) -> Source:
