@@ -195,7 +195,7 @@ VAE = PREFIXES["vae"]
 @pytest.fixture(scope="module")
 def other(tmp_path_factory):
     """A second tiny checkpoint (another seed): its VAE is the one swapped in."""
-    from weights_tools import make_tiny
+    from weights_tools.tiny import make_tiny
     return load_file(str(make_tiny(tmp_path_factory.mktemp("other") / "other.safetensors", seed=7, config="tiny")))
 
 
