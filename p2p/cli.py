@@ -13,12 +13,14 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
+from weights_tools.load import IgnoredKeys
 from weights_tools.files import file_sha256, write_json_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
@@ -127,9 +129,29 @@ def check_outputs(pictures=(), files=()) -> None:
             raise ValueError(f"output {p}: cannot write in {near} ({why})")
 
 
-def load_model(ckpt, dtype: str = "float32"):
-    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name)."""
-    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype])
+def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None):
+    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); --non-strict's ignored
+    keys listed on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IgnoredKeys)
+        sd = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
+                             strict=not non_strict, vae=vae, prediction_type=prediction_type)
+    for w in caught:
+        if issubclass(w.category, IgnoredKeys):
+            print(f"p2p: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return sd
+
+
+def model_options(args) -> dict:
+    """--non-strict, --vae, --prediction-type: how the checkpoint is read (load_model's keywords)."""
+    return {"non_strict": args.non_strict, "vae": args.vae, "prediction_type": args.prediction_type}
+
+
+def model_record(args) -> dict:
+    """What the sidecar keeps of model_options: the swapped-in VAE by its SHA-256 too."""
+    return model_options(args) | ({"vae_sha256": file_sha256(args.vae)} if args.vae else {})
 
 
 def settings_record(settings: dict, ckpt, dtype: str) -> dict:
@@ -143,12 +165,12 @@ def cmd_generate(args) -> int:
     cfg = GenerateConfig(**given(args, GenerateConfig))
     check_values(cfg, "the command line")
     check_outputs([args.output], [Path(args.output).with_suffix(".json")])
-    sd = load_model(cfg.ckpt, args.dtype)
+    sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                        steps_offset=cfg.steps_offset, **memory_options(args))
     save_image(image_grid(out.images, list(cfg.prompts), min_size=256), args.output)
-    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt, args.dtype) | memory_options(args),
+    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt, args.dtype) | memory_options(args) | model_record(args),
                       Path(args.output).with_suffix(".json"))
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
     return 0
@@ -158,7 +180,7 @@ def cmd_edit(args) -> int:
     cfg = edit_config(args)
     spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
     check_outputs([args.output], [Path(args.output).with_suffix(".json")])
-    sd = load_model(cfg.ckpt, args.dtype)
+    sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
@@ -173,7 +195,7 @@ def cmd_edit(args) -> int:
                         for kind, row in pics.items() for i, pic in enumerate(row)})
     for path, img in outputs.items():
         save_image(img, path)
-    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args.dtype) | memory_options(args)
+    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args.dtype) | memory_options(args) | model_record(args)
               | {"spec": repr(spec), "local_blend": repr(blend)})
     write_json_atomic(record, output.with_suffix(".json"))
     print("wrote " + ", ".join(map(str, [*outputs, output.with_suffix(".json")])))
@@ -208,7 +230,7 @@ def cmd_invert(args) -> int:
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     check_outputs([args.reconstruction] if args.reconstruction else [],
                   [args.output, Path(args.output).with_suffix(".json")])
-    sd = load_model(args.ckpt, args.dtype)
+    sd = load_model(args.ckpt, args.dtype, **model_options(args))
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
@@ -216,7 +238,8 @@ def cmd_invert(args) -> int:
             low = memory_options(args)["low_memory"]
             rec = to_uint8(sd.decode(reconstruct(sd, inv, low_memory=low), low_memory=low))[0]
     settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
-    record = settings_record(settings, args.ckpt, args.dtype) | memory_options(args) | {"inversion": inv.info}
+    record = (settings_record(settings, args.ckpt, args.dtype) | memory_options(args) | model_record(args)
+              | {"inversion": inv.info})
     written = [inv.save(args.output)]
     if rec is not None:
         written.append(save_image(rec, args.reconstruction))
@@ -259,6 +282,17 @@ def sampling_options(q, seed: bool = True):
     q.add_argument("--width", type=int)
 
 
+def model_option_flags(q):
+    q.add_argument("--non-strict", dest="non_strict", action="store_true",
+                   help="ignore (and list) checkpoint keys the model does not have: embedding_manager.*, "
+                        "first_stage_model.loss.*, lora_* ...")
+    q.add_argument("--vae", help="a standalone VAE (.safetensors / .ckpt, e.g. vae-ft-mse-840000-ema-pruned, or a "
+                   "diffusers vae/ folder) in place of the checkpoint's own")
+    q.add_argument("--prediction-type", dest="prediction_type", choices=["epsilon", "v"],
+                   help="what the UNet predicts, when the file does not say it (default: what the file says, "
+                        "else epsilon)")
+
+
 def low_memory_option(q):
     q.add_argument("--low-memory", dest="low_memory", action="store_true",
                    help="for small GPUs: the guidance batch in two halves, the VAE one image at a time (tiled "
@@ -279,6 +313,7 @@ def inversion_options(q):
 
 def edit_parser(e) -> None:
     e.add_argument("--ckpt", help=CKPT_HELP)
+    model_option_flags(e)
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
     e.add_argument("--prompt", help="the source prompt")
     e.add_argument("--edit", dest="edits", action="append", help="an edited prompt; repeat for several")
@@ -313,6 +348,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="plain text-to-image")
     g.add_argument("--ckpt", help=CKPT_HELP)
+    model_option_flags(g)
     g.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for a batch")
     sampling_options(g)
     low_memory_option(g)
@@ -322,6 +358,7 @@ def parser() -> argparse.ArgumentParser:
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
     v = sub.add_parser("invert", help="invert a photo for editing (DDIM, null-text, negative-prompt, direct)")
     v.add_argument("--ckpt", required=True)
+    model_option_flags(v)
     v.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
     v.add_argument("--prompt", required=True, help="a caption of the photo: the source prompt of later edits")
     inversion_options(v)

@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import PREFIXES
@@ -112,7 +113,8 @@ def test_a_sd2_folder_without_model_index_is_named_by_its_unet(tmp_path):
     pytest.importorskip("diffusers")
     folder = diffusers_folder(tmp_path / "model", SD2_UNET, "StableDiffusionPipeline")
     (folder / "model_index.json").unlink()
-    assert inspect_checkpoint(folder)["variant_evidence"] == "unet/config.json has cross_attention_dim 1024 (OpenCLIP ViT-H)"
+    evidence = inspect_checkpoint(folder)["variant_evidence"]
+    assert evidence == "unet/config.json has cross_attention_dim 1024 (OpenCLIP ViT-H)"
 
 
 @pytest.mark.parametrize("index, components, variant", [
@@ -183,7 +185,8 @@ def test_sample_size_32_from_before_diffusers_0_9_means_512_px(tmp_path, v1_fold
     folder = tmp_path / "old"
     shutil.copytree(v1_folder, folder)
     config = json.loads((folder / "unet" / "config.json").read_text())
-    (folder / "unet" / "config.json").write_text(json.dumps(config | {"sample_size": 32, "_diffusers_version": version}))
+    config |= {"sample_size": 32, "_diffusers_version": version}
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
     sd = load_checkpoint(folder)
     assert sd.cfg.image_size == size and sd.cfg.default_height == size * sd.cfg.vae.downsample
 
@@ -271,7 +274,8 @@ def with_metadata(tmp_path, golden, name="v.safetensors", prediction=None, **met
 def test_v_prediction_said_by_the_file(tmp_path, golden, metadata, source):
     prediction = metadata.pop("_prediction", None)
     path = with_metadata(tmp_path, golden, prediction=prediction, **metadata)
-    assert load_checkpoint(path).cfg.prediction_type == "v"
+    sd = load_checkpoint(path)
+    assert sd.cfg.prediction_type == "v" and not sd.alphas_cumprod.is_meta  # eps() converts with it
     info = inspect_checkpoint(path)
     assert (info["prediction_type"], info["prediction_source"]) == ("v", source)
     assert f"predicts: v ({source})" in format_inspection(info)
@@ -311,3 +315,75 @@ def test_prediction_type_conflicts_and_unknown_names(tmp_path, golden):
     with pytest.raises(CheckpointError, match="prediction type 'x0' is not supported"):
         load_checkpoint(GOLDEN_CKPT, prediction_type="x0")
     assert load_checkpoint(GOLDEN_CKPT).cfg.prediction_type == "epsilon"
+
+
+# ------------------------------------------------------------------------ the command line
+FAST = ["--steps", "2", "--height", "32", "--width", "32"]
+
+
+def leftovers(tmp_path, golden):
+    """A checkpoint with the leftovers real files carry: textual inversion, VAE loss, LoRA."""
+    extra = {"embedding_manager.embedder.transformer.text_model.embeddings.token_embedding.weight": torch.ones(3, 4),
+             VAE + "loss.logvar": torch.zeros(1), "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.ones(1)}
+    path = tmp_path / "leftovers.safetensors"
+    with safe_open(str(GOLDEN_CKPT), "pt") as f:
+        metadata = f.metadata()
+    save_file(dict(golden, **extra), str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--prompt", "a cat"],
+    ["edit", "--prompt", "a cat", "--edit", "a dog"],
+    ["invert", "--prompt", "a cat", "--method", "ddim"],
+])
+def test_non_strict_on_every_loading_command(tmp_path, golden, capsys, command):
+    from p2p.cli import main
+    ckpt = leftovers(tmp_path, golden)
+    out = tmp_path / ("out.inv" if command[0] == "invert" else "out.png")
+    if command[0] == "invert":
+        from PIL import Image
+        Image.new("RGB", (32, 32), "red").save(tmp_path / "photo.png")
+        command = command + ["--image", str(tmp_path / "photo.png")]
+    args = [*command, "--ckpt", str(ckpt), *FAST, "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "3 unexpected" in err and "--non-strict" in err and not out.exists()
+    assert main([*args, "--non-strict"]) == 0
+    err = capsys.readouterr().err
+    assert "ignored 3 key(s)" in err and "embedding_manager." in err and "lora_unet_" in err and VAE + "loss" in err
+    assert json.loads(out.with_suffix(".json").read_text())["non_strict"] is True
+
+
+def test_vae_and_prediction_type_flags(tmp_path, golden, other, monkeypatch):
+    import p2p
+    from p2p.cli import main
+    with safe_open(str(GOLDEN_CKPT), "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v for k, v in golden.items() if not k.startswith(VAE)}, str(tmp_path / "no-vae.safetensors"),
+              metadata=metadata)
+    save_file(vae_of(other), str(tmp_path / "vae.safetensors"))
+    models, real = [], p2p.generate
+    monkeypatch.setattr(p2p, "generate", lambda sd, *a, **k: models.append(sd) or real(sd, *a, **k))
+    out = tmp_path / "gen.png"
+    assert main(["generate", "--ckpt", str(tmp_path / "no-vae.safetensors"), "--prompt", "a cat", *FAST,
+                 "--vae", str(tmp_path / "vae.safetensors"), "--prediction-type", "v", "-o", str(out)]) == 0
+    (sd,) = models
+    assert sd.cfg.prediction_type == "v"
+    assert torch.equal(sd.vae.decoder.conv_out.weight, other[VAE + "decoder.conv_out.weight"])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["vae"] == str(tmp_path / "vae.safetensors") and record["prediction_type"] == "v"
+    assert len(record["vae_sha256"]) == 64
+
+
+def test_inspect_command_on_a_folder(tmp_path, capsys):
+    from p2p.cli import main
+    folder = tmp_path / "sdxl"
+    for c in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        (folder / c).mkdir(parents=True)
+        (folder / c / "config.json").write_text("{}")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "variant:  SDXL (model_index.json names StableDiffusionXLPipeline); family 'sdxl'" in out
+    assert "loadable: no: " in out and "SDXL is recognised" in out

@@ -86,7 +86,8 @@ def split_parts(shapes: dict) -> dict[str, dict]:
 KEY_MARKS = (
     (("model.diffusion_model.joint_blocks.",), "SD3", "MMDiT keys `model.diffusion_model.joint_blocks.*`"),
     (("double_blocks.", "model.diffusion_model.double_blocks."), "Flux", "Flux keys `double_blocks.*`"),
-    (("embedder.model.visual.", "noise_augmentor."), "unCLIP", "image-embedding keys `embedder.*` / `noise_augmentor.*`"),
+    (("embedder.model.visual.", "noise_augmentor."), "unCLIP",
+     "image-embedding keys `embedder.*` / `noise_augmentor.*`"),
     (("depth_model.",), "depth", "depth-estimator keys `depth_model.*`"),
     (("low_scale_model.",), "upscaler", "low-resolution noise schedule `low_scale_model.*`"),
 )
