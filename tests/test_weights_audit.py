@@ -14,6 +14,7 @@ from models import PREFIXES
 from weights_tools import CheckpointError, format_inspection, inspect_checkpoint, load_checkpoint
 
 from conftest import GOLDEN_CKPT
+from test_weights_ckpt import assert_same
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +24,11 @@ def golden():
 
 @pytest.fixture(scope="module")
 def reference():
-    sd = load_checkpoint(GOLDEN_CKPT)
-    return {PREFIXES[p] + k: v for p in PREFIXES for k, v in getattr(sd, p).state_dict().items()}
+    return model_tensors(load_checkpoint(GOLDEN_CKPT))
 
 
 def model_tensors(sd):
     return {PREFIXES[p] + k: v for p in PREFIXES for k, v in getattr(sd, p).state_dict().items()}
-
-
-def assert_same(sd, reference):
-    got = model_tensors(sd)
-    assert got.keys() == reference.keys()
-    assert all(torch.equal(got[k], reference[k]) for k in got)
 
 
 # ------------------------------------------------------------------------ Lightning's non-tensor entries
@@ -387,3 +381,14 @@ def test_inspect_command_on_a_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "variant:  SDXL (model_index.json names StableDiffusionXLPipeline); family 'sdxl'" in out
     assert "loadable: no: " in out and "SDXL is recognised" in out
+
+
+def test_convert_bakes_in_a_vae(tmp_path, golden, other):
+    from weights_tools.convert import main as convert_main
+    save_file(vae_of(other, VAE), str(tmp_path / "vae.safetensors"))
+    out = tmp_path / "baked.safetensors"
+    assert convert_main([str(GOLDEN_CKPT), str(out), "--vae", str(tmp_path / "vae.safetensors")]) == 0
+    baked = load_file(str(out))
+    assert all(torch.equal(baked[k], other[k] if k.startswith(VAE) else golden[k]) for k in golden)
+    assert convert_main([str(GOLDEN_CKPT), str(tmp_path / "vae.safetensors"), "--vae",
+                         str(tmp_path / "vae.safetensors")]) == 2  # would overwrite its own source

@@ -31,7 +31,7 @@ def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
         if variant is not None:
             return variant, f"model_index.json names {name}"
     return _by_components(folder) or _by_unet(unet) or (
-        "SD v1", "a UNet with 4 input channels and 768-wide cross-attention, CLIP text encoder")
+        "SD v1", "unet/, vae/, text_encoder/; no other family's pipeline class, component or UNet setting")
 
 
 def _by_components(folder: Path) -> tuple[str, str] | None:
