@@ -3,9 +3,10 @@
 Every flag's string is parsed here into the typed configs of p2p.config (GenerateConfig, EditConfig,
 InvertConfig); a flag left out takes the config file's value, else the dataclass default.
 
-Every picture comes with a JSON sidecar holding every setting, the checkpoint's SHA-256 and the
-library version, so any figure can be regenerated. Outputs are written only once everything has
-run, each atomically: a failure leaves no partial file.
+Every output comes with a JSON sidecar named after it (x.png -> x.png.json) holding every setting,
+the checkpoint's SHA-256 and the library version, so any figure can be regenerated. Every path is
+checked before the model loads; a run's files are written only once everything has run, and all
+of them or none (weights_tools.files.write_files_atomic): a failure leaves no file of it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
 from weights_tools.load import IgnoredKeys
-from weights_tools.files import file_sha256, write_json_atomic
+from weights_tools.files import file_sha256, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
 from .config import (EditConfig, GenerateConfig, InvertConfig, Sampling, check_values, load_edit_config,
@@ -31,11 +32,12 @@ from .inversion import reconstruct
 from .pipeline import to_uint8
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option
-from .viz import attention_pictures, image_format, image_grid, save_image
+from .viz import attention_pictures, image_bytes, image_format, image_grid
 
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
              "the miniature SD that ships with the project")
 SAMPLING = [f.name for f in dataclasses.fields(Sampling)]
+ATTENTION_KINDS = ("attention", "self_attention")  # the pictures --show-attention writes, per prompt
 
 
 # ------------------------------------------------------------------------------- flags -> configs
@@ -116,8 +118,12 @@ def memory_options(args) -> dict:
 
 
 def check_outputs(pictures=(), files=()) -> None:
-    """Every output path usable, checked before a model loads: a picture's format from its extension,
-    no path that is a folder, a parent folder that is a folder and writable."""
+    """Every output path usable, checked before a model loads: no two alike, a picture's format from its
+    extension, no path that is a folder, a parent folder that is a folder and writable."""
+    paths = [Path(p).resolve() for p in [*pictures, *files]]
+    if len(set(paths)) != len(paths):
+        twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+        raise ValueError(f"two outputs of one run share a path: {twice}")
     for p in map(Path, pictures):
         image_format(p)
     for p in map(Path, [*pictures, *files]):
@@ -127,6 +133,21 @@ def check_outputs(pictures=(), files=()) -> None:
         if not near.is_dir() or not os.access(near, os.W_OK):
             why = "a file" if not near.is_dir() else "not writable"
             raise ValueError(f"output {p}: cannot write in {near} ({why})")
+
+
+def sidecar(output) -> Path:
+    """An output's JSON record: its whole name plus .json, so x.png and x.jpg keep one each."""
+    return Path(output).with_name(Path(output).name + ".json")
+
+
+def attention_path(output: Path, kind: str, i: int) -> Path:
+    """--show-attention's picture `kind` of prompt i, beside the grid: edit.png -> edit_attention_0.png."""
+    return output.with_name(f"{output.stem}_{kind}_{i}{output.suffix}")
+
+
+def write_outputs(files: dict) -> None:
+    """A run's {path: bytes}, all or none, each picture and file followed by its sidecar."""
+    print("wrote " + ", ".join(map(str, write_files_atomic(files))))
 
 
 def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None):
@@ -149,56 +170,52 @@ def model_options(args) -> dict:
     return {"non_strict": args.non_strict, "vae": args.vae, "prediction_type": args.prediction_type}
 
 
-def model_record(args) -> dict:
-    """What the sidecar keeps of model_options: the swapped-in VAE by its SHA-256 too."""
-    return model_options(args) | ({"vae_sha256": file_sha256(args.vae)} if args.vae else {})
-
-
-def settings_record(settings: dict, ckpt, dtype: str) -> dict:
+def settings_record(settings: dict, ckpt, args) -> dict:
+    """What a sidecar holds: the settings, the checkpoint and its SHA-256, how it was read (a swapped-in
+    VAE by its SHA-256 too), versions, and the command's own words."""
     path = resolve_checkpoint(ckpt)
-    return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "dtype": dtype,
-            "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": sys.argv[1:]}
+    vae = {"vae_sha256": file_sha256(args.vae)} if args.vae else {}
+    return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "dtype": args.dtype,
+            "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv} | model_options(args) | vae
 
 
 # ------------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
     cfg = GenerateConfig(**given(args, GenerateConfig))
     check_values(cfg, "the command line")
-    check_outputs([args.output], [Path(args.output).with_suffix(".json")])
+    output = Path(args.output)
+    check_outputs([output], [sidecar(output)])
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                        steps_offset=cfg.steps_offset, **memory_options(args))
-    save_image(image_grid(out.images, list(cfg.prompts), min_size=256), args.output)
-    write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt, args.dtype) | memory_options(args) | model_record(args),
-                      Path(args.output).with_suffix(".json"))
-    print(f"wrote {args.output} and {Path(args.output).with_suffix('.json')}")
+    record = settings_record(to_dict(cfg), cfg.ckpt, args) | memory_options(args)
+    write_outputs({output: image_bytes(image_grid(out.images, list(cfg.prompts), min_size=256), output),
+                   sidecar(output): json_bytes(record)})
     return 0
 
 
 def cmd_edit(args) -> int:
     cfg = edit_config(args)
     spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
-    check_outputs([args.output], [Path(args.output).with_suffix(".json")])
+    output = Path(args.output)
+    shown = [attention_path(output, k, i) for k in ATTENTION_KINDS for i in range(len(cfg.prompts))]
+    check_outputs([output, *(shown if cfg.show_attention else [])], [sidecar(output)])
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
-                   guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                   steps_offset=cfg.steps_offset, inversion=inv, **memory_options(args))
-    output = Path(args.output)
+                   guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, steps_offset=cfg.steps_offset,
+                   inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
     if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
         level = blend.level if blend is not None and blend.level is not None else named_blend_level(cfg.ckpt)
         pics = attention_pictures(out.attention, out.images, cfg.prompts, sd.tokenizer, level)
-        outputs.update({output.with_name(f"{output.stem}_{kind}_{i}{output.suffix}"): pic
-                        for kind, row in pics.items() for i, pic in enumerate(row)})
-    for path, img in outputs.items():
-        save_image(img, path)
-    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args.dtype) | memory_options(args) | model_record(args)
+        outputs |= {attention_path(output, kind, i): pic for kind, row in pics.items() for i, pic in enumerate(row)}
+    record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args) | memory_options(args)
               | {"spec": repr(spec), "local_blend": repr(blend)})
-    write_json_atomic(record, output.with_suffix(".json"))
-    print("wrote " + ", ".join(map(str, [*outputs, output.with_suffix(".json")])))
+    files = {path: image_bytes(img, path) for path, img in outputs.items()}
+    write_outputs(files | {sidecar(output): json_bytes(record)})
     return 0
 
 
@@ -219,17 +236,18 @@ def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
         inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling), args)
     explicit = given(args, Sampling)
     cfg = dataclasses.replace(cfg, **{k: getattr(inv, k) for k in SAMPLING if k not in explicit})
-    return cfg, inv, dict(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info)
+    return cfg, inv, dict(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info,
+                          inversion_model=None if inv.model is None else str(inv.model))
 
 
 def cmd_invert(args) -> int:
-    """Invert a photo and save the Inversion (safetensors) with a JSON sidecar; --reconstruction also
+    """Invert a photo and save the Inversion (safetensors) with its JSON sidecar; --reconstruction also
     writes the picture the inverted prompt gives back from it."""
     cfg = InvertConfig(**given(args, InvertConfig))
     check_values(cfg, "the command line")
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
-    check_outputs([args.reconstruction] if args.reconstruction else [],
-                  [args.output, Path(args.output).with_suffix(".json")])
+    output = Path(args.output)
+    check_outputs([args.reconstruction] if args.reconstruction else [], [output, sidecar(output)])
     sd = load_model(args.ckpt, args.dtype, **model_options(args))
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
@@ -238,13 +256,11 @@ def cmd_invert(args) -> int:
             low = memory_options(args)["low_memory"]
             rec = to_uint8(sd.decode(reconstruct(sd, inv, low_memory=low), low_memory=low))[0]
     settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
-    record = (settings_record(settings, args.ckpt, args.dtype) | memory_options(args) | model_record(args)
-              | {"inversion": inv.info})
-    written = [inv.save(args.output)]
-    if rec is not None:
-        written.append(save_image(rec, args.reconstruction))
-    written.append(write_json_atomic(record, Path(args.output).with_suffix(".json")))
-    print("wrote " + ", ".join(map(str, written)))
+    record = (settings_record(settings, args.ckpt, args) | memory_options(args)
+              | {"inversion": inv.info, "model": str(inv.model)})
+    files = {output: inv.to_bytes()} | ({args.reconstruction: image_bytes(rec, args.reconstruction)} if rec is not None
+                                        else {})
+    write_outputs(files | {sidecar(output): json_bytes(record)})
     return 0
 
 
@@ -339,6 +355,8 @@ def edit_parser(e) -> None:
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
     photo.add_argument("--inversion", help="edit from a saved inversion (`p2p invert -o FILE`)")
+    e.add_argument("--allow-other-model", dest="allow_other_model", action="store_true",
+                   help="edit from an --inversion made with other weights than --ckpt's: a warning, not an error")
     inversion_options(e)
     e.set_defaults(func=cmd_edit)
 
@@ -384,7 +402,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv  # the sidecar's record of the command (main() runs in-process too: `p2p demo`, tests)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from weights_tools.files import save_safetensors_atomic
+from safetensors.torch import save as safetensors_bytes
+
+from weights_tools.files import write_bytes_atomic
 
 from .config import InvertConfig
+from .fingerprint import DTYPES, Fingerprint, fingerprint
 from .images import load_image
 from .pipeline import denoise, guidance, guided_step, picture_size
 
@@ -69,6 +73,7 @@ class Inversion:
     uncond_embeddings: list | None = None
     residuals: list | None = None
     info: dict = field(default_factory=dict)  # inner iterations and losses per step, inversion settings
+    model: Fingerprint | None = None  # the weights it was made with (None: saved before inversions recorded it)
 
     @property
     def image_latents(self) -> torch.Tensor:
@@ -106,17 +111,42 @@ class Inversion:
             return uncond, lambda i, x: torch.cat([x[:1] + residuals[i], x[1:]])
         return uncond, None
 
+    def check_model(self, sd, allow_other_model: bool = False) -> None:
+        """An error (a warning with allow_other_model) when `sd` holds other weights than the model this
+        inversion was made with: its x_T and embeddings reconstruct the photo with that model only."""
+        if self.model is None:
+            warnings.warn("this inversion was saved without the fingerprint of the model it was made with (an "
+                          "older p2p): it cannot be checked against this model; invert the photo again to record it",
+                          stacklevel=3)
+            return
+        mine = fingerprint(sd)
+        if self.model.matches(mine):
+            return
+        what = (f"this inversion was made with the model {self.model}, not with this one, {mine}: it reconstructs "
+                "the photo only with the weights it was made with")
+        if not allow_other_model:
+            raise ValueError(f"{what}. Invert the photo again with this model, or edit anyway with "
+                             "allow_other_model=True (p2p edit --allow-other-model)")
+        warnings.warn(f"{what}; editing anyway (allow_other_model)", stacklevel=3)
+
     # ------------------------------------------------------------------ files
-    def save(self, path) -> Path:
-        """One safetensors file: the tensors, and every setting as JSON in its metadata. Atomic."""
+    def to_bytes(self) -> bytes:
+        """One safetensors file: the tensors, and every setting as JSON in its metadata."""
         tensors = {"x_T": self.x_T, "trajectory": torch.cat(list(self.trajectory))}
         if self.uncond_embeddings is not None:
             tensors["uncond_embeddings"] = torch.stack(list(self.uncond_embeddings))
         if self.residuals is not None:
             tensors["residuals"] = torch.cat(list(self.residuals))
-        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
         meta = {k: getattr(self, k) for k in ("method", "prompt", *SETTINGS)} | {"info": self.info}
-        return save_safetensors_atomic(tensors, path, {"format": FORMAT, "inversion": json.dumps(meta)})
+        if self.model is not None:
+            tensors["model_sample"] = self.model.sample
+            meta["model"] = {"layout": self.model.layout, "dtype": self.model.dtype, "digest": self.model.digest}
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        return safetensors_bytes(tensors, {"format": FORMAT, "inversion": json.dumps(meta)})
+
+    def save(self, path) -> Path:
+        """The file `to_bytes` makes, written atomically."""
+        return write_bytes_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path) -> "Inversion":
@@ -132,7 +162,9 @@ class Inversion:
         if metadata.get("format") != FORMAT or "inversion" not in metadata:
             raise ValueError(f"{path} is a safetensors file but not a saved Inversion (no {FORMAT!r} metadata)")
         meta = check_saved(path, metadata["inversion"], tensors)
-        return cls(**{k: v for k, v in meta.items() if k != "info"}, info=meta["info"],
+        model = meta.pop("model", None)
+        model = None if model is None else Fingerprint(model["layout"], tensors["model_sample"], model["dtype"])
+        return cls(**meta, model=model,
                    x_T=tensors["x_T"], trajectory=list(tensors["trajectory"][:, None]),
                    uncond_embeddings=list(tensors["uncond_embeddings"]) if "uncond_embeddings" in tensors else None,
                    residuals=list(tensors["residuals"][:, None]) if "residuals" in tensors else None)
@@ -140,6 +172,7 @@ class Inversion:
 
 SAVED_TYPES = {"method": str, "prompt": str, "num_steps": int, "guidance_scale": (int, float), "steps_offset": int,
                "height": int, "width": int, "info": dict}  # a saved Inversion's metadata (SETTINGS and the rest)
+OPTIONAL = {"model": dict}  # absent from files saved before inversions recorded their model's fingerprint
 
 
 def check_saved(path, text: str, tensors: dict) -> dict:
@@ -151,16 +184,37 @@ def check_saved(path, text: str, tensors: dict) -> dict:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
         raise bad(f"its metadata is not JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.keys() != SAVED_TYPES.keys():
+    if not isinstance(meta, dict) or not SAVED_TYPES.keys() <= meta.keys() <= SAVED_TYPES.keys() | OPTIONAL.keys():
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise bad(f"its metadata must have the keys {sorted(SAVED_TYPES)}, has {str(got)[:200]}")
-    for key, kind in SAVED_TYPES.items():
-        if not isinstance(meta[key], kind) or isinstance(meta[key], bool) or meta[key] != meta[key]:
-            raise bad(f"{key!r} is {str(meta[key])[:80]!r}, not a {kind.__name__ if isinstance(kind, type) else 'number'}")
+        raise bad(f"its metadata must have the keys {sorted(SAVED_TYPES)} (and optionally {sorted(OPTIONAL)}), "
+                  f"has {str(got)[:200]}")
+    for key, kind in (SAVED_TYPES | OPTIONAL).items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool) or meta[key] != meta[key]):
+            name = kind.__name__ if isinstance(kind, type) else "number"
+            raise bad(f"{key!r} is {str(meta[key])[:80]!r}, not a {name}")
     if meta["method"] not in METHODS or not 1 <= meta["num_steps"] <= 1000:
         raise bad(f"method {meta['method'][:40]!r} / num_steps {meta['num_steps']} (methods: {', '.join(METHODS)})")
     check_saved_tensors(tensors, meta["num_steps"], meta["method"], bad)
+    check_saved_model(meta.get("model"), tensors.get("model_sample"), bad)
     return meta
+
+
+def check_saved_model(model: dict | None, sample, bad) -> None:
+    """The model's fingerprint: its layout hash and dtype, a finite 1-D sample, and the digest they give."""
+    if model is None:
+        if sample is not None:
+            raise bad("it holds model_sample but no 'model' entry in its metadata")
+        return
+    if model.keys() != {"layout", "dtype", "digest"} or not all(isinstance(v, str) for v in model.values()):
+        raise bad(f"'model' must map layout, dtype and digest to strings, got {str(model)[:200]}")
+    if model["dtype"] not in DTYPES or len(model["layout"]) != 64:
+        raise bad(f"'model' has dtype {model['dtype'][:40]!r} (one of {', '.join(DTYPES)}) and layout "
+                  f"{model['layout'][:80]!r} (a SHA-256 hex digest)")
+    if sample is None or sample.dim() != 1 or not sample.is_floating_point() or not bool(torch.isfinite(sample).all()):
+        raise bad("model_sample must be a finite 1-D float tensor, got "
+                  f"{None if sample is None else (tuple(sample.shape), str(sample.dtype))}")
+    if Fingerprint(model["layout"], sample, model["dtype"]).digest != model["digest"]:
+        raise bad(f"the model's digest {model['digest'][:40]!r} is not the one its layout and sample give")
 
 
 def check_saved_tensors(tensors: dict, n: int, method: str, bad) -> None:
@@ -314,12 +368,15 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
                                                low_memory)
     return Inversion(method, prompt, num_steps, float(guidance_scale), steps_offset, int(height), int(width),
                      x_T=trajectory[-1], trajectory=trajectory, uncond_embeddings=embeddings, residuals=residuals,
-                     info=info)
+                     info=info, model=fingerprint(sd))
 
 
 @torch.no_grad()
-def reconstruct(sd, inversion: Inversion, progress: bool = True, low_memory: bool = False) -> torch.Tensor:
-    """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets)."""
+def reconstruct(sd, inversion: Inversion, progress: bool = True, low_memory: bool = False,
+                allow_other_model: bool = False) -> torch.Tensor:
+    """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets).
+    An inversion made with other weights than `sd`'s is refused (warned of with allow_other_model)."""
+    inversion.check_model(sd, allow_other_model)
     cond = sd.encode_text([inversion.prompt])
     uncond, correction = inversion.guidance_inputs(sd, cond)
     return denoise(sd, cond, uncond, inversion.x_T, sd.scheduler(inversion.num_steps, inversion.steps_offset),

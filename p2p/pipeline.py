@@ -156,7 +156,8 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
 def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
          num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
          width: int | None = None, steps_offset: int | None = None, store=None, fast: bool = True,
-         progress: bool = True, inversion=None, low_memory: bool = False, offload: bool = False) -> Output:
+         progress: bool = True, inversion=None, low_memory: bool = False, offload: bool = False,
+         allow_other_model: bool = False) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's
@@ -169,9 +170,11 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1. `inversion` (p2p.invert's result)
     edits a real image: x_T, the unconditional embedding(s) and any per-step correction come from it,
     prompts[0] must be its prompt, and steps / guidance / offset / size are its own (passing a
-    different value is an error; `seed` is unused)."""
+    different value is an error; `seed` is unused). An inversion made with other weights than `sd`'s is
+    an error, a warning with allow_other_model (see Inversion.check_model)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if inversion is not None:
+        inversion.check_model(sd, allow_other_model)
         s = inversion.edit_settings(prompts, num_steps, guidance_scale, steps_offset, height, width, latents)
         num_steps, guidance_scale, steps_offset, height, width, latents = (
             s[k] for k in ("num_steps", "guidance_scale", "steps_offset", "height", "width", "latents"))

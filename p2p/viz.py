@@ -7,6 +7,7 @@ map minus its row means, top rows of V^T), so pictures can be compared with the 
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from weights_tools.files import atomic_path
+from weights_tools.files import write_bytes_atomic
 
 WHITE, BLACK = 255, (0, 0, 0)
 
@@ -269,18 +270,22 @@ def image_format(path: Path) -> str:
     return formats[ext]
 
 
-def save_image(img, path: str | os.PathLike, **save_kwargs) -> Path:
-    """Write a PIL image or uint8 array to `path` atomically: a failure leaves no (partial) file.
-
-    The format comes from the extension (an unknown one is an error before anything is written).
-    The image is written to a temporary file in the same folder and renamed over `path`.
-    """
-    path = Path(path)
-    fmt = image_format(path)
+def image_bytes(img, path: str | os.PathLike, **save_kwargs) -> bytes:
+    """A PIL image or uint8 array encoded in the format of `path`'s extension (an unknown one is an error)."""
+    fmt = image_format(Path(path))
     if not isinstance(img, Image.Image):
         img = Image.fromarray(_to_uint8_rgb(img))
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
-    with atomic_path(path) as tmp, open(tmp, "xb") as f:
-        img.save(f, format=fmt, **save_kwargs)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def save_image(img, path: str | os.PathLike, **save_kwargs) -> Path:
+    """Write a PIL image or uint8 array to `path` atomically: a failure leaves no (partial) file.
+
+    The format comes from the extension; the picture is encoded in memory, written to a temporary
+    file in the same folder and renamed over `path`.
+    """
+    return write_bytes_atomic(path, image_bytes(img, path, **save_kwargs))

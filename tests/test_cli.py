@@ -19,7 +19,7 @@ def test_generate_writes_picture_and_sidecar(tmp_path, golden_dir):
     assert main(["generate", "--ckpt", str(golden_dir / "tiny-sd-a.safetensors"), "--prompt", "a cat", "--prompt",
                  "a dog", *FAST, "-o", str(out)]) == 0
     assert Image.open(out).size[0] >= 64
-    record = json.loads(out.with_suffix(".json").read_text())
+    record = json.loads(out.with_name(out.name + ".json").read_text())
     assert record["checkpoint_sha256"] == json.loads((golden_dir / "tiny-sd-a.json").read_text())["checkpoint_sha256"]
     assert record["settings"]["prompts"] == ["a cat", "a dog"] and record["p2p_version"]
 
@@ -31,9 +31,9 @@ def test_edit_with_flags_and_attention(tmp_path, golden_dir):
                "--cross-steps", "0.8", "--self-steps", "0.4", "--blend", "bicycle", "car", "horse",
                "--weight", "car=2,1", "--seed", "8888", "--show-attention", *FAST, "-o", str(out)])
     assert rc == 0
-    assert {p.name for p in tmp_path.iterdir()} == {"edit.png", "edit.json"} | {
+    assert {p.name for p in tmp_path.iterdir()} == {"edit.png", "edit.png.json"} | {
         f"edit_{kind}_{i}.png" for kind in ("attention", "self_attention") for i in range(3)}
-    record = json.loads(out.with_suffix(".json").read_text())
+    record = json.loads(out.with_name(out.name + ".json").read_text())
     assert record["settings"]["edits"] == ["a cat riding a car", "a cat riding a horse"]
     assert "Reweight" in record["spec"] and "Replace" in record["spec"]
 
@@ -43,7 +43,8 @@ def test_edit_from_config_file(tmp_path, golden_dir):
     cfg = Path(__file__).parent.parent / "configs" / "edits" / "squirrel_lion_wordsteps_blend.yaml"
     assert main(["edit", "--config", str(cfg), "--ckpt", str(golden_dir / "tiny-sd-a.safetensors"), *FAST,
                  "-o", str(out)]) == 0
-    assert json.loads(out.with_suffix(".json").read_text())["settings"]["cross_replace_steps"] == {"default_": 1.0, "lion": 0.4}
+    record = json.loads(out.with_name(out.name + ".json").read_text())
+    assert record["settings"]["cross_replace_steps"] == {"default_": 1.0, "lion": 0.4}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -150,19 +150,19 @@ def test_cli_invert_then_edit(tmp_path, golden_dir, photo):
     assert main(["invert", "--ckpt", ckpt, "--image", str(photo), "--prompt", PROMPT, "--inner-steps", "2",
                  "--offsets", "0", "0", "8", "0", "--reconstruction", str(tmp_path / "rec.png"), *FAST,
                  "-o", str(out)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.inv", "cat.json", "rec.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.inv", "cat.inv.json", "rec.png"]
     inv = Inversion.load(out)
     assert (inv.method, inv.num_steps, inv.height, len(inv.uncond_embeddings)) == ("null-text", 2, 32, 2)
-    assert json.loads((tmp_path / "cat.json").read_text())["settings"]["offsets"] == [0, 0, 8, 0]
+    assert json.loads((tmp_path / "cat.inv.json").read_text())["settings"]["offsets"] == [0, 0, 8, 0]
 
     assert main(["edit", "--ckpt", ckpt, "--inversion", str(out), "--prompt", PROMPT, "--edit", EDITED,
                  "-o", str(tmp_path / "edit.png")]) == 0
-    record = json.loads((tmp_path / "edit.json").read_text())
+    record = json.loads((tmp_path / "edit.png.json").read_text())
     assert record["settings"]["num_steps"] == 2 and record["settings"]["method"] == "null-text"
 
     assert main(["edit", "--ckpt", ckpt, "--image", str(photo), "--method", "direct", "--prompt", PROMPT,
                  "--edit", EDITED, *FAST, "-o", str(tmp_path / "direct.png")]) == 0
-    assert (tmp_path / "direct.png").exists() and (tmp_path / "direct.json").exists()
+    assert (tmp_path / "direct.png").exists() and (tmp_path / "direct.png.json").exists()
 
 
 def test_cli_failures_write_nothing(tmp_path, golden_dir, photo, capsys):
@@ -216,6 +216,14 @@ def tampered(src, dst, edit_meta=None, edit_tensors=None):
     (None, lambda t: t.update(trajectory=t["trajectory"][:2]), "trajectory must have shape"),
     (None, lambda t: t.update(uncond_embeddings=t["uncond_embeddings"][:1]), "uncond_embeddings must have shape"),
     (None, lambda t: t.pop("uncond_embeddings"), "uncond_embeddings must have shape"),
+    (lambda m: m.update(model="abc"), None, "'model' is 'abc', not a dict"),
+    (lambda m: m["model"].update(digest="0" * 16), None, "the model's digest '0000000000000000' is not the one"),
+    (lambda m: m["model"].update(dtype="int8"), None, "'model' has dtype 'int8'"),
+    (lambda m: m["model"].pop("layout"), None, "'model' must map layout, dtype and digest"),
+    (None, lambda t: t.update(model_sample=t["model_sample"] * 1.01), "the model's digest .* is not the one"),
+    (None, lambda t: t.update(model_sample=t["model_sample"][:, None]), "model_sample must be a finite 1-D"),
+    (None, lambda t: t.pop("model_sample"), "model_sample must be a finite 1-D"),
+    (lambda m: m.pop("model"), None, "it holds model_sample but no 'model' entry"),
 ])
 def test_tampered_inversion_files_are_refused(inversions, tmp_path, edit_meta, edit_tensors, pattern):
     """Every tampering of a saved .inv gets one ValueError naming the file and the fix, never a traceback."""

@@ -157,7 +157,7 @@ def test_cli_dtype(tmp_path, golden_dir, dtype):
     out = tmp_path / "g.png"
     assert main(["generate", "--ckpt", str(golden_dir / "tiny-sd-a.safetensors"), "--prompt", "a cat",
                  "--steps", "2", "--dtype", dtype, "-o", str(out)]) == 0
-    assert json.loads(out.with_suffix(".json").read_text())["dtype"] == dtype
+    assert json.loads(out.with_name(out.name + ".json").read_text())["dtype"] == dtype
 
 
 def test_sweep_dtype_reaches_the_loader(tmp_path, golden_dir, monkeypatch):

@@ -65,3 +65,30 @@ def test_prediction_type_checked():
     bad["model"]["params"]["parameterization"] = "x0"
     with pytest.raises(ValueError, match="parameterization 'x0' is not supported"):
         SDConfig.from_ldm(bad)
+
+
+def as_v(sd):
+    """The same weights read as a v-prediction model (its outputs then mean v, not eps)."""
+    v = StableDiffusion(dataclasses.replace(sd.cfg, prediction_type="v"))
+    v.load_state_dict(sd.state_dict())
+    return v.eval().requires_grad_(False)
+
+
+def test_v_model_inversions(tiny_sd, one_thread):
+    """Every inversion goes through sd.eps, so a v model inverts as an epsilon one does: null-text
+    reconstructs closer than DDIM inversion under guidance, Direct Inversion exactly (the reference's
+    failure on SD 2.x, its issue #75, was feeding v where eps was meant)."""
+    from p2p import invert
+    from p2p.inversion import reconstruct
+
+    sd = as_v(tiny_sd)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    img = torch.stack([x * 0.8, y * 0.8, ((x - 0.2) ** 2 + y ** 2 < 0.3).float() * 1.2 - 0.6])[None].clamp(-1, 1)
+    inv = {m: invert(sd, img, "a red circle", method=m, num_steps=5, num_inner_steps=5, progress=False)
+           for m in ("ddim", "null-text", "direct")}
+    err = {m: torch.mean((reconstruct(sd, i, progress=False) - i.image_latents) ** 2).item() for m, i in inv.items()}
+    print(f"\n  v model, reconstruction MSE: {err}", end="")
+    assert err["null-text"] < err["ddim"]
+    assert err["direct"] <= 1e-8 + 1e-6 * err["ddim"]
+    assert not torch.equal(inv["ddim"].x_T, invert(tiny_sd, img, "a red circle", method="ddim", num_steps=5,
+                                                   progress=False).x_T)  # v really is read differently

@@ -346,7 +346,7 @@ def test_non_strict_on_every_loading_command(tmp_path, golden, capsys, command):
     assert main([*args, "--non-strict"]) == 0
     err = capsys.readouterr().err
     assert "ignored 3 key(s)" in err and "embedding_manager." in err and "lora_unet_" in err and VAE + "loss" in err
-    assert json.loads(out.with_suffix(".json").read_text())["non_strict"] is True
+    assert json.loads(out.with_name(out.name + ".json").read_text())["non_strict"] is True
 
 
 def test_vae_and_prediction_type_flags(tmp_path, golden, other, monkeypatch):
@@ -365,7 +365,7 @@ def test_vae_and_prediction_type_flags(tmp_path, golden, other, monkeypatch):
     (sd,) = models
     assert sd.cfg.prediction_type == "v"
     assert torch.equal(sd.vae.decoder.conv_out.weight, other[VAE + "decoder.conv_out.weight"])
-    record = json.loads(out.with_suffix(".json").read_text())
+    record = json.loads(out.with_name(out.name + ".json").read_text())
     assert record["vae"] == str(tmp_path / "vae.safetensors") and record["prediction_type"] == "v"
     assert len(record["vae_sha256"]) == 64
 

@@ -5,11 +5,26 @@ import hashlib
 import json
 import os
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+
+def temporary_beside(path: Path) -> Path:
+    """A fresh hidden name in `path`'s own folder: the rename that follows stays within one file system."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def make_parents(paths) -> list[Path]:
+    """Create the missing parent folders of `paths`; the ones created, deepest first (to remove on failure)."""
+    made = []
+    for p in paths:
+        for folder in reversed([a for a in [p.parent, *p.parent.parents] if not a.exists()]):
+            folder.mkdir()
+            made.insert(0, folder)
+    return made
 
 
 @contextmanager
@@ -18,7 +33,7 @@ def atomic_path(path):
     when the block fails. The same folder keeps the rename atomic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -26,15 +41,48 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def write_files_atomic(files: dict) -> list[Path]:
+    """Write every {path: bytes} or none: each into a temporary beside its path, then all renamed.
+
+    A failure while writing the temporaries, or a path that is a folder, leaves every path as it was.
+    A failure in the renames themselves (the last step, within one folder each) removes the files
+    renamed so far, so a run never leaves part of its outputs (a file one of them replaced is then
+    gone, not restored); folders it created are removed too."""
+    paths = [Path(p) for p in files]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"two outputs share a path: {sorted(map(str, paths))}")
+    made, tmps, renamed = make_parents(paths), {}, []
+    try:
+        for path, data in zip(paths, files.values()):
+            tmps[path] = temporary_beside(path)
+            tmps[path].write_bytes(data)
+        clash = next((p for p in paths if p.is_dir()), None)  # the likeliest failure of a rename, before any
+        if clash is not None:
+            raise IsADirectoryError(f"output {clash} is a folder: give a file name")
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+            renamed.append(path)
+    except BaseException:
+        for path in [*tmps.values(), *renamed]:
+            path.unlink(missing_ok=True)
+        for folder in made:
+            with suppress(OSError):  # a folder something else wrote into meanwhile stays
+                folder.rmdir()
+        raise
+    return paths
+
+
 def write_bytes_atomic(path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
+    return write_files_atomic({path: data})[0]
+
+
+def json_bytes(obj) -> bytes:
+    """Indented, key-sorted JSON; values JSON cannot hold are written as their str()."""
+    return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
 
 
 def write_json_atomic(obj, path) -> Path:
-    """Indented, key-sorted JSON; values JSON cannot hold are written as their str()."""
-    return write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    return write_bytes_atomic(path, json_bytes(obj))
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], out, metadata: dict[str, str]) -> Path:

@@ -1,0 +1,105 @@
+"""A run writes all its files or none; every output has its own sidecar; the same command twice
+gives the same bytes. The CLI runs in-process on the golden tiny checkpoint with few steps."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import p2p.cli
+from weights_tools.files import write_files_atomic
+
+from conftest import GOLDEN_CKPT
+
+FAST = ["--steps", "2", "--height", "32", "--width", "32"]
+EDIT = ["edit", "--ckpt", str(GOLDEN_CKPT), "--prompt", "a cat riding a bicycle", "--edit", "a cat riding a car",
+        "--seed", "8888", *FAST]
+
+
+def everything(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+# ------------------------------------------------------------------------------- the writer
+def test_a_folder_among_the_paths_leaves_every_path_as_it_was(tmp_path):
+    (tmp_path / "old.png").write_bytes(b"old")
+    (tmp_path / "c.png").mkdir()
+    files = {tmp_path / "old.png": b"new", tmp_path / "sub" / "b.json": b"{}", tmp_path / "c.png": b"c"}
+    with pytest.raises(IsADirectoryError, match="c.png is a folder"):
+        write_files_atomic(files)
+    assert everything(tmp_path) == {"old.png": b"old", "c.png": None}  # no temporaries, no new folder
+
+
+def test_a_failing_rename_removes_what_was_renamed(tmp_path, monkeypatch):
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise PermissionError(f"cannot rename onto {dst}")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(PermissionError):
+        write_files_atomic({tmp_path / "a.png": b"a", tmp_path / "b.png": b"b", tmp_path / "c.png": b"c"})
+    assert everything(tmp_path) == {}
+
+
+def test_a_failing_write_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        write_files_atomic({tmp_path / "new" / "a.png": b"a", tmp_path / "new" / "b.png": "not bytes"})
+    assert everything(tmp_path) == {}
+
+
+def test_two_outputs_of_one_path_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="two outputs share a path"):
+        write_files_atomic({tmp_path / "a.png": b"a", str(tmp_path / "a.png"): b"b"})
+
+
+# ------------------------------------------------------------------------------- the CLI
+def test_an_unwritable_attention_picture_stops_the_run_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--show-attention writes the grid, the sidecar and 2 pictures per prompt: one of them a folder
+    stops the run before anything is computed or written."""
+    monkeypatch.setattr(p2p.cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "edit_self_attention_1.png").mkdir()
+    assert p2p.cli.main([*EDIT, "--show-attention", "-o", str(tmp_path / "edit.png")]) == 2
+    assert "edit_self_attention_1.png is a folder" in capsys.readouterr().err
+    assert everything(tmp_path) == {"edit_self_attention_1.png": None}
+
+
+def test_a_reconstruction_that_cannot_be_written_leaves_no_inversion(tmp_path, capsys, monkeypatch):
+    """The reconstruction's path turns into a folder while the inversion runs (checking paths first
+    cannot see that): the .inv and its sidecar are not left behind either."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(photo)
+    real = p2p.cli.run_inversion
+
+    def meanwhile(*args):
+        (tmp_path / "rec.png").mkdir()
+        return real(*args)
+
+    monkeypatch.setattr(p2p.cli, "run_inversion", meanwhile)
+    argv = ["invert", "--ckpt", str(GOLDEN_CKPT), "--image", str(photo), "--prompt", "a red square", "--method",
+            "ddim", "--reconstruction", str(tmp_path / "rec.png"), *FAST, "-o", str(tmp_path / "cat.inv")]
+    assert p2p.cli.main(argv) == 2
+    assert sorted(everything(tmp_path)) == ["photo.png", "rec.png"]
+    assert "rec.png is a folder" in capsys.readouterr().err
+
+
+def test_outputs_differing_in_extension_keep_one_record_each(tmp_path):
+    for ext in ("png", "jpg"):
+        assert p2p.cli.main(["generate", "--ckpt", str(GOLDEN_CKPT), "--prompt", "a cat", *FAST,
+                             "-o", str(tmp_path / f"x.{ext}")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jpg", "x.jpg.json", "x.png", "x.png.json"]
+    for ext in ("png", "jpg"):
+        assert json.loads((tmp_path / f"x.{ext}.json").read_text())["argv"][-1] == str(tmp_path / f"x.{ext}")
+
+
+@pytest.mark.parametrize("argv", [["generate", "--ckpt", str(GOLDEN_CKPT), "--prompt", "a cat", "--prompt", "a dog",
+                                   *FAST], [*EDIT, "--show-attention"]], ids=["generate", "edit"])
+def test_the_same_command_twice_gives_the_same_bytes(tmp_path, argv):
+    runs = []
+    for _ in range(2):
+        assert p2p.cli.main([*argv, "-o", str(tmp_path / "out.png")]) == 0
+        runs.append(everything(tmp_path))
+    assert runs[0] == runs[1] and len(runs[0]) >= 2
