@@ -104,7 +104,8 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = tower.module(cfg.text)
         self.tokenizer = tokenizer if tokenizer is not None else tower.tokenizer(cfg.text)
-        self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps)
+        with torch.device("cpu"):  # a plain tensor, not a buffer: never on the meta device a loader builds on
+            self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps)
 
     @property
     def device(self) -> torch.device:

@@ -14,12 +14,14 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
+from weights_tools.load import IgnoredKeys
 from weights_tools.files import file_sha256, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
@@ -148,17 +150,36 @@ def write_outputs(files: dict) -> None:
     print("wrote " + ", ".join(map(str, write_files_atomic(files))))
 
 
-def load_model(ckpt, dtype: str = "float32", tokenizer=None):
-    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); `tokenizer`: --tokenizer."""
-    return load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
-                           tokenizer=tokenizer)
+def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None,
+               tokenizer=None):
+    """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); --non-strict's ignored
+    keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IgnoredKeys)
+        sd = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
+                             strict=not non_strict, vae=vae, prediction_type=prediction_type,
+                             tokenizer=tokenizer)
+    for w in caught:
+        if issubclass(w.category, IgnoredKeys):
+            print(f"p2p: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return sd
+
+
+def model_options(args) -> dict:
+    """--non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read (load_model's keywords)."""
+    return {"non_strict": args.non_strict, "vae": args.vae, "prediction_type": args.prediction_type,
+            "tokenizer": args.tokenizer}
 
 
 def settings_record(settings: dict, ckpt, args) -> dict:
-    """What a sidecar holds: the settings, the checkpoint and its SHA-256, versions, and the command's own words."""
+    """What a sidecar holds: the settings, the checkpoint and its SHA-256, how it was read (a swapped-in
+    VAE by its SHA-256 too), versions, and the command's own words."""
     path = resolve_checkpoint(ckpt)
+    vae = {"vae_sha256": file_sha256(args.vae)} if args.vae else {}
     return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "dtype": args.dtype,
-            "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv}
+            "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv} | model_options(args) | vae
 
 
 # ------------------------------------------------------------------------------- commands
@@ -167,7 +188,7 @@ def cmd_generate(args) -> int:
     check_values(cfg, "the command line")
     output = Path(args.output)
     check_outputs([output], [sidecar(output)])
-    sd = load_model(cfg.ckpt, args.dtype, args.tokenizer)
+    sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                        steps_offset=cfg.steps_offset, **memory_options(args))
@@ -183,7 +204,7 @@ def cmd_edit(args) -> int:
     output = Path(args.output)
     shown = [attention_path(output, k, i) for k in ATTENTION_KINDS for i in range(len(cfg.prompts))]
     check_outputs([output, *(shown if cfg.show_attention else [])], [sidecar(output)])
-    sd = load_model(cfg.ckpt, args.dtype, args.tokenizer)
+    sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
@@ -230,7 +251,7 @@ def cmd_invert(args) -> int:
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     output = Path(args.output)
     check_outputs([args.reconstruction] if args.reconstruction else [], [output, sidecar(output)])
-    sd = load_model(args.ckpt, args.dtype, args.tokenizer)
+    sd = load_model(args.ckpt, args.dtype, **model_options(args))
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
@@ -280,15 +301,23 @@ def sampling_options(q, seed: bool = True):
     q.add_argument("--width", type=int)
 
 
+def model_option_flags(q):
+    q.add_argument("--non-strict", dest="non_strict", action="store_true",
+                   help="ignore (and list) checkpoint keys the model does not have: embedding_manager.*, "
+                        "first_stage_model.loss.*, lora_* ...")
+    q.add_argument("--vae", help="a standalone VAE (.safetensors / .ckpt, e.g. vae-ft-mse-840000-ema-pruned, or a "
+                   "diffusers vae/ folder) in place of the checkpoint's own")
+    q.add_argument("--prediction-type", dest="prediction_type", choices=["epsilon", "v"],
+                   help="what the UNet predicts, when the file does not say it (default: what the file says, "
+                        "else epsilon)")
+    q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
+                                       "folder's tokenizer/ is found without it)")
+
+
 def low_memory_option(q):
     q.add_argument("--low-memory", dest="low_memory", action="store_true",
                    help="for small GPUs: the guidance batch in two halves, the VAE one image at a time (tiled "
                         "above 512 px), text encoder and VAE on the CPU between uses; the same pictures")
-
-
-def tokenizer_option(q):
-    q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
-                                       "folder's tokenizer/ is found without it)")
 
 
 def inversion_options(q):
@@ -305,6 +334,7 @@ def inversion_options(q):
 
 def edit_parser(e) -> None:
     e.add_argument("--ckpt", help=CKPT_HELP)
+    model_option_flags(e)
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
     e.add_argument("--prompt", help="the source prompt")
     e.add_argument("--edit", dest="edits", action="append", help="an edited prompt; repeat for several")
@@ -326,7 +356,6 @@ def edit_parser(e) -> None:
     sampling_options(e)
     low_memory_option(e)
     dtype_option(e)
-    tokenizer_option(e)
     e.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     photo = e.add_mutually_exclusive_group()
     photo.add_argument("--image", help="edit this photo: invert it with the source prompt, then edit")
@@ -342,23 +371,23 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="plain text-to-image")
     g.add_argument("--ckpt", help=CKPT_HELP)
+    model_option_flags(g)
     g.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for a batch")
     sampling_options(g)
     low_memory_option(g)
     dtype_option(g)
-    tokenizer_option(g)
     g.add_argument("-o", "--output", required=True, help="output picture (.png / .jpg)")
     g.set_defaults(func=cmd_generate)
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
     v = sub.add_parser("invert", help="invert a photo for editing (DDIM, null-text, negative-prompt, direct)")
     v.add_argument("--ckpt", required=True)
+    model_option_flags(v)
     v.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
     v.add_argument("--prompt", required=True, help="a caption of the photo: the source prompt of later edits")
     inversion_options(v)
     sampling_options(v, seed=False)
     low_memory_option(v)
     dtype_option(v)
-    tokenizer_option(v)
     v.add_argument("--reconstruction", help="also write the picture reconstructed from the inversion")
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)

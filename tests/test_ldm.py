@@ -18,7 +18,8 @@ from p2p.align import word_token_indices
 from p2p.cli import main
 from p2p.inversion import reconstruct
 from conftest import GOLDEN_CKPT
-from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint, make_tiny, model_shapes
+from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint, model_shapes
+from weights_tools.tiny import make_tiny  # (the package attribute is shadowed once weights_tools.make_tiny, the CLI, is imported)
 
 STEPS, GUIDANCE, H, W = 10, 5.0, 64, 96
 KW = dict(seed=3, num_steps=4, height=64, width=64, progress=False)

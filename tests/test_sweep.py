@@ -82,7 +82,7 @@ def test_outputs(run):
 def test_a_cell_config_reruns_alone(run, tiny_sd, tmp_path, monkeypatch):
     _, out = run
     cell = out / "cells" / "001_cross_replace_steps-0.4_edit-cat.yaml"
-    monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt, dtype="float32": tiny_sd)
+    monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt, dtype="float32", **options: tiny_sd)
     outs, real_edit = [], p2p.edit
     monkeypatch.setattr(p2p, "edit", lambda *a, **k: outs.append(real_edit(*a, **k)) or outs[-1])
     assert main(["edit", "--config", str(cell), "-o", str(tmp_path / "cell.png")]) == 0

@@ -26,12 +26,16 @@ def golden():
 
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory, golden):
+    return build_diffusers_folder(tmp_path_factory.mktemp("diffusers") / "tiny-sd", golden)
+
+
+def build_diffusers_folder(folder, golden):
+    """The golden checkpoint converted by diffusers' own converters and written by save_pretrained."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with safe_open(str(GOLDEN_CKPT), "pt") as f:
         original = json.loads(f.metadata()["ldm_config"])
-    folder = tmp_path_factory.mktemp("diffusers") / "tiny-sd"
     ucfg = sfu.create_unet_diffusers_config_from_ldm(original, golden)
     unet = UNet2DConditionModel(**ucfg)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(golden, ucfg), strict=True)

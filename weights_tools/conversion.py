@@ -15,11 +15,14 @@ from .layout import CheckpointError, carried_buffers
 from .load import read_state_dict
 
 
-def convert_checkpoint(src, out, fp16: bool = False, config=None, strict: bool = True) -> Path:
-    """Write `src` (any supported checkpoint) as an original-layout `.safetensors` at `out`."""
-    if Path(out).resolve() == Path(src).resolve():
+def convert_checkpoint(src, out, fp16: bool = False, config=None, strict: bool = True, vae=None,
+                       prediction_type=None) -> Path:
+    """Write `src` (any supported checkpoint) as an original-layout `.safetensors` at `out`, with
+    the VAE from `vae` (a standalone VAE file or folder) in place of its own if given; the prediction
+    type (the file's, or `prediction_type`) travels in the written ldm_config."""
+    if any(Path(out).resolve() == Path(p).resolve() for p in (src, vae) if p is not None):
         raise CheckpointError(f"{out}: the output would overwrite the source")
-    state, cfg, _ = read_state_dict(src, config, strict)
+    state, cfg, _ = read_state_dict(src, config, strict, vae, prediction_type)
     if fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     state |= carried_buffers(cfg)

@@ -116,7 +116,26 @@ def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
         num_heads=int(_one(heads, "attention heads", where)),
         transformer_depth=int(_one(c.get("transformer_layers_per_block", 1), "transformer depth", where)),
         context_dim=int(c.get("cross_attention_dim", 768)),
-        use_linear_in_transformer=bool(c.get("use_linear_projection", False))), int(c.get("sample_size", 64))
+        use_linear_in_transformer=bool(c.get("use_linear_projection", False))), sample_size(c)
+
+
+def sample_size(c: dict) -> int:
+    """The latent side the UNet was trained at. Folders saved before diffusers 0.9 (SD v1-1 to v1-4)
+    wrote 32 where 64 was meant; diffusers' pipeline corrects any side under 64 from those versions
+    to 64 (512 px), and so does this."""
+    size = int(c.get("sample_size", 64))
+    version = c.get("_diffusers_version")
+    if size < 64 and isinstance(version, str) and _version(version) < (0, 9):
+        return 64
+    return size
+
+
+def _version(text: str) -> tuple:
+    """(0, 8) from "0.8.0.dev0"; unreadable parts count as 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split(".")[:2])
+
+
+SD_V1_VAE = {"block_out_channels": [128, 256, 512, 512]}  # the config.json of SD v1's VAE, all else default
 
 
 def vae_config(c: dict) -> VAEConfig:

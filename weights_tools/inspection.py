@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .layout import CheckpointError, detect_variant, split_parts, validate_shapes
+from .family import resolve_prediction
+from .layout import FAMILIES, CheckpointError, detect_variant, split_parts, validate_shapes
 from .load import SD_V1_SOURCE, resolve_config
 from .sources import open_source
 
@@ -16,29 +17,52 @@ REPORTED_PARTS = ("unet", "vae", "text_encoder", "ema", "schedule", "position_id
 
 
 def inspect_checkpoint(path) -> dict:
-    """A plain dict: path, format, variant (+ evidence), per-part tensor/parameter counts and
-    dtypes, unknown keys, config source, whether it would load, metadata."""
+    """A plain dict: path, format, variant (+ evidence) and family, per-part tensor/parameter counts
+    and dtypes, unknown keys, config source, whether it would load, metadata."""
     src = open_source(path)
     shapes = src.shapes
-    variant, evidence = detect_variant(shapes)
-    parts = split_parts(src.entries)
+    variant, evidence = src.variant or detect_variant(shapes)
+    parts = _parts(src)
     info = {
         "path": src.where, "format": src.format, "variant": variant, "variant_evidence": evidence,
-        "tensors": len(shapes),
-        "parts": {p: _part_summary(parts[p]) for p in REPORTED_PARTS if parts[p]},
-        "unknown_keys": sorted(parts["other"])[:10], "unknown_count": len(parts["other"]),
+        "family": FAMILIES.get(variant), "tensors": len(shapes),
+        "parts": {p: _part_summary(entries) for p, entries in parts.items() if entries and p != "other"},
+        "unknown_keys": sorted(parts.get("other", ()))[:10], "unknown_count": len(parts.get("other", ())),
         "metadata": {k: (v if len(v) <= 200 else v[:200] + f"... ({len(v)} chars)") for k, v in
                      (src.metadata or {}).items() if isinstance(v, str)} | _non_str(src.metadata),
         "placeholders": src.placeholders,
     }
-    cfg, cfg_source = resolve_config(src)
-    info["config_source"] = cfg_source if cfg_source != SD_V1_SOURCE else "SD v1 default (no config in the file)"
-    try:
-        validate_shapes(shapes, cfg, src.where, strict=True, config_source=cfg_source)
-        info["loadable"], info["problem"] = True, None
-    except CheckpointError as e:
-        info["loadable"], info["problem"] = False, str(e)
+    info.update(_loadability(src, variant))
     return info
+
+
+def _parts(src) -> dict[str, dict]:
+    """Entries by part: the model's parts (and EMA, schedule, ...) in the single-file layout, or a
+    folder's components when it is described rather than mapped."""
+    if src.problem and src.format == "diffusers":
+        out: dict[str, dict] = {}
+        for k, v in src.entries.items():
+            out.setdefault(k.split("/")[0], {})[k] = v
+        return out
+    parts = split_parts(src.entries)
+    return {p: parts[p] for p in REPORTED_PARTS}
+
+
+def _loadability(src, variant: str) -> dict:
+    """config source, prediction type (and where it came from), whether it loads and why not."""
+    if src.problem:
+        said = src.prediction or (None, "not read (the file is not loaded)")
+        return {"config_source": "none (the file is not loaded)", "prediction_type": said[0],
+                "prediction_source": said[1], "loadable": False, "problem": src.problem}
+    cfg, cfg_source = resolve_config(src)
+    out = {"config_source": cfg_source if cfg_source != SD_V1_SOURCE else "SD v1 default (no config in the file)",
+           "prediction_type": None, "prediction_source": None}
+    try:
+        out["prediction_type"], out["prediction_source"] = resolve_prediction(src, cfg, cfg_source, variant)
+        validate_shapes(src.shapes, cfg, src.where, strict=True, config_source=cfg_source)
+        return out | {"loadable": True, "problem": None}
+    except CheckpointError as e:
+        return out | {"loadable": False, "problem": str(e)}
 
 
 def _non_str(meta: dict | None) -> dict:
@@ -55,8 +79,10 @@ def format_inspection(info: dict) -> str:
     """A short human-readable report of `inspect_checkpoint`'s dict."""
     lines = [f"{info['path']}",
              f"  format:   {info['format']}",
-             f"  variant:  {info['variant']} ({info['variant_evidence']})",
+             f"  variant:  {info['variant']} ({info['variant_evidence']})"
+             + (f"; family {info['family']!r}" if info["family"] else ""),
              f"  config:   {info['config_source']}",
+             f"  predicts: {info['prediction_type'] or '?'} ({info['prediction_source']})",
              f"  loadable: {'yes' if info['loadable'] else 'no: ' + info['problem']}",
              f"  tensors:  {info['tensors']}"]
     for part, s in info["parts"].items():

@@ -46,8 +46,16 @@ SCHEDULE_KEYS = frozenset({
 SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
                      r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
 
-VARIANTS = ("SD v1", "LDM-400M", "SD 2.x", "SDXL", "inpainting", "pix2pix", "unknown")
-LOADABLE = {"SD v1": "sd1", "LDM-400M": "ldm"}  # variant -> the config family that loads it
+# what a checkpoint can be: the families this package knows (variant name -> its `SDConfig.family` code),
+# those of them it loads today, then the kinds it names but does not load
+FAMILIES = {"SD v1": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "LDM-400M": "ldm"}
+LOADABLE = {"SD v1": "sd1", "LDM-400M": "ldm"}
+UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
+               "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
+# UNet input channels of the image-conditioned kinds (text-to-image: 4)
+CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
+SUPPORTED_KINDS = ("Stable Diffusion v1.x text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) and "
+                   "LDM-400M are supported")
 
 
 class CheckpointError(ValueError):
@@ -89,40 +97,74 @@ def split_parts(shapes: dict) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- variants
+# (variant, evidence) when a key starting with the prefix is present, checked in this order: models
+# that are not UNet text-to-image at all first
+KEY_MARKS = (
+    (("model.diffusion_model.joint_blocks.",), "SD3", "MMDiT keys `model.diffusion_model.joint_blocks.*`"),
+    (("double_blocks.", "model.diffusion_model.double_blocks."), "Flux", "Flux keys `double_blocks.*`"),
+    (("embedder.model.visual.", "noise_augmentor."), "unCLIP",
+     "image-embedding keys `embedder.*` / `noise_augmentor.*`"),
+    (("depth_model.",), "depth", "depth-estimator keys `depth_model.*`"),
+    (("low_scale_model.",), "upscaler", "low-resolution noise schedule `low_scale_model.*`"),
+)
+
+
 def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
-    """(variant, evidence) from canonical keys and shapes. "SD v1" and "LDM-400M" are loadable."""
+    """(variant, evidence) from canonical keys and shapes: a key of FAMILIES or of UNSUPPORTED."""
+    for marks, variant, evidence in KEY_MARKS:
+        if any(k.startswith(marks) for k in shapes):
+            return variant, f"found {evidence}"
     unet = PREFIXES["unet"]
-    if LDM_TEXT_KEY in shapes:
-        return "LDM-400M", f"found the LDMBert text tower of CompVis' BERTEmbedder (`{LDM_TEXT_KEY}`)"
     if any(k.startswith("conditioner.embedders") for k in shapes) or unet + "label_emb.0.0.weight" in shapes:
+        if not any(k.startswith("conditioner.embedders.1.") for k in shapes) and \
+                any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+            return "SDXL refiner", "one OpenCLIP bigG embedder `conditioner.embedders.0.model.*`, no CLIP-L"
         return "SDXL", "found `conditioner.embedders.*` / `label_emb` keys"
+    first = shapes.get(unet + "input_blocks.0.0.weight")
+    if first is not None and len(first) == 4 and first[1] != 4:
+        name = CHANNEL_KINDS.get(first[1], "unknown")
+        return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (text-to-image: 4)"
+    return _text_family(shapes, unet)
+
+
+def _text_family(shapes: dict[str, tuple], unet: str) -> tuple[str, str]:
+    """SD v1, SD 2.x or LDM, told apart by the text encoder (CLIP-L, OpenCLIP-H, LDMBert) and the
+    width of the cross-attention context."""
     if any(k.startswith("cond_stage_model.model.") for k in shapes):
         return "SD 2.x", "found OpenCLIP text-encoder keys `cond_stage_model.model.*`"
+    te = "cond_stage_model.transformer."  # LDMBert's keys, canonical or not, sit under it
+    if any(k.startswith(te) and (".token_emb." in k or ".attn_layers." in k) for k in shapes):
+        return "LDM-400M", "found LDMBert text-encoder keys `cond_stage_model.transformer.token_emb` / `attn_layers`"
     for k, s in shapes.items():
         if k.startswith(unet) and k.endswith("attn2.to_k.weight") and len(s) == 2 and s[1] == 1024:
             return "SD 2.x", f"`{k}` is {list(s)}: 1024-wide cross-attention context (OpenCLIP ViT-H)"
-    first = shapes.get(unet + "input_blocks.0.0.weight")
-    if first is not None and len(first) == 4 and first[1] != 4:
-        name = {9: "inpainting", 8: "pix2pix"}.get(first[1], "unknown")
-        return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (SD v1 text-to-image: 4)"
     if not any(k.startswith(unet) for k in shapes):
         return "unknown", f"no UNet keys (`{unet}*`)"
     return "SD v1", "CompVis UNet with 4 input channels, CLIP text encoder, no SD 2.x / SDXL keys"
 
 
-def check_variant(shapes: dict[str, tuple], where: str, family: str = "sd1") -> None:
-    variant, evidence = detect_variant(shapes)
-    if variant in LOADABLE and LOADABLE[variant] != family:
-        raise CheckpointError(f"{where}: this is an {variant} checkpoint ({evidence}) but the config describes "
-                              f"the {family!r} family; pass a config of family {LOADABLE[variant]!r}"
-                              f"{' (configs/ldm-400m.yaml)' if variant == 'LDM-400M' else ''} or none")
-    if variant in LOADABLE:
-        return
+def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:
+    """The one place a family is accepted: None (it loads) for a LOADABLE variant whose config family
+    matches (`family`: the config's, None for any), else why it does not. SD 2.x and SDXL are recognised
+    and refused for now; every other kind is named and refused. "unknown" passes: the missing component
+    is reported by `check_components`, with a better message."""
     if variant == "unknown":
-        return  # a missing component is reported by `check_components`, with a better message
-    raise CheckpointError(f"{where}: this is a {variant} checkpoint ({evidence}); only Stable Diffusion v1.x "
-                          "text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) and LDM-400M "
-                          "are supported")
+        return None
+    if variant in LOADABLE:
+        if family is None or LOADABLE[variant] == family:
+            return None
+        return (f"{where}: this is an {variant} checkpoint ({evidence}) but the config describes the {family!r} "
+                f"family; pass a config of family {LOADABLE[variant]!r}"
+                f"{' (configs/ldm-400m.yaml)' if variant == 'LDM-400M' else ''} or none")
+    known = (f"; {variant} is recognised, but loading it is not wired in yet" if variant in FAMILIES else
+             f"; {variant} models are not supported (SD 2.x and SDXL files are recognised)")
+    return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
+
+
+def check_variant(shapes: dict[str, tuple], where: str, family: str | None = None) -> None:
+    problem = refusal(*detect_variant(shapes), where, family)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def check_components(parts: dict[str, dict], where: str) -> None:
@@ -158,16 +200,24 @@ def fits(key: str, have: tuple, want: tuple) -> bool:
         and all(d == 1 for d in tuple(have)[2:] + tuple(want)[2:])
 
 
-def shape_problems(shapes: dict[str, tuple], expected: dict[str, tuple], strict: bool = True) -> dict[str, list]:
+def shape_problems(shapes: dict[str, tuple], expected: dict[str, tuple]) -> dict[str, list]:
     """Compare a file's model keys (canonical, ignorable keys removed) with the model's.
 
-    Returns lists `missing`, `unexpected` (empty when not strict) and `mismatched` of readable strings.
+    Returns lists `missing` and `mismatched` of readable strings.
     """
     missing = sorted(k for k in expected if k not in shapes)
-    unexpected = sorted(k for k in shapes if k not in expected) if strict else []
     mismatched = [f"{k}: file {list(shapes[k])}, model {list(expected[k])}"
                   for k in sorted(shapes) if k in expected and not fits(k, shapes[k], expected[k])]
-    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    return {"missing": missing, "mismatched": mismatched}
+
+
+def leftover_keys(shapes: dict[str, tuple], cfg: SDConfig) -> list[str]:
+    """Keys the model does not have, beyond those always dropped (EMA, schedule buffers, position_ids):
+    under a model prefix (`first_stage_model.loss.*`) or outside every known group (`embedding_manager.*`,
+    `lora_*`). Strict loading refuses them; non-strict loading lists and ignores them."""
+    expected = model_shapes(cfg)
+    return sorted([k for k in model_keys(shapes) if k not in expected] +
+                  [k for k in shapes if part_of(k) == "other"])
 
 
 def describe_problems(problems: dict[str, list], n: int = 3) -> str:
@@ -194,14 +244,14 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
     parts = split_parts(shapes)
     check_variant(shapes, where, cfg.family)
     check_components(parts, where)
-    problems = shape_problems(model_keys(shapes), model_shapes(cfg), strict)
-    if strict and parts["other"]:
-        problems["unexpected"] = sorted(problems["unexpected"] + list(parts["other"]))
+    problems = shape_problems(model_keys(shapes), model_shapes(cfg))
+    problems["unexpected"] = leftover_keys(shapes, cfg) if strict else []
     if any(problems.values()):
         hint = ("pass config= (a CompVis v1-inference.yaml, or an SDConfig) describing this architecture"
                 if config_source.startswith("SD v1") else f"check that {config_source} describes this file")
-        extra = " (or load with strict=False to ignore unknown keys)" if strict and problems["unexpected"] \
-            and not problems["missing"] and not problems["mismatched"] else ""
+        extra = (" (or load with strict=False, `--non-strict` on the command line, to ignore and list the "
+                 "keys the model does not have)") if problems["unexpected"] and not problems["missing"] \
+            and not problems["mismatched"] else ""
         raise CheckpointError(f"{where}: tensors do not fit the model built from {config_source}; "
                               f"{hint}{extra}. Found {describe_problems(problems, n=3)}")
 

@@ -7,15 +7,23 @@ parameter (`load_state_dict(assign=True)`), one part at a time.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
 from models import SDConfig, StableDiffusion, load_config, prefixes
 from models.ldmbert import LDMBertConfig
 
-from .layout import CheckpointError, detect_variant, model_keys, model_shapes, validate_shapes
+from .family import resolve_prediction
+from .layout import CheckpointError, detect_variant, leftover_keys, model_keys, model_shapes, validate_shapes
 from .registry import resolve_checkpoint
 from .sources import Source, open_source
+from .vae_swap import open_vae, with_vae
+
+
+class IgnoredKeys(UserWarning):
+    """Non-strict loading skipped keys the model does not have; the message lists them."""
+
 
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
 LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
@@ -59,12 +67,29 @@ def with_tokenizer(cfg: SDConfig, tokenizer, where: str) -> tuple[SDConfig, obje
     return cfg, None
 
 
-def open_checked(path, config=None, strict: bool = True) -> tuple[Source, SDConfig, str]:
-    """Open, resolve the config and validate every key and shape, all before reading a tensor."""
-    src = open_source(resolve_checkpoint(path))
+def open_checked(path, config=None, strict: bool = True, vae=None,
+                 prediction_type=None) -> tuple[Source, SDConfig, str]:
+    """Open (the VAE swapped in from `vae` if given), resolve the config and the prediction type and
+    validate every key and shape, all before reading a tensor."""
+    src = open_source(resolve_checkpoint(path), vae_given=vae is not None)
+    if src.problem:
+        raise CheckpointError(src.problem)
+    if vae is not None:
+        src = with_vae(src, open_vae(vae))
     cfg, cfg_source = resolve_config(src, config)
     validate_shapes(src.shapes, cfg, src.where, strict, cfg_source)
-    return src, cfg, cfg_source
+    if not strict:
+        warn_ignored(src.where, leftover_keys(src.shapes, cfg))
+    variant = (src.variant or detect_variant(src.shapes))[0]
+    prediction, _ = resolve_prediction(src, cfg, cfg_source, variant, prediction_type)
+    return src, cfg.replace(prediction_type=prediction), cfg_source
+
+
+def warn_ignored(where: str, ignored: list[str]) -> None:
+    if ignored:
+        more = f" ... ({len(ignored)} in all)" if len(ignored) > 20 else ""
+        warnings.warn(f"{where}: ignored {len(ignored)} key(s) the model does not have (non-strict): "
+                      f"{', '.join(ignored[:20])}{more}", IgnoredKeys, stacklevel=4)
 
 
 def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tensor:
@@ -76,17 +101,23 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
-                    tokenizer=None) -> StableDiffusion:
+                    vae=None, prediction_type=None, tokenizer=None) -> StableDiffusion:
     """Load a Stable Diffusion v1.x checkpoint (.safetensors, .ckpt, diffusers folder) in eval mode.
 
     `path` may also be a name in `weights_tools.registry.CHECKPOINTS` ("miniature": the shipped one).
     `config`: an SDConfig, a CompVis v1-inference.yaml path, or a configs/ name; by default the
     file's own (ldm_config metadata, diffusers config.json) or SD v1's after a full shape check.
-    `strict=False` ignores unknown extra keys (missing or misshapen ones are always errors).
+    `strict=False` ignores keys the model does not have (`embedding_manager.*`, `first_stage_model.loss.*`,
+    `lora_*`) and lists them in an `IgnoredKeys` warning; missing or misshapen keys are always errors.
+    `vae`: a standalone VAE (.safetensors / .ckpt with or without `first_stage_model.`, a diffusers
+    vae/ folder) used in place of the checkpoint's own, which may then be absent.
+    `prediction_type` ("epsilon" or "v") overrides what the file says (its metadata's
+    `modelspec.prediction_type`, a config's `parameterization: "v"`, a folder's scheduler_config.json),
+    which overrides SD 2.x's rule; the default is epsilon.
     EMA weights, DDPM schedule buffers and `position_ids` are never read.
     `tokenizer`: LDM-400M's BERT vocab.txt (needed for its single file; a diffusers folder has its own).
     """
-    src, cfg, _ = open_checked(path, config, strict)
+    src, cfg, _ = open_checked(path, config, strict, vae, prediction_type)
     cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
         model = StableDiffusion(cfg, tokenizer=tok)
@@ -102,12 +133,13 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     return model.eval()
 
 
-def read_state_dict(path, config=None, strict: bool = True) -> tuple[dict[str, torch.Tensor], SDConfig, Source]:
+def read_state_dict(path, config=None, strict: bool = True, vae=None,
+                    prediction_type=None) -> tuple[dict[str, torch.Tensor], SDConfig, Source]:
     """The model's tensors under their single-file names (canonical, shims reshaped), no model built.
 
     Used by conversion; tensors keep their stored dtype.
     """
-    src, cfg, _ = open_checked(path, config, strict)
+    src, cfg, _ = open_checked(path, config, strict, vae, prediction_type)
     expected = model_shapes(cfg)
     keys = sorted(k for k in model_keys(src.shapes) if k in expected)
     return {k: read_tensor(src, k, expected[k], "cpu", None) for k in keys}, cfg, src

@@ -5,8 +5,9 @@ allow-list of names (torch's tensor rebuild functions, storage types, dtypes, Or
 builtins), and even those are replaced by our own functions that only record what was asked for:
 tensors come back as `LazyTensor` descriptions whose bytes are read from the zip on demand. Names
 that can run code (os.system, builtins.exec, subprocess, ...) are refused; any other unknown class
-(a Lightning `ModelCheckpoint` in `callbacks`, a numpy scalar in the metadata) becomes an inert
-`Placeholder` which is never called. `torch.load(weights_only=True)` would refuse those files.
+(a Lightning `ModelCheckpoint` in `callbacks`, its `AttributeDict` of hyper-parameters, a
+`defaultdict`, a `pathlib` path, a numpy scalar in the metadata) becomes an inert `Placeholder`
+which is never called. `torch.load(weights_only=True)` would refuse those files.
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ DANGEROUS_MODULES = frozenset({
 # what pickles of plain values name by GLOBAL (strings, numbers, lists, dicts and tuples are opcodes);
 # `str` and friends are left out on purpose: str() of a memo-shared nested list grows without bound
 SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice}
+# harmless names that appear as arguments (a defaultdict's factory, a path's class): inert placeholders,
+# never the real thing; pathlib as a module stays refused
+INERT = {("builtins", n) for n in ("list", "dict", "tuple", "int", "float", "bool")} | {
+    ("__builtin__", n) for n in ("list", "dict", "tuple", "int", "float", "bool")} | {
+    ("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
 MAX_PICKLE = 256 << 20    # data.pkl of a real SD checkpoint is a few MB at most
 MAX_DEFLATE_RATIO = 1032  # the most deflate can expand a record: a larger claim is a lie
 
@@ -58,17 +64,34 @@ class LazyTensor:
 
 
 class Placeholder:
-    """Stands in for a class the allow-list does not know. Holds its state; never runs anything."""
+    """Stands in for a class the allow-list does not know. Holds its arguments, its state and the
+    items a dict or list subclass is pickled with (SETITEMS / APPENDS); never runs anything."""
     qualname = "?"
+    args: tuple = ()  # NEWOBJ builds with __new__ alone: class-level defaults, no __init__
 
-    def __init__(self, *args, **kwargs):  # only reached via NEWOBJ/REDUCE on this class itself
+    def __init__(self, *args, **kwargs):  # only reached via REDUCE on this class itself
         self.args = args
 
     def __setstate__(self, state):
         self.state = state
 
+    def __setitem__(self, key, value):  # a dict subclass: Lightning's AttributeDict, defaultdict
+        self.__dict__.setdefault("entries", {})[key] = value
+
+    def append(self, value):  # a list subclass
+        self.__dict__.setdefault("entries", {})[len(self.__dict__.get("entries", ()))] = value
+
+    def extend(self, values):
+        for v in values:
+            self.append(v)
+
     def __repr__(self):
-        return f"<placeholder for {self.qualname}>"
+        # string arguments only (a pathlib path's parts): repr of memo-shared nested lists grows without bound
+        args = f"({', '.join(map(repr, self.args))})"[:120] if self.args and all(
+            isinstance(a, str) for a in self.args) else ""
+        n = len(self.__dict__.get("entries", ()))
+        entries = f" with {n} entr{'y' if n == 1 else 'ies'}" if n else ""
+        return f"<placeholder for {self.qualname}{args}{entries}>"
 
 
 def placeholder_class(module: str, name: str) -> type:
@@ -139,7 +162,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         root = module.split(".")[0]
-        if root in DANGEROUS_MODULES or root == "torch" and not name[:1].isupper():
+        if (module, name) not in INERT and (root in DANGEROUS_MODULES or root == "torch" and not name[:1].isupper()):
             raise CheckpointError(
                 f"{self.where}: refused to load: the pickle asks for `{module}.{name}`, which could run code. "
                 "Only tensors, storages, OrderedDict and plain Python values are loaded from .ckpt files "

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from models import SDConfig
 
 from . import diffusers_keys
-from .layout import CheckpointError, canonical_key, check_plausible
+from .family import folder_family, prediction_name, said_in_metadata
+from .layout import CheckpointError, canonical_key, check_plausible, refusal
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
@@ -45,22 +46,26 @@ class Source:
     config: SDConfig | None = None                # what the file itself says about the architecture
     config_source: str | None = None
     placeholders: list = field(default_factory=list)
+    variant: tuple[str, str] | None = None        # (variant, evidence) when the format says it (a folder)
+    problem: str | None = None                    # why it cannot load, found while describing it
+    prediction: tuple[str, str] | None = None     # (prediction type, where) when the file says it
 
     @property
     def shapes(self) -> dict[str, tuple]:
         return {k: s for k, (s, _) in self.entries.items()}
 
 
-def open_source(path) -> Source:
+def open_source(path, vae_given: bool = False) -> Source:
+    """`vae_given`: a VAE comes from elsewhere, so a diffusers folder may lack vae/."""
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFound(f"{path}: no such file or folder; {SUPPORTED}")
     if path.is_dir():
-        return open_diffusers(path)
-    return open_file(path, path.stat().st_size, _sniff(path))
+        return open_diffusers(path, vae_given)
+    return open_file(path, path.stat().st_size, sniff(path))
 
 
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """"safetensors" or "zip", or a CheckpointError saying what the file looks like instead."""
     size = path.stat().st_size
     if size == 0:
@@ -167,7 +172,8 @@ def open_safetensors(path: Path, size: int) -> Source:
             handle["f"] = safe_open(str(path), framework="pt", device="cpu")
         return handle["f"].get_tensor(names[key])
 
-    src = Source(str(path), "safetensors", {c: raw[k] for c, k in names.items()}, fetch, dict(metadata))
+    src = Source(str(path), "safetensors", {c: raw[k] for c, k in names.items()}, fetch, dict(metadata),
+                 prediction=said_in_metadata(metadata, str(path)))
     if "ldm_config" in metadata:
         try:
             src.config = SDConfig.from_ldm(json.loads(metadata["ldm_config"]))
@@ -202,14 +208,17 @@ def open_ckpt(path: Path) -> Source:
     if not tensors:
         raise CheckpointError(f"{path}: a torch file without tensors (keys: {list(obj)[:6]}), not a model checkpoint")
     names = _canonical_names(tensors, str(path))
-    extras = {k: _summary(v) for k, v in obj.items() if k != "state_dict"} if nested else {}
+    extras = {k: _summary(v, tz.read) for k, v in obj.items()
+              if k != "state_dict" and (nested or not isinstance(v, LazyTensor))}
     src = Source(str(path), "ckpt", {c: (tensors[k].shape, tensors[k].dtype) for c, k in names.items()},
                  lambda key: tz.read(tensors[names[key]]), extras, placeholders=tz.placeholders)
     src.format = "ckpt (weights under 'state_dict')" if nested else "ckpt (flat)"
     return src
 
 
-def _summary(v) -> str:
+def _summary(v, read) -> str:
+    """A top-level entry in a line: plain values as they are, a one-element tensor (a `global_step`
+    saved as a tensor) by its value, anything else by its kind and size."""
     if isinstance(v, (int, float, str, bool)) or v is None:
         return repr(v)
     if isinstance(v, Placeholder):
@@ -217,6 +226,8 @@ def _summary(v) -> str:
     if isinstance(v, dict):
         return f"dict with {len(v)} entries" + (f" ({', '.join(map(str, list(v)[:3]))})" if v else "")
     if isinstance(v, LazyTensor):
+        if math.prod(v.shape) == 1:
+            return repr(read(v).item())
         return f"tensor {list(v.shape)} {v.dtype}"
     return type(v).__name__ + (f" of {len(v)}" if hasattr(v, "__len__") else "")
 
@@ -227,7 +238,7 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "dif
                 "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             return folder / name
@@ -236,7 +247,7 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES[:2])}, ...)")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -246,26 +257,39 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def open_diffusers(folder: Path) -> Source:
-    """A diffusers folder as one Source whose keys are the single-file names."""
-    if (folder / "bert" / "config.json").exists():
-        return open_ldm_diffusers(folder)
-    parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
-    missing = [d for d in parts.values() if not (folder / d / "config.json").exists()]
-    if len(missing) == len(parts):
+def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
+    """A diffusers folder as one Source whose keys are the single-file names; a folder of another
+    family or with a component missing is described (its keys as `component/key`) with the reason
+    it cannot load."""
+    components = sorted(d.name for d in folder.iterdir() if (d / "config.json").exists())
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
+    if not index and not {"unet", "vae", "text_encoder", "transformer", "bert"} & set(components):
         raise CheckpointError(f"{folder}: a folder, but not a diffusers model folder (no unet/, vae/, "
                               f"text_encoder/ with config.json); {SUPPORTED}")
-    if missing:
-        raise CheckpointError(f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} "
-                              "(missing component); SD v1 needs unet/, vae/ and text_encoder/, each with "
-                              "config.json and weights")
-    configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
-    cfg = diffusers_keys.sd_config(configs["unet"], configs["vae"], configs["text_encoder"],
-                                   _read_scheduler(folder), str(folder))
-    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key)
+    unet_json = read_json(folder / "unet" / "config.json") if "unet" in components else {}
+    variant = folder_family(folder, index, unet_json)
+    if variant[0] == "LDM-400M":
+        return open_ldm_diffusers(folder, variant)
+    parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+    missing = [d for d in parts.values() if d not in components and not (d == "vae" and vae_given)]
+    problem = refusal(*variant, str(folder))
+    if problem is None and missing:
+        problem = (f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} (missing component); "
+                   "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
+    scheduler, sched_path = _read_scheduler(folder)
+    if problem:
+        described = _describe_folder(folder, components, index, variant, problem)
+        described.prediction = _scheduler_prediction(scheduler, sched_path)
+        return described
+    parts = {p: d for p, d in parts.items() if d in components}
+    configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
+    cfg = diffusers_keys.sd_config(configs["unet"], configs.get("vae", diffusers_keys.SD_V1_VAE),
+                                   configs["text_encoder"], scheduler, str(folder))
+    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key, index, variant,
+                             _scheduler_prediction(scheduler, sched_path))
 
 
-def open_ldm_diffusers(folder: Path) -> Source:
+def open_ldm_diffusers(folder: Path, variant: tuple) -> Source:
     """LDM-400M's diffusers folder (CompVis/ldm-text2im-large-256): bert/, unet/, vqvae/ (a KL
     autoencoder despite the name), tokenizer/vocab.txt (or the tokenizer.json transformers 5 writes)
     and scheduler/."""
@@ -275,29 +299,57 @@ def open_ldm_diffusers(folder: Path) -> Source:
         raise CheckpointError(f"{folder}: LDM diffusers folder without {', '.join(d + '/' for d in missing)} "
                               "(missing component); LDM-400M needs bert/, unet/ and vqvae/, each with config.json "
                               "and weights, and tokenizer/vocab.txt")
-    configs = {p: _read_json(folder / d / "config.json") for p, d in parts.items()}
+    configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
     vocab = next((p for p in (folder / "tokenizer" / n for n in ("vocab.txt", "tokenizer.json")) if p.exists()), None)
-    cfg = diffusers_keys.ldm_config(configs["unet"], configs["vae"], configs["text_encoder"], _read_scheduler(folder),
+    scheduler, sched_path = _read_scheduler(folder)
+    cfg = diffusers_keys.ldm_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler,
                                     str(vocab) if vocab else None, str(folder))
-    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.ldm_key)
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
+    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.ldm_key, index, variant,
+                             _scheduler_prediction(scheduler, sched_path))
 
 
-def _read_scheduler(folder: Path) -> dict | None:
+def _read_scheduler(folder: Path) -> tuple[dict | None, Path]:
     path = folder / "scheduler" / "scheduler_config.json"
-    return _read_json(path) if path.exists() else None
+    return (read_json(path) if path.exists() else None), path
 
 
-def _diffusers_source(folder: Path, parts: dict, configs: dict, cfg: SDConfig, to_ldm_key) -> Source:
+def _diffusers_source(folder: Path, parts: dict, configs: dict, cfg: SDConfig, to_ldm_key, index: dict,
+                      variant: tuple, prediction) -> Source:
     """Every part's weights under their single-file names (`to_ldm_key(part, key, config, where)`)."""
     check_plausible(cfg, f"{folder} (config.json files)")
     entries, fetchers = {}, {}
     for part, d in parts.items():
-        sub_path = _weights_file(folder / d)
-        sub = open_file(sub_path, sub_path.stat().st_size, _sniff(sub_path))
+        sub = _open_weights(folder / d)
         for key, entry in sub.entries.items():
             ldm = to_ldm_key(part, key, configs[part], str(folder / d))
             entries[ldm] = entry
             fetchers[ldm] = (sub.fetch, key)
     return Source(str(folder), "diffusers", entries, lambda k: fetchers[k][0](fetchers[k][1]),
-                  {"model_index": _read_json(folder / "model_index.json")} if (folder / "model_index.json").exists()
-                  else {}, cfg, "the diffusers config.json files")
+                  {"model_index": index} if index else {}, cfg, "the diffusers config.json files", variant=variant,
+                  prediction=prediction)
+
+
+def _scheduler_prediction(scheduler: dict | None, path: Path) -> tuple[str, str] | None:
+    if scheduler and "prediction_type" in scheduler:
+        return prediction_name(scheduler["prediction_type"], str(path)), "the folder's scheduler_config.json"
+    return None
+
+
+def _open_weights(folder: Path) -> Source:
+    path = weights_file(folder)
+    return open_file(path, path.stat().st_size, sniff(path))
+
+
+def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str) -> Source:
+    """A folder that will not load, for `inspect`: each component's tensors as `component/key`."""
+    entries = {}
+    for d in components:
+        if any((folder / d / name).exists() for name in WEIGHT_FILES):
+            entries.update({f"{d}/{k}": e for k, e in _open_weights(folder / d).entries.items()})
+
+    def fetch(key: str) -> torch.Tensor:
+        raise CheckpointError(problem)
+
+    return Source(str(folder), "diffusers", entries, fetch, {"model_index": index} if index else {},
+                  variant=variant, problem=problem)

@@ -1,0 +1,103 @@
+"""What a diffusers folder holds, before any key is mapped: its family or kind, read from
+model_index.json's pipeline class, the component folders, and unet/config.json.
+
+Single files are told apart by their keys and shapes (`layout.detect_variant`); a folder says more
+about itself than its keys do, and its keys follow a layout that differs per family.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .layout import CHANNEL_KINDS, CheckpointError
+
+# model_index.json `_class_name` prefix -> variant, first match wins (longer names first); a plain
+# StableDiffusion*Pipeline is decided by the UNet's config
+PIPELINES = (("StableDiffusionXLInpaint", "inpainting"), ("StableDiffusionXLInstructPix2Pix", "pix2pix"),
+             ("StableDiffusionXL", "SDXL"), ("StableDiffusion3", "SD3"), ("StableDiffusionInpaint", "inpainting"),
+             ("StableDiffusionInstructPix2Pix", "pix2pix"), ("StableDiffusionDepth2Img", "depth"),
+             ("StableDiffusionUpscale", "upscaler"), ("StableDiffusionLatentUpscale", "upscaler"),
+             ("StableUnCLIP", "unCLIP"), ("Flux", "Flux"), ("Kandinsky", "Kandinsky"), ("IFPipeline", "DeepFloyd IF"),
+             ("IFImg2Img", "DeepFloyd IF"), ("PixArt", "PixArt"), ("StableCascade", "Stable Cascade"),
+             ("LDMTextToImage", "LDM-400M"))
+
+
+def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
+    """(variant, evidence) of a diffusers folder: a key of layout.FAMILIES or layout.UNSUPPORTED."""
+    name = index.get("_class_name")
+    if isinstance(name, str):
+        variant = next((v for prefix, v in PIPELINES if name.startswith(prefix)), None)
+        if variant == "SDXL" and not (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir():
+            return "SDXL refiner", f"model_index.json names {name}, with text_encoder_2/ alone"
+        if variant is not None:
+            return variant, f"model_index.json names {name}"
+    return _by_components(folder) or _by_unet(unet) or (
+        "SD v1", "unet/, vae/, text_encoder/; no other family's pipeline class, component or UNet setting")
+
+
+def _by_components(folder: Path) -> tuple[str, str] | None:
+    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
+        return "DiT", "a transformer/ folder and no unet/ (a diffusion transformer such as SD3, Flux or PixArt)"
+    if (folder / "text_encoder_2").is_dir():
+        return "SDXL", "a text_encoder_2/ folder (SDXL's second text encoder)"
+    if (folder / "bert").is_dir():
+        return "LDM-400M", "a bert/ folder (LDMBert text encoder)"
+    return None
+
+
+def _by_unet(unet: dict) -> tuple[str, str] | None:
+    """From unet/config.json; a malformed value is left for the config reader to name."""
+    if unet.get("addition_embed_type") == "text_time":
+        return "SDXL", "unet/config.json has addition_embed_type 'text_time' (SDXL's size conditioning)"
+    channels = unet.get("in_channels")
+    if channels in CHANNEL_KINDS:
+        return CHANNEL_KINDS[channels], f"unet/config.json has in_channels {channels} (text-to-image: 4)"
+    width = unet.get("cross_attention_dim")
+    if width == 1024:
+        return "SD 2.x", "unet/config.json has cross_attention_dim 1024 (OpenCLIP ViT-H)"
+    if width == 2048:
+        return "SDXL", "unet/config.json has cross_attention_dim 2048 (CLIP-L and OpenCLIP bigG)"
+    return None
+
+
+# ------------------------------------------------------------------------------- prediction type
+# how files name what the UNet predicts -> SDConfig.prediction_type
+PREDICTION_NAMES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v", "v_prediction": "v", "v-prediction": "v"}
+SD2_BASE_STEP = "875000"  # global_step of the SD 2.x 512-px base files: epsilon (diffusers' rule)
+
+
+def prediction_name(value, where: str) -> str:
+    if value not in PREDICTION_NAMES:
+        raise CheckpointError(f"{where}: prediction type {str(value)[:40]!r} is not supported: the sampler needs "
+                              "epsilon (noise) or v prediction")
+    return PREDICTION_NAMES[value]
+
+
+def said_in_metadata(metadata: dict, where: str) -> tuple[str, str] | None:
+    """(prediction type, where it was read) from a safetensors file's metadata, or None: ModelSpec's
+    `modelspec.prediction_type`, kohya's `ss_v_parameterization`."""
+    if "modelspec.prediction_type" in metadata:
+        return (prediction_name(metadata["modelspec.prediction_type"], where),
+                "the file's modelspec.prediction_type metadata")
+    if metadata.get("ss_v_parameterization") in ("True", "true"):
+        return "v", "the file's ss_v_parameterization metadata"
+    return None  # an `ldm_config` says it through the config it becomes (SDConfig.from_ldm)
+
+
+def resolve_prediction(src, cfg, cfg_source: str, variant: str, given=None) -> tuple[str, str]:
+    """(prediction type, where it came from): the `given` argument; else what the file says (its
+    metadata, its scheduler_config.json, a config whose parameterization is "v"); else SD 2.x's rule
+    (v, except the 512-px base: image_size 64 or global_step 875000); else epsilon."""
+    if given is not None:
+        return prediction_name(given, "prediction_type="), "the prediction_type argument"
+    said = [s for s in (src.prediction, ("v", f"{cfg_source} (parameterization v)")
+                        if cfg.prediction_type == "v" else None) if s is not None]
+    if len({p for p, _ in said}) > 1:
+        raise CheckpointError(f"{src.where}: {said[0][1]} says {said[0][0]} but {said[1][1]} says {said[1][0]}; "
+                              "pass prediction_type= (--prediction-type) to say which")
+    if said:
+        return said[0]
+    if variant == "SD 2.x":
+        if cfg.image_size == 64 or src.metadata.get("global_step") == SD2_BASE_STEP:
+            return "epsilon", "SD 2.x's rule: the 512-px base predicts epsilon"
+        return "v", "SD 2.x's rule: v unless the 512-px base (pass prediction_type='epsilon' for it)"
+    return "epsilon", "the default: nothing in the file says v"
