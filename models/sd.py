@@ -9,12 +9,15 @@ from torch import nn
 from .clip import CLIPTextModel, default_tokenizer
 from .config import SDConfig
 from .ddim import DDIM
+from .pndm import PNDM
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
 # checkpoint prefix of each part, in the original single-file layout
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.transformer.text_model."}
+
+SAMPLERS = {"ddim": DDIM, "pndm": PNDM}  # name -> sampler class; pndm: PLMS, N + 1 UNet calls for N steps
 
 TILE = 64  # low-memory decoding: latent tiles of 64 (512 px in SD v1), neighbours overlapping by a quarter
 
@@ -114,9 +117,12 @@ class StableDiffusion(nn.Module):
             f = self.latent_downsample
             return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
-    def scheduler(self, num_steps: int = 50, steps_offset: int = 1) -> DDIM:
+    def scheduler(self, num_steps: int = 50, steps_offset: int = 1, sampler: str = "ddim"):
+        """A fresh sampler on this model's noise schedule (one per run: PLMS keeps its run's history)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: the samplers are {', '.join(SAMPLERS)}")
         c = self.cfg
-        return DDIM.create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps)
+        return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps)
 
 
 @contextlib.contextmanager

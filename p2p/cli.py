@@ -19,6 +19,7 @@ import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from models.clip import default_tokenizer
+from models.sd import SAMPLERS
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
 from weights_tools.files import file_sha256, write_json_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
@@ -147,7 +148,7 @@ def cmd_generate(args) -> int:
     sd = load_model(cfg.ckpt, args.dtype)
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                       steps_offset=cfg.steps_offset, **memory_options(args))
+                       steps_offset=cfg.steps_offset, sampler=cfg.sampler, **memory_options(args))
     save_image(image_grid(out.images, list(cfg.prompts), min_size=256), args.output)
     write_json_atomic(settings_record(to_dict(cfg), cfg.ckpt, args.dtype) | memory_options(args),
                       Path(args.output).with_suffix(".json"))
@@ -164,7 +165,7 @@ def cmd_edit(args) -> int:
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
                    guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                   steps_offset=cfg.steps_offset, inversion=inv, **memory_options(args))
+                   steps_offset=cfg.steps_offset, sampler=cfg.sampler, inversion=inv, **memory_options(args))
     output = Path(args.output)
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
     if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
@@ -251,13 +252,16 @@ def sampling_options(q, seed: bool = True):
     """Flags of the Sampling fields (and the seed); left out, they are None: the config's defaults."""
     if seed:
         q.add_argument("--seed", type=int, help=f"x_T's seed (default {EditConfig.seed})")
-    q.add_argument("--steps", dest="num_steps", type=int, help=f"DDIM steps (default {Sampling.num_steps})")
+    q.add_argument("--steps", dest="num_steps", type=int, help=f"sampling steps (default {Sampling.num_steps})")
     q.add_argument("--guidance", dest="guidance_scale", type=float,
                    help=f"classifier-free guidance scale (default {Sampling.guidance_scale})")
     q.add_argument("--steps-offset", dest="steps_offset", type=int,
                    help=f"{Sampling.steps_offset} (default): timesteps 981..1; 0: 980..0 as the null-text notebook")
     q.add_argument("--height", type=int)
     q.add_argument("--width", type=int)
+    q.add_argument("--sampler", choices=list(SAMPLERS),
+                   help=f"{Sampling.sampler} (default), or pndm: PLMS as the reference's stable notebook, N + 1 "
+                        "UNet calls for N steps (not with an inversion)")
 
 
 def low_memory_option(q):

@@ -1,11 +1,17 @@
 """Our PLMS sampler (models.pndm.PNDM) against diffusers' `PNDMScheduler` with SD v1.4's scheduler config
 (scaled_linear betas 0.00085 to 0.012, 1000 steps, skip_prk_steps, steps_offset 1, set_alpha_to_one False):
-the UNet-call timesteps, and the latents after every call for the same UNet outputs."""
+the UNet-call timesteps, the latents after every call for the same UNet outputs, and a whole 10-step
+`generate(sampler="pndm")` against `StableDiffusionPipeline` with that scheduler (tests/oracles.py's
+pipeline, its scheduler swapped), same x_T, guidance 7.5, non-square 32x48 px."""
+import numpy as np
 import pytest
 import torch
 
 from models import PNDM
+from p2p import generate
 import oracles as O
+
+STEPS, GUIDANCE, H, W = 10, 7.5, 32, 48
 
 
 def ref_pndm(num_steps: int):
@@ -57,7 +63,7 @@ def test_chained_run_matches_diffusers():
         x_ours = ours.step(unet(x_ours), t, x_ours)
         x_ref = ref.step(unet(x_ref), t, x_ref).prev_sample
     diff, scale = O.compare(x_ours, x_ref)
-    print(f"\n  PLMS 10-step chain: max|diff| = {diff:.3e}", end="")
+    print(f"\n  PLMS 10-step chain: max|diff| = {diff:.3e}, ref scale {scale:.2f}", end="")
     assert diff <= 1e-5 * scale, diff
 
 
@@ -80,3 +86,55 @@ def test_a_sampler_serves_one_run():
         s.step(x, 501, x)
     with pytest.raises(ValueError, match="timestep 981"):
         PNDM.create(2).step(x, 981, x)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    from diffusers import StableDiffusionPipeline
+
+    sd, base = O.ours(), O.ref_pipeline()
+    pipe = StableDiffusionPipeline(**{**base.components, "scheduler": ref_pndm(STEPS)})  # the cached one is untouched
+    pipe.set_progress_bar_config(disable=True)
+    prompts, x_T = O.tiny_generate_inputs(H, W)
+    ours = generate(sd, prompts, latents=x_T, num_steps=STEPS, guidance_scale=GUIDANCE, height=H, width=W,
+                    sampler="pndm", progress=False)
+    ddim = generate(sd, prompts, latents=x_T, num_steps=STEPS, guidance_scale=GUIDANCE, height=H, width=W,
+                    progress=False)
+    ref_z0 = pipe(prompts, height=H, width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  latents=x_T.expand(len(prompts), -1, -1, -1).clone(), output_type="latent").images
+    with torch.no_grad():
+        ref_img = pipe.vae.decode(ref_z0 / pipe.vae.config.scaling_factor).sample
+    return sd, ours, ddim, ref_z0, ref_img
+
+
+def test_generate_pndm_latents_match_pipeline(runs):
+    sd, ours, ddim, ref_z0, _ = runs
+    diff, scale = O.compare(ours.latents, ref_z0)
+    msg = f"generate(sampler='pndm') z0 vs StableDiffusionPipeline + PNDMScheduler ({STEPS} steps, cfg {GUIDANCE}): " \
+          f"max|diff| = {diff:.3e}, ref scale = {scale:.3f}, tol = {1e-4 * scale:.1e}"
+    print("\n  " + msg, end="")
+    assert diff <= 1e-4 * scale, msg
+    gap, _ = O.compare(ddim.latents, ref_z0)  # the comparison can tell the samplers apart
+    assert gap > 100 * max(diff, 1e-6), f"DDIM's z0 is as close to the PLMS pipeline's ({gap:.3e} vs {diff:.3e})"
+
+
+def test_generate_pndm_images_match_pipeline(runs):
+    sd, ours, _, _, ref_img = runs
+    with torch.no_grad():
+        dec = sd.decode(ours.latents)
+    diff, scale = O.compare(dec, ref_img)
+    print(f"\n  decoded images ([-1, 1]): max|diff| = {diff:.3e}, ref scale = {scale:.3f}", end="")
+    assert diff <= 1e-4 * scale, diff
+    ref_u8 = ((ref_img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    d8 = np.abs(ours.images.astype(int) - ref_u8.astype(int))
+    print(f"\n  uint8 images: max|diff| = {d8.max()} LSB", end="")
+    assert d8.max() <= 1  # truncation: a value on an integer edge may fall either side
+
+
+def test_generate_pndm_makes_n_plus_one_unet_calls(monkeypatch):
+    sd = O.ours()
+    calls = []
+    unet = sd.unet.forward
+    monkeypatch.setattr(sd.unet, "forward", lambda x, t, *a, **k: calls.append(int(t)) or unet(x, t, *a, **k))
+    generate(sd, "a cat", num_steps=4, height=32, width=32, sampler="pndm", progress=False)
+    assert calls == [751, 501, 501, 251, 1], calls
