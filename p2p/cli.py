@@ -27,7 +27,7 @@ from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, r
 from .config import (EditConfig, GenerateConfig, InvertConfig, Sampling, check_values, load_edit_config,
                      to_dict)
 from .images import open_image
-from .inversion import reconstruct
+from .inversion import reconstruct, require_ddim
 from .pipeline import to_uint8
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option
@@ -159,6 +159,8 @@ def cmd_generate(args) -> int:
 def cmd_edit(args) -> int:
     cfg = edit_config(args)
     spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
+    if args.image or (args.inversion and args.sampler):  # editing a photo samples with DDIM only
+        require_ddim(cfg.sampler, "the command line")
     check_outputs([args.output], [Path(args.output).with_suffix(".json")])
     sd = load_model(cfg.ckpt, args.dtype)
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
@@ -207,6 +209,7 @@ def cmd_invert(args) -> int:
     writes the picture the inverted prompt gives back from it."""
     cfg = InvertConfig(**given(args, InvertConfig))
     check_values(cfg, "the command line")
+    require_ddim(cfg.sampler, "the command line")
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     check_outputs([args.reconstruction] if args.reconstruction else [],
                   [args.output, Path(args.output).with_suffix(".json")])
