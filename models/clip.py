@@ -59,6 +59,8 @@ def bytes_to_unicode() -> dict[int, str]:
 class Tokenizer:
     """CLIP BPE tokenizer with SD v1's padding (pad = EOS = 49407)."""
 
+    bos, eos, pad, length = BOS, EOS, EOS, CONTEXT_LENGTH  # the tokenizer protocol's ids and positions
+
     PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
     def __init__(self, vocab_path: str | Path | None = None):
@@ -128,7 +130,7 @@ class Tokenizer:
                 warnings.warn(f"prompt has {len(ids)} tokens; CLIP takes {length - 2}: truncated to "
                               f"{self.decode(ids[:length - 2]).strip()!r}", stacklevel=2)
                 ids = ids[:length - 2]
-            rows.append([BOS] + ids + [EOS] * (length - 1 - len(ids)))
+            rows.append([self.bos] + ids + [self.eos] + [self.pad] * (length - 2 - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
 

@@ -66,6 +66,10 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
 
 
+FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
+PREDICTION_TYPES = ("epsilon", "v")  # CompVis configs say `parameterization: "v"`; absent means epsilon
+
+
 @dataclass(frozen=True)
 class SDConfig:
     unet: UNetConfig = UNetConfig()
@@ -76,6 +80,15 @@ class SDConfig:
     linear_end: float = 0.012
     num_train_timesteps: int = 1000
     image_size: int = 64  # latent side the model was trained at (64 -> 512 px for SD v1)
+    family: str = "sd1"              # one of FAMILIES: which text tower, conditioning and defaults
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (noise) or "v" (SD 2.x 768)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {self.prediction_type!r}")
 
     @property
     def default_height(self) -> int:
@@ -130,7 +143,8 @@ class SDConfig:
             text = CLIPTextConfig()
         return cls(unet=unet, vae=vae, text=text, scale_factor=p.get("scale_factor", 0.18215),
                    linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
-                   num_train_timesteps=p.get("timesteps", 1000), image_size=p.get("image_size", 64))
+                   num_train_timesteps=p.get("timesteps", 1000), image_size=p.get("image_size", 64),
+                   prediction_type=prediction_type(p.get("parameterization", "eps")))
 
     def to_ldm(self) -> dict:
         """The inverse of `from_ldm`: a CompVis-style config dict (JSON/YAML serialisable)."""
@@ -161,6 +175,8 @@ class SDConfig:
                                 "params": dict(embed_dim=v.embed_dim, ddconfig=ddconfig,
                                                lossconfig={"target": "torch.nn.Identity"})},
             cond_stage_config=cond)
+        if self.prediction_type == "v":
+            params["parameterization"] = "v"
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
     def to_json(self) -> str:
@@ -168,6 +184,15 @@ class SDConfig:
 
     def replace(self, **kw) -> "SDConfig":
         return dataclasses.replace(self, **kw)
+
+
+def prediction_type(parameterization: str) -> str:
+    """Our name for a CompVis config's `parameterization` ("eps" or "v"); "x0" models are not supported."""
+    names = {"eps": "epsilon", "v": "v"}
+    if parameterization not in names:
+        raise ValueError(f"parameterization {parameterization!r} is not supported: the sampler needs "
+                         f"\"eps\" (noise prediction) or \"v\" (v-prediction)")
+    return names[parameterization]
 
 
 def check_size(height: int, width: int, multiple: int, why: str = "") -> None:

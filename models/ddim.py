@@ -28,10 +28,8 @@ class DDIM:
             raise ValueError(f"steps_offset must be in [0, {room - 1}] for "
                              f"{num_steps} steps (the first timestep, {(num_steps - 1) * step} + offset, must stay "
                              f"below {num_train_timesteps}), got {steps_offset}")
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         timesteps = torch.arange(0, num_steps, dtype=torch.int64).flip(0) * step + steps_offset
-        return cls(alphas_cumprod, timesteps, step)
+        return cls(alphas_cumprod(beta_start, beta_end, num_train_timesteps), timesteps, step)
 
     def alpha(self, t: int) -> torch.Tensor:
         """alpha_cumprod at a timestep; negative t (before the first) is alpha_cumprod[0]."""
@@ -51,6 +49,13 @@ class DDIM:
         The reference evaluates eps at the destination timestep t (not at t - step)."""
         t = int(t)
         return ddim_update(x, eps, self.alpha(self.prev_timestep(t)), self.alpha(t))
+
+
+def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
+                   num_train_timesteps: int = 1000) -> torch.Tensor:
+    """(T,) fp32 cumulative products of 1 - beta, betas "scaled_linear": linear in sqrt(beta)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
 
 
 def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_from, a_to) -> torch.Tensor:

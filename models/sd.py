@@ -2,22 +2,49 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .clip import CLIPTextModel, default_tokenizer
-from .config import SDConfig
-from .ddim import DDIM
+from .config import CLIPTextConfig, SDConfig
+from .ddim import DDIM, alphas_cumprod
 from .pndm import PNDM
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
-# checkpoint prefix of each part, in the original single-file layout
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-            "text_encoder": "cond_stage_model.transformer.text_model."}
 
-SAMPLERS = {"ddim": DDIM, "pndm": PNDM}  # name -> sampler class; pndm: PLMS, N + 1 UNet calls for N steps
+@dataclass(frozen=True)
+class TextTower:
+    """How a family's text encoder plugs in: the module its config builds, the tokenizer that goes with
+    it (a function of the config), and the module's key prefix in the single-file layout."""
+    module: type
+    tokenizer: Callable
+    prefix: str
+
+
+# one row per text-tower config class; a family with a new tower adds a row
+TEXT_TOWERS = {
+    CLIPTextConfig: TextTower(CLIPTextModel, lambda cfg: default_tokenizer(), "cond_stage_model.transformer.text_model."),
+}
+
+
+def text_tower(cfg: SDConfig) -> TextTower:
+    try:
+        return TEXT_TOWERS[type(cfg.text)]
+    except KeyError:
+        raise ValueError(f"no text tower is known for {type(cfg.text).__name__}; "
+                         f"known: {', '.join(c.__name__ for c in TEXT_TOWERS)}") from None
+
+
+def prefixes(cfg: SDConfig) -> dict[str, str]:
+    """Checkpoint prefix of each part, in the original single-file layout, for this config's family."""
+    return {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": text_tower(cfg).prefix}
+
+
+PREFIXES = prefixes(SDConfig())  # SD v1's
 
 TILE = 64  # low-memory decoding: latent tiles of 64 (512 px in SD v1), neighbours overlapping by a quarter
 
@@ -63,12 +90,18 @@ def decode_tiled(decode, z: torch.Tensor, tile: int, overlap: int, f: int) -> to
 
 
 class StableDiffusion(nn.Module):
-    def __init__(self, cfg: SDConfig = SDConfig()):
+    def __init__(self, cfg: SDConfig = SDConfig(), tokenizer=None):
+        """tokenizer: the one the text tower reads (default: the tower's own, built from the config).
+        Every tokenizer has encode(text) (content ids), decode(ids), __call__(prompts, length) and the
+        ids bos, eos, pad, and length (token positions, 77)."""
         super().__init__()
         self.cfg = cfg
+        tower = text_tower(cfg)
         self.unet = UNetModel(cfg.unet)
         self.vae = AutoencoderKL(cfg.vae)
-        self.text_encoder = CLIPTextModel(cfg.text)
+        self.text_encoder = tower.module(cfg.text)
+        self.tokenizer = tokenizer if tokenizer is not None else tower.tokenizer(cfg.text)
+        self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps)
 
     @property
     def device(self) -> torch.device:
@@ -83,12 +116,22 @@ class StableDiffusion(nn.Module):
         return self.cfg.vae.downsample
 
     def tokenize(self, prompts) -> torch.Tensor:
-        """(N, 77) int64 token ids, padded with EOS (49407) like SD v1's CLIPTokenizer."""
-        return default_tokenizer()(prompts, self.cfg.text.max_position_embeddings)
+        """(N, 77) int64 token ids, as the family's tokenizer pads them (SD v1: with EOS, 49407)."""
+        return self.tokenizer(prompts, self.tokenizer.length)
 
     def encode_text(self, prompts) -> torch.Tensor:
-        """(N, 77, context_dim): CLIP last_hidden_state (after the final layer norm)."""
+        """(N, 77, context_dim): the context cross-attention reads (SD v1: CLIP's last_hidden_state)."""
         return self.text_encoder(self.tokenize(prompts).to(self.device))
+
+    def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None) -> torch.Tensor:
+        """The UNet's noise prediction eps(x_t, t, context): its output as it is for an epsilon model; a
+        v model's v turned into eps here, the one place the two meet (eps = sqrt(a_t) v + sqrt(1 - a_t) x_t,
+        since x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps and v = sqrt(a_t) eps - sqrt(1 - a_t) x0)."""
+        out = self.unet(x, t, context, attn_override=attn_override)
+        if self.cfg.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long).cpu()].reshape(-1, 1, 1, 1).to(x.device)
+        return (a.sqrt() * out.float() + (1 - a).sqrt() * x.float()).to(out.dtype)
 
     def vae_dtype(self, upcast: bool | None) -> torch.dtype:
         """The dtype the VAE runs in: fp32 if `upcast`, else the model's. None: upcast an fp16 model
@@ -118,11 +161,17 @@ class StableDiffusion(nn.Module):
             return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
     def scheduler(self, num_steps: int = 50, steps_offset: int = 1, sampler: str = "ddim"):
-        """A fresh sampler on this model's noise schedule (one per run: PLMS keeps its run's history)."""
+        """A fresh sampler over this model's noise schedule: one of SAMPLERS (one per run: PLMS keeps its
+        run's history)."""
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}: the samplers are {', '.join(SAMPLERS)}")
+            raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
         c = self.cfg
         return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps)
+
+
+# name -> class with create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps);
+# pndm: PLMS as the reference's stable notebook, N + 1 UNet calls for N steps
+SAMPLERS = {"ddim": DDIM, "pndm": PNDM}
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Sequence, Union
 
 import torch
 
-from models.clip import BOS, EOS, CONTEXT_LENGTH as MAX_LEN
+from models.clip import CONTEXT_LENGTH as MAX_LEN
 
 Word = Union[str, int]
 Words = Union[Word, Sequence[Word]]
@@ -176,7 +176,7 @@ _STOP, _LEFT, _UP, _DIAG = 0, 1, 2, 3
 
 def _prompt_ids(tokenizer, prompt: str, max_len: int) -> list[int]:
     """BOS, content (truncated as the tokenizer does), EOS: the sequence the text encoder sees, unpadded."""
-    return [BOS] + tokenizer.encode(prompt)[:max_len - 2] + [EOS]
+    return [tokenizer.bos] + tokenizer.encode(prompt)[:max_len - 2] + [tokenizer.eos]
 
 
 def global_alignment(x: Sequence[int], y: Sequence[int]) -> list[int]:

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
-from models.clip import default_tokenizer
 from models.sd import SAMPLERS
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
 from weights_tools.files import file_sha256, write_json_atomic
@@ -172,7 +171,7 @@ def cmd_edit(args) -> int:
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
     if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
         level = blend.level if blend is not None and blend.level is not None else named_blend_level(cfg.ckpt)
-        pics = attention_pictures(out.attention, out.images, cfg.prompts, default_tokenizer(), level)
+        pics = attention_pictures(out.attention, out.images, cfg.prompts, sd.tokenizer, level)
         outputs.update({output.with_name(f"{output.stem}_{kind}_{i}{output.suffix}"): pic
                         for kind, row in pics.items() for i, pic in enumerate(row)})
     for path, img in outputs.items():

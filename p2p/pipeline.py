@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.clip import default_tokenizer
-
 from .config import EditConfig, GenerateConfig, check_values
 from .control import Controller
 
@@ -71,10 +69,10 @@ def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override
     cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
     uncond = uncond.expand(x.shape[0], -1, -1)
     if low_memory:  # the reference's LOW_RESOURCE: half the UNet's activations at a time
-        eps_u = sd.unet(x, t, uncond)
-        eps_c = sd.unet(x, t, cond, attn_override=attn_override)
+        eps_u = sd.eps(x, t, uncond)
+        eps_c = sd.eps(x, t, cond, attn_override=attn_override)
     else:
-        eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override).chunk(2)
+        eps_u, eps_c = sd.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override).chunk(2)
     return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
 
 
@@ -194,7 +192,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
                             steps_offset=steps_offset, sampler=sampler), "edit()")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
-    controller = Controller(default_tokenizer(), prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
+    controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
     with visiting(sd, "text_encoder", offload):
         cond = sd.encode_text(prompts)
         uncond, correction = (inversion.guidance_inputs(sd, cond) if inversion is not None

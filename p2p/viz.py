@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from models.clip import BOS, CONTEXT_LENGTH, EOS
 from weights_tools.files import atomic_path
 
 WHITE, BLACK = 255, (0, 0, 0)
@@ -168,7 +167,7 @@ def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     Column k of a cross-attention map belongs to entry k. Tokens are decoded one at a time (a
     word of several tokens shows as its pieces, e.g. "cr", "out", "ons").
     """
-    ids = [BOS] + tokenizer.encode(prompt)[:CONTEXT_LENGTH - 2] + [EOS]
+    ids = [tokenizer.bos] + tokenizer.encode(prompt)[:tokenizer.length - 2] + [tokenizer.eos]
     return [tokenizer.decode([i]).strip() for i in ids]
 
 

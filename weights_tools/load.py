@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from models import PREFIXES, SDConfig, StableDiffusion, load_config
+from models import SDConfig, StableDiffusion, load_config, prefixes
 
 from .layout import CheckpointError, model_keys, model_shapes, validate_shapes
 from .registry import resolve_checkpoint
@@ -63,7 +63,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     src, cfg, _ = open_checked(path, config, strict)
     with torch.device("meta"):
         model = StableDiffusion(cfg)
-    for part, prefix in PREFIXES.items():
+    for part, prefix in prefixes(cfg).items():
         module = getattr(model, part)
         wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         state = {k: read_tensor(src, prefix + k, shape, device, dtype) for k, shape in wanted.items()}

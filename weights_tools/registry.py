@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models import PREFIXES, StableDiffusion
+from models import StableDiffusion, prefixes
 
 from .files import save_safetensors_atomic
 from .layout import POSITION_IDS, position_ids
@@ -66,7 +66,7 @@ def named_blend_level(ckpt) -> int | None:
 def checkpoint_state(sd: StableDiffusion, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors under their single-file names, on the CPU, floats cast to `dtype`."""
     state = {}
-    for part, prefix in PREFIXES.items():
+    for part, prefix in prefixes(sd.cfg).items():
         for k, v in getattr(sd, part).state_dict().items():
             v = v.detach().cpu()
             state[prefix + k] = v.to(dtype) if (dtype is not None and v.is_floating_point()) else v
