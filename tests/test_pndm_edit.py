@@ -172,3 +172,21 @@ def test_the_plms_example_config_is_the_stable_notebooks():
     cfg = load_edit_config("configs/edits/squirrel_lion_blend_plms.yaml")
     assert (cfg.sampler, cfg.num_steps, cfg.guidance_scale, cfg.seed, cfg.steps_offset) == ("pndm", 50, 7.5, 8888, 1)
     cfg.check("configs/edits/squirrel_lion_blend_plms.yaml")
+
+
+def test_the_sampler_is_a_sweep_knob_and_override(tmp_path, golden_dir):
+    from p2p.sweep.plan import batch_edit, plan_batches, prepare
+
+    path = tmp_path / "abl.yaml"
+    path.write_text(f"prompt: {SRC}\nedits: [{LION}]\nckpt: {golden_dir / 'tiny-sd-a.safetensors'}\n"
+                    f"grid: {{sampler: [ddim, pndm], cross_replace_steps: [0.2, 0.8]}}\n")
+    ab, cells, tok = prepare(path)
+    assert ab["rows"] == ["sampler"]                                          # it changes the source image
+    assert [batch_edit(b, tok).kwargs["sampler"] for b in plan_batches(cells, 8)] == ["ddim", "ddim", "pndm", "pndm"]
+    path.write_text(f"prompt: {SRC}\nedits: [{LION}]\nckpt: {golden_dir / 'tiny-sd-a.safetensors'}\n"
+                    f"grid: {{cross_replace_steps: [0.2, 0.8]}}\n")
+    _, cells, tok = prepare(path, {"sampler": "pndm"})
+    assert {batch_edit(b, tok).kwargs["sampler"] for b in plan_batches(cells, 8)} == {"pndm"}
+    path.write_text(f"prompt: {SRC}\nedits: [{LION}]\nckpt: x\ngrid: {{sampler: [ddim, plms]}}\n")
+    with pytest.raises(ValueError, match="'sampler' must be one of ddim, pndm, got 'plms'"):
+        prepare(path)
