@@ -12,6 +12,9 @@ calls (981, 961, 961, 941, ..., 1 for 50). Call by call, e_k being the UNet outp
     call 3:        (23 e_3 - 16 e_2 + 5 e_0) / 12, then (55, -59, 37, -9) / 24 on the last four.
 
 The kept outputs are the state of one run: a sampler serves one run (sd.scheduler makes a fresh one).
+The outputs it extrapolates are eps: a v model's output is turned into eps at its own x and t before
+(sd.eps). diffusers' PNDMScheduler extrapolates the raw v and converts the result at the update's x and
+t instead, so for v models the two differ; for eps models (SD v1) they agree (tests/test_parity_pndm.py).
 """
 from __future__ import annotations
 
