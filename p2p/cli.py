@@ -32,7 +32,7 @@ from .images import open_image
 from .inversion import reconstruct, require_ddim
 from .pipeline import to_uint8
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
-from .sweep.command import DTYPES, dtype_option
+from .sweep.command import DTYPES, dtype_option, model_option_flags
 from .viz import attention_pictures, image_bytes, image_format, image_grid
 
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
@@ -307,19 +307,6 @@ def sampling_options(q, seed: bool = True):
     q.add_argument("--sampler", choices=list(SAMPLERS),
                    help=f"{Sampling.sampler} (default), or pndm: PLMS as the reference's stable notebook, N + 1 "
                         "UNet calls for N steps (not with an inversion)")
-
-
-def model_option_flags(q):
-    q.add_argument("--non-strict", dest="non_strict", action="store_true",
-                   help="ignore (and list) checkpoint keys the model does not have: embedding_manager.*, "
-                        "first_stage_model.loss.*, lora_* ...")
-    q.add_argument("--vae", help="a standalone VAE (.safetensors / .ckpt, e.g. vae-ft-mse-840000-ema-pruned, or a "
-                   "diffusers vae/ folder) in place of the checkpoint's own")
-    q.add_argument("--prediction-type", dest="prediction_type", choices=["epsilon", "v"],
-                   help="what the UNet predicts, when the file does not say it (default: what the file says, "
-                        "else epsilon)")
-    q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
-                                       "folder's tokenizer/ is found without it)")
 
 
 def low_memory_option(q):

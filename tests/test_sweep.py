@@ -43,7 +43,7 @@ def run(tmp_path_factory, golden_dir, tiny_sd):
     cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
     out = d / "runs" / "abl"
     with pytest.MonkeyPatch.context() as mp:     # the CLI, with the session's model (loading it again is slow)
-        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device, dtype: tiny_sd)
+        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device, dtype, **load: tiny_sd)
         assert main(["sweep", str(cfg), "-o", str(out), "--no-progress"]) == 0
     return cfg, out
 
