@@ -82,3 +82,13 @@ def test_full_size_layout_is_what_diffusers_converters_give():
             max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"))
         prefix = "conditioner.embedders.1.model."
         assert converted(sfu.convert_open_clip_checkpoint(big, ckpt, prefix=prefix)) == layout(big)
+
+
+def test_a_file_without_config_is_read_as_sdxl_base(tiny_file, tmp_path):
+    """No ldm_config: SDXL keys make configs/sdxl-base.yaml the architecture, then every shape is checked
+    (a tiny file does not fit it, and the message says whose config it was checked against)."""
+    path = tmp_path / "bare.safetensors"
+    save_file(load_file(tiny_file), str(path))
+    with pytest.raises(CheckpointError, match=r"configs/sdxl-base\.yaml"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, config="tiny-sdxl").cfg.family == "sdxl"
