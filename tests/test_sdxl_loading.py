@@ -92,3 +92,13 @@ def test_a_file_without_config_is_read_as_sdxl_base(tiny_file, tmp_path):
     with pytest.raises(CheckpointError, match=r"configs/sdxl-base\.yaml"):
         load_checkpoint(path)
     assert load_checkpoint(path, config="tiny-sdxl").cfg.family == "sdxl"
+
+
+def test_cli_edit_with_attention_pictures(tiny_file, tmp_path):
+    from p2p.cli import main
+
+    out = tmp_path / "e.png"
+    assert main(["edit", "--ckpt", str(tiny_file), "--prompt", "a painting of a squirrel eating a burger",
+                 "--edit", "a painting of a lion eating a burger", "--blend", "squirrel", "lion", "--steps", "2",
+                 "--show-attention", "--out", str(out)]) == 0
+    assert out.exists() and (tmp_path / "e_attention_0.png").exists() and (tmp_path / "e.png.json").exists()
