@@ -13,6 +13,7 @@ from .config import CLIPTextConfig, SDConfig
 from .ddim import DDIM, alphas_cumprod
 from .ldmbert import LDMBertConfig, LDMBertModel
 from .openclip import OpenCLIPTextConfig, OpenCLIPTextModel
+from .pndm import PNDM
 from .sdxl import vector_conditioning
 from .sdxl_text import SDXLTextConfig, SDXLTextModel, split_pooled
 from .unet import UNetModel
@@ -187,14 +188,17 @@ class StableDiffusion(nn.Module):
             return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
     def scheduler(self, num_steps: int = 50, steps_offset: int = 1, sampler: str = "ddim"):
-        """A fresh sampler over this model's noise schedule: one of SAMPLERS."""
+        """A fresh sampler over this model's noise schedule: one of SAMPLERS (one per run: PLMS keeps its
+        run's history)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
         c = self.cfg
         return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps)
 
 
-SAMPLERS = {"ddim": DDIM}  # name -> class with create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps)
+# name -> class with create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps);
+# pndm: PLMS as the reference's stable notebook, N + 1 UNet calls for N steps
+SAMPLERS = {"ddim": DDIM, "pndm": PNDM}
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from models.sd import SAMPLERS
 from weights_tools import load_checkpoint
 from weights_tools.files import file_sha256
 from weights_tools.registry import resolve_checkpoint
@@ -107,7 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="run folder, e.g. runs/NAME (reused: finished cells are skipped)")
     p.add_argument("--ckpt", help="checkpoint (overrides the config's ckpt)")
-    p.add_argument("--steps", type=int, help="DDIM steps (overrides the config)")
+    p.add_argument("--steps", type=int, help="sampling steps (overrides the config)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="the sampler (overrides the config)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="most cells in one batch (default 8)")
@@ -134,7 +136,8 @@ def _run_distributed(args, overrides: dict) -> None:
 
 
 def run_from_args(args) -> int:
-    overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size")} | {"num_steps": args.steps}
+    overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size", "sampler")} | {
+        "num_steps": args.steps}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         run_sweep(args.config, args.output, overrides, progress=args.progress, dtype=DTYPES[args.dtype])
     else:
