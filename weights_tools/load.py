@@ -26,7 +26,7 @@ class IgnoredKeys(UserWarning):
 
 
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
-SDXL_SOURCE = "SDXL base's config, configs/sdxl-base.yaml (no config given, none in the file; every key and shape checked)"
+SDXL_SOURCE = "SDXL base's config, configs/sdxl-base.yaml (an SDXL checkpoint by its keys; no config given, none in the file; every key and shape checked)"
 LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
 
 
