@@ -155,6 +155,9 @@ def context_layers(layers: int, output_layer: str) -> int:
 
 
 FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
+# readers of an SGM `conditioner_config` into a text config, by family; filled by the module that
+# defines that family's text config (models/sdxl_text.py), which imports this one
+CONDITIONERS: dict = {}
 PREDICTION_TYPES = ("epsilon", "v")  # CompVis configs say `parameterization: "v"`; absent means epsilon
 
 
@@ -213,7 +216,9 @@ class SDConfig:
             attn_resolutions=tuple(dd.get("attn_resolutions", ())))
         cond = p.get("cond_stage_config") or {}
         cs, family = cond.get("params") or {}, "sd1"
-        if str(cond.get("target", "")).endswith("BERTEmbedder"):  # LDM-400M's LDMBert
+        if "conditioner_config" in p:  # SGM's layout (SDXL): a list of embedders, trained at 1024 px
+            text, family = CONDITIONERS["sdxl"](p["conditioner_config"]), "sdxl"
+        elif str(cond.get("target", "")).endswith("BERTEmbedder"):  # LDM-400M's LDMBert
             text, family = LDMBertConfig.from_ldm(cs), "ldm"
         elif "tiny_clip_text" in cs:
             t = cs["tiny_clip_text"]
@@ -226,7 +231,8 @@ class SDConfig:
             text = CLIPTextConfig()
         return cls(unet=unet, vae=vae, text=text, family=family, scale_factor=p.get("scale_factor", 0.18215),
                    linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
-                   num_train_timesteps=p.get("timesteps", 1000), image_size=p.get("image_size", 64),
+                   num_train_timesteps=p.get("timesteps", 1000),
+                   image_size=p.get("image_size", 128 if family == "sdxl" else 64),
                    prediction_type=prediction_type(p.get("parameterization", "eps")))
 
     def to_ldm(self) -> dict:
@@ -239,7 +245,7 @@ class SDConfig:
         cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
         if isinstance(t, LDMBertConfig):
             cond = t.to_ldm()
-        elif t != CLIPTextConfig():
+        elif isinstance(t, CLIPTextConfig) and t != CLIPTextConfig():
             cond["params"] = {"tiny_clip_text": dict(
                 vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, width=t.width,
                 layers=t.layers, heads=t.heads, intermediate_size=t.intermediate_size,
@@ -256,6 +262,10 @@ class SDConfig:
             cond_stage_config=cond)
         if self.prediction_type == "v":
             params["parameterization"] = "v"
+        if self.family == "sdxl":  # SGM's names for the UNet and the text conditioning
+            params["network_config"] = params.pop("unet_config")
+            params["conditioner_config"] = t.to_sgm()
+            del params["cond_stage_config"]
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
     def to_json(self) -> str:

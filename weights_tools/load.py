@@ -26,6 +26,7 @@ class IgnoredKeys(UserWarning):
 
 
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
+SDXL_SOURCE = "SDXL base's config, configs/sdxl-base.yaml (an SDXL checkpoint by its keys; no config given, none in the file; every key and shape checked)"
 LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
 
 
@@ -46,6 +47,8 @@ def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
         return src.config, src.config_source
     if detect_variant(src.shapes)[0] == "LDM-400M":
         return load_config("ldm-400m"), LDM_SOURCE
+    if detect_variant(src.shapes)[0] == "SDXL":
+        return load_config("sdxl-base"), SDXL_SOURCE
     return SDConfig(), SD_V1_SOURCE
 
 
