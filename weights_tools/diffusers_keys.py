@@ -6,11 +6,14 @@ checkpoint's names, with or without the `text_model.` level.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from models import PREFIXES, TEXT_TOWERS, CLIPTextConfig, LDMBertConfig, SDConfig, UNetConfig, VAEConfig
+from models.sdxl import SIZE_EMBED_DIM
+from models.sdxl_text import SDXL_CLIP_L, SDXLTextConfig
 
-from .layout import CheckpointError
+from .layout import SDXL_TEXT_PREFIX, CheckpointError
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -89,14 +92,6 @@ def to_ldm_key(part: str, key: str, cfg: dict, where: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- configs
-def _one(value, what: str, where: str):
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"{where}: {what} {value} varies per block; SD v1 uses one value")
-        return value[0]
-    return value
-
-
 def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
     """UNetConfig from a diffusers UNet2DConditionModel config.json, and its sample_size.
 
@@ -109,14 +104,32 @@ def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
                                   "only Stable Diffusion v1.x is supported")
     boc = list(c["block_out_channels"])
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    num_heads, head_channels = _heads(heads, boc, where)
+    depth = c.get("transformer_layers_per_block", 1)
     return UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=boc[0],
         channel_mult=tuple(b // boc[0] for b in boc), num_res_blocks=_layers_per_block(c, where),
         attention_resolutions=tuple(2 ** i for i, t in enumerate(c["down_block_types"]) if "CrossAttn" in t),
-        num_heads=int(_one(heads, "attention heads", where)),
-        transformer_depth=int(_one(c.get("transformer_layers_per_block", 1), "transformer depth", where)),
+        num_heads=num_heads, num_head_channels=head_channels,
+        transformer_depth=tuple(int(d) for d in depth) if isinstance(depth, (list, tuple)) else int(depth),
         context_dim=int(c.get("cross_attention_dim", 768)),
         use_linear_in_transformer=bool(c.get("use_linear_projection", False))), sample_size(c)
+
+
+def _heads(heads, boc: list, where: str) -> tuple[int, int]:
+    """(num_heads, num_head_channels) of UNetConfig from diffusers' heads: one count for every level
+    (SD 1: 8), or one per level (SD 2.x: 5, 10, 20, 20), which must then be heads of one width (64)."""
+    if not isinstance(heads, (list, tuple)):
+        return int(heads), -1
+    if len(heads) != len(boc):
+        raise CheckpointError(f"{where}: {len(heads)} attention head counts for {len(boc)} levels")
+    if len(set(heads)) == 1:
+        return int(heads[0]), -1
+    widths = {b // h if h and b % h == 0 else None for b, h in zip(boc, heads)}
+    if len(widths) != 1 or None in widths:
+        raise CheckpointError(f"{where}: attention heads {list(heads)} over channels {boc} are not heads of one "
+                              "width (SD 2.x: 64 channels per head) nor one count for every level (SD v1)")
+    return -1, widths.pop()
 
 
 def sample_size(c: dict) -> int:
@@ -154,10 +167,11 @@ def text_config(c: dict) -> CLIPTextConfig:
 
 
 def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: str, text_cfg=text_config,
-              **family) -> SDConfig:
-    """SDConfig from the config.json files of a diffusers folder (`text_cfg` reads the text tower's)."""
+              unet_cfg=unet_config, **family) -> SDConfig:
+    """SDConfig from the config.json files of a diffusers folder (`text_cfg` reads the text tower's,
+    `unet_cfg` the UNet's)."""
     try:
-        ucfg, sample = unet_config(unet, where)
+        ucfg, sample = unet_cfg(unet, where)
         kw = dict(unet=ucfg, vae=vae_config(vae), text=text_cfg(text), image_size=sample,
                   scale_factor=float(vae.get("scaling_factor", 0.18215)), **family)
     except KeyError as e:
@@ -211,3 +225,57 @@ def ldmbert_config(c: dict, vocab: str | None) -> LDMBertConfig:
     return LDMBertConfig(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
                          width=c["d_model"], layers=c["encoder_layers"], heads=c["encoder_attention_heads"],
                          head_dim=c["head_dim"], intermediate_size=c["encoder_ffn_dim"], vocab=vocab)
+
+
+# ------------------------------------------------------------------------------------- SDXL
+# diffusers' SDXL UNet names its vector-conditioning MLP `add_embedding`; SGM's is `label_emb.0` (Linear, SiLU, Linear)
+SDXL_UNET = {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
+SDXL_CLIP_PREFIX = SDXL_TEXT_PREFIX + "embedders.0.transformer.text_model."  # text_encoder/ (CLIP ViT-L)
+SDXL_OPENCLIP_PREFIX = SDXL_TEXT_PREFIX + "embedders.1.model."              # text_encoder_2/ (bigG)
+# the settings of diffusers' "text_time" conditioning that SGM's fixed size embedders match
+SDXL_TEXT_TIME = {"addition_embed_type": "text_time", "addition_time_embed_dim": SIZE_EMBED_DIM}
+
+
+def sdxl_key(part: str, key: str, cfg: dict, where: str) -> str:
+    """The single-file key of an SDXL folder's unet/, vae/ or text_encoder/ key (text_encoder_2/ is
+    OpenCLIP-mapped: openclip_keys.hf_plan)."""
+    if part == "text_encoder":
+        return SDXL_CLIP_PREFIX + clip_key(key)
+    for old, new in SDXL_UNET.items():
+        if part == "unet" and key.startswith(old):
+            return PREFIXES["unet"] + new + key[len(old):]
+    return to_ldm_key(part, key, cfg, where)
+
+
+def sdxl_unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
+    """An SDXL UNet2DConditionModel config.json: SD's fields plus the "text_time" vector conditioning of
+    `projection_class_embeddings_input_dim` channels (base: 1280 pooled + 6 x 256 size ids = 2816). The
+    first level has no attention; its transformer depth, which diffusers writes as 1, is read as 0 as in
+    SGM's sd_xl_base.yaml, and the attention levels are listed as SGM lists them, deepest first."""
+    for field, want in SDXL_TEXT_TIME.items():
+        if c.get(field, want) != want:
+            raise CheckpointError(f"{where}: unet/config.json has {field}={c[field]!r}; SDXL's vector conditioning "
+                                  f"is {field}={want!r}")
+    if "projection_class_embeddings_input_dim" not in c:
+        raise CheckpointError(f"{where}: unet/config.json lacks projection_class_embeddings_input_dim (the width of "
+                              "SDXL's vector conditioning, base: 2816)")
+    ucfg, sample = unet_config({k: v for k, v in c.items() if k not in SDXL_TEXT_TIME}, where)
+    attends = ["CrossAttn" in t for t in c["down_block_types"]]
+    depth = ucfg.transformer_depth
+    if isinstance(depth, tuple):
+        depth = tuple(d if a else 0 for d, a in zip(depth, attends))
+    return dataclasses.replace(ucfg, adm_in_channels=int(c["projection_class_embeddings_input_dim"]),
+                               attention_resolutions=tuple(sorted(ucfg.attention_resolutions, reverse=True)),
+                               transformer_depth=depth), sample
+
+
+def sdxl_config(configs: dict, scheduler: dict | None, text_2, zeros_for_empty: bool, where: str) -> SDConfig:
+    """SDConfig (family "sdxl") from an SDXL folder's config.json files (`configs`: unet, vae, text_encoder);
+    `text_2`: the second tower's OpenCLIPTextConfig; `zeros_for_empty`: model_index.json's
+    force_zeros_for_empty_prompt."""
+    def towers(c: dict) -> SDXLTextConfig:
+        clip = dataclasses.replace(text_config(c), output_layer=SDXL_CLIP_L.output_layer, final_ln=SDXL_CLIP_L.final_ln)
+        return SDXLTextConfig(clip=clip, openclip=text_2, zeros_for_empty=zeros_for_empty)
+
+    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, where, text_cfg=towers,
+                     unet_cfg=sdxl_unet_config, family="sdxl")

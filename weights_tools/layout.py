@@ -173,15 +173,6 @@ def refusal(variant: str, evidence: str, where: str, family: str | None = None) 
     return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
 
 
-def sdxl_folder_refusal(variant: tuple[str, str], where: str) -> str | None:
-    """SDXL loads from its single file; its diffusers folders (text_encoder_2/, tokenizer_2/) are named and
-    refused until their key map is wired in."""
-    if variant[0] != "SDXL":
-        return None
-    return (f"{where}: this is a SDXL checkpoint ({variant[1]}); {SUPPORTED_KINDS}; SDXL is recognised, but "
-            "loading its diffusers folders is not wired in yet: load the single file (sd_xl_base_1.0.safetensors)")
-
-
 def check_variant(shapes: dict[str, tuple], where: str, family: str | None = None) -> None:
     problem = refusal(*detect_variant(shapes), where, family)
     if problem:

@@ -20,12 +20,13 @@ from models import SDConfig
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, said_in_metadata
-from .layout import CheckpointError, canonical_key, check_plausible, refusal, sdxl_folder_refusal
+from .layout import SUPPORTED_KINDS, CheckpointError, canonical_key, check_plausible, refusal
+from .openclip_keys import combine, hf_plan, openclip_config_from_hf
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
-             "of Stable Diffusion v1.x or LDM-400M, or a diffusers folder with unet/, vae/ and text_encoder/ "
-             "(LDM-400M: bert/, unet/, vqvae/, tokenizer/)")
+             "of Stable Diffusion v1.x, SDXL base or LDM-400M, or a diffusers folder with unet/, vae/ and text_encoder/ "
+             "(SDXL: also text_encoder_2/; LDM-400M: bert/, unet/, vqvae/, tokenizer/)")
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -270,9 +271,11 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
     variant = folder_family(folder, index, unet_json)
     if variant[0] == "LDM-400M":
         return open_ldm_diffusers(folder, variant)
+    if variant[0] == "SDXL":
+        return open_sdxl_diffusers(folder, components, index, variant, vae_given)
     parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
     missing = [d for d in parts.values() if d not in components and not (d == "vae" and vae_given)]
-    problem = refusal(*variant, str(folder)) or sdxl_folder_refusal(variant, str(folder))
+    problem = refusal(*variant, str(folder))
     if problem is None and missing:
         problem = (f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} (missing component); "
                    "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
@@ -309,6 +312,75 @@ def open_ldm_diffusers(folder: Path, variant: tuple) -> Source:
                              _scheduler_prediction(scheduler, sched_path))
 
 
+SDXL_PARTS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+
+
+def open_sdxl_diffusers(folder: Path, components: list, index: dict, variant: tuple, vae_given: bool) -> Source:
+    """SDXL base's diffusers folder: unet/ and vae/ mapped as SD's (plus `add_embedding` -> `label_emb.0`),
+    text_encoder/ (transformers' CLIPTextModel, ViT-L) under `conditioner.embedders.0.transformer.`,
+    text_encoder_2/ (CLIPTextModelWithProjection, bigG) in OpenCLIP's keys under `conditioner.embedders.1.model.`.
+    The tokenizers are the CLIP BPE both towers share (models.sdxl_text.SDXLTokenizer pads the second
+    with "!", as tokenizer_2/ does); model_index.json's force_zeros_for_empty_prompt says how "" encodes.
+    A folder that does not describe SDXL base is described for `inspect` and refused by the loader."""
+    scheduler, sched_path = _read_scheduler(folder)
+    prediction = _scheduler_prediction(scheduler, sched_path)
+    try:
+        parts, configs, cfg = _sdxl_folder_config(folder, components, index, scheduler, vae_given)
+    except CheckpointError as e:
+        problem = f"{folder}: this is a SDXL checkpoint ({variant[1]}), but {e}; {SUPPORTED_KINDS}"
+        return _describe_folder(folder, components, index, variant, problem, prediction)
+    src = _diffusers_source(folder, {p: d for p, d in parts.items() if p != "text_encoder_2"}, configs, cfg,
+                            diffusers_keys.sdxl_key, index, variant, prediction)
+    return _with_openclip_tower(src, folder / parts["text_encoder_2"], diffusers_keys.SDXL_OPENCLIP_PREFIX)
+
+
+def _sdxl_folder_config(folder: Path, components: list, index: dict, scheduler, vae_given: bool):
+    """(parts present, their config.json files, SDConfig) of an SDXL folder, or a CheckpointError."""
+    missing = [d for d in SDXL_PARTS.values() if d not in components and not (d == "vae" and vae_given)]
+    if missing:
+        raise CheckpointError(f"it lacks {', '.join(d + '/' for d in missing)} (missing component): SDXL needs "
+                              "unet/, vae/, text_encoder/ and text_encoder_2/, each with config.json and weights")
+    parts = {p: d for p, d in SDXL_PARTS.items() if d in components}
+    configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
+    configs.setdefault("vae", diffusers_keys.SD_V1_VAE)
+    text_2 = openclip_config_from_hf(configs["text_encoder_2"], "sdxl", str(folder / "text_encoder_2"))
+    if text_2.projection_dim is None:
+        raise CheckpointError(f"{folder / 'text_encoder_2'} is not a CLIPTextModelWithProjection (SDXL's second "
+                              "text encoder: its pooled projection conditions the UNet)")
+    return parts, configs, diffusers_keys.sdxl_config(configs, scheduler, text_2, _force_zeros(index, folder),
+                                                      str(folder))
+
+
+def _force_zeros(index: dict, folder: Path) -> bool:
+    """model_index.json's force_zeros_for_empty_prompt (the pipeline's default, True, when absent)."""
+    value = index.get("force_zeros_for_empty_prompt", True)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{folder / 'model_index.json'}: force_zeros_for_empty_prompt must be true or false, "
+                              f"got {str(value)[:40]!r}")
+    return value
+
+
+def _with_openclip_tower(src: Source, tower: Path, prefix: str) -> Source:
+    """`src` plus a folder's transformers CLIPTextModel(WithProjection) in OpenCLIP's keys under `prefix`,
+    each fused `in_proj_*` read from its three tensors (and the projection transposed) only when the
+    loader asks for it."""
+    text = _open_weights(tower)
+    plan = {prefix + k: hf for k, hf in hf_plan(text.entries, str(tower)).items()}
+    for key, hf in plan.items():
+        shape, dtype = text.entries[hf[0]]
+        shape = (len(hf) * shape[0], *shape[1:]) if len(hf) > 1 else shape[::-1] if key.endswith("projection") else shape
+        src.entries[key] = (tuple(shape), dtype)
+    fetch_other = src.fetch
+
+    def fetch(key: str) -> torch.Tensor:
+        if key in plan:
+            return combine(key[len(prefix):], [text.fetch(k) for k in plan[key]])
+        return fetch_other(key)
+
+    src.fetch = fetch
+    return src
+
+
 def _read_scheduler(folder: Path) -> tuple[dict | None, Path]:
     path = folder / "scheduler" / "scheduler_config.json"
     return (read_json(path) if path.exists() else None), path
@@ -341,7 +413,8 @@ def _open_weights(folder: Path) -> Source:
     return open_file(path, path.stat().st_size, sniff(path))
 
 
-def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str) -> Source:
+def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str,
+                     prediction=None) -> Source:
     """A folder that will not load, for `inspect`: each component's tensors as `component/key`."""
     entries = {}
     for d in components:
@@ -352,4 +425,4 @@ def _describe_folder(folder: Path, components: list, index: dict, variant: tuple
         raise CheckpointError(problem)
 
     return Source(str(folder), "diffusers", entries, fetch, {"model_index": index} if index else {},
-                  variant=variant, problem=problem)
+                  variant=variant, problem=problem, prediction=prediction)
