@@ -121,3 +121,16 @@ def test_steps_offset_gives_turbos_trailing_timesteps(steps):
     ref.set_timesteps(steps)
     ours = X.ours().scheduler(steps, 1000 // steps - 1).timesteps
     assert ours.tolist() == ref.timesteps.round().long().tolist()
+
+
+def test_the_refiner_is_named_as_an_img2img_model_with_one_tower(folder, tmp_path):
+    from weights_tools.layout import detect_variant, refusal
+
+    keys = {"conditioner.embedders.0.model.token_embedding.weight": (10, 4),
+            "model.diffusion_model.label_emb.0.0.weight": (8, 8)}
+    msg = refusal(*detect_variant(keys), "refiner.safetensors")
+    assert "SDXL refiner" in msg and "img2img" in msg and "one text tower" in msg
+    copy = tmp_path / "refiner"
+    shutil.copytree(folder, copy, ignore=lambda d, names: [n for n in names if n == "text_encoder" or n == "tokenizer"])
+    with pytest.raises(CheckpointError, match=r"SDXL refiner checkpoint .* img2img model .* one text tower"):
+        load_checkpoint(copy)

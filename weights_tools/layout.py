@@ -64,6 +64,9 @@ FAMILIES = {"SD v1": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "LDM-400M": "ldm"}
 LOADABLE = {"SD v1": "sd1", "LDM-400M": "ldm", "SDXL": "sdxl"}
 UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
+# what a refused kind is, where its name alone does not say why it cannot run here
+KIND_NOTES = {"SDXL refiner": ": the refiner is an img2img model (it refines SDXL base's latents at low noise) "
+                              "with one text tower (OpenCLIP bigG) and aesthetic-score conditioning"}
 # UNet input channels of the image-conditioned kinds (text-to-image: 4)
 CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
 SUPPORTED_KINDS = ("Stable Diffusion v1.x text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them), "
@@ -169,7 +172,7 @@ def refusal(variant: str, evidence: str, where: str, family: str | None = None) 
                 f"family; pass a config of family {LOADABLE[variant]!r}"
                 f"{' (configs/ldm-400m.yaml)' if variant == 'LDM-400M' else ''} or none")
     known = (f"; {variant} is recognised, but loading it is not wired in yet" if variant in FAMILIES else
-             f"; {variant} models are not supported (SD 2.x and SDXL files are recognised)")
+             f"; {variant} models are not supported{KIND_NOTES.get(variant, '')} (SD 2.x and SDXL files are recognised)")
     return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
 
 
