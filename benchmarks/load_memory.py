@@ -8,7 +8,7 @@ tensor in the file's dtype may stay mapped from the file until it is used). The 
 the loader builds the model on the meta device and assigns each tensor as it is read, so the
 process ends up holding about one copy of the weights, not two.
 
-    python benchmarks/load_memory.py                                # sd-v1 and sdxl-base, float16
+    python benchmarks/load_memory.py                                # sd-v1, ldm-400m, sdxl-base, float16
     python benchmarks/load_memory.py --configs sdxl-base --dtype float32
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from models import load_config  # noqa: E402
+from models import SDConfig, load_config  # noqa: E402
 from weights_tools.layout import carried_buffers, model_shapes  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,11 +51,21 @@ def write_child(config: str, dtype: str, path: str) -> None:
     print(json.dumps({"params": sum(t.numel() for t in state.values()), "bytes": os.path.getsize(path)}))
 
 
+def made_up_vocabulary(path: Path, size: int) -> Path:
+    """LDM-400M's single file holds no vocabulary: a WordPiece vocab.txt of the embedding's size."""
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    path.write_text("\n".join(special + [f"w{i}" for i in range(size - len(special))]) + "\n")
+    return path
+
+
 def load_child(dtype: str, path: str) -> None:
     from weights_tools import load_checkpoint
+    cfg = SDConfig.from_ldm(json.loads(safe_open(path, "pt").metadata()["ldm_config"]))
+    tokenizer = made_up_vocabulary(Path(path).with_suffix(".vocab.txt"), cfg.text.vocab_size) \
+        if cfg.family == "ldm" else None
     before = maxrss()
     t = time.perf_counter()
-    sd = load_checkpoint(path, dtype=DTYPES[dtype])
+    sd = load_checkpoint(path, dtype=DTYPES[dtype], tokenizer=tokenizer)
     seconds = time.perf_counter() - t
     weights = sum(p.numel() * p.element_size() for p in sd.parameters())
     after = maxrss()
@@ -72,7 +83,7 @@ def child(*args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=["sd-v1", "sdxl-base"], help="names in configs/")
+    ap.add_argument("--configs", nargs="+", default=["sd-v1", "ldm-400m", "sdxl-base"], help="names in configs/")
     ap.add_argument("--dtype", default="float16", choices=list(DTYPES))
     ap.add_argument("--dir", default=None, help="where the temporary checkpoints go (default: the system's)")
     ap.add_argument("--_write", nargs=3, help=argparse.SUPPRESS)
