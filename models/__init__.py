@@ -1,7 +1,7 @@
 """Stable Diffusion (and its family of latent diffusion models) in plain PyTorch. Knows nothing about editing."""
 from .attention import CrossAttention, Site, attention_probs
 from .clip import CLIPTextModel, Tokenizer, default_tokenizer
-from .config import FAMILIES, PREDICTION_TYPES, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig, load_config
+from .config import FAMILIES, PREDICTION_TYPES, CLIPTextConfig, OpenCLIPTextConfig, SDConfig, UNetConfig, VAEConfig, load_config
 from .ddim import DDIM
 from .ldmbert import LDMBertConfig, LDMBertModel
 from .sd import PREFIXES, SAMPLERS, TEXT_TOWERS, StableDiffusion, TextTower, prefixes
@@ -10,7 +10,7 @@ from .vae import AutoencoderKL
 from .wordpiece import WordPieceTokenizer
 
 __all__ = ["AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CrossAttention", "DDIM", "FAMILIES", "LDMBertConfig",
-           "LDMBertModel", "PREDICTION_TYPES",
+           "LDMBertModel", "OpenCLIPTextConfig", "PREDICTION_TYPES",
            "PREFIXES", "SAMPLERS", "SDConfig", "Site", "StableDiffusion", "TEXT_TOWERS", "TextTower", "Tokenizer",
            "UNetConfig", "UNetModel", "VAEConfig", "attention_probs", "default_tokenizer", "load_config", "prefixes",
            "WordPieceTokenizer"]

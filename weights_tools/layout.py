@@ -32,7 +32,11 @@ CLIP_NAMES = ("embeddings.", "encoder.", "final_layer_norm.")  # CLIP's modules,
 # LDM-400M's text tower (CompVis BERTEmbedder) sits directly under OLD_CLIP_PREFIX; its language-model
 # head is not needed for embeddings and is never read.
 LDM_TEXT_KEY = OLD_CLIP_PREFIX + "token_emb.weight"
-UNUSED_PREFIXES = (OLD_CLIP_PREFIX + "to_logits.",)
+# SD 2.x's OpenCLIP tower sits under its own prefix; its files also carry CLIP's contrastive temperature
+# and the pooled projection, which SD 2.x never uses (its context is a hidden state, not the pooled vector)
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+TEXT_PREFIXES = (OLD_CLIP_PREFIX, SD2_TEXT_PREFIX)
+UNUSED_PREFIXES = (OLD_CLIP_PREFIX + "to_logits.", SD2_TEXT_PREFIX + "logit_scale", SD2_TEXT_PREFIX + "text_projection")
 
 # DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
 SCHEDULE_KEYS = frozenset({
@@ -49,13 +53,14 @@ SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
 # what a checkpoint can be: the families this package knows (variant name -> its `SDConfig.family` code),
 # those of them it loads today, then the kinds it names but does not load
 FAMILIES = {"SD v1": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "LDM-400M": "ldm"}
-LOADABLE = {"SD v1": "sd1", "LDM-400M": "ldm"}
+LOADABLE = {"SD v1": "sd1", "SD 2.x": "sd2", "LDM-400M": "ldm"}
+CONFIG_HINTS = {"LDM-400M": " (configs/ldm-400m.yaml)", "SD 2.x": " (configs/sd-v2-base.yaml or sd-v2-v.yaml)"}
 UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
 # UNet input channels of the image-conditioned kinds (text-to-image: 4)
 CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
-SUPPORTED_KINDS = ("Stable Diffusion v1.x text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them) and "
-                   "LDM-400M are supported")
+SUPPORTED_KINDS = ("Stable Diffusion v1.x and 2.x text-to-image checkpoints (v1-1 ... v1-5, 2.0 / 2.1 base and v, "
+                   "and fine-tunes of them) and LDM-400M are supported")
 
 
 class CheckpointError(ValueError):
@@ -72,12 +77,13 @@ def canonical_key(key: str) -> str:
 
 def part_of(key: str) -> str:
     """unet / vae / text_encoder / ema / schedule / position_ids / unused / other, for a canonical key.
-    Every text tower lives under `cond_stage_model.transformer.` (CLIP one level deeper)."""
+    Every text tower lives under `cond_stage_model.transformer.` (CLIP one level deeper), but SD 2.x's
+    OpenCLIP under `cond_stage_model.model.`."""
     if key == POSITION_IDS:
         return "position_ids"
     if key.startswith(UNUSED_PREFIXES):
         return "unused"
-    for part, prefix in (PREFIXES | {"text_encoder": OLD_CLIP_PREFIX}).items():
+    for part, prefix in (PREFIXES | {"text_encoder": TEXT_PREFIXES}).items():
         if key.startswith(prefix):
             return part
     if key.startswith("model_ema."):
@@ -145,8 +151,8 @@ def _text_family(shapes: dict[str, tuple], unet: str) -> tuple[str, str]:
 
 def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:
     """The one place a family is accepted: None (it loads) for a LOADABLE variant whose config family
-    matches (`family`: the config's, None for any), else why it does not. SD 2.x and SDXL are recognised
-    and refused for now; every other kind is named and refused. "unknown" passes: the missing component
+    matches (`family`: the config's, None for any), else why it does not. SDXL is recognised and refused
+    for now; every other kind is named and refused. "unknown" passes: the missing component
     is reported by `check_components`, with a better message."""
     if variant == "unknown":
         return None
@@ -155,9 +161,9 @@ def refusal(variant: str, evidence: str, where: str, family: str | None = None) 
             return None
         return (f"{where}: this is an {variant} checkpoint ({evidence}) but the config describes the {family!r} "
                 f"family; pass a config of family {LOADABLE[variant]!r}"
-                f"{' (configs/ldm-400m.yaml)' if variant == 'LDM-400M' else ''} or none")
+                f"{CONFIG_HINTS.get(variant, '')} or none")
     known = (f"; {variant} is recognised, but loading it is not wired in yet" if variant in FAMILIES else
-             f"; {variant} models are not supported (SD 2.x and SDXL files are recognised)")
+             f"; {variant} models are not supported (SDXL files are recognised)")
     return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
 
 
@@ -261,12 +267,31 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
 # before anything is built from it: far above every real SD-family model, far below what would make
 # building even the meta-device model take minutes or divide by zero.
 BOUNDS = {"unet.model_channels": (1, 4096), "unet.num_res_blocks": (1, 16), "unet.num_heads": (1, 256),
-          "unet.transformer_depth": (1, 64), "unet.context_dim": (1, 8192), "unet.in_channels": (1, 64),
-          "unet.out_channels": (1, 64), "vae.ch": (1, 2048), "vae.num_res_blocks": (1, 16),
+          "unet.num_head_channels": (1, 4096), "unet.transformer_depth": (1, 64), "unet.context_dim": (1, 8192),
+          "unet.in_channels": (1, 64), "unet.out_channels": (1, 64), "vae.ch": (1, 2048), "vae.num_res_blocks": (1, 16),
           "vae.z_channels": (1, 64), "vae.embed_dim": (1, 64), "vae.in_channels": (1, 16), "vae.out_ch": (1, 16),
-          "text.vocab_size": (1, 1_000_000), "text.max_position_embeddings": (1, 4096), "text.width": (1, 8192),
-          "text.layers": (1, 128), "text.heads": (1, 256), "text.intermediate_size": (1, 65536)}
+          "text.vocab_size": (1, 1_000_000), "text.max_position_embeddings": (1, 4096), "text.context_length": (1, 4096),
+          "text.width": (1, 8192), "text.layers": (1, 128), "text.heads": (1, 256), "text.intermediate_size": (1, 65536),
+          "text.mlp_width": (1, 65536)}
 MULT_BOUNDS = {"unet.channel_mult": (1, 16), "vae.ch_mult": (1, 16)}  # each entry; at most 8 levels
+
+
+def bounded_values(cfg: SDConfig) -> list[tuple[str, object]]:
+    """(name, value) of every BOUNDS entry this config has: text towers differ in their fields (OpenCLIP
+    has context_length and mlp_width), a UNet names either a head count or a head width, and a
+    transformer depth is one value or one per level."""
+    out = []
+    for name in BOUNDS:
+        part, field = name.split(".")
+        if not hasattr(getattr(cfg, part), field):
+            continue
+        value = getattr(getattr(cfg, part), field)
+        if name == "unet.num_heads" and cfg.unet.num_head_channels > 0 or \
+                name == "unet.num_head_channels" and cfg.unet.num_head_channels <= 0:
+            continue  # the field the UNet does not use
+        out += [(name, v) for v in value] if isinstance(value, tuple) and name == "unet.transformer_depth" \
+            else [(name, value)]
+    return out
 
 
 def check_plausible(cfg: SDConfig, where: str) -> None:
@@ -275,9 +300,8 @@ def check_plausible(cfg: SDConfig, where: str) -> None:
         return CheckpointError(f"{where}: its architecture has {name} = {str(value)[:80]}, {why}; the file's "
                                f"config is corrupt or not a Stable Diffusion model (pass config= to override it)")
 
-    for name, (lo, hi) in BOUNDS.items():
-        part, field = name.split(".")
-        value = getattr(getattr(cfg, part), field)
+    for name, value in bounded_values(cfg):
+        lo, hi = BOUNDS[name]
         if type(value) is not int or not lo <= value <= hi:
             raise bad(name, value, f"outside {lo}..{hi}")
     for name, (lo, hi) in MULT_BOUNDS.items():
@@ -285,8 +309,12 @@ def check_plausible(cfg: SDConfig, where: str) -> None:
         mults = getattr(getattr(cfg, part), field)
         if not 1 <= len(mults) <= 8 or not all(type(m) is int and lo <= m <= hi for m in mults):
             raise bad(name, mults, f"not 1 to 8 levels of {lo}..{hi}")
+    if isinstance(cfg.unet.transformer_depth, tuple) and len(cfg.unet.transformer_depth) != len(cfg.unet.channel_mult):
+        raise bad("unet.transformer_depth", cfg.unet.transformer_depth, "not one depth per level")
     for m in cfg.unet.channel_mult:
-        if (cfg.unet.model_channels * m) % cfg.unet.num_heads:
-            raise bad("unet.num_heads", cfg.unet.num_heads, f"which does not divide {cfg.unet.model_channels * m}")
+        heads, width = cfg.unet.heads(cfg.unet.model_channels * m)
+        if heads < 1 or heads * width != cfg.unet.model_channels * m:
+            field = "num_head_channels" if cfg.unet.num_head_channels > 0 else "num_heads"
+            raise bad(f"unet.{field}", getattr(cfg.unet, field), f"which does not divide {cfg.unet.model_channels * m}")
     if cfg.text.width % cfg.text.heads:
         raise bad("text.heads", cfg.text.heads, f"which does not divide the width {cfg.text.width}")
