@@ -89,14 +89,6 @@ def to_ldm_key(part: str, key: str, cfg: dict, where: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- configs
-def _one(value, what: str, where: str):
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"{where}: {what} {value} varies per block; SD v1 uses one value")
-        return value[0]
-    return value
-
-
 def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
     """UNetConfig from a diffusers UNet2DConditionModel config.json, and its sample_size.
 
@@ -109,14 +101,32 @@ def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
                                   "only Stable Diffusion v1.x is supported")
     boc = list(c["block_out_channels"])
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
+    num_heads, head_channels = _heads(heads, boc, where)
+    depth = c.get("transformer_layers_per_block", 1)
     return UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=boc[0],
         channel_mult=tuple(b // boc[0] for b in boc), num_res_blocks=_layers_per_block(c, where),
         attention_resolutions=tuple(2 ** i for i, t in enumerate(c["down_block_types"]) if "CrossAttn" in t),
-        num_heads=int(_one(heads, "attention heads", where)),
-        transformer_depth=int(_one(c.get("transformer_layers_per_block", 1), "transformer depth", where)),
+        num_heads=num_heads, num_head_channels=head_channels,
+        transformer_depth=tuple(int(d) for d in depth) if isinstance(depth, (list, tuple)) else int(depth),
         context_dim=int(c.get("cross_attention_dim", 768)),
         use_linear_in_transformer=bool(c.get("use_linear_projection", False))), sample_size(c)
+
+
+def _heads(heads, boc: list, where: str) -> tuple[int, int]:
+    """(num_heads, num_head_channels) of UNetConfig from diffusers' heads: one count for every level
+    (SD 1: 8), or one per level (SD 2.x: 5, 10, 20, 20), which must then be heads of one width (64)."""
+    if not isinstance(heads, (list, tuple)):
+        return int(heads), -1
+    if len(heads) != len(boc):
+        raise CheckpointError(f"{where}: {len(heads)} attention head counts for {len(boc)} levels")
+    if len(set(heads)) == 1:
+        return int(heads[0]), -1
+    widths = {b // h if h and b % h == 0 else None for b, h in zip(boc, heads)}
+    if len(widths) != 1 or None in widths:
+        raise CheckpointError(f"{where}: attention heads {list(heads)} over channels {boc} are not heads of one "
+                              "width (SD 2.x: 64 channels per head) nor one count for every level (SD v1)")
+    return -1, widths.pop()
 
 
 def sample_size(c: dict) -> int:

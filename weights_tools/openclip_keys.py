@@ -33,27 +33,43 @@ FAMILY_OUTPUT = {"sd2": ("penultimate", True), "sdxl": ("penultimate", False)}
 
 def hf_to_openclip(state: dict[str, torch.Tensor], where: str = "text_encoder") -> dict[str, torch.Tensor]:
     """A diffusers folder's text tower (HF CLIP keys, with or without `text_model.`) in OpenCLIP's keys."""
+    return {key: combine(key, [state[k] for k in sources]) for key, sources in hf_plan(state, where).items()}
+
+
+def hf_plan(keys, where: str = "text_encoder") -> dict[str, tuple[str, ...]]:
+    """OpenCLIP key -> the HF CLIP keys it is made of (q, k, v for a fused `in_proj_*`, else one), so a
+    loader can read each tensor when it needs it (`combine` makes it)."""
     out, qkv = {}, {}
-    for original, value in state.items():
+    for original in keys:
         key = original.removeprefix("text_model.")
         if key in HF_TOP:
-            out[HF_TOP[key]] = value
+            out[HF_TOP[key]] = (original,)
         elif key == "text_projection.weight":
-            out["text_projection"] = value.T.contiguous()
+            out["text_projection"] = (original,)
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv]_proj)\.(weight|bias)", key):
-            qkv[(int(m[1]), m[3], m[2])] = value
+            qkv[(int(m[1]), m[3], m[2])] = original
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.([\w.]+)\.(weight|bias)", key):
             if m[2] not in HF_LAYER:
                 raise CheckpointError(f"{where}: unknown CLIP text key `{original}` (not part of an OpenCLIP text tower)")
-            out[f"transformer.resblocks.{m[1]}.{HF_LAYER[m[2]]}.{m[3]}"] = value
+            out[f"transformer.resblocks.{m[1]}.{HF_LAYER[m[2]]}.{m[3]}"] = (original,)
         elif not key.endswith("position_ids"):
             raise CheckpointError(f"{where}: unknown CLIP text key `{original}` (not part of an OpenCLIP text tower)")
     for layer, kind in sorted({(layer, kind) for layer, kind, _ in qkv}):
         parts = [qkv.get((layer, kind, name)) for name in QKV]
         if any(p is None for p in parts):
             raise CheckpointError(f"{where}: layer {layer} lacks one of q_proj/k_proj/v_proj.{kind}")
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(parts)
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = tuple(parts)
     return out
+
+
+def combine(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The OpenCLIP tensor `key` from its HF CLIP tensors (in `hf_plan`'s order): q, k, v stacked into
+    `in_proj_*`, the projection transposed to (width, dim), anything else as it is."""
+    if key.endswith((".in_proj_weight", ".in_proj_bias")):
+        return torch.cat(tensors)
+    if key == "text_projection":
+        return tensors[0].T.contiguous()
+    return tensors[0]
 
 
 def openclip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

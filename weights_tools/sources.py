@@ -16,15 +16,16 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from models import SDConfig
+from models import TEXT_TOWERS, OpenCLIPTextConfig, SDConfig
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, said_in_metadata
 from .layout import CheckpointError, canonical_key, check_plausible, refusal
+from .openclip_keys import combine, hf_plan, openclip_config_from_hf
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
-             "of Stable Diffusion v1.x or LDM-400M, or a diffusers folder with unet/, vae/ and text_encoder/ "
+             "of Stable Diffusion v1.x / 2.x or LDM-400M, or a diffusers folder with unet/, vae/ and text_encoder/ "
              "(LDM-400M: bert/, unet/, vqvae/, tokenizer/)")
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -283,10 +284,38 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
         return described
     parts = {p: d for p, d in parts.items() if d in components}
     configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
-    cfg = diffusers_keys.sd_config(configs["unet"], configs.get("vae", diffusers_keys.SD_V1_VAE),
-                                   configs["text_encoder"], scheduler, str(folder))
-    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key, index, variant,
-                             _scheduler_prediction(scheduler, sched_path))
+    vae = configs.get("vae", diffusers_keys.SD_V1_VAE)
+    prediction = _scheduler_prediction(scheduler, sched_path)
+    if variant[0] == "SD 2.x":
+        return open_sd2_diffusers(folder, parts, configs, diffusers_keys.sd_config(
+            configs["unet"], vae, configs["text_encoder"], scheduler, str(folder), family="sd2",
+            text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder / "text_encoder"))), index, variant, prediction)
+    cfg = diffusers_keys.sd_config(configs["unet"], vae, configs["text_encoder"], scheduler, str(folder))
+    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key, index, variant, prediction)
+
+
+def open_sd2_diffusers(folder: Path, parts: dict, configs: dict, cfg: SDConfig, index: dict, variant: tuple,
+                       prediction) -> Source:
+    """An SD 2.x folder: unet/ and vae/ map key by key as SD v1's; text_encoder/ holds transformers'
+    CLIPTextModel (23 layers, q/k/v apart), which becomes OpenCLIP's keys under `cond_stage_model.model.`,
+    each fused `in_proj_*` read from its three tensors only when the loader asks for it."""
+    src = _diffusers_source(folder, {p: d for p, d in parts.items() if p != "text_encoder"}, configs, cfg,
+                            diffusers_keys.to_ldm_key, index, variant, prediction)
+    text = _open_weights(folder / parts["text_encoder"])
+    prefix, fetch_other = TEXT_TOWERS[OpenCLIPTextConfig].prefix, src.fetch
+    plan = {prefix + k: hf for k, hf in hf_plan(text.entries, str(folder / "text_encoder")).items()}
+    for key, hf in plan.items():
+        shape, dtype = text.entries[hf[0]]
+        shape = (len(hf) * shape[0], *shape[1:]) if len(hf) > 1 else shape[::-1] if key.endswith("projection") else shape
+        src.entries[key] = (tuple(shape), dtype)
+
+    def fetch(key: str) -> torch.Tensor:
+        if key in plan:
+            return combine(key[len(prefix):], [text.fetch(k) for k in plan[key]])
+        return fetch_other(key)
+
+    src.fetch = fetch
+    return src
 
 
 def open_ldm_diffusers(folder: Path, variant: tuple) -> Source:
