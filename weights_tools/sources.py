@@ -279,17 +279,18 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
                    "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
     scheduler, sched_path = _read_scheduler(folder)
     if problem:
-        described = _describe_folder(folder, components, index, variant, problem)
-        described.prediction = _scheduler_prediction(scheduler, sched_path)
-        return described
+        return _describe_folder(folder, components, index, variant, problem, _scheduler_prediction(scheduler, sched_path))
     parts = {p: d for p, d in parts.items() if d in components}
     configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
     vae = configs.get("vae", diffusers_keys.SD_V1_VAE)
     prediction = _scheduler_prediction(scheduler, sched_path)
     if variant[0] == "SD 2.x":
-        return open_sd2_diffusers(folder, parts, configs, diffusers_keys.sd_config(
-            configs["unet"], vae, configs["text_encoder"], scheduler, str(folder), family="sd2",
-            text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder / "text_encoder"))), index, variant, prediction)
+        try:
+            cfg = diffusers_keys.sd_config(configs["unet"], vae, configs["text_encoder"], scheduler, str(folder),
+                                           family="sd2", text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder)))
+        except CheckpointError as e:  # described for inspect, refused by load
+            return _describe_folder(folder, components, index, variant, str(e), prediction)
+        return open_sd2_diffusers(folder, parts, configs, cfg, index, variant, prediction)
     cfg = diffusers_keys.sd_config(configs["unet"], vae, configs["text_encoder"], scheduler, str(folder))
     return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key, index, variant, prediction)
 
@@ -370,7 +371,8 @@ def _open_weights(folder: Path) -> Source:
     return open_file(path, path.stat().st_size, sniff(path))
 
 
-def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str) -> Source:
+def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str,
+                     prediction=None) -> Source:
     """A folder that will not load, for `inspect`: each component's tensors as `component/key`."""
     entries = {}
     for d in components:
@@ -381,4 +383,4 @@ def _describe_folder(folder: Path, components: list, index: dict, variant: tuple
         raise CheckpointError(problem)
 
     return Source(str(folder), "diffusers", entries, fetch, {"model_index": index} if index else {},
-                  variant=variant, problem=problem)
+                  variant=variant, problem=problem, prediction=prediction)
