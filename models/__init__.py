@@ -4,13 +4,13 @@ from .clip import CLIPTextModel, Tokenizer, default_tokenizer
 from .config import FAMILIES, PREDICTION_TYPES, CLIPTextConfig, OpenCLIPTextConfig, SDConfig, UNetConfig, VAEConfig, load_config
 from .ddim import DDIM
 from .ldmbert import LDMBertConfig, LDMBertModel
+from .pndm import PNDM
 from .sd import PREFIXES, SAMPLERS, TEXT_TOWERS, StableDiffusion, TextTower, prefixes
 from .unet import UNetModel
 from .vae import AutoencoderKL
 from .wordpiece import WordPieceTokenizer
 
 __all__ = ["AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CrossAttention", "DDIM", "FAMILIES", "LDMBertConfig",
-           "LDMBertModel", "OpenCLIPTextConfig", "PREDICTION_TYPES",
-           "PREFIXES", "SAMPLERS", "SDConfig", "Site", "StableDiffusion", "TEXT_TOWERS", "TextTower", "Tokenizer",
-           "UNetConfig", "UNetModel", "VAEConfig", "attention_probs", "default_tokenizer", "load_config", "prefixes",
-           "WordPieceTokenizer"]
+           "LDMBertModel", "OpenCLIPTextConfig", "PNDM", "PREDICTION_TYPES", "PREFIXES", "SAMPLERS", "SDConfig", "Site", "StableDiffusion",
+           "TEXT_TOWERS", "TextTower", "Tokenizer", "UNetConfig", "UNetModel", "VAEConfig", "WordPieceTokenizer",
+           "attention_probs", "default_tokenizer", "load_config", "prefixes"]

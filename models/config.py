@@ -202,6 +202,9 @@ TINY_OPENCLIP_FIELDS = ("vocab_size", "context_length", "width", "layers", "head
 
 
 FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
+# readers of an SGM `conditioner_config` into a text config, by family; filled by the module that
+# defines that family's text config (models/sdxl_text.py), which imports this one
+CONDITIONERS: dict = {}
 PREDICTION_TYPES = ("epsilon", "v")  # CompVis configs say `parameterization: "v"`; absent means epsilon
 
 
@@ -258,8 +261,12 @@ class SDConfig:
             ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"],
             embed_dim=fs.get("embed_dim", dd["z_channels"]), resolution=dd.get("resolution", 256),
             attn_resolutions=tuple(dd.get("attn_resolutions", ())))
-        text, family = text_from_ldm(p.get("cond_stage_config") or {})
-        prediction, image_size = prediction_type(p.get("parameterization", "eps")), p.get("image_size", 64)
+        if "conditioner_config" in p:  # SGM's layout (SDXL): a list of embedders, trained at 1024 px
+            text, family = CONDITIONERS["sdxl"](p["conditioner_config"]), "sdxl"
+        else:
+            text, family = text_from_ldm(p.get("cond_stage_config") or {})
+        prediction = prediction_type(p.get("parameterization", "eps"))
+        image_size = p.get("image_size", 128 if family == "sdxl" else 64)
         if family == "sd2" and prediction == "v" and image_size == 64:
             image_size = 96  # v2-inference-v.yaml says 64, but the v models were trained at 768 px
         return cls(unet=unet, vae=vae, text=text, family=family, scale_factor=p.get("scale_factor", 0.18215),
@@ -276,7 +283,7 @@ class SDConfig:
         cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
         if isinstance(t, (LDMBertConfig, OpenCLIPTextConfig)):
             cond = t.to_ldm()
-        elif t != CLIPTextConfig():
+        elif isinstance(t, CLIPTextConfig) and t != CLIPTextConfig():
             cond["params"] = {"tiny_clip_text": dict(
                 vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, width=t.width,
                 layers=t.layers, heads=t.heads, intermediate_size=t.intermediate_size,
@@ -293,6 +300,10 @@ class SDConfig:
             cond_stage_config=cond)
         if self.prediction_type == "v":
             params["parameterization"] = "v"
+        if self.family == "sdxl":  # SGM's names for the UNet and the text conditioning
+            params["network_config"] = params.pop("unet_config")
+            params["conditioner_config"] = t.to_sgm()
+            del params["cond_stage_config"]
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
     def to_json(self) -> str:

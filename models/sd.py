@@ -13,6 +13,9 @@ from .config import CLIPTextConfig, OpenCLIPTextConfig, SDConfig
 from .ddim import DDIM, alphas_cumprod
 from .ldmbert import LDMBertConfig, LDMBertModel
 from .openclip import OpenCLIPTextModel, openclip_tokenizer
+from .pndm import PNDM
+from .sdxl import vector_conditioning
+from .sdxl_text import SDXLTextConfig, SDXLTextModel, split_pooled
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
@@ -31,6 +34,7 @@ TEXT_TOWERS = {
     CLIPTextConfig: TextTower(CLIPTextModel, lambda cfg: default_tokenizer(), "cond_stage_model.transformer.text_model."),
     LDMBertConfig: TextTower(LDMBertModel, LDMBertConfig.tokenizer, "cond_stage_model.transformer."),
     OpenCLIPTextConfig: TextTower(OpenCLIPTextModel, lambda cfg: openclip_tokenizer(), "cond_stage_model.model."),  # SD 2.x
+    SDXLTextConfig: TextTower(SDXLTextModel, SDXLTextConfig.tokenizer, "conditioner."),  # both towers, one module
 }
 
 
@@ -124,14 +128,33 @@ class StableDiffusion(nn.Module):
         return self.tokenizer(prompts, self.tokenizer.length)
 
     def encode_text(self, prompts) -> torch.Tensor:
-        """(N, 77, context_dim): the context cross-attention reads (SD v1: CLIP's last_hidden_state)."""
-        return self.text_encoder(self.tokenize(prompts).to(self.device))
+        """(N, 77, context_dim): the context cross-attention reads (SD v1: CLIP's last_hidden_state).
+        SDXL: (N, 78, 2048), the pooled vector as the last row (models/sdxl_text.py), and all zeros for
+        the prompt "" where its config says so (zeros_for_empty, SDXL base's default)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        context = self.text_encoder(self.tokenize(prompts).to(self.device))
+        if getattr(self.cfg.text, "zeros_for_empty", False):
+            empty = torch.tensor([p == "" for p in prompts], device=context.device)
+            context = context.masked_fill(empty[:, None, None], 0.0)
+        return context
+
+    def conditioning(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the context cross-attention reads, the UNet's vector conditioning y or None). SDXL: the
+        text tensor's last row is the pooled vector; y adds the size ids of x's picture, with diffusers'
+        pipeline defaults (original and target size = the picture's, crop (0, 0))."""
+        if not self.cfg.unet.adm_in_channels:
+            return context, None
+        context, pooled = split_pooled(context, self.cfg.text.pooled_dim)
+        f = self.latent_downsample
+        return context, vector_conditioning(pooled, x.shape[-2] * f, x.shape[-1] * f)
 
     def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None) -> torch.Tensor:
         """The UNet's noise prediction eps(x_t, t, context): its output as it is for an epsilon model; a
         v model's v turned into eps here, the one place the two meet (eps = sqrt(a_t) v + sqrt(1 - a_t) x_t,
-        since x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps and v = sqrt(a_t) eps - sqrt(1 - a_t) x0)."""
-        out = self.unet(x, t, context, attn_override=attn_override)
+        since x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps and v = sqrt(a_t) eps - sqrt(1 - a_t) x0).
+        context: what encode_text gives (SDXL: with its pooled row, see `conditioning`)."""
+        context, y = self.conditioning(x, context)
+        out = self.unet(x, t, context, attn_override=attn_override, y=y)
         if self.cfg.prediction_type == "epsilon":
             return out
         a = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long).cpu()].reshape(-1, 1, 1, 1).to(x.device)
@@ -165,14 +188,17 @@ class StableDiffusion(nn.Module):
             return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
     def scheduler(self, num_steps: int = 50, steps_offset: int = 1, sampler: str = "ddim"):
-        """A fresh sampler over this model's noise schedule: one of SAMPLERS."""
+        """A fresh sampler over this model's noise schedule: one of SAMPLERS (one per run: PLMS keeps its
+        run's history)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
         c = self.cfg
         return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps)
 
 
-SAMPLERS = {"ddim": DDIM}  # name -> class with create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps)
+# name -> class with create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps);
+# pndm: PLMS as the reference's stable notebook, N + 1 UNet calls for N steps
+SAMPLERS = {"ddim": DDIM, "pndm": PNDM}
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
+from models.sd import SAMPLERS
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
 from weights_tools.load import IgnoredKeys
 from weights_tools.files import file_sha256, json_bytes, write_files_atomic
@@ -28,10 +29,10 @@ from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, r
 from .config import (EditConfig, GenerateConfig, InvertConfig, Sampling, check_values, load_edit_config,
                      to_dict)
 from .images import open_image
-from .inversion import reconstruct
+from .inversion import reconstruct, require_ddim
 from .pipeline import to_uint8
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
-from .sweep.command import DTYPES, dtype_option
+from .sweep.command import DTYPES, dtype_option, model_option_flags
 from .viz import attention_pictures, image_bytes, image_format, image_grid
 
 CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
@@ -191,7 +192,7 @@ def cmd_generate(args) -> int:
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                       steps_offset=cfg.steps_offset, **memory_options(args))
+                       steps_offset=cfg.steps_offset, sampler=cfg.sampler, **memory_options(args))
     record = settings_record(to_dict(cfg), cfg.ckpt, args) | memory_options(args)
     write_outputs({output: image_bytes(image_grid(out.images, list(cfg.prompts), min_size=256), output),
                    sidecar(output): json_bytes(record)})
@@ -201,6 +202,8 @@ def cmd_generate(args) -> int:
 def cmd_edit(args) -> int:
     cfg = edit_config(args)
     spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
+    if args.image or (args.inversion and args.sampler):  # editing a photo samples with DDIM only
+        require_ddim(cfg.sampler, "the command line")
     output = Path(args.output)
     shown = [attention_path(output, k, i) for k in ATTENTION_KINDS for i in range(len(cfg.prompts))]
     check_outputs([output, *(shown if cfg.show_attention else [])], [sidecar(output)])
@@ -209,7 +212,8 @@ def cmd_edit(args) -> int:
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
                    guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, steps_offset=cfg.steps_offset,
-                   inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
+                   sampler=cfg.sampler, inversion=inv, allow_other_model=args.allow_other_model,
+                   **memory_options(args))
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
     if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
         level = blend.level if blend is not None and blend.level is not None else named_blend_level(cfg.ckpt)
@@ -248,6 +252,7 @@ def cmd_invert(args) -> int:
     writes the picture the inverted prompt gives back from it."""
     cfg = InvertConfig(**given(args, InvertConfig))
     check_values(cfg, "the command line")
+    require_ddim(cfg.sampler, "the command line")
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     output = Path(args.output)
     check_outputs([args.reconstruction] if args.reconstruction else [], [output, sidecar(output)])
@@ -292,26 +297,16 @@ def sampling_options(q, seed: bool = True):
     """Flags of the Sampling fields (and the seed); left out, they are None: the config's defaults."""
     if seed:
         q.add_argument("--seed", type=int, help=f"x_T's seed (default {EditConfig.seed})")
-    q.add_argument("--steps", dest="num_steps", type=int, help=f"DDIM steps (default {Sampling.num_steps})")
+    q.add_argument("--steps", dest="num_steps", type=int, help=f"sampling steps (default {Sampling.num_steps})")
     q.add_argument("--guidance", dest="guidance_scale", type=float,
                    help=f"classifier-free guidance scale (default {Sampling.guidance_scale})")
     q.add_argument("--steps-offset", dest="steps_offset", type=int,
                    help=f"{Sampling.steps_offset} (default): timesteps 981..1; 0: 980..0 as the null-text notebook")
     q.add_argument("--height", type=int)
     q.add_argument("--width", type=int)
-
-
-def model_option_flags(q):
-    q.add_argument("--non-strict", dest="non_strict", action="store_true",
-                   help="ignore (and list) checkpoint keys the model does not have: embedding_manager.*, "
-                        "first_stage_model.loss.*, lora_* ...")
-    q.add_argument("--vae", help="a standalone VAE (.safetensors / .ckpt, e.g. vae-ft-mse-840000-ema-pruned, or a "
-                   "diffusers vae/ folder) in place of the checkpoint's own")
-    q.add_argument("--prediction-type", dest="prediction_type", choices=["epsilon", "v"],
-                   help="what the UNet predicts, when the file does not say it (default: what the file says, "
-                        "else epsilon)")
-    q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
-                                       "folder's tokenizer/ is found without it)")
+    q.add_argument("--sampler", choices=list(SAMPLERS),
+                   help=f"{Sampling.sampler} (default), or pndm: PLMS as the reference's stable notebook, N + 1 "
+                        "UNet calls for N steps (not with an inversion)")
 
 
 def low_memory_option(q):

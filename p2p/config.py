@@ -20,6 +20,7 @@ from typing import Union
 import yaml
 
 from models.clip import default_tokenizer
+from models.sd import SAMPLERS
 from weights_tools.registry import CHECKPOINTS, DEFAULT as DEFAULT_CKPT
 
 from .blend import LocalBlend, word_alpha
@@ -36,6 +37,7 @@ class Sampling:
     steps_offset: int = 1          # 1: timesteps 981..1 (SD's); 0: 980..0 (the null-text notebook)
     height: int | None = None
     width: int | None = None
+    sampler: str = "ddim"          # ddim, or pndm: PLMS as the stable notebook (N + 1 UNet calls for N steps)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,11 @@ def in_range(value, lo, hi) -> bool:
 
 
 def check_values(cfg, where) -> None:
-    """Every number of a GenerateConfig / EditConfig / InvertConfig within RANGES (None: the default)."""
+    """Every number of a GenerateConfig / EditConfig / InvertConfig within RANGES (None: the default), and
+    its sampler a known one."""
+    sampler = getattr(cfg, "sampler", None)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"{where}: 'sampler' must be one of {', '.join(SAMPLERS)}, got {short(sampler)}")
     for key, (lo, hi) in RANGES.items():
         value = getattr(cfg, key, None)
         if value is not None and not in_range(value, lo, hi):
@@ -159,7 +165,7 @@ EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml): EditCon
     "ckpt": str, "prompt": str, "edits": list, "mode": str, "cross_replace_steps": (float, int, list, dict),
     "self_replace_steps": (float, int, list), "self_replace_max_res": int, "equalizer": dict,
     "local_blend": dict, "reference_tail": bool, "seed": int, "num_steps": int, "guidance_scale": (float, int),
-    "height": int, "width": int, "steps_offset": int, "show_attention": bool, "description": str,
+    "height": int, "width": int, "steps_offset": int, "sampler": str, "show_attention": bool, "description": str,
 }
 BLEND_KEYS = {  # local_blend: {...}: LocalBlend's fields
     "words": list, "threshold": (float, int), "start_blend": (float, int), "substruct_words": list, "th": list,
@@ -328,7 +334,7 @@ ABLATION_KEYS = {  # an ablation config: any edit key (the base settings) plus t
 }
 METRIC_KEYS = {"iou_threshold": (float, int), "iou_words": list}
 # knobs that change the source image (every other knob only changes the edited prompts)
-SOURCE_KNOBS = ("ckpt", "prompt", "seed", "num_steps", "guidance_scale", "height", "width", "steps_offset")
+SOURCE_KNOBS = ("ckpt", "prompt", "seed", "num_steps", "guidance_scale", "height", "width", "steps_offset", "sampler")
 MAPPING_KNOBS = {"equalizer": (float, int, list), "cross_replace_steps": (float, int, list)}  # KNOB.WORD
 
 

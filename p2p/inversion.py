@@ -55,6 +55,15 @@ FORMAT = "p2p-inversion"
 SETTINGS = ("num_steps", "guidance_scale", "steps_offset", "height", "width")  # what an edit from it reuses
 
 
+def require_ddim(sampler, what: str) -> None:
+    """An inversion and the edits from it run DDIM: its trajectory, null-text's embeddings and Direct
+    Inversion's residuals belong to DDIM's steps; PLMS (pndm) takes other steps and N + 1 UNet calls."""
+    if sampler is not None and sampler != "ddim":
+        raise ValueError(f"{what}: sampler={sampler!r} with an inversion: inversion and the edits from it need "
+                         f"DDIM, whose steps the inversion retraces; leave the sampler out (or 'ddim'), or "
+                         f"use {sampler!r} for generated pictures only")
+
+
 @dataclass
 class Inversion:
     """What editing a real image needs. trajectory[k] is the DDIM-inversion latent after k steps:
@@ -79,10 +88,15 @@ class Inversion:
     def image_latents(self) -> torch.Tensor:
         return self.trajectory[0]
 
+    @property
+    def sampler(self) -> str:
+        return "ddim"  # the only one an inversion retraces (see require_ddim)
+
     # ------------------------------------------------------------------ editing from it
     def edit_settings(self, prompts, num_steps=None, guidance_scale=None, steps_offset=None, height=None,
-                      width=None, latents=None) -> dict:
+                      width=None, latents=None, sampler=None) -> dict:
         """The sampling settings an edit from this inversion runs with; a clear error on any conflict."""
+        require_ddim(sampler, "edit()")
         if not prompts or prompts[0] != self.prompt:
             raise ValueError(f"prompts[0] must be the inverted prompt {self.prompt!r}, got "
                              f"{prompts[0] if prompts else None!r}")
@@ -94,7 +108,7 @@ class Inversion:
             if value is not None and value != mine[key]:
                 raise ValueError(f"{key}={value} conflicts with the inversion's {key}={mine[key]}; "
                                  f"an edit from an inversion uses the inversion's settings (leave {key} out)")
-        return mine | {"latents": self.x_T}
+        return mine | {"latents": self.x_T, "sampler": self.sampler}
 
     def guidance_inputs(self, sd, cond: torch.Tensor):
         """(uncond, correction) for `pipeline.denoise`: the unconditional embedding(s) every row gets,
@@ -337,14 +351,16 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
            guidance_scale: float = InvertConfig.guidance_scale, num_inner_steps: int = InvertConfig.num_inner_steps,
            early_stop_epsilon: float = InvertConfig.early_stop_epsilon, steps_offset: int = InvertConfig.steps_offset,
            height: int | None = None, width: int | None = None, offsets=InvertConfig.offsets,
-           progress: bool = True, low_memory: bool = False) -> Inversion:
+           sampler: str = InvertConfig.sampler, progress: bool = True, low_memory: bool = False) -> Inversion:
     """Invert a real image for editing with `edit(sd, [prompt, ...], spec, inversion=inv)`.
 
     image: a path, a PIL image (any mode; see p2p.images) or a (1, 3, H, W) tensor in [-1, 1].
     method: "null-text" (default, the paper's), "ddim", "negative-prompt" or "direct" (see the module).
     The null-text notebook ran with steps_offset 0 (timesteps 980..0); the default here is 1 (981..1),
     as generate() and edit(); pass steps_offset=0 to match the notebook. low_memory: guided steps in
-    two halves (see pipeline.guided_step); DDIM inversion runs the conditional half alone anyway."""
+    two halves (see pipeline.guided_step); DDIM inversion runs the conditional half alone anyway.
+    sampler: "ddim" only (the argument is there so that a request for another one fails clearly)."""
+    require_ddim(sampler, "invert()")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if num_inner_steps < 0:

@@ -2,9 +2,12 @@
 
 Both run the reference's loop: one CPU noise draw shared by the batch, classifier-free guidance
 with the batch ordered [uncond..., cond...] in one UNet call (two halves in the low-memory mode,
-as the reference's LOW_RESOURCE), DDIM with eta 0, and images made uint8 by truncation. The loop
-knows the step index and asks the controller for that step's attention override; nothing advances
-as a side effect of a forward pass.
+as the reference's LOW_RESOURCE), DDIM with eta 0 (or PLMS, sampler="pndm", as the reference's stable
+notebook), and images made uint8 by truncation. The loop knows the index of its UNet call and asks the
+controller for that call's attention override; nothing advances as a side effect of a forward pass.
+The controller counts UNet calls as the reference's counter did: with PLMS, N steps are N + 1 calls, so
+all N + 1 rows of the cross-attention schedule are used, and the self-attention window and LocalBlend's
+start count calls too.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) ->
 
 def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None,
                 low_memory: bool = False) -> torch.Tensor:
-    """One guided DDIM step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
+    """One guided sampler step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
     methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference; low_memory:
     two calls of B rows, the unconditional one with no override (attn_override must then take the
     conditional rows alone: `Controller.override(i, cond_only=True)`).
@@ -85,9 +88,11 @@ def check_finite(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
-def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="DDIM",
+def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="sampling",
             correction=None, low_memory: bool = False):
-    """The guided DDIM loop. cond (B, 77, d); uncond (B, 77, d) or a list of one per step (null-text).
+    """The guided sampling loop, one pass per UNet call i (scheduler.timesteps: PLMS evaluates its first
+    step twice), i being the controller's step. cond (B, 77, d); uncond (B, 77, d) or a list of one per step
+    (null-text).
     correction(i, x) -> x, if given, adjusts the latents after step i, before the controller's
     step_callback (Direct Inversion adds its residual to the source row there; see p2p.inversion).
     low_memory: each step's guidance batch in two halves (see guided_step)."""
@@ -134,30 +139,32 @@ def decoded(sd, z0, x_T, low_memory: bool, offload: bool, attention=None) -> Out
 def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_steps: int = GenerateConfig.num_steps,
              guidance_scale: float = GenerateConfig.guidance_scale, height: int | None = None,
              width: int | None = None, steps_offset: int = GenerateConfig.steps_offset,
-             progress: bool = True, low_memory: bool = False, offload: bool = False) -> Output:
-    """Plain text-to-image with DDIM and classifier-free guidance: the loop Algorithm 1 extends.
+             sampler: str = GenerateConfig.sampler, progress: bool = True, low_memory: bool = False,
+             offload: bool = False) -> Output:
+    """Plain text-to-image with classifier-free guidance: the loop Algorithm 1 extends. sampler: "ddim"
+    (eta 0) or "pndm" (PLMS, as the reference's stable notebook: N + 1 UNet calls for N steps).
     low_memory: the guidance batch in two halves and the VAE one image at a time (tiled above
     models.sd.TILE latents a side); the same pictures. offload: the text encoder and the VAE stay on
     the CPU and visit the UNet's device only while they run (see `visiting`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_values(GenerateConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height,
-                                width=width, steps_offset=steps_offset), "generate()")
+                                width=width, steps_offset=steps_offset, sampler=sampler), "generate()")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     with visiting(sd, "text_encoder", offload):
         cond = sd.encode_text(prompts)
         uncond = sd.encode_text([""])
-    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, progress=progress,
-                 low_memory=low_memory)
+    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset, sampler), guidance_scale,
+                 progress=progress, low_memory=low_memory)
     return decoded(sd, z0, x_T, low_memory, offload)
 
 
 @torch.no_grad()
 def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
          num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
-         width: int | None = None, steps_offset: int | None = None, store=None, fast: bool = True,
-         progress: bool = True, inversion=None, low_memory: bool = False, offload: bool = False,
-         allow_other_model: bool = False) -> Output:
+         width: int | None = None, steps_offset: int | None = None, sampler: str | None = None, store=None,
+         fast: bool = True, progress: bool = True, inversion=None, low_memory: bool = False,
+         offload: bool = False, allow_other_model: bool = False) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's
@@ -167,22 +174,25 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     (default: cross-attention maps of layers up to 32x32, as the reference). low_memory and offload
     as in generate(): the controller then sees the conditional call alone.
 
-    Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1. `inversion` (p2p.invert's result)
-    edits a real image: x_T, the unconditional embedding(s) and any per-step correction come from it,
-    prompts[0] must be its prompt, and steps / guidance / offset / size are its own (passing a
-    different value is an error; `seed` is unused). An inversion made with other weights than `sd`'s is
-    an error, a warning with allow_other_model (see Inversion.check_model)."""
+    Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1, sampler "ddim".
+    sampler "pndm": PLMS, N + 1 UNet calls for N steps; the controller counts calls (see the module).
+    `inversion` (p2p.invert's result) edits a real image: x_T, the unconditional embedding(s) and any
+    per-step correction come from it, prompts[0] must be its prompt, and steps / guidance / offset / size
+    are its own (passing a different value is an error; `seed` is unused); it samples with DDIM only.
+    An inversion made with other weights than `sd`'s is an error, a warning with allow_other_model
+    (see Inversion.check_model)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if inversion is not None:
         inversion.check_model(sd, allow_other_model)
-        s = inversion.edit_settings(prompts, num_steps, guidance_scale, steps_offset, height, width, latents)
-        num_steps, guidance_scale, steps_offset, height, width, latents = (
-            s[k] for k in ("num_steps", "guidance_scale", "steps_offset", "height", "width", "latents"))
+        s = inversion.edit_settings(prompts, num_steps, guidance_scale, steps_offset, height, width, latents, sampler)
+        num_steps, guidance_scale, steps_offset, height, width, latents, sampler = (
+            s[k] for k in ("num_steps", "guidance_scale", "steps_offset", "height", "width", "latents", "sampler"))
     num_steps = EditConfig.num_steps if num_steps is None else num_steps  # None: the inversion's, else these
     guidance_scale = EditConfig.guidance_scale if guidance_scale is None else guidance_scale
     steps_offset = EditConfig.steps_offset if steps_offset is None else steps_offset
+    sampler = EditConfig.sampler if sampler is None else sampler
     check_values(EditConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
-                            steps_offset=steps_offset), "edit()")
+                            steps_offset=steps_offset, sampler=sampler), "edit()")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
@@ -190,6 +200,6 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
         cond = sd.encode_text(prompts)
         uncond, correction = (inversion.guidance_inputs(sd, cond) if inversion is not None
                               else (sd.encode_text([""]), None))
-    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset), guidance_scale, controller,
+    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset, sampler), guidance_scale, controller,
                  progress=progress, desc="Prompt-to-Prompt", correction=correction, low_memory=low_memory)
     return decoded(sd, z0, x_T, low_memory, offload, controller.store)

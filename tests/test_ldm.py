@@ -285,3 +285,26 @@ def test_ldm_notebook_local_blend_differs_without_pooling(sd):
     assert (pooled | unpooled).equal(pooled)   # max-pooling only grows the mask
     a, b = (edit(sd, prompts, Replace(0.8, 0.4), local_blend=blend, **kw) for blend in blends)
     assert (a.latents - b.latents).abs().max() > 1e-4
+
+
+def test_sweep_on_the_single_file_with_its_vocabulary(tiny_file, tmp_path):
+    """`p2p sweep --tokenizer`: the cells load the LDM single file with the vocabulary given, and words
+    become token positions with the model's own WordPiece tokenizer (a 2-cell grid, 2 steps)."""
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text(f"""description: LDM sweep
+ckpt: {tiny_file}
+prompt: {SRC}
+edits: [{LION}]
+mode: replace
+local_blend: {{words: [squirrel, lion], threshold: 0.8}}
+num_steps: 2
+height: 64
+width: 64
+grid:
+  cross_replace_steps: [0.4, 0.8]
+""")
+    out = tmp_path / "run"
+    assert main(["sweep", str(cfg), "-o", str(out), "--no-progress", "--tokenizer",
+                 str(L.vocab_dir() / "vocab.txt")]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["cells"]) == 2
+    assert main(["sweep", str(cfg), "-o", str(tmp_path / "bad"), "--no-progress"]) == 2   # no vocabulary

@@ -156,7 +156,7 @@ def test_cli_low_memory_flag(tmp_path, golden_dir):
     args = ["generate", "--ckpt", ckpt, "--prompt", "a cat", "--steps", str(STEPS)]
     assert main([*args, "-o", str(tmp_path / "a.png")]) == 0
     assert main([*args, "--low-memory", "-o", str(tmp_path / "b.png")]) == 0
-    record = json.loads((tmp_path / "b.json").read_text())
+    record = json.loads((tmp_path / "b.png.json").read_text())
     assert record["low_memory"] is True and record["offload"] is True
     a, b = (np.asarray(Image.open(tmp_path / n), dtype=int) for n in ("a.png", "b.png"))
     assert np.abs(a - b).max() <= 1

@@ -74,7 +74,7 @@ def test_the_demo_writes_its_grid(tmp_path, mini, monkeypatch):
     """The README's main command, with fewer steps."""
     import p2p.cli
 
-    monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt, dtype="float32": mini)
+    monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt, dtype="float32", **options: mini)
     assert p2p.cli.main(["demo", "-o", str(tmp_path), "--steps", "4"]) == 0
     for name in ("edits.png", "replace.png", "replace.png.json", "replace_attention_1.png"):
         assert (tmp_path / name).stat().st_size > 0, name

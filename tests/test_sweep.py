@@ -43,7 +43,7 @@ def run(tmp_path_factory, golden_dir, tiny_sd):
     cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
     out = d / "runs" / "abl"
     with pytest.MonkeyPatch.context() as mp:     # the CLI, with the session's model (loading it again is slow)
-        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device, dtype: tiny_sd)
+        mp.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device, dtype, **load: tiny_sd)
         assert main(["sweep", str(cfg), "-o", str(out), "--no-progress"]) == 0
     return cfg, out
 
@@ -86,7 +86,7 @@ def test_a_cell_config_reruns_alone(run, tiny_sd, tmp_path, monkeypatch):
     outs, real_edit = [], p2p.edit
     monkeypatch.setattr(p2p, "edit", lambda *a, **k: outs.append(real_edit(*a, **k)) or outs[-1])
     assert main(["edit", "--config", str(cell), "-o", str(tmp_path / "cell.png")]) == 0
-    assert json.loads((tmp_path / "cell.json").read_text())["settings"]["edits"] == ["A painting of a cat eating a burger"]
+    assert json.loads((tmp_path / "cell.png.json").read_text())["settings"]["edits"] == ["A painting of a cat eating a burger"]
     alone = outs[0].images[1]
     swept = np.asarray(Image.open(out / "cells" / f"{cell.stem}.png"))
     assert np.abs(alone.astype(int) - swept).max() <= 1          # batch of 2 vs alone: float noise at most

@@ -7,12 +7,14 @@ and `load_checkpoint` share it and a full-size file can be checked from its head
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import torch
 
 from models import PREFIXES, AutoencoderKL, CLIPTextConfig, SDConfig, UNetModel, prefixes
 from models.sd import text_tower
+from models.sdxl_text import SDXLTextConfig
 
 POSITION_IDS = PREFIXES["text_encoder"] + "embeddings.position_ids"
 
@@ -23,8 +25,18 @@ def position_ids(n: int) -> torch.Tensor:
 
 
 def carried_buffers(cfg: SDConfig) -> dict[str, torch.Tensor]:
-    """Buffers real files of this family carry beside the weights: CLIP's `position_ids` (LDMBert has none)."""
+    """Buffers real files of this family carry beside the weights: CLIP's `position_ids` (LDMBert has none);
+    SDXL's CLIP-L `position_ids` and bigG's `logit_scale` (CLIP's image-text temperature, unused here)."""
+    if isinstance(cfg.text, SDXLTextConfig):
+        return {SDXL_POSITION_IDS: position_ids(cfg.text.clip.max_position_embeddings),
+                SDXL_LOGIT_SCALE: torch.tensor(math.log(1 / 0.07))}
     return {POSITION_IDS: position_ids(cfg.text.max_position_embeddings)} if isinstance(cfg.text, CLIPTextConfig) else {}
+
+
+# SDXL single files: both text towers under `conditioner.` (models/sdxl_text.py), and two keys not read
+SDXL_TEXT_PREFIX = "conditioner."
+SDXL_POSITION_IDS = SDXL_TEXT_PREFIX + "embedders.0.transformer.text_model.embeddings.position_ids"
+SDXL_LOGIT_SCALE = SDXL_TEXT_PREFIX + "embedders.1.model.logit_scale"
 
 
 OLD_CLIP_PREFIX = "cond_stage_model.transformer."
@@ -35,7 +47,6 @@ LDM_TEXT_KEY = OLD_CLIP_PREFIX + "token_emb.weight"
 # SD 2.x's OpenCLIP tower sits under its own prefix; its files also carry CLIP's contrastive temperature
 # and the pooled projection, which SD 2.x never uses (its context is a hidden state, not the pooled vector)
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-TEXT_PREFIXES = (OLD_CLIP_PREFIX, SD2_TEXT_PREFIX)
 UNUSED_PREFIXES = (OLD_CLIP_PREFIX + "to_logits.", SD2_TEXT_PREFIX + "logit_scale", SD2_TEXT_PREFIX + "text_projection")
 
 # DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
@@ -53,14 +64,14 @@ SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
 # what a checkpoint can be: the families this package knows (variant name -> its `SDConfig.family` code),
 # those of them it loads today, then the kinds it names but does not load
 FAMILIES = {"SD v1": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "LDM-400M": "ldm"}
-LOADABLE = {"SD v1": "sd1", "SD 2.x": "sd2", "LDM-400M": "ldm"}
+LOADABLE = {"SD v1": "sd1", "SD 2.x": "sd2", "LDM-400M": "ldm", "SDXL": "sdxl"}
 CONFIG_HINTS = {"LDM-400M": " (configs/ldm-400m.yaml)", "SD 2.x": " (configs/sd-v2-base.yaml or sd-v2-v.yaml)"}
 UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
 # UNet input channels of the image-conditioned kinds (text-to-image: 4)
 CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
 SUPPORTED_KINDS = ("Stable Diffusion v1.x and 2.x text-to-image checkpoints (v1-1 ... v1-5, 2.0 / 2.1 base and v, "
-                   "and fine-tunes of them) and LDM-400M are supported")
+                   "and fine-tunes of them), SDXL base 1.0 and LDM-400M are supported")
 
 
 class CheckpointError(ValueError):
@@ -78,12 +89,13 @@ def canonical_key(key: str) -> str:
 def part_of(key: str) -> str:
     """unet / vae / text_encoder / ema / schedule / position_ids / unused / other, for a canonical key.
     Every text tower lives under `cond_stage_model.transformer.` (CLIP one level deeper), but SD 2.x's
-    OpenCLIP under `cond_stage_model.model.`."""
-    if key == POSITION_IDS:
+    OpenCLIP under `cond_stage_model.model.` and SDXL's two under `conditioner.`."""
+    if key in (POSITION_IDS, SDXL_POSITION_IDS):
         return "position_ids"
-    if key.startswith(UNUSED_PREFIXES):
+    if key.startswith(UNUSED_PREFIXES) or key == SDXL_LOGIT_SCALE:
         return "unused"
-    for part, prefix in (PREFIXES | {"text_encoder": TEXT_PREFIXES}).items():
+    for part, prefix in [*PREFIXES.items(), ("text_encoder", OLD_CLIP_PREFIX), ("text_encoder", SD2_TEXT_PREFIX),
+                         ("text_encoder", SDXL_TEXT_PREFIX)]:
         if key.startswith(prefix):
             return part
     if key.startswith("model_ema."):
@@ -151,8 +163,8 @@ def _text_family(shapes: dict[str, tuple], unet: str) -> tuple[str, str]:
 
 def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:
     """The one place a family is accepted: None (it loads) for a LOADABLE variant whose config family
-    matches (`family`: the config's, None for any), else why it does not. SDXL is recognised and refused
-    for now; every other kind is named and refused. "unknown" passes: the missing component
+    matches (`family`: the config's, None for any), else why it does not; every other kind is named and
+    refused. "unknown" passes: the missing component
     is reported by `check_components`, with a better message."""
     if variant == "unknown":
         return None
@@ -163,8 +175,17 @@ def refusal(variant: str, evidence: str, where: str, family: str | None = None) 
                 f"family; pass a config of family {LOADABLE[variant]!r}"
                 f"{CONFIG_HINTS.get(variant, '')} or none")
     known = (f"; {variant} is recognised, but loading it is not wired in yet" if variant in FAMILIES else
-             f"; {variant} models are not supported (SDXL files are recognised)")
+             f"; {variant} models are not supported")
     return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
+
+
+def sdxl_folder_refusal(variant: tuple[str, str], where: str) -> str | None:
+    """SDXL loads from its single file; its diffusers folders (text_encoder_2/, tokenizer_2/) are named and
+    refused until their key map is wired in."""
+    if variant[0] != "SDXL":
+        return None
+    return (f"{where}: this is a SDXL checkpoint ({variant[1]}); {SUPPORTED_KINDS}; SDXL is recognised, but "
+            "loading its diffusers folders is not wired in yet: load the single file (sd_xl_base_1.0.safetensors)")
 
 
 def check_variant(shapes: dict[str, tuple], where: str, family: str | None = None) -> None:
@@ -267,31 +288,12 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
 # before anything is built from it: far above every real SD-family model, far below what would make
 # building even the meta-device model take minutes or divide by zero.
 BOUNDS = {"unet.model_channels": (1, 4096), "unet.num_res_blocks": (1, 16), "unet.num_heads": (1, 256),
-          "unet.num_head_channels": (1, 4096), "unet.transformer_depth": (1, 64), "unet.context_dim": (1, 8192),
-          "unet.in_channels": (1, 64), "unet.out_channels": (1, 64), "vae.ch": (1, 2048), "vae.num_res_blocks": (1, 16),
+          "unet.transformer_depth": (1, 64), "unet.context_dim": (1, 8192), "unet.in_channels": (1, 64),
+          "unet.out_channels": (1, 64), "vae.ch": (1, 2048), "vae.num_res_blocks": (1, 16),
           "vae.z_channels": (1, 64), "vae.embed_dim": (1, 64), "vae.in_channels": (1, 16), "vae.out_ch": (1, 16),
-          "text.vocab_size": (1, 1_000_000), "text.max_position_embeddings": (1, 4096), "text.context_length": (1, 4096),
-          "text.width": (1, 8192), "text.layers": (1, 128), "text.heads": (1, 256), "text.intermediate_size": (1, 65536),
-          "text.mlp_width": (1, 65536)}
+          "text.vocab_size": (1, 1_000_000), "text.max_position_embeddings": (1, 4096), "text.width": (1, 8192),
+          "text.layers": (1, 128), "text.heads": (1, 256), "text.intermediate_size": (1, 65536)}
 MULT_BOUNDS = {"unet.channel_mult": (1, 16), "vae.ch_mult": (1, 16)}  # each entry; at most 8 levels
-
-
-def bounded_values(cfg: SDConfig) -> list[tuple[str, object]]:
-    """(name, value) of every BOUNDS entry this config has: text towers differ in their fields (OpenCLIP
-    has context_length and mlp_width), a UNet names either a head count or a head width, and a
-    transformer depth is one value or one per level."""
-    out = []
-    for name in BOUNDS:
-        part, field = name.split(".")
-        if not hasattr(getattr(cfg, part), field):
-            continue
-        value = getattr(getattr(cfg, part), field)
-        if name == "unet.num_heads" and cfg.unet.num_head_channels > 0 or \
-                name == "unet.num_head_channels" and cfg.unet.num_head_channels <= 0:
-            continue  # the field the UNet does not use
-        out += [(name, v) for v in value] if isinstance(value, tuple) and name == "unet.transformer_depth" \
-            else [(name, value)]
-    return out
 
 
 def check_plausible(cfg: SDConfig, where: str) -> None:
@@ -300,21 +302,44 @@ def check_plausible(cfg: SDConfig, where: str) -> None:
         return CheckpointError(f"{where}: its architecture has {name} = {str(value)[:80]}, {why}; the file's "
                                f"config is corrupt or not a Stable Diffusion model (pass config= to override it)")
 
-    for name, value in bounded_values(cfg):
-        lo, hi = BOUNDS[name]
-        if type(value) is not int or not lo <= value <= hi:
-            raise bad(name, value, f"outside {lo}..{hi}")
+    for name, (lo, hi) in BOUNDS.items():
+        part, field = name.split(".")
+        for label, value in part_numbers(cfg, part, field):
+            if type(value) is not int or not lo <= value <= hi:
+                raise bad(label, value, f"outside {lo}..{hi}")
     for name, (lo, hi) in MULT_BOUNDS.items():
         part, field = name.split(".")
         mults = getattr(getattr(cfg, part), field)
         if not 1 <= len(mults) <= 8 or not all(type(m) is int and lo <= m <= hi for m in mults):
             raise bad(name, mults, f"not 1 to 8 levels of {lo}..{hi}")
-    if isinstance(cfg.unet.transformer_depth, tuple) and len(cfg.unet.transformer_depth) != len(cfg.unet.channel_mult):
-        raise bad("unet.transformer_depth", cfg.unet.transformer_depth, "not one depth per level")
-    for m in cfg.unet.channel_mult:
-        heads, width = cfg.unet.heads(cfg.unet.model_channels * m)
-        if heads < 1 or heads * width != cfg.unet.model_channels * m:
-            field = "num_head_channels" if cfg.unet.num_head_channels > 0 else "num_heads"
-            raise bad(f"unet.{field}", getattr(cfg.unet, field), f"which does not divide {cfg.unet.model_channels * m}")
-    if cfg.text.width % cfg.text.heads:
-        raise bad("text.heads", cfg.text.heads, f"which does not divide the width {cfg.text.width}")
+    u = cfg.unet
+    divisor, name = (u.num_head_channels, "unet.num_head_channels") if u.num_head_channels > 0 else (u.num_heads, "unet.num_heads")
+    for m in u.channel_mult:
+        if (u.model_channels * m) % divisor:
+            raise bad(name, divisor, f"which does not divide {u.model_channels * m}")
+    for tower in text_configs(cfg):
+        if tower.width % tower.heads:
+            raise bad("text.heads", tower.heads, f"which does not divide the width {tower.width}")
+
+
+# OpenCLIP's names for BOUNDS' text.* numbers (SDXL's second tower)
+OPENCLIP_NUMBERS = {"max_position_embeddings": "context_length", "intermediate_size": "mlp_width"}
+
+
+def text_configs(cfg: SDConfig) -> list:
+    """The text tower configs a model has: SDXL's two, else its one."""
+    return [cfg.text.clip, cfg.text.openclip] if isinstance(cfg.text, SDXLTextConfig) else [cfg.text]
+
+
+def part_numbers(cfg: SDConfig, part: str, field: str) -> list[tuple[str, object]]:
+    """(label, value) of `part.field` for the BOUNDS check: one per text tower for "text"."""
+    if part == "unet" and field == "num_heads" and cfg.unet.num_head_channels > 0:  # SD 2 / SDXL: head width
+        return [("unet.num_head_channels", cfg.unet.num_head_channels)]
+    if part == "unet" and field == "transformer_depth" and isinstance(cfg.unet.transformer_depth, tuple):
+        # one per level (SDXL: 0 at the first level, which has no attention): the deepest is bounded
+        return [("unet.transformer_depth", max(cfg.unet.transformer_depth))]
+    if part != "text":
+        return [(f"{part}.{field}", getattr(getattr(cfg, part), field))]
+    towers = text_configs(cfg)
+    return [(f"text.{field}" if len(towers) == 1 else f"text.{i}.{field}",
+             getattr(t, field) if hasattr(t, field) else getattr(t, OPENCLIP_NUMBERS[field])) for i, t in enumerate(towers)]

@@ -28,6 +28,7 @@ class IgnoredKeys(UserWarning):
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
 SD2_SOURCE = ("SD 2.x's own config, configs/sd-v2-base.yaml or sd-v2-v.yaml by the prediction type (no config "
               "given, none in the file; every key and shape checked)")
+SDXL_SOURCE = "SDXL base's config, configs/sdxl-base.yaml (an SDXL checkpoint by its keys; no config given, none in the file; every key and shape checked)"
 LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
 
 
@@ -51,6 +52,8 @@ def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
         return load_config("ldm-400m"), LDM_SOURCE
     if variant == "SD 2.x":
         return sd2_default(None), SD2_SOURCE
+    if variant == "SDXL":
+        return load_config("sdxl-base"), SDXL_SOURCE
     return SDConfig(), SD_V1_SOURCE
 
 

@@ -20,12 +20,13 @@ from models import TEXT_TOWERS, OpenCLIPTextConfig, SDConfig
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, said_in_metadata
-from .layout import CheckpointError, canonical_key, check_plausible, refusal
+from .layout import CheckpointError, canonical_key, check_plausible, refusal, sdxl_folder_refusal
 from .openclip_keys import combine, hf_plan, openclip_config_from_hf
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
-             "of Stable Diffusion v1.x / 2.x or LDM-400M, or a diffusers folder with unet/, vae/ and text_encoder/ "
+             "of Stable Diffusion v1.x / 2.x, SDXL base or LDM-400M, or a diffusers folder with unet/, vae/ and "
+             "text_encoder/ "
              "(LDM-400M: bert/, unet/, vqvae/, tokenizer/)")
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -273,7 +274,7 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
         return open_ldm_diffusers(folder, variant)
     parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
     missing = [d for d in parts.values() if d not in components and not (d == "vae" and vae_given)]
-    problem = refusal(*variant, str(folder))
+    problem = refusal(*variant, str(folder)) or sdxl_folder_refusal(variant, str(folder))
     if problem is None and missing:
         problem = (f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} (missing component); "
                    "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from models.sd import SAMPLERS
 from weights_tools import load_checkpoint
 from weights_tools.files import file_sha256
 from weights_tools.registry import resolve_checkpoint
@@ -30,32 +31,53 @@ def dtype_option(p: argparse.ArgumentParser) -> None:
                    help="load the model in this precision (default float32); float16 decodes with an fp32 VAE")
 
 
-def _run_batches(out_dir: Path, batches, ab: dict, tok, sd, device, dtype, bar, identity: dict) -> None:
-    """Each batch on its checkpoint (`sd` when given; else loaded in `dtype`, one kept at a time), its cells
-    saved with the SHA-256 of that checkpoint's bytes (`identity`)."""
+def model_option_flags(q) -> None:
+    """How a checkpoint is read (`load_checkpoint`'s strict, vae, prediction_type, tokenizer): every command that loads one."""
+    q.add_argument("--non-strict", dest="non_strict", action="store_true",
+                   help="ignore (and list) checkpoint keys the model does not have: embedding_manager.*, "
+                        "first_stage_model.loss.*, lora_* ...")
+    q.add_argument("--vae", help="a standalone VAE (.safetensors / .ckpt, e.g. vae-ft-mse-840000-ema-pruned, or a "
+                   "diffusers vae/ folder) in place of the checkpoint's own")
+    q.add_argument("--prediction-type", dest="prediction_type", choices=["epsilon", "v"],
+                   help="what the UNet predicts, when the file does not say it (default: what the file says, "
+                        "else epsilon)")
+    q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
+                                       "folder's tokenizer/ is found without it)")
+
+
+def load_options(args) -> dict:
+    """load_checkpoint's keywords from model_option_flags' flags."""
+    return {"strict": not args.non_strict, "vae": args.vae, "prediction_type": args.prediction_type,
+            "tokenizer": args.tokenizer}
+
+
+def _run_batches(out_dir: Path, batches, ab: dict, sd, device, dtype, bar, identity: dict, load: dict) -> None:
+    """Each batch on its checkpoint (`sd` when given; else loaded in `dtype` with `load`'s options, one
+    kept at a time), its cells saved with the SHA-256 of that checkpoint's bytes (`identity`). Words
+    become token positions with the model's own tokenizer."""
     models = {}
     for batch in batches:
         model = sd
         if model is None:
             if checkpoint(batch) not in models:
                 models.clear()
-                models[checkpoint(batch)] = load_checkpoint(checkpoint(batch), device=device, dtype=dtype)
+                models[checkpoint(batch)] = load_checkpoint(checkpoint(batch), device=device, dtype=dtype, **load)
             model = models[checkpoint(batch)]
-        results, images = run.run_batch(model, batch, ab["metrics"], tok)
+        results, images = run.run_batch(model, batch, ab["metrics"], model.tokenizer)
         for b, (cell, m) in enumerate(zip(batch, results), start=1):
             run.save_cell(out_dir, cell, m, images[0], images[b], identity[checkpoint(batch)])
         bar.update(len(batch))
 
 
 def run_sweep(config, out_dir, overrides=None, *, sd=None, progress=True, rank=0, world=1, barrier=None,
-              device=None, dtype=torch.float32, log=print) -> list[dict] | None:
+              device=None, dtype=torch.float32, log=print, load: dict | None = None) -> list[dict] | None:
     """Run the cells of this rank that are not done, then (rank 0) merge. `sd`: a model already loaded
-    (its checkpoint must be the cells' one); else each checkpoint is loaded in `dtype`. Returns the
-    merged records on rank 0."""
+    (its checkpoint must be the cells' one); else each checkpoint is loaded in `dtype`, with `load`'s
+    load_checkpoint options (strict, vae, prediction_type, tokenizer). Returns the merged records on rank 0."""
     out_dir = Path(out_dir)
-    ab, cells, tok = prepare(config, overrides)       # every cell checked before the folder is touched
+    ab, cells, _ = prepare(config, overrides)       # every cell checked before the folder is touched
     with (run_folder_lock(out_dir) if rank == 0 else contextlib.nullcontext()):
-        return _run_cells(ab, cells, tok, out_dir, sd, progress, rank, world, barrier, device, dtype, log)
+        return _run_cells(ab, cells, out_dir, sd, progress, rank, world, barrier, device, dtype, log, load or {})
 
 
 @contextlib.contextmanager
@@ -75,7 +97,7 @@ def run_folder_lock(out_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run_cells(ab, cells, tok, out_dir: Path, sd, progress, rank, world, barrier, device, dtype, log):
+def _run_cells(ab, cells, out_dir: Path, sd, progress, rank, world, barrier, device, dtype, log, load: dict):
     identity = {c.settings["ckpt"]: file_sha256(resolve_checkpoint(c.settings["ckpt"])) for c in cells}
     pending = [c for c in cells if not run.is_done(out_dir, c, identity[c.settings["ckpt"]])]
     if rank == 0:
@@ -89,8 +111,8 @@ def _run_cells(ab, cells, tok, out_dir: Path, sd, progress, rank, world, barrier
     batches = shard(plan_batches(pending, ab["batch_size"]), rank, world)
     bar = tqdm(total=sum(map(len, batches)), desc=f"cells (rank {rank})" if world > 1 else "cells",
                disable=not progress, position=rank, unit="cell")
-    _run_batches(out_dir, batches, ab, tok, sd, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype,
-                 bar, identity)
+    _run_batches(out_dir, batches, ab, sd, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype,
+                 bar, identity, load)
     bar.close()
     if barrier:
         barrier()
@@ -107,12 +129,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="run folder, e.g. runs/NAME (reused: finished cells are skipped)")
     p.add_argument("--ckpt", help="checkpoint (overrides the config's ckpt)")
-    p.add_argument("--steps", type=int, help="DDIM steps (overrides the config)")
+    p.add_argument("--steps", type=int, help="sampling steps (overrides the config)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="the sampler (overrides the config)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="most cells in one batch (default 8)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     dtype_option(p)
+    model_option_flags(p)
     return p
 
 
@@ -127,16 +151,18 @@ def _run_distributed(args, overrides: dict) -> None:
         barrier = (lambda: dist.barrier(device_ids=[local])) if cuda else dist.barrier
         run_sweep(args.config, args.output, overrides, progress=args.progress, rank=dist.get_rank(),
                   world=dist.get_world_size(), barrier=barrier, device=f"cuda:{local}" if cuda else "cpu",
-                  dtype=DTYPES[args.dtype],
+                  dtype=DTYPES[args.dtype], load=load_options(args),
                   log=print if dist.get_rank() == 0 else (lambda *a: None))
     finally:
         dist.destroy_process_group()
 
 
 def run_from_args(args) -> int:
-    overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size")} | {"num_steps": args.steps}
+    overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size", "sampler")} | {
+        "num_steps": args.steps}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        run_sweep(args.config, args.output, overrides, progress=args.progress, dtype=DTYPES[args.dtype])
+        run_sweep(args.config, args.output, overrides, progress=args.progress, dtype=DTYPES[args.dtype],
+                  load=load_options(args))
     else:
         _run_distributed(args, overrides)
     return 0

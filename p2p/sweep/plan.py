@@ -40,7 +40,7 @@ class BatchEdit:
     prompts: list
     spec: object
     blend: object        # a LocalBlend or None
-    kwargs: dict         # seed, num_steps, guidance_scale, height, width, steps_offset
+    kwargs: dict         # seed, num_steps, guidance_scale, height, width, steps_offset, sampler
 
 
 # ------------------------------------------------------------------------------- names and labels
@@ -153,7 +153,7 @@ def batch_edit(cells: list[Cell], tokenizer) -> BatchEdit:
     spec, blend = check_settings(s, "batch", tokenizer)
     return BatchEdit([s["prompt"], *s["edits"]], spec, blend,
                      dict(seed=s["seed"], num_steps=s["num_steps"], guidance_scale=s["guidance_scale"],
-                          height=s["height"], width=s["width"], steps_offset=s["steps_offset"]))
+                          height=s["height"], width=s["width"], steps_offset=s["steps_offset"], sampler=s["sampler"]))
 
 
 def checkpoint(batch: list[Cell]):
