@@ -61,7 +61,9 @@ def _converted(ckpt: dict, ldm_cfg: dict):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    ucfg = sfu.create_unet_diffusers_config_from_ldm(ldm_cfg, ckpt)
+    # the latent side the model trains at, as a released folder's config.json says it (the builder
+    # derives it from other fields; 32 here = 64 px through the tiny VAE)
+    ucfg = sfu.create_unet_diffusers_config_from_ldm(ldm_cfg, ckpt) | {"sample_size": ldm_cfg["model"]["params"]["image_size"]}
     unet = UNet2DConditionModel(**ucfg)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True)
     vcfg = sfu.create_vae_diffusers_config_from_ldm(ldm_cfg, ckpt)
