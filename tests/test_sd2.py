@@ -3,6 +3,7 @@
 diffusers' own converters made from our weights (DDIMScheduler with prediction_type v_prediction), the
 single file and the folder giving one model, full-size SD 2.1 layouts on the meta device against
 diffusers' converters, edits, pictures and the command line. Run with `pytest -s` to see the figures."""
+import csv
 import dataclasses
 import json
 
@@ -12,6 +13,7 @@ import torch
 
 import oracles as O
 import sd2_oracles as S
+import test_sweep
 from models import SDConfig, StableDiffusion, load_config, prefixes
 from p2p import LocalBlend, Refine, Replace, Reweight, edit, generate
 from p2p.cli import main
@@ -256,24 +258,10 @@ def test_cli_generate_edit_invert_inspect(file_path, tmp_path, capsys):
 
 
 def test_sweep_runs_on_sd2(file_path, tmp_path):
-    """`p2p sweep` on the SD 2.x file: 2 cells of one batch, metrics and figure written."""
-    import csv
-
+    """`p2p sweep` on the SD 2.x file: test_sweep's ablation (4 cells in 2 batches), metrics and figure written."""
     cfg = tmp_path / "abl.yaml"
-    cfg.write_text(f"""ckpt: {file_path}
-prompt: {SRC}
-edits: [{LION}]
-mode: replace
-local_blend:
-  words: [squirrel, lion]
-seed: 8888
-num_steps: 2
-height: 64
-width: 64
-grid:
-  cross_replace_steps: [0.4, 0.8]
-""")
+    cfg.write_text(test_sweep.ABLATION.format(ckpt=file_path))
     out = tmp_path / "runs"
     assert main(["sweep", str(cfg), "-o", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert [r["cross_replace_steps"] for r in rows] == ["0.4", "0.8"] and (out / "figure.png").exists()
+    assert [r["cross_replace_steps"] for r in rows] == ["0.4", "0.4", "0.8", "0.8"] and (out / "figure.png").exists()
