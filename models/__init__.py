@@ -1,7 +1,7 @@
 """Stable Diffusion (and its family of latent diffusion models) in plain PyTorch. Knows nothing about editing."""
 from .attention import CrossAttention, Site, attention_probs
 from .clip import CLIPTextModel, Tokenizer, default_tokenizer
-from .config import FAMILIES, PREDICTION_TYPES, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig, load_config
+from .config import FAMILIES, PREDICTION_TYPES, CLIPTextConfig, OpenCLIPTextConfig, SDConfig, UNetConfig, VAEConfig, load_config
 from .ddim import DDIM
 from .ldmbert import LDMBertConfig, LDMBertModel
 from .pndm import PNDM
@@ -11,6 +11,6 @@ from .vae import AutoencoderKL
 from .wordpiece import WordPieceTokenizer
 
 __all__ = ["AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CrossAttention", "DDIM", "FAMILIES", "LDMBertConfig",
-           "LDMBertModel", "PNDM", "PREDICTION_TYPES", "PREFIXES", "SAMPLERS", "SDConfig", "Site", "StableDiffusion",
+           "LDMBertModel", "OpenCLIPTextConfig", "PNDM", "PREDICTION_TYPES", "PREFIXES", "SAMPLERS", "SDConfig", "Site", "StableDiffusion",
            "TEXT_TOWERS", "TextTower", "Tokenizer", "UNetConfig", "UNetModel", "VAEConfig", "WordPieceTokenizer",
            "attention_probs", "default_tokenizer", "load_config", "prefixes"]

@@ -3,8 +3,9 @@
 The defaults are Stable Diffusion v1.x. `SDConfig.from_ldm(d)` reads the dict of a CompVis
 `v1-inference.yaml` (the file users keep beside their checkpoints, also stored as JSON in the
 safetensors metadata key `ldm_config` of the files `weights_tools.make_tiny` writes). A real
-`v1-inference.yaml` names `FrozenCLIPEmbedder` without parameters: that is CLIP ViT-L/14. Tiny
-test models add a `tiny_clip_text` block to `cond_stage_config.params`.
+`v1-inference.yaml` names `FrozenCLIPEmbedder` without parameters: that is CLIP ViT-L/14; SD 2.x's
+`v2-inference(-v).yaml` names `FrozenOpenCLIPEmbedder`: OpenCLIP ViT-H/14. Tiny test models add a
+`tiny_clip_text` / `tiny_openclip_text` block to `cond_stage_config.params`.
 """
 from __future__ import annotations
 
@@ -154,6 +155,52 @@ def context_layers(layers: int, output_layer: str) -> int:
     return layers - (output_layer == "penultimate")
 
 
+@dataclass(frozen=True)
+class OpenCLIPTextConfig:
+    """An OpenCLIP text tower (models/openclip.py): ViT-H/14 for SD 2.x, bigG/14 for SDXL's second."""
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    output_layer: str = "penultimate"  # whose hidden states are the context: "last" or "penultimate" block
+    final_ln: bool = True  # whether ln_final is applied to that context (SD 2.x: yes, SDXL: no)
+    projection_dim: int | None = None  # text_projection's output: the pooled vector (SDXL); None: no pooling
+
+    def __post_init__(self):
+        check_output_layer(self.output_layer, self.layers)
+        if self.heads <= 0 or self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible into {self.heads} heads")
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @classmethod
+    def from_ldm(cls, params: dict) -> "OpenCLIPTextConfig":
+        """From a CompVis `FrozenOpenCLIPEmbedder`'s params: `layer` ("penultimate", SD 2.x's, or "last");
+        the tower is ViT-H/14 unless a `tiny_openclip_text` block (tests) gives its sizes."""
+        t = params.get("tiny_openclip_text") or {}
+        output_layer = params.get("layer", "penultimate")
+        return cls(**{k: t[k] for k in TINY_OPENCLIP_FIELDS if k in t}, output_layer=output_layer)
+
+    def to_ldm(self) -> dict:
+        """The inverse of `from_ldm`: a CompVis cond_stage_config (SD 2.x's, with ln_final on the context)."""
+        if not self.final_ln or self.projection_dim is not None:
+            raise ValueError("only SD 2.x's OpenCLIP tower (context through ln_final, no pooled projection) has a "
+                             "CompVis FrozenOpenCLIPEmbedder config")
+        params = {"freeze": True, "layer": self.output_layer}
+        sizes = {k: getattr(self, k) for k in TINY_OPENCLIP_FIELDS}
+        if sizes != {k: getattr(OpenCLIPTextConfig(), k) for k in TINY_OPENCLIP_FIELDS}:
+            params["tiny_openclip_text"] = sizes
+        return {"target": OPENCLIP_EMBEDDER, "params": params}
+
+
+OPENCLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"  # SD 2.x's cond_stage_config target
+TINY_OPENCLIP_FIELDS = ("vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio")
+
+
 FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
 # readers of an SGM `conditioner_config` into a text config, by family; filled by the module that
 # defines that family's text config (models/sdxl_text.py), which imports this one
@@ -214,26 +261,17 @@ class SDConfig:
             ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"],
             embed_dim=fs.get("embed_dim", dd["z_channels"]), resolution=dd.get("resolution", 256),
             attn_resolutions=tuple(dd.get("attn_resolutions", ())))
-        cond = p.get("cond_stage_config") or {}
-        cs, family = cond.get("params") or {}, "sd1"
         if "conditioner_config" in p:  # SGM's layout (SDXL): a list of embedders, trained at 1024 px
             text, family = CONDITIONERS["sdxl"](p["conditioner_config"]), "sdxl"
-        elif str(cond.get("target", "")).endswith("BERTEmbedder"):  # LDM-400M's LDMBert
-            text, family = LDMBertConfig.from_ldm(cs), "ldm"
-        elif "tiny_clip_text" in cs:
-            t = cs["tiny_clip_text"]
-            text = CLIPTextConfig(
-                vocab_size=t["vocab_size"], max_position_embeddings=t["max_position_embeddings"],
-                width=t["width"], layers=t["layers"], heads=t["heads"],
-                intermediate_size=t["intermediate_size"], hidden_act=t.get("hidden_act", "quick_gelu"),
-                layer_norm_eps=t.get("layer_norm_eps", 1e-5))
         else:
-            text = CLIPTextConfig()
+            text, family = text_from_ldm(p.get("cond_stage_config") or {})
+        prediction = prediction_type(p.get("parameterization", "eps"))
+        image_size = p.get("image_size", 128 if family == "sdxl" else 64)
+        if family == "sd2" and prediction == "v" and image_size == 64:
+            image_size = 96  # v2-inference-v.yaml says 64, but the v models were trained at 768 px
         return cls(unet=unet, vae=vae, text=text, family=family, scale_factor=p.get("scale_factor", 0.18215),
                    linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
-                   num_train_timesteps=p.get("timesteps", 1000),
-                   image_size=p.get("image_size", 128 if family == "sdxl" else 64),
-                   prediction_type=prediction_type(p.get("parameterization", "eps")))
+                   num_train_timesteps=p.get("timesteps", 1000), image_size=image_size, prediction_type=prediction)
 
     def to_ldm(self) -> dict:
         """The inverse of `from_ldm`: a CompVis-style config dict (JSON/YAML serialisable)."""
@@ -243,7 +281,7 @@ class SDConfig:
                         out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks,
                         attn_resolutions=list(v.attn_resolutions), dropout=0.0)
         cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
-        if isinstance(t, LDMBertConfig):
+        if isinstance(t, (LDMBertConfig, OpenCLIPTextConfig)):
             cond = t.to_ldm()
         elif isinstance(t, CLIPTextConfig) and t != CLIPTextConfig():
             cond["params"] = {"tiny_clip_text": dict(
@@ -273,6 +311,24 @@ class SDConfig:
 
     def replace(self, **kw) -> "SDConfig":
         return dataclasses.replace(self, **kw)
+
+
+def text_from_ldm(cond: dict) -> tuple:
+    """(text config, family) from a CompVis `cond_stage_config`: FrozenCLIPEmbedder (SD 1; CLIP ViT-L/14
+    unless a `tiny_clip_text` block gives the sizes), FrozenOpenCLIPEmbedder (SD 2.x) or BERTEmbedder (LDM)."""
+    target, cs = str(cond.get("target", "")), cond.get("params") or {}
+    if target.endswith("BERTEmbedder"):  # LDM-400M's LDMBert
+        return LDMBertConfig.from_ldm(cs), "ldm"
+    if target.endswith("FrozenOpenCLIPEmbedder"):
+        return OpenCLIPTextConfig.from_ldm(cs), "sd2"
+    if "tiny_clip_text" in cs:
+        t = cs["tiny_clip_text"]
+        return CLIPTextConfig(
+            vocab_size=t["vocab_size"], max_position_embeddings=t["max_position_embeddings"],
+            width=t["width"], layers=t["layers"], heads=t["heads"],
+            intermediate_size=t["intermediate_size"], hidden_act=t.get("hidden_act", "quick_gelu"),
+            layer_norm_eps=t.get("layer_norm_eps", 1e-5)), "sd1"
+    return CLIPTextConfig(), "sd1"
 
 
 def prediction_type(parameterization: str) -> str:

@@ -15,40 +15,13 @@ FrozenOpenCLIPEmbedder2):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .clip import BANG, Tokenizer
-from .config import check_output_layer, context_layers
-
-
-@dataclass(frozen=True)
-class OpenCLIPTextConfig:
-    vocab_size: int = 49408
-    context_length: int = 77
-    width: int = 1024
-    layers: int = 24
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    output_layer: str = "penultimate"  # whose hidden states are the context: "last" or "penultimate" block
-    final_ln: bool = True  # whether ln_final is applied to that context (SD 2.x: yes, SDXL: no)
-    projection_dim: int | None = None  # text_projection's output: the pooled vector (SDXL); None: no pooling
-
-    def __post_init__(self):
-        check_output_layer(self.output_layer, self.layers)
-        if self.heads <= 0 or self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible into {self.heads} heads")
-
-    @property
-    def mlp_width(self) -> int:
-        return int(self.width * self.mlp_ratio)
-
-    def tokenizer(self) -> Tokenizer:
-        """OpenCLIP's tokenizer: CLIP's BPE, padded with "!" (id 0), not end-of-text."""
-        return openclip_tokenizer()
+from .config import OpenCLIPTextConfig, context_layers
 
 
 # SD 2.x single files: 24 layers, the context is the 23rd block's output through ln_final

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from .clip import CLIPTextModel, default_tokenizer
-from .config import CLIPTextConfig, SDConfig
+from .config import CLIPTextConfig, OpenCLIPTextConfig, SDConfig
 from .ddim import DDIM, alphas_cumprod
 from .ldmbert import LDMBertConfig, LDMBertModel
-from .openclip import OpenCLIPTextConfig, OpenCLIPTextModel
+from .openclip import OpenCLIPTextModel, openclip_tokenizer
 from .pndm import PNDM
 from .sdxl import vector_conditioning
 from .sdxl_text import SDXLTextConfig, SDXLTextModel, split_pooled
@@ -33,7 +33,7 @@ class TextTower:
 TEXT_TOWERS = {
     CLIPTextConfig: TextTower(CLIPTextModel, lambda cfg: default_tokenizer(), "cond_stage_model.transformer.text_model."),
     LDMBertConfig: TextTower(LDMBertModel, LDMBertConfig.tokenizer, "cond_stage_model.transformer."),
-    OpenCLIPTextConfig: TextTower(OpenCLIPTextModel, OpenCLIPTextConfig.tokenizer, "cond_stage_model.model."),  # SD 2.x
+    OpenCLIPTextConfig: TextTower(OpenCLIPTextModel, lambda cfg: openclip_tokenizer(), "cond_stage_model.model."),  # SD 2.x
     SDXLTextConfig: TextTower(SDXLTextModel, SDXLTextConfig.tokenizer, "conditioner."),  # both towers, one module
 }
 

@@ -86,7 +86,6 @@ SDXL_UNET = dict(cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_p
 
 
 @pytest.mark.parametrize("unet_kw, index, encoders, variant, family", [
-    (SD2_UNET, "StableDiffusionPipeline", ("text_encoder",), "SD 2.x", "sd2"),
     (SDXL_UNET, "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"), "SDXL", "sdxl"),
     (dict(in_channels=9), "StableDiffusionInpaintPipeline", ("text_encoder",), "inpainting", None),
 ])
@@ -101,6 +100,17 @@ def test_other_diffusers_families_are_named(tmp_path, unet_kw, index, encoders, 
     assert info["parts"]["unet"]["tensors"] > 0 and set(encoders) <= set(info["parts"])
     text = format_inspection(info)
     assert f"variant:  {variant}" in text and "loadable: no: " in text
+
+
+def test_a_sd2_folder_with_clip_l_text_encoder_is_described_and_refused(tmp_path):
+    """An SD 2.x folder (cross_attention_dim 1024) whose text_encoder/ is a quick_gelu CLIP: not OpenCLIP."""
+    pytest.importorskip("diffusers")
+    folder = diffusers_folder(tmp_path / "model", SD2_UNET, "StableDiffusionPipeline")
+    with pytest.raises(CheckpointError, match="OpenCLIP text towers use exact gelu"):
+        load_checkpoint(folder)
+    info = inspect_checkpoint(folder)
+    assert (info["variant"], info["family"], info["loadable"]) == ("SD 2.x", "sd2", False)
+    assert info["parts"]["unet"]["tensors"] > 0 and "text_encoder" in info["parts"]
 
 
 def test_a_sd2_folder_without_model_index_is_named_by_its_unet(tmp_path):

@@ -29,18 +29,28 @@ def refused(path, pattern, **kw):
 
 
 def test_sd2_wide_cross_attention(tmp_path, golden):
+    """Read as SD 2.x (a 1024-wide context), checked against SD 2.x's own config, which it does not fit."""
     state = dict(golden)
     key = U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     state[key] = torch.randn(64, 1024)
-    msg = refused(save(tmp_path, state), r"SD 2\.x checkpoint")
-    assert key in msg and "1024" in msg and "Stable Diffusion v1.x" in msg
+    msg = refused(save(tmp_path, state), r"do not fit the model built from SD 2\.x's own config")
+    assert "mismatched" in msg and "missing" in msg
     assert inspect_checkpoint(tmp_path / "x.safetensors")["variant"] == "SD 2.x"
 
 
 def test_sd2_openclip_keys(tmp_path, golden):
     state = {k: v for k, v in golden.items() if not k.startswith("cond_stage_model.")}
     state["cond_stage_model.model.token_embedding.weight"] = torch.randn(10, 4)
-    assert "cond_stage_model.model." in refused(save(tmp_path, state), r"SD 2\.x checkpoint")
+    msg = refused(save(tmp_path, state), r"do not fit the model built from SD 2\.x's own config")
+    assert "cond_stage_model.model." in msg
+    assert inspect_checkpoint(tmp_path / "x.safetensors")["variant_evidence"].startswith("found OpenCLIP")
+
+
+def test_sd2_file_with_sd1_config_is_refused(tmp_path, golden):
+    state = {k: v for k, v in golden.items() if not k.startswith("cond_stage_model.")}
+    state["cond_stage_model.model.token_embedding.weight"] = torch.randn(10, 4)
+    msg = refused(save(tmp_path, state), r"SD 2\.x checkpoint .* describes the 'sd1' family", config="tiny")
+    assert "configs/sd-v2-base.yaml or sd-v2-v.yaml" in msg
 
 
 @pytest.mark.parametrize("key", ["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",

@@ -174,6 +174,8 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
         ucfg, sample = unet_cfg(unet, where)
         kw = dict(unet=ucfg, vae=vae_config(vae), text=text_cfg(text), image_size=sample,
                   scale_factor=float(vae.get("scaling_factor", 0.18215)), **family)
+    except CheckpointError:
+        raise  # already names the file and the problem
     except KeyError as e:
         raise CheckpointError(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
     except (TypeError, ValueError, ZeroDivisionError) as e:

@@ -6,6 +6,7 @@ about itself than its keys do, and its keys follow a layout that differs per fam
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .layout import CHANNEL_KINDS, CheckpointError
@@ -30,7 +31,7 @@ def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
             return "SDXL refiner", f"model_index.json names {name}, with text_encoder_2/ alone"
         if variant is not None:
             return variant, f"model_index.json names {name}"
-    return _by_components(folder) or _by_unet(unet) or (
+    return _by_components(folder) or _by_unet(unet) or _by_text_encoder(folder) or (
         "SD v1", "unet/, vae/, text_encoder/; no other family's pipeline class, component or UNet setting")
 
 
@@ -56,6 +57,18 @@ def _by_unet(unet: dict) -> tuple[str, str] | None:
         return "SD 2.x", "unet/config.json has cross_attention_dim 1024 (OpenCLIP ViT-H)"
     if width == 2048:
         return "SDXL", "unet/config.json has cross_attention_dim 2048 (CLIP-L and OpenCLIP bigG)"
+    return None
+
+
+def _by_text_encoder(folder: Path) -> tuple[str, str] | None:
+    """SD 2.x's OpenCLIP tower uses exact gelu where SD v1's CLIP-L uses quick_gelu: the sign of SD 2.x
+    in a folder whose UNet is not full size (cross_attention_dim 1024 says it otherwise)."""
+    try:
+        act = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_act")
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable config is named by the config reader
+    if act == "gelu":
+        return "SD 2.x", "text_encoder/config.json has hidden_act gelu (OpenCLIP ViT-H; SD v1's CLIP-L: quick_gelu)"
     return None
 
 

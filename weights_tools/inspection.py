@@ -33,7 +33,18 @@ def inspect_checkpoint(path) -> dict:
         "placeholders": src.placeholders,
     }
     info.update(_loadability(src, variant))
+    info["model"] = model_name(variant, info["prediction_type"])
     return info
+
+
+def model_name(variant: str, prediction: str | None) -> str:
+    """The variant, SD 2.x told apart by what it predicts: the 512-px base (epsilon) or the 768-px v model."""
+    if variant == "SD 2.x" and prediction in SD2_MODELS:
+        return SD2_MODELS[prediction]
+    return variant
+
+
+SD2_MODELS = {"epsilon": "SD 2.x base (512-px epsilon-prediction model)", "v": "SD 2.x v (768-px v-prediction model)"}
 
 
 def _parts(src) -> dict[str, dict]:
@@ -79,7 +90,7 @@ def format_inspection(info: dict) -> str:
     """A short human-readable report of `inspect_checkpoint`'s dict."""
     lines = [f"{info['path']}",
              f"  format:   {info['format']}",
-             f"  variant:  {info['variant']} ({info['variant_evidence']})"
+             f"  variant:  {info['model']} ({info['variant_evidence']})"
              + (f"; family {info['family']!r}" if info["family"] else ""),
              f"  config:   {info['config_source']}",
              f"  predicts: {info['prediction_type'] or '?'} ({info['prediction_source']})",
@@ -93,6 +104,10 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  unknown keys: {', '.join(info['unknown_keys'])}{more}")
     if info["placeholders"]:
         lines.append(f"  inert objects in the pickle: {', '.join(info['placeholders'])}")
+    unused = info["parts"].get("unused")
+    if unused:
+        lines.append(f"  unused:   {unused['tensors']} tensor(s) the model never reads (SD 2.x: OpenCLIP's logit_scale "
+                     "and text_projection; LDM-400M: the language-model head), not loaded")
     for k, v in info["metadata"].items():
         lines.append(f"  metadata {k}: {v}")
     return "\n".join(lines)

@@ -44,7 +44,10 @@ CLIP_NAMES = ("embeddings.", "encoder.", "final_layer_norm.")  # CLIP's modules,
 # LDM-400M's text tower (CompVis BERTEmbedder) sits directly under OLD_CLIP_PREFIX; its language-model
 # head is not needed for embeddings and is never read.
 LDM_TEXT_KEY = OLD_CLIP_PREFIX + "token_emb.weight"
-UNUSED_PREFIXES = (OLD_CLIP_PREFIX + "to_logits.",)
+# SD 2.x's OpenCLIP tower sits under its own prefix; its files also carry CLIP's contrastive temperature
+# and the pooled projection, which SD 2.x never uses (its context is a hidden state, not the pooled vector)
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+UNUSED_PREFIXES = (OLD_CLIP_PREFIX + "to_logits.", SD2_TEXT_PREFIX + "logit_scale", SD2_TEXT_PREFIX + "text_projection")
 
 # DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
 SCHEDULE_KEYS = frozenset({
@@ -61,7 +64,8 @@ SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
 # what a checkpoint can be: the families this package knows (variant name -> its `SDConfig.family` code),
 # those of them it loads today, then the kinds it names but does not load
 FAMILIES = {"SD v1": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "LDM-400M": "ldm"}
-LOADABLE = {"SD v1": "sd1", "LDM-400M": "ldm", "SDXL": "sdxl"}
+LOADABLE = {"SD v1": "sd1", "SD 2.x": "sd2", "LDM-400M": "ldm", "SDXL": "sdxl"}
+CONFIG_HINTS = {"LDM-400M": " (configs/ldm-400m.yaml)", "SD 2.x": " (configs/sd-v2-base.yaml or sd-v2-v.yaml)"}
 UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
@@ -69,8 +73,8 @@ KIND_NOTES = {"SDXL refiner": ": the refiner is an img2img model (it refines SDX
                               "with one text tower (OpenCLIP bigG) and aesthetic-score conditioning"}
 # UNet input channels of the image-conditioned kinds (text-to-image: 4)
 CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
-SUPPORTED_KINDS = ("Stable Diffusion v1.x text-to-image checkpoints (v1-1 ... v1-5 and fine-tunes of them), "
-                   "SDXL base 1.0 and LDM-400M are supported")
+SUPPORTED_KINDS = ("Stable Diffusion v1.x and 2.x text-to-image checkpoints (v1-1 ... v1-5, 2.0 / 2.1 base and v, "
+                   "and fine-tunes of them), SDXL base 1.0 and LDM-400M are supported")
 
 
 class CheckpointError(ValueError):
@@ -87,12 +91,14 @@ def canonical_key(key: str) -> str:
 
 def part_of(key: str) -> str:
     """unet / vae / text_encoder / ema / schedule / position_ids / unused / other, for a canonical key.
-    Every text tower lives under `cond_stage_model.transformer.` (CLIP one level deeper)."""
+    Every text tower lives under `cond_stage_model.transformer.` (CLIP one level deeper), but SD 2.x's
+    OpenCLIP under `cond_stage_model.model.` and SDXL's two under `conditioner.`."""
     if key in (POSITION_IDS, SDXL_POSITION_IDS):
         return "position_ids"
     if key.startswith(UNUSED_PREFIXES) or key == SDXL_LOGIT_SCALE:
         return "unused"
-    for part, prefix in [*PREFIXES.items(), ("text_encoder", OLD_CLIP_PREFIX), ("text_encoder", SDXL_TEXT_PREFIX)]:
+    for part, prefix in [*PREFIXES.items(), ("text_encoder", OLD_CLIP_PREFIX), ("text_encoder", SD2_TEXT_PREFIX),
+                         ("text_encoder", SDXL_TEXT_PREFIX)]:
         if key.startswith(prefix):
             return part
     if key.startswith("model_ema."):
@@ -160,8 +166,8 @@ def _text_family(shapes: dict[str, tuple], unet: str) -> tuple[str, str]:
 
 def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:
     """The one place a family is accepted: None (it loads) for a LOADABLE variant whose config family
-    matches (`family`: the config's, None for any), else why it does not. SD 2.x and SDXL are recognised
-    and refused for now; every other kind is named and refused. "unknown" passes: the missing component
+    matches (`family`: the config's, None for any), else why it does not; every other kind is named and
+    refused. "unknown" passes: the missing component
     is reported by `check_components`, with a better message."""
     if variant == "unknown":
         return None
@@ -170,9 +176,9 @@ def refusal(variant: str, evidence: str, where: str, family: str | None = None) 
             return None
         return (f"{where}: this is an {variant} checkpoint ({evidence}) but the config describes the {family!r} "
                 f"family; pass a config of family {LOADABLE[variant]!r}"
-                f"{' (configs/ldm-400m.yaml)' if variant == 'LDM-400M' else ''} or none")
+                f"{CONFIG_HINTS.get(variant, '')} or none")
     known = (f"; {variant} is recognised, but loading it is not wired in yet" if variant in FAMILIES else
-             f"; {variant} models are not supported{KIND_NOTES.get(variant, '')} (SD 2.x and SDXL files are recognised)")
+             f"; {variant} models are not supported{KIND_NOTES.get(variant, '')}")
     return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
 
 

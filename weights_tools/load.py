@@ -26,6 +26,8 @@ class IgnoredKeys(UserWarning):
 
 
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
+SD2_SOURCE = ("SD 2.x's own config, configs/sd-v2-base.yaml or sd-v2-v.yaml by the prediction type (no config "
+              "given, none in the file; every key and shape checked)")
 SDXL_SOURCE = "SDXL base's config, configs/sdxl-base.yaml (an SDXL checkpoint by its keys; no config given, none in the file; every key and shape checked)"
 LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
 
@@ -45,11 +47,23 @@ def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
             raise CheckpointError(f"config {config!r} is not a usable CompVis v1-inference.yaml: {e}") from e
     if src.config is not None:
         return src.config, src.config_source
-    if detect_variant(src.shapes)[0] == "LDM-400M":
+    variant = detect_variant(src.shapes)[0]
+    if variant == "LDM-400M":
         return load_config("ldm-400m"), LDM_SOURCE
-    if detect_variant(src.shapes)[0] == "SDXL":
+    if variant == "SD 2.x":
+        return sd2_default(None), SD2_SOURCE
+    if variant == "SDXL":
         return load_config("sdxl-base"), SDXL_SOURCE
     return SDConfig(), SD_V1_SOURCE
+
+
+def sd2_default(prediction: str | None) -> SDConfig:
+    """SD 2.x's own config for a file that names none: configs/sd-v2-base.yaml (512 px, epsilon) or, for a
+    v model, sd-v2-v.yaml (768 px). Before the prediction type is known (None) it is the base architecture
+    at 768 px and epsilon, so that it states nothing and `resolve_prediction` applies SD 2.x's rule."""
+    if prediction == "epsilon":
+        return load_config("sd-v2-base")
+    return load_config("sd-v2-v") if prediction == "v" else load_config("sd-v2-base").replace(image_size=96)
 
 
 def with_tokenizer(cfg: SDConfig, tokenizer, where: str) -> tuple[SDConfig, object]:
@@ -85,6 +99,8 @@ def open_checked(path, config=None, strict: bool = True, vae=None,
         warn_ignored(src.where, leftover_keys(src.shapes, cfg))
     variant = (src.variant or detect_variant(src.shapes))[0]
     prediction, _ = resolve_prediction(src, cfg, cfg_source, variant, prediction_type)
+    if cfg_source == SD2_SOURCE:  # the default size follows the prediction type: 512 px base, 768 px v
+        cfg = sd2_default(prediction)
     return src, cfg.replace(prediction_type=prediction), cfg_source
 
 
@@ -105,7 +121,8 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
                     vae=None, prediction_type=None, tokenizer=None) -> StableDiffusion:
-    """Load a Stable Diffusion v1.x checkpoint (.safetensors, .ckpt, diffusers folder) in eval mode.
+    """Load a Stable Diffusion v1.x / 2.x or LDM-400M checkpoint (.safetensors, .ckpt, diffusers folder) in
+    eval mode.
 
     `path` may also be a name in `weights_tools.registry.CHECKPOINTS` ("miniature": the shipped one).
     `config`: an SDConfig, a CompVis v1-inference.yaml path, or a configs/ name; by default the

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from models import SDConfig
+from models import TEXT_TOWERS, OpenCLIPTextConfig, SDConfig
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, said_in_metadata
@@ -25,8 +25,8 @@ from .openclip_keys import combine, hf_plan, openclip_config_from_hf
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
-             "of Stable Diffusion v1.x, SDXL base or LDM-400M, or a diffusers folder with unet/, vae/ and text_encoder/ "
-             "(SDXL: also text_encoder_2/; LDM-400M: bert/, unet/, vqvae/, tokenizer/)")
+             "of Stable Diffusion v1.x / 2.x, SDXL base or LDM-400M, or a diffusers folder with unet/, vae/ and "
+             "text_encoder/ (SDXL: also text_encoder_2/; LDM-400M: bert/, unet/, vqvae/, tokenizer/)")
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -281,15 +281,30 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
                    "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
     scheduler, sched_path = _read_scheduler(folder)
     if problem:
-        described = _describe_folder(folder, components, index, variant, problem)
-        described.prediction = _scheduler_prediction(scheduler, sched_path)
-        return described
+        return _describe_folder(folder, components, index, variant, problem, _scheduler_prediction(scheduler, sched_path))
     parts = {p: d for p, d in parts.items() if d in components}
     configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
-    cfg = diffusers_keys.sd_config(configs["unet"], configs.get("vae", diffusers_keys.SD_V1_VAE),
-                                   configs["text_encoder"], scheduler, str(folder))
-    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key, index, variant,
-                             _scheduler_prediction(scheduler, sched_path))
+    vae = configs.get("vae", diffusers_keys.SD_V1_VAE)
+    prediction = _scheduler_prediction(scheduler, sched_path)
+    if variant[0] == "SD 2.x":
+        try:
+            cfg = diffusers_keys.sd_config(configs["unet"], vae, configs["text_encoder"], scheduler, str(folder),
+                                           family="sd2", text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder)))
+        except CheckpointError as e:  # described for inspect, refused by load
+            return _describe_folder(folder, components, index, variant, str(e), prediction)
+        return open_sd2_diffusers(folder, parts, configs, cfg, index, variant, prediction)
+    cfg = diffusers_keys.sd_config(configs["unet"], vae, configs["text_encoder"], scheduler, str(folder))
+    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key, index, variant, prediction)
+
+
+def open_sd2_diffusers(folder: Path, parts: dict, configs: dict, cfg: SDConfig, index: dict, variant: tuple,
+                       prediction) -> Source:
+    """An SD 2.x folder: unet/ and vae/ map key by key as SD v1's; text_encoder/ holds transformers'
+    CLIPTextModel (23 layers, q/k/v apart), which becomes OpenCLIP's keys under `cond_stage_model.model.`,
+    each fused `in_proj_*` read from its three tensors only when the loader asks for it."""
+    src = _diffusers_source(folder, {p: d for p, d in parts.items() if p != "text_encoder"}, configs, cfg,
+                            diffusers_keys.to_ldm_key, index, variant, prediction)
+    return _with_openclip_tower(src, folder / parts["text_encoder"], TEXT_TOWERS[OpenCLIPTextConfig].prefix)
 
 
 def open_ldm_diffusers(folder: Path, variant: tuple) -> Source:
