@@ -8,7 +8,7 @@ tensor in the file's dtype may stay mapped from the file until it is used). The 
 the loader builds the model on the meta device and assigns each tensor as it is read, so the
 process ends up holding about one copy of the weights, not two.
 
-    python benchmarks/load_memory.py                                # sd-v1, ldm-400m, sdxl-base, float16
+    python benchmarks/load_memory.py                                # sd-v1, ldm-400m, sd-v2-v, sdxl-base, float16
     python benchmarks/load_memory.py --configs sdxl-base --dtype float32
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def child(*args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=["sd-v1", "ldm-400m", "sdxl-base"], help="names in configs/")
+    ap.add_argument("--configs", nargs="+", default=["sd-v1", "ldm-400m", "sd-v2-v", "sdxl-base"], help="names in configs/")
     ap.add_argument("--dtype", default="float16", choices=list(DTYPES))
     ap.add_argument("--dir", default=None, help="where the temporary checkpoints go (default: the system's)")
     ap.add_argument("--_write", nargs=3, help=argparse.SUPPRESS)
