@@ -165,7 +165,7 @@ def test_sweep_dtype_reaches_the_loader(tmp_path, golden_dir, monkeypatch):
     cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
     seen = []
 
-    def loader(ckpt, device, dtype):
+    def loader(ckpt, device, dtype, **load):
         seen.append(dtype)
         raise ValueError("loaded")  # enough: the sweep asked for the dtype given
     monkeypatch.setattr(p2p.sweep.command, "load_checkpoint", loader)
