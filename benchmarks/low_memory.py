@@ -1,13 +1,13 @@
 """Peak memory of the low-memory mode against the default path: `p2p.generate` and `p2p.edit`
 (Replace + LocalBlend) with `low_memory=True, offload=True` and without.
 
-SD v1.5-size model (~1.07B parameters, fp32) with constant weights (benchmarks/edit_overhead.py's
-`build_model(constant=True)`), CPU, two prompts with classifier-free guidance: the default path runs the UNet on a
+SD v1.5-size model (~1.07B parameters, fp32) with seeded random weights (benchmarks/edit_overhead.py's
+`build_model()`), CPU, two prompts with classifier-free guidance: the default path runs the UNet on a
 batch of 4, the low-memory one on 2 rows twice, and decodes one image at a time. Each variant runs
 once in a fresh subprocess, which reads `resource.getrusage(RUSAGE_SELF).ru_maxrss` after building
 the model and again after the whole call (text encoding, loop, VAE decode); the table gives the
-difference (what the call adds over the weights) and the process peak. The constant weights give
-non-finite pictures; the allocations, which depend on shapes alone, are the real ones. On a CPU
+difference (what the call adds over the weights) and the process peak. The pictures are noise; the
+allocations, which depend on shapes alone, are the real ones. On a CPU
 the offload moves nothing (every part is already on the CPU); on a GPU it keeps the text encoder
 and VAE off it while the UNet runs.
 
@@ -55,7 +55,7 @@ def run(sd, variant: str, size: int, steps: int):
 
 def memory_child(variant: str, size: int, steps: int) -> None:
     """Runs in a fresh process: peak RSS after building the model and after one call, and its time, as JSON."""
-    sd = build_model(constant=True)
+    sd = build_model()
     before = maxrss_bytes()
     t = time.perf_counter()
     run(sd, variant, size, steps)
@@ -75,7 +75,7 @@ def report(mem: dict, args) -> None:
     gib = 2 ** 30
     machine = [platform.platform(), platform.machine(), f"{os.cpu_count()} cores", f"torch {torch.__version__}",
                f"Python {platform.python_version()}"]
-    print(f"\n## Low-memory mode: SD v1.5-size model, constant weights, CPU fp32, {args.size}x{args.size}, "
+    print(f"\n## Low-memory mode: SD v1.5-size model, random weights, CPU fp32, {args.size}x{args.size}, "
           f"{args.steps} DDIM steps, 2 prompts + guidance\n")
     print(f"Command: `python {shlex.join(['benchmarks/low_memory.py', *sys.argv[1:]])}`  ")
     print(f"Machine: {', '.join(machine)}  ")
