@@ -147,22 +147,14 @@ def tiny_ldm_config():
 @functools.lru_cache(maxsize=None)
 def tiny_ldm(seed: int = O.SEED):
     """Our tiny LDM with seeded non-trivial weights, fp32, eval, no grad."""
-    from models import StableDiffusion
-
-    sd = StableDiffusion(tiny_ldm_config())
-    gen = torch.Generator().manual_seed(seed)
-    O.seeded_init_(sd.unet, gen, qk_gain=1.5)
-    O.seeded_init_(sd.vae, gen)
+    sd, gen = O.seeded_model(tiny_ldm_config(), seed)
     O.seeded_init_(sd.text_encoder, gen)
     return sd.float().eval().requires_grad_(False)
 
 
 def single_file_state(sd) -> dict[str, torch.Tensor]:
     """Our weights under CompVis' single-file keys, the LM head `to_logits` a real file carries added."""
-    from models import prefixes
-
-    out = {prefix + k: v.clone() for part, prefix in prefixes(sd.cfg).items()
-           for k, v in getattr(sd, part).state_dict().items()}
+    out = O.ldm_state_dict(sd)
     c = sd.cfg.text
     out["cond_stage_model.transformer.to_logits.weight"] = torch.ones(c.vocab_size, c.width)
     out["cond_stage_model.transformer.to_logits.bias"] = torch.ones(c.vocab_size)

@@ -56,25 +56,29 @@ def seeded_init_(module: torch.nn.Module, gen: torch.Generator, qk_gain: float =
 @functools.lru_cache(maxsize=None)
 def ours(seed: int = SEED):
     """Our tiny StableDiffusion (configs/tiny.yaml), seeded non-trivial weights, fp32, eval, no grad."""
-    from models import StableDiffusion, load_config
-
-    sd = StableDiffusion(load_config("tiny"))
-    gen = torch.Generator().manual_seed(seed)
-    seeded_init_(sd.unet, gen, qk_gain=1.5)
-    seeded_init_(sd.vae, gen)
+    sd, gen = seeded_model("tiny", seed)
     seeded_init_(sd.text_encoder, gen)
     return sd.float().eval().requires_grad_(False)
 
 
-def ldm_state_dict(sd) -> dict[str, torch.Tensor]:
-    """Our weights under the CompVis single-file keys (what a real SD v1 checkpoint looks like)."""
-    from models import PREFIXES
+def seeded_model(config, seed: int = SEED):
+    """A model of a config (or a shipped config's name) with seeded UNet (q/k gain 1.5) and VAE; the
+    generator, for the rest."""
+    from models import StableDiffusion, load_config
 
-    out = {}
-    for part, prefix in PREFIXES.items():
-        for k, v in getattr(sd, part).state_dict().items():
-            out[prefix + k] = v.clone()
-    return out
+    sd = StableDiffusion(load_config(config) if isinstance(config, str) else config)
+    gen = torch.Generator().manual_seed(seed)
+    seeded_init_(sd.unet, gen, qk_gain=1.5)
+    seeded_init_(sd.vae, gen)
+    return sd, gen
+
+
+def ldm_state_dict(sd) -> dict[str, torch.Tensor]:
+    """Our weights under the CompVis single-file keys of their family (what a real checkpoint holds)."""
+    from models import prefixes
+
+    return {prefix + k: v.clone() for part, prefix in prefixes(sd.cfg).items()
+            for k, v in getattr(sd, part).state_dict().items()}
 
 
 # ------------------------------------------------------------------------------ reference models

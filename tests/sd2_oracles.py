@@ -24,12 +24,7 @@ SD2_PREFIX = "cond_stage_model.model."
 @functools.lru_cache(maxsize=None)
 def ours(seed: int = O.SEED):
     """Our tiny SD 2.x model (v-prediction), seeded non-trivial weights, fp32, eval, no grad."""
-    from models import StableDiffusion, load_config
-
-    sd = StableDiffusion(load_config("tiny-sd2"))
-    gen = torch.Generator().manual_seed(seed)
-    O.seeded_init_(sd.unet, gen, qk_gain=1.5)
-    O.seeded_init_(sd.vae, gen)
+    sd, _ = O.seeded_model("tiny-sd2", seed)
     sd.text_encoder.load_state_dict(OC.seeded_tower(sd.cfg.text, seed).state_dict())
     return sd.float().eval().requires_grad_(False)
 
@@ -37,11 +32,8 @@ def ours(seed: int = O.SEED):
 @functools.lru_cache(maxsize=None)
 def single_file_state(seed: int = O.SEED) -> dict[str, torch.Tensor]:
     """Our weights as a real SD 2.x single file holds them, with its unused logit_scale and text_projection."""
-    from models import prefixes
-
     sd = ours(seed)
-    out = {prefix + k: v.clone() for part, prefix in prefixes(sd.cfg).items()
-           for k, v in getattr(sd, part).state_dict().items()}
+    out = O.ldm_state_dict(sd)
     width = sd.cfg.text.width
     out[SD2_PREFIX + "logit_scale"] = torch.tensor(4.6052)
     out[SD2_PREFIX + "text_projection"] = O.randn(width, width, seed=3) / width ** 0.5

@@ -26,12 +26,7 @@ CLIP_PREFIX, OPENCLIP_PREFIX = "conditioner.embedders.0.transformer.", "conditio
 @functools.lru_cache(maxsize=None)
 def ours(seed: int = O.SEED):
     """Our tiny SDXL, seeded non-trivial weights (fused q/k/v biases too), fp32, eval, no grad."""
-    from models import StableDiffusion, load_config
-
-    sd = StableDiffusion(load_config("tiny-sdxl"))
-    gen = torch.Generator().manual_seed(seed)
-    O.seeded_init_(sd.unet, gen, qk_gain=1.5)
-    O.seeded_init_(sd.vae, gen)
+    sd, gen = O.seeded_model("tiny-sdxl", seed)
     O.seeded_init_(sd.text_encoder, gen)
     with torch.no_grad():
         for block in sd.text_encoder.embedders[1].model.transformer.resblocks:
@@ -41,10 +36,7 @@ def ours(seed: int = O.SEED):
 
 def single_file_state(sd) -> dict[str, torch.Tensor]:
     """Our weights under the SDXL single file's keys (model.diffusion_model., first_stage_model., conditioner.)."""
-    from models import prefixes
-
-    return {prefix + k: v.clone() for part, prefix in prefixes(sd.cfg).items()
-            for k, v in getattr(sd, part).state_dict().items()}
+    return O.ldm_state_dict(sd)
 
 
 def unet_config(sd, ckpt) -> dict:
