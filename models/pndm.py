@@ -12,9 +12,11 @@ calls (981, 961, 961, 941, ..., 1 for 50). Call by call, e_k being the UNet outp
     call 3:        (23 e_3 - 16 e_2 + 5 e_0) / 12, then (55, -59, 37, -9) / 24 on the last four.
 
 The kept outputs are the state of one run: a sampler serves one run (sd.scheduler makes a fresh one).
-The outputs it extrapolates are eps: a v model's output is turned into eps at its own x and t before
-(sd.eps). diffusers' PNDMScheduler extrapolates the raw v and converts the result at the update's x and
-t instead, so for v models the two differ; for eps models (SD v1) they agree (tests/test_parity_pndm.py).
+What is extrapolated is what the model predicts, as in diffusers' PNDMScheduler: eps for an epsilon
+model; for a v model (SD 2.x 768-v) the call's v, recovered from the eps sd.eps made of it at the
+call's own x and t, is extrapolated, and the result turned into eps at the update's x and t. (eps at
+different x and t, extrapolated, would be a different sampler.) Both are held to diffusers in
+tests/test_parity_pndm.py.
 """
 from __future__ import annotations
 
@@ -39,12 +41,18 @@ class PLMSHistory:
 @dataclass(frozen=True)
 class PNDM:
     ddim: DDIM  # the noise schedule, the N step timesteps, and the update each call takes
+    prediction_type: str = "epsilon"  # what is extrapolated: the model's prediction, "epsilon" or "v"
     history: PLMSHistory = field(default_factory=PLMSHistory, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {self.prediction_type!r}")
 
     @classmethod
     def create(cls, num_steps: int = 50, steps_offset: int = 1, beta_start: float = 0.00085,
-               beta_end: float = 0.012, num_train_timesteps: int = 1000) -> "PNDM":
-        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps))
+               beta_end: float = 0.012, num_train_timesteps: int = 1000,
+               prediction_type: str = "epsilon") -> "PNDM":
+        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps), prediction_type)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -65,12 +73,27 @@ class PNDM:
                              f"and {h.calls} were made: a PLMS sampler keeps the history of one run; take a fresh "
                              f"one (sd.scheduler(..., sampler='pndm')) for each run and call it at its timesteps")
         call, h.calls = h.calls, h.calls + 1
+        pred = self.prediction(eps, t, x)
         if call == 1:  # the first step again, from the kept x, with the mean of both outputs
             x, h.x_first = h.x_first, None
-            return self.ddim.step((eps + h.outputs[-1]) / 2, expected[0], x)
+            return self.update((pred + h.outputs[-1]) / 2, expected[0], x)
         if call == 0:
             h.x_first = x
-        h.outputs = h.outputs[-3:] + [eps]
+        h.outputs = h.outputs[-3:] + [pred]
         weights, divisor = ADAMS_BASHFORTH[len(h.outputs)]
         e = sum(w * e_k for w, e_k in zip(weights, reversed(h.outputs))) / divisor
-        return self.ddim.step(e, t, x)
+        return self.update(e, t, x)
+
+    def prediction(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """What the model predicted at this call: eps itself, or v = (eps - sqrt(1 - a_t) x) / sqrt(a_t)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        a = self.ddim.alpha(t)
+        return ((eps.float() - (1 - a) ** 0.5 * x.float()) / a ** 0.5).to(eps.dtype)
+
+    def update(self, pred: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """DDIM's move from t with an extrapolated prediction, a v turned into eps at this x and t."""
+        if self.prediction_type == "v":
+            a = self.ddim.alpha(t)
+            pred = (a ** 0.5 * pred.float() + (1 - a) ** 0.5 * x.float()).to(pred.dtype)
+        return self.ddim.step(pred, t, x)

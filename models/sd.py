@@ -193,11 +193,14 @@ class StableDiffusion(nn.Module):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
         c = self.cfg
-        return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps)
+        # PLMS extrapolates what the model predicts; DDIM's step is the same for eps and v at one x and t
+        kind = {"prediction_type": c.prediction_type} if sampler == "pndm" else {}
+        return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps,
+                                        **kind)
 
 
 # name -> class with create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps);
-# pndm: PLMS as the reference's stable notebook, N + 1 UNet calls for N steps
+# pndm: PLMS as the reference's stable notebook, N + 1 UNet calls for N steps (create(..., prediction_type))
 SAMPLERS = {"ddim": DDIM, "pndm": PNDM}
 
 

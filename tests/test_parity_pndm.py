@@ -14,11 +14,11 @@ import oracles as O
 STEPS, GUIDANCE, H, W = 10, 7.5, 32, 48
 
 
-def ref_pndm(num_steps: int):
+def ref_pndm(num_steps: int, prediction_type: str = "epsilon"):
     from diffusers import PNDMScheduler
 
     s = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+                      skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     s.set_timesteps(num_steps)
     return s
 
@@ -65,6 +65,34 @@ def test_chained_run_matches_diffusers():
     diff, scale = O.compare(x_ours, x_ref)
     print(f"\n  PLMS 10-step chain: max|diff| = {diff:.3e}, ref scale {scale:.2f}", end="")
     assert diff <= 1e-5 * scale, diff
+
+
+@pytest.mark.parametrize("num_steps", [50, 10, 2, 1])
+def test_every_call_matches_diffusers_for_v_models(num_steps):
+    """A v model: diffusers extrapolates the raw v and turns the result into eps at the update's x and t.
+    Ours is given what sd.eps gives, the call's v turned into eps at the call's own x and t, and must
+    move the latents as diffusers does; extrapolating those eps instead would not (checked below)."""
+    ours, ref = PNDM.create(num_steps, prediction_type="v"), ref_pndm(num_steps, "v_prediction")
+    as_eps = PNDM.create(num_steps)  # the other sampler: eps extrapolated
+    worst, gap = 0.0, 0.0
+    for i, t in enumerate(ours.timesteps.tolist()):
+        x, v = O.randn(2, 4, 8, 6, seed=100 + i), O.randn(2, 4, 8, 6, seed=300 + i)
+        a = ours.ddim.alpha(t)
+        eps = a ** 0.5 * v + (1 - a) ** 0.5 * x  # sd.eps of a v model
+        r = ref.step(v, t, x).prev_sample
+        diff, scale = O.compare(ours.step(eps, t, x), r)
+        worst = max(worst, diff / scale)
+        assert diff <= 1e-5 * scale, f"call {i} (t={t}): max|diff| = {diff:.3e} (scale {scale:.2f})"
+        gap = max(gap, O.compare(as_eps.step(eps, t, x), r)[0] / scale)
+    print(f"\n  PLMS step, v model ({num_steps} steps, every call): worst max|diff|/scale = {worst:.3e}; "
+          f"eps extrapolated instead: {gap:.3e}", end="")
+    if num_steps > 1:  # one step is one DDIM move, where the two agree
+        assert gap > 1e-3, gap
+
+
+def test_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="'epsilon' or 'v'"):
+        PNDM.create(10, prediction_type="v_prediction")
 
 
 def test_first_step_is_taken_twice():

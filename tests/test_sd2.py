@@ -86,6 +86,28 @@ def test_generate_images_match_pipeline(runs, folder_model):
     assert ours.images.shape == (2, H, W, 3) and d8.max() <= 1
 
 
+def test_generate_pndm_matches_pipeline(folder_model, runs):
+    """PLMS on a v model: a 10-step generate(sampler="pndm") against the same pipeline with diffusers'
+    PNDMScheduler(prediction_type="v_prediction"), same x_T."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    base = S.pipeline()
+    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(**{**base.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    x_T = runs[3]
+    ours = generate(folder_model, PROMPTS, latents=x_T, num_steps=STEPS, guidance_scale=GUIDANCE, height=H,
+                    width=W, sampler="pndm", progress=False)
+    ref_z0 = pipe(PROMPTS, height=H, width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  latents=x_T.expand(2, -1, -1, -1).clone(), output_type="latent").images
+    diff, scale = O.compare(ours.latents, ref_z0)
+    report(f"SD 2.x v: generate(sampler='pndm') z0 vs pipeline + PNDMScheduler ({STEPS} steps)", diff, scale, 1e-4)
+    gap, _ = O.compare(runs[0].latents, ref_z0)  # DDIM's z0: the comparison tells the samplers apart
+    assert gap > 100 * max(diff, 1e-6), (gap, diff)
+
+
 def test_epsilon_reading_differs(runs, folder_model):
     """The v conversion matters: the same weights read as epsilon give another picture."""
     ours, _, _, x_T = runs
