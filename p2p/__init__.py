@@ -1,10 +1,10 @@
 """Prompt-to-Prompt image editing with cross-attention control."""
 from .blend import LocalBlend
-from .control import Refine, Replace, Reweight
+from .control import Edit, Refine, Replace, Reweight
 from .inversion import Inversion, invert
 from .pipeline import Output, edit, generate
 from .store import AttentionStore
 
 __version__ = "0.1.0"
-__all__ = ["AttentionStore", "Inversion", "LocalBlend", "Output", "Refine", "Replace", "Reweight", "edit",
+__all__ = ["AttentionStore", "Edit", "Inversion", "LocalBlend", "Output", "Refine", "Replace", "Reweight", "edit",
            "generate", "invert"]

@@ -29,9 +29,9 @@ Steps = Union[float, tuple, dict]
 
 
 @dataclass(frozen=True)
-class _Edit:
-    """Shared knobs. cross_replace_steps: a float f (inject for the first f of the steps), a
-    (start, end) pair, or a dict {"default_": ..., "word": ...} with per-word windows.
+class Edit:
+    """The base of every edit spec (Replace, Refine, Reweight and a researcher's own). Shared knobs:
+    cross_replace_steps: a float f (inject for the first f of the steps), a (start, end) pair, or a dict {"default_": ..., "word": ...} with per-word windows.
     self_replace_steps: a float or a pair. self_replace_max_res: inject self-attention only in
     layers whose latent side is at most this (16 in the stable notebook, 32 in null-text's)."""
     cross_replace_steps: Steps = 0.8
@@ -44,7 +44,7 @@ class _Edit:
 
 
 @dataclass(frozen=True)
-class Replace(_Edit):
+class Replace(Edit):
     """Word swap. `reference_tail=True` keeps the reference's misaligned tail after a swapped word
     with a different token count (see `align.replacement_mapper`)."""
     reference_tail: bool = False
@@ -55,7 +55,7 @@ class Replace(_Edit):
 
 
 @dataclass(frozen=True)
-class Refine(_Edit):
+class Refine(Edit):
     """Adding a phrase: source maps through the token alignment A(j); new tokens keep their own."""
 
     def cross_edit(self, tokenizer, prompts):
@@ -64,7 +64,7 @@ class Refine(_Edit):
 
 
 @dataclass(frozen=True)
-class Reweight(_Edit):
+class Reweight(Edit):
     """Scale the maps of chosen words by c. equalizer: {"word": c} or {"word": [c per edited prompt]}.
     base: None (reweight the source maps), or a Replace / Refine whose Edit runs first (its
     time schedule and self window are not used: Reweight's own apply, as in the reference)."""
