@@ -3,7 +3,7 @@
 Same seeded random weights on both sides (tiny config; references built with diffusers'/transformers'
 own CompVis-layout converters, see tests/oracles.py), fp32, TF32 off, CPU.
 
-    python benchmarks/parity_report.py            # prints the table for the README
+    python benchmarks/parity_report.py            # prints the table of docs/parity.md
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ another model (of the same shapes, where nothing else would notice) is refused.
 It must name any model - a loaded file, the shipped miniature, one built in memory - so it is taken
 from the weights, not from a file: every key and shape of `sd.state_dict()`, and SAMPLES values of
 every tensor at evenly spaced positions (first and last included). Cost: one small gather per
-tensor, never a pass over the weights (tests/test_fingerprint.py; the README has the full-size figure).
+tensor, never a pass over the weights (tests/test_fingerprint.py; docs/reliability.md has the full-size figure).
 
 Why the sample cannot collide by accident: two different checkpoints of one architecture (another
 training run, a fine-tune, a merged LoRA, another VAE) differ in practically every element of every

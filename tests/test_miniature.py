@@ -106,7 +106,7 @@ def test_a_run_split_into_its_stages_writes_the_same_file(tmp_path):
     """`--unet-steps 0` (the VAE stage), then `--init-from` that file `--fresh-unet` with the UNet
     stage's options, writes the bytes the whole run writes: the VAE stage does not depend on the
     caption or layout options, and the whole run reseeds its generator and re-encodes the pictures
-    with the fp16 VAE before its UNet stage, as the second command starts. (README, "Miniature".)"""
+    with the fp16 VAE before its UNet stage, as the second command starts. (docs/miniature.md.)"""
     from p2p.miniature.train import train
 
     kw = dict(n_data=12, vae_steps=3, vae_batch=2, batch=2, decoder_batch=2, progress=False)
@@ -263,7 +263,7 @@ def test_background_psnr_skips_a_seed_without_background():
 
 def test_the_command_line_defaults_are_train_defaults(tmp_path, monkeypatch):
     """`python -m p2p.miniature.train` with no options calls `train()` with train()'s own defaults
-    (the command that wrote the shipped file, README); --decoder-steps left out is None, which
+    (the command that wrote the shipped file, docs/miniature.md); --decoder-steps left out is None, which
     train() reads as 200 from scratch and 0 with --init-from (that file's decoder is kept)."""
     import inspect
 

@@ -1,6 +1,6 @@
 """Prompt-to-Prompt's claims, measured from the pixels on the shipped miniature Stable Diffusion.
 
-The same measurements as `python -m p2p.miniature.evaluate` (whose 100-seed table is in the README),
+The same measurements as `python -m p2p.miniature.evaluate` (whose 100-seed table is in docs/miniature.md),
 on seeds 0-11. Each bound holds for more than 99.9% of the 12-seed subsets of the 100-seed
 evaluation (`python -m p2p.miniature.evaluate --bounds-from` its `--json` file prints them), so a
 pass is not luck and a failure means the checkpoint or the method broke. Not asserted, because 12
@@ -71,7 +71,7 @@ def test_local_blend_swaps_the_colour_and_keeps_the_background(measured):
 
 
 def test_the_demo_writes_its_grid(tmp_path, mini, monkeypatch):
-    """The README's main command, with fewer steps."""
+    """The README's demo command, with fewer steps."""
     import p2p.cli
 
     monkeypatch.setattr(p2p.cli, "load_model", lambda ckpt, dtype="float32", **options: mini)

@@ -3,13 +3,13 @@
     p2p demo -o demo
 
 Each row is source | Prompt-to-Prompt edit | the edited prompt generated again from the same seed
-(the paper's baseline). The evaluation (`python -m p2p.miniature.evaluate`, README "Miniature")
+(the paper's baseline). The evaluation (`python -m p2p.miniature.evaluate`, docs/miniature.md)
 measures over 100 seeds what the rows show on one: Replace keeps the object where it was,
 regenerating from the same seed does not; with LocalBlend the colour swap keeps the background.
 The seeds here were picked for a clear picture. The first row swaps the background word, not the
 shape word: on this checkpoint the shape word barely changes the outline an edit keeps (the
 template reads the edited object as a square 7% of the time), and neither Reweight nor Refine
-shows on most seeds (README, "Miniature"), so they are left out. LocalBlend's mask comes from the
+shows on most seeds (docs/miniature.md), so they are left out. LocalBlend's mask comes from the
 16x16 maps (`BLEND_LEVEL`).
 """
 from __future__ import annotations

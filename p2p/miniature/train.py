@@ -13,7 +13,7 @@ Two stages, as SD v1 was built:
    2023), which learns layout and colour sooner. 10% of captions are dropped to "" so
    classifier-free guidance works. AdamW, linear warmup then cosine decay, grad-norm clip 1, EMA of
    the weights (the EMA is what is saved).
-Parts beyond SD's recipe (README, "Miniature", says what each measured). The defaults are the command
+Parts beyond SD's recipe (docs/miniature.md says what each measured). The defaults are the command
 that wrote the shipped file: `--decoder-steps 200 --layout-loss 0.1 --layout-from 0.5 --layout-to qk
 --layout-all-from 0.9 --bg-word-p 0.9`; `--vae-paste` is off.
 - `--vae-paste F`: F of each VAE batch is decoded from latents pasted from two pictures through a
@@ -183,7 +183,7 @@ def train_decoder_local(sd, imgs, mean, std, steps, batch, lr, g, log, progress=
     """Stage 1b: the decoder alone, on whole pictures (the encoder, hence every latent, is left as it
     is). As in `train_vae`, half of each batch is decoded from pasted latents (`paste`), here at the
     size pictures are generated at: what `--vae-paste` teaches on 32x32 crops barely carries over to
-    the GroupNorm statistics and mid-block attention of a whole 64x64 picture (README, "Miniature")."""
+    the GroupNorm statistics and mid-block attention of a whole 64x64 picture (docs/miniature.md)."""
     vae = sd.vae
     dev = next(vae.parameters()).device
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
