@@ -27,7 +27,7 @@ def pooled_and_sizes(cfg: SDConfig, context, height: int, width: int):
     """SDXL: the context's last row is the pooled vector (models/sdxl_text.py); y is it and the picture's
     size ids, with diffusers' pipeline defaults (original and target size = the picture's, crop (0, 0))."""
     context, pooled = split_pooled(context, cfg.text.pooled_dim)
-    return context, vector_conditioning(pooled, cfg.text.size_embed_dim, height, width)
+    return context, vector_conditioning(pooled, height, width, size_embed_dim=cfg.text.size_embed_dim)
 
 
 # ---- checks across the parts of one config

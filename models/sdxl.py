@@ -13,6 +13,7 @@ import torch
 
 from .unet import timestep_embedding
 
+BASE_SIZE_EMBED_DIM = 256  # SDXL base's width of each size number's embedding: a default, the config says
 N_SIZE_IDS = 6        # original (h, w), crop (top, left), target (h, w)
 
 
@@ -27,8 +28,8 @@ def size_ids(height: int, width: int, original_size=None, crop_top_left=(0, 0), 
     return ids
 
 
-def vector_conditioning(pooled: torch.Tensor, size_embed_dim: int, height: int, width: int, original_size=None,
-                        crop_top_left=(0, 0), target_size=None) -> torch.Tensor:
+def vector_conditioning(pooled: torch.Tensor, height: int, width: int, original_size=None, crop_top_left=(0, 0),
+                        target_size=None, size_embed_dim: int = BASE_SIZE_EMBED_DIM) -> torch.Tensor:
     """y (B, pooled_dim + 6 * size_embed_dim) for `unet(x, t, context, y=y)`, from the pooled text
     embeddings (B, pooled_dim) and the size conditioning shared by the batch (see `size_ids`), each
     number embedded at `size_embed_dim` channels."""

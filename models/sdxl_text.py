@@ -27,6 +27,7 @@ from torch import nn
 from .clip import BANG, EOS, CLIPTextModel, Tokenizer
 from .config import CLIPTextConfig
 from .openclip import VIT_BIGG_14, OpenCLIPTextConfig, OpenCLIPTextModel
+from .sdxl import BASE_SIZE_EMBED_DIM
 
 # SDXL's first tower: CLIP ViT-L/14 read at hidden_states[-2] (SGM: layer "hidden", layer_idx 11)
 SDXL_CLIP_L = CLIPTextConfig(output_layer="penultimate", final_ln=False)
@@ -41,7 +42,7 @@ class SDXLTextConfig:
     zeros_for_empty: bool = True
     # channels of each size number's sinusoidal embedding in the vector conditioning (models/sdxl.py):
     # SGM's ConcatTimestepEmbedderND `outdim`, diffusers' `addition_time_embed_dim`; SDXL base: 256
-    size_embed_dim: int = 256
+    size_embed_dim: int = BASE_SIZE_EMBED_DIM
 
     def __post_init__(self):
         if self.size_embed_dim <= 0 or self.size_embed_dim % 2:

@@ -13,7 +13,7 @@ from pathlib import Path
 from models import FAMILIES, PREFIXES, CLIPTextConfig, LDMBertConfig, SDConfig, UNetConfig, VAEConfig
 from models.sdxl_text import SDXL_CLIP_L, SDXLTextConfig
 
-from .layout import CheckpointError
+from .layout import BadConfig, CheckpointError
 from .openclip_keys import openclip_config_from_hf
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -180,17 +180,17 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
     except CheckpointError:
         raise  # already names the file and the problem
     except KeyError as e:
-        raise CheckpointError(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
+        raise BadConfig(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{where}: a diffusers config.json has a value of the wrong kind ({e}); "
-                              "cannot tell the architecture") from e
+        raise BadConfig(f"{where}: a diffusers config.json has a value of the wrong kind ({e}); "
+                        "cannot tell the architecture") from e
     if scheduler:
         kw.update(linear_start=scheduler.get("beta_start", 0.00085), linear_end=scheduler.get("beta_end", 0.012),
                   num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
     try:
         return SDConfig(**kw)
     except ValueError as e:  # the parts' configs disagree (SDXL: the vector conditioning's width)
-        raise CheckpointError(f"{where}: {e}") from e
+        raise BadConfig(f"{where}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------- LDM-400M
@@ -271,8 +271,8 @@ def sdxl_unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
                               "SDXL's vector conditioning is 'text_time'")
     for name in ("projection_class_embeddings_input_dim", "addition_time_embed_dim"):
         if not isinstance(c.get(name), int) or c[name] <= 0:
-            raise CheckpointError(f"{where}: unet/config.json has {name}={c.get(name)!r}; SDXL's vector conditioning "
-                                  "needs it (base: projection_class_embeddings_input_dim 2816, addition_time_embed_dim 256)")
+            raise BadConfig(f"{where}: unet/config.json has {name}={c.get(name)!r}; SDXL's vector conditioning "
+                            "needs it (base: projection_class_embeddings_input_dim 2816, addition_time_embed_dim 256)")
     ucfg, sample = unet_config({k: v for k, v in c.items() if k not in SDXL_TEXT_TIME}, where)
     attends = ["CrossAttn" in t for t in c["down_block_types"]]
     depth = ucfg.transformer_depth

@@ -104,6 +104,12 @@ class CheckpointError(ValueError):
     and what is supported, in one paragraph."""
 
 
+class BadConfig(CheckpointError):
+    """A checkpoint's own config files cannot describe a model: unreadable, a value missing or of the wrong
+    kind, or parts that disagree. Refused by loading and inspection alike, before any weight file is opened
+    (where a readable config describes a model this package does not run, the folder is described instead)."""
+
+
 def canonical_key(key: str) -> str:
     """The key in today's layout: old files write CLIP without the `text_model.` level."""
     if key.startswith(OLD_CLIP_PREFIX) and key[len(OLD_CLIP_PREFIX):].startswith(CLIP_NAMES):

@@ -62,9 +62,9 @@ def with_tokenizer(cfg: SDConfig, tokenizer, where: str) -> tuple[SDConfig, obje
     vocabularies come with the library (CLIP's BPE with open_clip)."""
     if tokenizer is not None:
         if not hasattr(cfg.text, "vocab"):
-            raise CheckpointError(f"{where}: tokenizer= names a vocabulary file, which only a text tower without its "
-                                  f"own (LDM-400M's BERT) reads; this {FAMILIES[cfg.family].name} model tokenises "
-                                  "with CLIP's own vocabulary: leave it out")
+            raise CheckpointError(f"{where}: tokenizer= names a BERT vocabulary, which only LDM-400M reads (a text "
+                                  f"tower whose vocabulary is not in the file); this {FAMILIES[cfg.family].name} "
+                                  "model tokenises with CLIP's own vocabulary: leave it out")
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab=str(tokenizer)))
     try:
         return cfg, FAMILIES[cfg.family].tokenizer(cfg.text)

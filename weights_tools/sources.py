@@ -20,7 +20,7 @@ from models import SDConfig
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, said_in_metadata
-from .layout import (CheckpointError, FolderLayout, canonical_key, check_plausible, detect_variant,
+from .layout import (SUPPORTED_KINDS, BadConfig, CheckpointError, FolderLayout, canonical_key, check_plausible, detect_variant,
                      family_code, refusal)
 from .layouts import LAYOUTS
 from .openclip_keys import combine, hf_plan
@@ -256,9 +256,9 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from e
+        raise BadConfig(f"{path}: unreadable config ({e})") from e
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a config.json is a mapping of settings, got a {type(data).__name__}")
+        raise BadConfig(f"{path}: a config.json is a mapping of settings, got a {type(data).__name__}")
     return data
 
 
@@ -281,10 +281,19 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
         return _describe_folder(folder, components, index, variant, problem or f"{folder}: {variant[1]}; {SUPPORTED}",
                                 prediction)
     layout = LAYOUTS[code].folder
+    missing = [d for p, d in layout.parts.items() if d not in components and not (p == "vae" and vae_given)]
+    if missing:  # described for inspect, refused by load
+        dirs, needs = ", ".join(d + "/" for d in missing), ", ".join(d + "/" for d in layout.parts.values())
+        problem = (f"{folder}: this is a {variant[0]} checkpoint ({variant[1]}), but it lacks {dirs}: a diffusers "
+                   f"folder without {dirs} (missing component) does not load; it needs {needs}, each with config.json "
+                   f"and weights; {SUPPORTED_KINDS}")
+        return _describe_folder(folder, components, index, variant, problem, prediction)
     try:
-        parts, configs, cfg = _folder_config(folder, layout, components, index, scheduler, vae_given)
-    except CheckpointError as e:  # described for inspect, refused by load
-        problem = f"{folder}: this is a {variant[0]} checkpoint ({variant[1]}), but {e}"
+        parts, configs, cfg = _folder_config(folder, layout, components, index, scheduler)
+    except BadConfig as e:  # refused everywhere, before any weight file is opened
+        raise BadConfig(f"{folder}: this is a {variant[0]} checkpoint ({variant[1]}), but {e}") from e
+    except CheckpointError as e:  # a model this package does not run: described for inspect, refused by load
+        problem = f"{folder}: this is a {variant[0]} checkpoint ({variant[1]}), but {e}; {SUPPORTED_KINDS}"
         return _describe_folder(folder, components, index, variant, problem, prediction)
     src = _diffusers_source(folder, {p: d for p, d in parts.items() if d not in layout.openclip_towers}, configs, cfg,
                             layout.key, index, variant, prediction)
@@ -293,13 +302,8 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
     return src
 
 
-def _folder_config(folder: Path, layout: FolderLayout, components: list, index: dict, scheduler, vae_given: bool):
+def _folder_config(folder: Path, layout: FolderLayout, components: list, index: dict, scheduler):
     """(parts present, their config.json files, SDConfig) of a family's folder, or a CheckpointError."""
-    missing = [d for p, d in layout.parts.items() if d not in components and not (p == "vae" and vae_given)]
-    if missing:
-        dirs, needs = ", ".join(d + "/" for d in missing), ", ".join(d + "/" for d in layout.parts.values())
-        raise CheckpointError(f"it lacks {dirs}: a diffusers folder without {dirs} (missing component) does not load; "
-                              f"it needs {needs}, each with config.json and weights")
     parts = {p: d for p, d in layout.parts.items() if d in components}
     configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
     configs.setdefault("vae", diffusers_keys.SD_V1_VAE)
