@@ -72,6 +72,17 @@ def with_tokenizer(cfg: SDConfig, tokenizer, where: str) -> tuple[SDConfig, obje
         raise CheckpointError(f"{where}: {e}") from e
 
 
+def tokenizer_for(ckpt, tokenizer=None, config=None):
+    """The tokenizer a checkpoint's text tower reads, from its config alone (headers and config files; no
+    tensor is read), so words can be checked before loading with the tokenizer loading will give:
+    CLIP's BPE for SD 1.x / 2.x / SDXL (with each family's padding), BERT's WordPiece for LDM-400M.
+    `ckpt`: a path or a registry name; `tokenizer`, `config`: as `load_checkpoint`'s."""
+    src = open_source(resolve_checkpoint(ckpt))
+    if src.problem:
+        raise CheckpointError(src.problem)
+    return with_tokenizer(resolve_config(src, config).config, tokenizer, src.where)[1]
+
+
 def open_checked(path, config=None, strict: bool = True, vae=None,
                  prediction_type=None) -> tuple[Source, SDConfig, str]:
     """Open (the VAE swapped in from `vae` if given), resolve the config and the prediction type and
