@@ -1,5 +1,6 @@
 """The single-file (CompVis / LDM) key layout: which key belongs to which part, what a loader ignores,
-which variant a file is, and whether its shapes fit a config.
+which variant a file is, and whether its shapes fit a config. The per-family facts come from the
+file-side table `LAYOUTS` (rows of `Layout`, filled by weights_tools/layouts.py).
 
 Everything here works on a `{key: shape}` mapping, never on tensor data, so `inspect_checkpoint`
 and `load_checkpoint` share it and a full-size file can be checked from its header alone.
@@ -47,10 +48,6 @@ class Layout:
 
 # code -> Layout, in recognition order (a single file is the first family whose `recognise` answers)
 LAYOUTS: dict[str, Layout] = {}
-
-
-def layout_of(code: str) -> Layout:
-    return LAYOUTS[code]
 
 
 def family_name(code: str) -> str:
