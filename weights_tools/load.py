@@ -17,7 +17,7 @@ from models import FAMILIES, SDConfig, StableDiffusion, load_config, prefixes
 
 from .family import resolve_prediction
 from .layout import CheckpointError, family_code, leftover_keys, model_keys, model_shapes, validate_shapes
-from .layouts import LAYOUTS, SD2_SOURCE, SD_V1_SOURCE, sd2_default  # noqa: F401  (names callers import from here)
+from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
 from .registry import resolve_checkpoint
 from .sources import Source, open_source
 from .vae_swap import open_vae, with_vae
