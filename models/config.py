@@ -13,10 +13,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
-
-from .ldmbert import LDMBertConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -138,7 +137,28 @@ class CLIPTextConfig:
     def __post_init__(self):
         check_output_layer(self.output_layer, self.layers)
 
+    @classmethod
+    def from_ldm(cls, params: dict) -> "CLIPTextConfig":
+        """From a CompVis `FrozenCLIPEmbedder`'s params: CLIP ViT-L/14 unless a `tiny_clip_text` block
+        (tests) gives the sizes."""
+        t = params.get("tiny_clip_text")
+        if t is None:
+            return cls()
+        return cls(vocab_size=t["vocab_size"], max_position_embeddings=t["max_position_embeddings"],
+                   width=t["width"], layers=t["layers"], heads=t["heads"], intermediate_size=t["intermediate_size"],
+                   hidden_act=t.get("hidden_act", "quick_gelu"), layer_norm_eps=t.get("layer_norm_eps", 1e-5))
 
+    def to_ldm(self) -> dict:
+        """The inverse of `from_ldm`: a CompVis cond_stage_config (a `tiny_clip_text` block where sizes differ)."""
+        cond = {"target": CLIP_EMBEDDER}
+        if self != CLIPTextConfig():
+            cond["params"] = {"tiny_clip_text": {k: getattr(self, k) for k in TINY_CLIP_FIELDS}}
+        return cond
+
+
+CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"  # SD v1's cond_stage_config target
+TINY_CLIP_FIELDS = ("vocab_size", "max_position_embeddings", "width", "layers", "heads", "intermediate_size",
+                    "hidden_act", "layer_norm_eps")
 OUTPUT_LAYERS = ("last", "penultimate")
 
 
@@ -201,11 +221,52 @@ OPENCLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"  # SD 
 TINY_OPENCLIP_FIELDS = ("vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio")
 
 
-FAMILIES = ("sd1", "sd2", "sdxl", "ldm")
-# readers of an SGM `conditioner_config` into a text config, by family; filled by the module that
-# defines that family's text config (models/sdxl_text.py), which imports this one
-CONDITIONERS: dict = {}
 PREDICTION_TYPES = ("epsilon", "v")  # CompVis configs say `parameterization: "v"`; absent means epsilon
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family, the model side: everything shared code needs to build, condition and describe a
+    model of it. One row per family in `FAMILIES` (models/families.py fills it); weights_tools' file-side
+    rows (weights_tools/layouts.py) are keyed by the same `code`.
+
+    The text side is one module built from one config (`text_config`), which may hold several towers
+    (SDXL: CLIP-L and bigG; `towers` lists them); its module names are the single file's keys under
+    `text_prefix`. `conditioning` turns what the text encoder gives into what the denoiser reads."""
+    code: str                   # the key of FAMILIES and of SDConfig.family ("sd1", "sdxl", ...)
+    name: str                   # what people call it, in messages and `p2p inspect` ("SD v1", "SDXL")
+    text_config: type           # the dataclass of its text conditioning (all towers)
+    text_encoder: type          # nn.Module(text config): token ids -> the context tensor
+    tokenizer: Callable         # text config -> its tokenizer (encode, decode, __call__, bos, eos, pad, length)
+    text_prefix: str            # the text encoder's key prefix in the single-file layout
+    towers: Callable            # text config -> tuple of its towers' configs (bounds checks, reports)
+    conditioning: Callable      # (SDConfig, context, height, width) -> (cross-attention context, vector y or None)
+    read_text: Callable         # a CompVis / SGM `model.params` dict -> text config
+    write_text: Callable        # text config -> the `model.params` entries that describe it
+    default_config: str         # configs/<name>.yaml: the config of a file that says nothing about itself
+    image_size: Callable        # (the config's image_size or None, prediction type) -> latent side trained at
+    scale_factor: float         # the VAE latent scale of a config that names none
+    check: Callable             # SDConfig -> None, or a ValueError naming what disagrees and the fix
+    reads: Callable | None = None  # `model.params` -> whether it describes this family; None: the fallback
+    unet_key: str = "unet_config"  # the params' name for the denoiser's config (SGM: network_config)
+
+
+# code -> Family, filled by models/families.py (which imports every text tower module); in reading order:
+# `SDConfig.from_ldm` takes the first row whose `reads` accepts a config, else the row whose `reads` is None
+FAMILIES: dict[str, Family] = {}
+
+
+def family(code: str) -> Family:
+    """The row of FAMILIES for `code`, or a ValueError naming the known codes."""
+    if code not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {code!r}")
+    return FAMILIES[code]
+
+
+def family_of_params(p: dict) -> Family:
+    """The family a CompVis / SGM `model.params` dict describes (see FAMILIES)."""
+    found = next((f for f in FAMILIES.values() if f.reads is not None and f.reads(p)), None)
+    return found or next(f for f in FAMILIES.values() if f.reads is None)
 
 
 @dataclass(frozen=True)
@@ -218,12 +279,16 @@ class SDConfig:
     linear_end: float = 0.012
     num_train_timesteps: int = 1000
     image_size: int = 64  # latent side the model was trained at (64 -> 512 px for SD v1)
-    family: str = "sd1"              # one of FAMILIES: which text tower, conditioning and defaults
+    family: str = "sd1"              # a key of FAMILIES: which text tower, conditioning and defaults
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (noise) or "v" (SD 2.x 768)
+    shift_factor: float = 0.0  # latents = (VAE mean - shift_factor) * scale_factor (0 but for later families)
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        fam = family(self.family)
+        if not isinstance(self.text, fam.text_config):
+            raise ValueError(f"family {self.family!r} reads its text with {fam.text_config.__name__}, "
+                             f"got a {type(self.text).__name__}")
+        fam.check(self)
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                              f"got {self.prediction_type!r}")
@@ -261,17 +326,13 @@ class SDConfig:
             ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"],
             embed_dim=fs.get("embed_dim", dd["z_channels"]), resolution=dd.get("resolution", 256),
             attn_resolutions=tuple(dd.get("attn_resolutions", ())))
-        if "conditioner_config" in p:  # SGM's layout (SDXL): a list of embedders, trained at 1024 px
-            text, family = CONDITIONERS["sdxl"](p["conditioner_config"]), "sdxl"
-        else:
-            text, family = text_from_ldm(p.get("cond_stage_config") or {})
+        fam = family_of_params(p)
         prediction = prediction_type(p.get("parameterization", "eps"))
-        image_size = p.get("image_size", 128 if family == "sdxl" else 64)
-        if family == "sd2" and prediction == "v" and image_size == 64:
-            image_size = 96  # v2-inference-v.yaml says 64, but the v models were trained at 768 px
-        return cls(unet=unet, vae=vae, text=text, family=family, scale_factor=p.get("scale_factor", 0.18215),
+        return cls(unet=unet, vae=vae, text=fam.read_text(p), family=fam.code,
+                   scale_factor=p.get("scale_factor", fam.scale_factor), shift_factor=p.get("shift_factor", 0.0),
                    linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
-                   num_train_timesteps=p.get("timesteps", 1000), image_size=image_size, prediction_type=prediction)
+                   num_train_timesteps=p.get("timesteps", 1000), image_size=fam.image_size(p.get("image_size"), prediction),
+                   prediction_type=prediction)
 
     def to_ldm(self) -> dict:
         """The inverse of `from_ldm`: a CompVis-style config dict (JSON/YAML serialisable)."""
@@ -280,30 +341,21 @@ class SDConfig:
         ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=v.resolution, in_channels=v.in_channels,
                         out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks,
                         attn_resolutions=list(v.attn_resolutions), dropout=0.0)
-        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
-        if isinstance(t, (LDMBertConfig, OpenCLIPTextConfig)):
-            cond = t.to_ldm()
-        elif isinstance(t, CLIPTextConfig) and t != CLIPTextConfig():
-            cond["params"] = {"tiny_clip_text": dict(
-                vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings, width=t.width,
-                layers=t.layers, heads=t.heads, intermediate_size=t.intermediate_size,
-                hidden_act=t.hidden_act, layer_norm_eps=t.layer_norm_eps)}
+        fam = family(self.family)
         params = dict(
             linear_start=self.linear_start, linear_end=self.linear_end, num_timesteps_cond=1,
             timesteps=self.num_train_timesteps, first_stage_key="jpg", cond_stage_key="txt",
             image_size=self.image_size, channels=u.in_channels, cond_stage_trainable=False,
             conditioning_key="crossattn", scale_factor=self.scale_factor, use_ema=False,
-            unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            **{fam.unet_key: {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet}},
             first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL",
                                 "params": dict(embed_dim=v.embed_dim, ddconfig=ddconfig,
                                                lossconfig={"target": "torch.nn.Identity"})},
-            cond_stage_config=cond)
+            **fam.write_text(t))
+        if self.shift_factor:
+            params["shift_factor"] = self.shift_factor
         if self.prediction_type == "v":
             params["parameterization"] = "v"
-        if self.family == "sdxl":  # SGM's names for the UNet and the text conditioning
-            params["network_config"] = params.pop("unet_config")
-            params["conditioner_config"] = t.to_sgm()
-            del params["cond_stage_config"]
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
     def to_json(self) -> str:
@@ -311,24 +363,6 @@ class SDConfig:
 
     def replace(self, **kw) -> "SDConfig":
         return dataclasses.replace(self, **kw)
-
-
-def text_from_ldm(cond: dict) -> tuple:
-    """(text config, family) from a CompVis `cond_stage_config`: FrozenCLIPEmbedder (SD 1; CLIP ViT-L/14
-    unless a `tiny_clip_text` block gives the sizes), FrozenOpenCLIPEmbedder (SD 2.x) or BERTEmbedder (LDM)."""
-    target, cs = str(cond.get("target", "")), cond.get("params") or {}
-    if target.endswith("BERTEmbedder"):  # LDM-400M's LDMBert
-        return LDMBertConfig.from_ldm(cs), "ldm"
-    if target.endswith("FrozenOpenCLIPEmbedder"):
-        return OpenCLIPTextConfig.from_ldm(cs), "sd2"
-    if "tiny_clip_text" in cs:
-        t = cs["tiny_clip_text"]
-        return CLIPTextConfig(
-            vocab_size=t["vocab_size"], max_position_embeddings=t["max_position_embeddings"],
-            width=t["width"], layers=t["layers"], heads=t["heads"],
-            intermediate_size=t["intermediate_size"], hidden_act=t.get("hidden_act", "quick_gelu"),
-            layer_norm_eps=t.get("layer_norm_eps", 1e-5)), "sd1"
-    return CLIPTextConfig(), "sd1"
 
 
 def prediction_type(parameterization: str) -> str:

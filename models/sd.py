@@ -2,53 +2,21 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .clip import CLIPTextModel, default_tokenizer
-from .config import CLIPTextConfig, OpenCLIPTextConfig, SDConfig
+from .config import SDConfig, family
 from .ddim import DDIM, alphas_cumprod
-from .ldmbert import LDMBertConfig, LDMBertModel
-from .openclip import OpenCLIPTextModel, openclip_tokenizer
+from .families import FAMILIES
 from .pndm import PNDM
-from .sdxl import vector_conditioning
-from .sdxl_text import SDXLTextConfig, SDXLTextModel, split_pooled
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
 
-@dataclass(frozen=True)
-class TextTower:
-    """How a family's text encoder plugs in: the module its config builds, the tokenizer that goes with
-    it (a function of the config), and the module's key prefix in the single-file layout."""
-    module: type
-    tokenizer: Callable
-    prefix: str
-
-
-# one row per text-tower config class; a family with a new tower adds a row
-TEXT_TOWERS = {
-    CLIPTextConfig: TextTower(CLIPTextModel, lambda cfg: default_tokenizer(), "cond_stage_model.transformer.text_model."),
-    LDMBertConfig: TextTower(LDMBertModel, LDMBertConfig.tokenizer, "cond_stage_model.transformer."),
-    OpenCLIPTextConfig: TextTower(OpenCLIPTextModel, lambda cfg: openclip_tokenizer(), "cond_stage_model.model."),  # SD 2.x
-    SDXLTextConfig: TextTower(SDXLTextModel, SDXLTextConfig.tokenizer, "conditioner."),  # both towers, one module
-}
-
-
-def text_tower(cfg: SDConfig) -> TextTower:
-    try:
-        return TEXT_TOWERS[type(cfg.text)]
-    except KeyError:
-        raise ValueError(f"no text tower is known for {type(cfg.text).__name__}; "
-                         f"known: {', '.join(c.__name__ for c in TEXT_TOWERS)}") from None
-
-
 def prefixes(cfg: SDConfig) -> dict[str, str]:
     """Checkpoint prefix of each part, in the original single-file layout, for this config's family."""
-    return {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": text_tower(cfg).prefix}
+    return {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": family(cfg.family).text_prefix}
 
 
 PREFIXES = prefixes(SDConfig())  # SD v1's
@@ -103,11 +71,11 @@ class StableDiffusion(nn.Module):
         ids bos, eos, pad, and length (token positions, 77)."""
         super().__init__()
         self.cfg = cfg
-        tower = text_tower(cfg)
+        fam = FAMILIES[cfg.family]
         self.unet = UNetModel(cfg.unet)
         self.vae = AutoencoderKL(cfg.vae)
-        self.text_encoder = tower.module(cfg.text)
-        self.tokenizer = tokenizer if tokenizer is not None else tower.tokenizer(cfg.text)
+        self.text_encoder = fam.text_encoder(cfg.text)
+        self.tokenizer = tokenizer if tokenizer is not None else fam.tokenizer(cfg.text)
         with torch.device("cpu"):  # a plain tensor, not a buffer: never on the meta device a loader builds on
             self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps)
 
@@ -139,14 +107,10 @@ class StableDiffusion(nn.Module):
         return context
 
     def conditioning(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the context cross-attention reads, the UNet's vector conditioning y or None). SDXL: the
-        text tensor's last row is the pooled vector; y adds the size ids of x's picture, with diffusers'
-        pipeline defaults (original and target size = the picture's, crop (0, 0))."""
-        if not self.cfg.unet.adm_in_channels:
-            return context, None
-        context, pooled = split_pooled(context, self.cfg.text.pooled_dim)
+        """(the context cross-attention reads, the UNet's vector conditioning y or None), as the family's
+        `conditioning` makes them for x's picture size (SDXL: the pooled row and the size ids)."""
         f = self.latent_downsample
-        return context, vector_conditioning(pooled, x.shape[-2] * f, x.shape[-1] * f)
+        return FAMILIES[self.cfg.family].conditioning(self.cfg, context, x.shape[-2] * f, x.shape[-1] * f)
 
     def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None) -> torch.Tensor:
         """The UNet's noise prediction eps(x_t, t, context): its output as it is for an epsilon model; a
@@ -172,7 +136,7 @@ class StableDiffusion(nn.Module):
         dtype = self.vae_dtype(upcast)
         with as_dtype(self.vae, dtype):
             mean, _ = self.vae.encode_moments(images.to(self.device, dtype))
-        return (mean * self.cfg.scale_factor).to(self.dtype)
+        return ((mean - self.cfg.shift_factor) * self.cfg.scale_factor).to(self.dtype)
 
     def decode(self, latents: torch.Tensor, upcast: bool | None = None, low_memory: bool = False,
                tile: int = TILE) -> torch.Tensor:
@@ -180,7 +144,7 @@ class StableDiffusion(nn.Module):
         ran in. `upcast`: run the VAE in fp32 (see `vae_dtype`). low_memory: one image at a time, and
         latents with a side above `tile` in overlapping tiles (see decode_tiled)."""
         dtype = self.vae_dtype(upcast)
-        z = latents.to(self.device, dtype) / self.cfg.scale_factor
+        z = latents.to(self.device, dtype) / self.cfg.scale_factor + self.cfg.shift_factor
         with as_dtype(self.vae, dtype):
             if not low_memory:
                 return self.vae.decode(z)

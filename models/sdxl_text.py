@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .clip import BANG, EOS, CLIPTextModel, Tokenizer
-from .config import CONDITIONERS, CLIPTextConfig
+from .config import CLIPTextConfig
 from .openclip import VIT_BIGG_14, OpenCLIPTextConfig, OpenCLIPTextModel
+from .sdxl import BASE_SIZE_EMBED_DIM
 
 # SDXL's first tower: CLIP ViT-L/14 read at hidden_states[-2] (SGM: layer "hidden", layer_idx 11)
 SDXL_CLIP_L = CLIPTextConfig(output_layer="penultimate", final_ln=False)
@@ -39,8 +40,14 @@ class SDXLTextConfig:
     # the empty prompt encodes to zeros (context and pooled), as SDXL base's pipeline config says
     # (force_zeros_for_empty_prompt) and as SGM drops text in training; False: the "" encoding
     zeros_for_empty: bool = True
+    # channels of each size number's sinusoidal embedding in the vector conditioning (models/sdxl.py):
+    # SGM's ConcatTimestepEmbedderND `outdim`, diffusers' `addition_time_embed_dim`; SDXL base: 256
+    size_embed_dim: int = BASE_SIZE_EMBED_DIM
 
     def __post_init__(self):
+        if self.size_embed_dim <= 0 or self.size_embed_dim % 2:
+            raise ValueError(f"size_embed_dim (the size ids' embedding width) must be a positive even number, "
+                             f"got {self.size_embed_dim}")
         if self.openclip.projection_dim is None:
             raise ValueError("SDXL's second tower needs its text_projection (projection_dim): it gives the pooled "
                              "vector the UNet's vector conditioning reads")
@@ -65,19 +72,25 @@ class SDXLTextConfig:
     # ---- SGM's `conditioner_config` (sd_xl_base.yaml), read and written ----
     @classmethod
     def from_sgm(cls, conditioner: dict) -> "SDXLTextConfig":
-        """From an SGM `conditioner_config`: SDXL base's two text embedders (the size embedders are
-        fixed: models/sdxl.py). Test models give their towers' sizes in a `tiny` block of each embedder."""
-        found = {}
+        """From an SGM `conditioner_config`: SDXL base's two text embedders and the width of its size
+        embedders (their `outdim`, one for all three). Test models give their towers' sizes in a `tiny`
+        block of each embedder."""
+        found, widths = {}, set()
         for emb in conditioner["params"]["emb_models"]:
             name = str(emb.get("target", "")).rsplit(".", 1)[-1]
             if name in SGM_TOWERS:
                 found[name] = emb.get("params") or {}
+            elif name == SGM_SIZE_EMBEDDER:
+                widths.add((emb.get("params") or {}).get("outdim"))
+        if len(widths) != 1 or None in widths:
+            raise ValueError(f"SDXL conditioner's size embedders ({SGM_SIZE_EMBEDDER}) give outdim {sorted(map(str, widths))}; "
+                             "SDXL has three of one width (base: 256)")
         if set(found) != set(SGM_TOWERS):
             raise ValueError(f"SDXL conditioner has text embedders {sorted(found) or 'none'}; SDXL base has "
                              f"{' and '.join(SGM_TOWERS)} (the refiner's single OpenCLIP tower is not supported)")
         clip = sgm_tower(found["FrozenCLIPEmbedder"], SDXL_CLIP_L)
         openclip = sgm_tower(found["FrozenOpenCLIPEmbedder2"], VIT_BIGG_14)
-        return cls(clip=clip, openclip=openclip)
+        return cls(clip=clip, openclip=openclip, size_embed_dim=int(widths.pop()))
 
     def to_sgm(self) -> dict:
         """The inverse of `from_sgm`: SDXL base's conditioner_config (a `tiny` block where sizes differ)."""
@@ -88,8 +101,8 @@ class SDXLTextConfig:
             if cfg != default:
                 params["tiny"] = dataclasses.asdict(cfg)
             models.append({"is_trainable": False, "input_key": "txt", "target": SGM_PREFIX + name, "params": params})
-        models += [{"is_trainable": False, "input_key": key, "target": SGM_PREFIX + "ConcatTimestepEmbedderND",
-                    "params": {"outdim": 256}} for key in SGM_SIZE_KEYS]
+        models += [{"is_trainable": False, "input_key": key, "target": SGM_PREFIX + SGM_SIZE_EMBEDDER,
+                    "params": {"outdim": self.size_embed_dim}} for key in SGM_SIZE_KEYS]
         return {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": models}}
 
 
@@ -98,6 +111,7 @@ SGM_PREFIX = "sgm.modules.encoders.modules."
 SGM_TOWERS = {"FrozenCLIPEmbedder": {"layer": "hidden", "layer_idx": 11},
               "FrozenOpenCLIPEmbedder2": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True,
                                           "layer": "penultimate", "always_return_pooled": True, "legacy": False}}
+SGM_SIZE_EMBEDDER = "ConcatTimestepEmbedderND"
 SGM_SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
 
@@ -163,6 +177,3 @@ def join_pooled(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
 def split_pooled(context: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of `join_pooled`: (token rows (N, L, D), pooled (N, pooled_dim))."""
     return context[:, :-1], context[:, -1, :pooled_dim]
-
-
-CONDITIONERS["sdxl"] = SDXLTextConfig.from_sgm  # SDConfig.from_ldm reads sd_xl_base.yaml through it

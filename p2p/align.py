@@ -22,7 +22,6 @@ from typing import Sequence, Union
 
 import torch
 
-from models.clip import CONTEXT_LENGTH as MAX_LEN
 
 Word = Union[str, int]
 Words = Union[Word, Sequence[Word]]
@@ -75,12 +74,13 @@ def _word_places(prompt: str, word: Word) -> list[int]:
     return places
 
 
-def word_token_indices(tokenizer, prompt: str, word: Words, max_len: int = MAX_LEN) -> list[int]:
+def word_token_indices(tokenizer, prompt: str, word: Words, max_len: int | None = None) -> list[int]:
     """Token positions (BOS = 0, so content starts at 1) of `word` in `prompt`, ascending.
 
     `word` is a str (every space-separated word exactly equal to it, as the reference's
     get_word_inds), an int (that word position) or a tuple/list of those (the union). Positions
-    past the context window (the tokenizer keeps max_len - 2 content tokens) are dropped; a word
+    past the context window (the tokenizer keeps max_len - 2 content tokens; max_len: the tokenizer's
+    `length` unless given) are dropped; a word
     left with none raises, as does a str word that is not in the prompt (the reference silently
     returns [], which turns an edit into a no-op).
     """
@@ -88,6 +88,7 @@ def word_token_indices(tokenizer, prompt: str, word: Words, max_len: int = MAX_L
         if not word:
             raise ValueError("no words given")
         return sorted({i for w in word for i in word_token_indices(tokenizer, prompt, w, max_len)})
+    max_len = max_len or tokenizer.length
     places = set(_word_places(prompt, word))
     owner = _word_of_each_token(tokenizer, prompt)
     inds = [i + 1 for i, w in enumerate(owner) if w in places]
@@ -98,7 +99,7 @@ def word_token_indices(tokenizer, prompt: str, word: Words, max_len: int = MAX_L
     return kept
 
 
-def word_columns(tokenizer, prompt: str, words: Words, max_len: int = MAX_LEN) -> torch.Tensor:
+def word_columns(tokenizer, prompt: str, words: Words, max_len: int | None = None) -> torch.Tensor:
     """`word_token_indices` as a LongTensor, for indexing the key axis of attention maps."""
     return torch.tensor(word_token_indices(tokenizer, prompt, words, max_len), dtype=torch.long)
 
@@ -146,9 +147,10 @@ def _replacement_mapper_one(tokenizer, source: str, target: str, max_len: int, r
     return M
 
 
-def replacement_mapper(tokenizer, source: str, targets: str | Sequence[str], max_len: int = MAX_LEN,
+def replacement_mapper(tokenizer, source: str, targets: str | Sequence[str], max_len: int | None = None,
                        reference_tail: bool = False) -> torch.Tensor:
-    """Word-swap mapper M, (len(targets), max_len, max_len) float32, with M*_t = M_t M.
+    """Word-swap mapper M, (len(targets), max_len, max_len) float32, with M*_t = M_t M (max_len: the
+    tokenizer's `length` unless given).
 
     Row = source token position, column = target token position. The prompts must have the same
     number of words; words that differ are the swaps. Walking both prompts:
@@ -165,7 +167,8 @@ def replacement_mapper(tokenizer, source: str, targets: str | Sequence[str], max
     token whenever a swapped word changed token count (e.g. "cat" -> "croutons" shifts the rest of
     the prompt by two). With equal token counts i == j there and the two agree.
     """
-    Ms = [_replacement_mapper_one(tokenizer, source, t, max_len, reference_tail) for t in _as_list(targets)]
+    Ms = [_replacement_mapper_one(tokenizer, source, t, max_len or tokenizer.length, reference_tail)
+          for t in _as_list(targets)]
     return torch.stack(Ms)
 
 
@@ -213,14 +216,15 @@ def global_alignment(x: Sequence[int], y: Sequence[int]) -> list[int]:
 
 
 def refinement_mapper(tokenizer, source: str, targets: str | Sequence[str],
-                      max_len: int = MAX_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Refine's alignment: mapper (len(targets), max_len) int64 and alphas (len(targets), max_len) float32.
 
     mapper[j] = A(j), the source column that target column j copies, for the |y| tokens of P*
     (BOS, content, EOS); -1 marks a token with no source (it indexes the last column, but its
     alpha is 0, so M*_t keeps its own attention there). Past |y| the padding maps to itself.
-    alphas = (mapper != -1).
+    alphas = (mapper != -1). max_len: the tokenizer's `length` unless given.
     """
+    max_len = max_len or tokenizer.length
     x = _prompt_ids(tokenizer, source, max_len)
     mappers = []
     for target in _as_list(targets):

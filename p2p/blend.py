@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .align import MAX_LEN, word_token_indices
+from .align import word_token_indices
 from .store import read_sites
 
 
@@ -67,7 +67,7 @@ def word_alpha(tokenizer, prompts, words, what: str) -> torch.Tensor:
     if isinstance(words, str) or len(words) != len(prompts):
         raise ValueError(f"{what} must give one word (or tuple of words) per prompt, source first: "
                          f"{len(prompts)} prompts, got {words!r}")
-    alpha = torch.zeros(len(prompts), MAX_LEN)
+    alpha = torch.zeros(len(prompts), tokenizer.length)
     for i, (prompt, ws) in enumerate(zip(prompts, words)):
         for w in ((ws,) if isinstance(ws, (str, int)) else ws):
             alpha[i, word_token_indices(tokenizer, prompt, w)] = 1

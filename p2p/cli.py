@@ -21,7 +21,7 @@ import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from models.sd import SAMPLERS
-from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint
+from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
 from weights_tools.load import IgnoredKeys
 from weights_tools.files import file_sha256, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
@@ -201,7 +201,8 @@ def cmd_generate(args) -> int:
 
 def cmd_edit(args) -> int:
     cfg = edit_config(args)
-    spec, blend = cfg.check(args.config or "the command line")  # words too, before loading
+    # words too, before loading, with the checkpoint's own tokenizer
+    spec, blend = cfg.check(args.config or "the command line", tokenizer_for(cfg.ckpt, args.tokenizer))
     if args.image or (args.inversion and args.sampler):  # editing a photo samples with DDIM only
         require_ddim(cfg.sampler, "the command line")
     output = Path(args.output)

@@ -19,8 +19,8 @@ from typing import Union
 
 import yaml
 
-from models.clip import default_tokenizer
 from models.sd import SAMPLERS
+from weights_tools import tokenizer_for
 from weights_tools.registry import CHECKPOINTS, DEFAULT as DEFAULT_CKPT
 
 from .blend import LocalBlend, word_alpha
@@ -91,7 +91,7 @@ class EditConfig(Sampling):
         """(spec, local_blend), every word checked against the tokenizer without a model. Errors name
         `where` (the file), the key, and what to change."""
         check_prompts(self, where)
-        tok = tokenizer or default_tokenizer()
+        tok = tokenizer or tokenizer_for(self.ckpt)  # the checkpoint's own, from its config (no weights read)
 
         def attempt(key, fn, fix=""):
             try:

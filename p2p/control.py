@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from models.attention import Site, attention_probs
 
 from . import edits
-from .align import MAX_LEN, refinement_mapper, replacement_mapper, word_token_indices
+from .align import refinement_mapper, replacement_mapper, word_token_indices
 from .store import AttentionStore
 
 Steps = Union[float, tuple, dict]
@@ -97,7 +97,7 @@ def time_word_alpha(tokenizer, prompts, num_steps: int, cross_replace_steps: Ste
     of them only affects those, a word in none of them is an error."""
     steps = dict(cross_replace_steps) if isinstance(cross_replace_steps, dict) else {"default_": cross_replace_steps}
     steps.setdefault("default_", (0.0, 1.0))
-    alpha = torch.zeros(num_steps + 1, len(prompts) - 1, MAX_LEN)
+    alpha = torch.zeros(num_steps + 1, len(prompts) - 1, tokenizer.length)
 
     def fill(b, cols, bounds, what):
         s, e = _bounds(bounds, what)
@@ -127,7 +127,7 @@ def equalizer(tokenizer, prompts, values: dict) -> torch.Tensor:
     if not values:
         raise ValueError("Reweight needs equalizer={word: c}, e.g. {'smiling': 5.0}")
     n = len(prompts) - 1
-    c = torch.ones(n, MAX_LEN)
+    c = torch.ones(n, tokenizer.length)
     for word, v in values.items():
         v = list(v) if isinstance(v, (list, tuple)) else [v] * n
         if len(v) != n:

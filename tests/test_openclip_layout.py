@@ -9,8 +9,8 @@ import torch
 
 import openclip_oracles as OC
 from models.openclip import VIT_BIGG_14, VIT_H_14, OpenCLIPTextModel
-from weights_tools.openclip_keys import (hf_to_openclip, openclip_config_from_hf, openclip_config_from_keys,
-                                         openclip_to_hf, single_file_text_state)
+from openclip_layouts import hf_to_openclip, openclip_config_from_keys, openclip_to_hf, single_file_text_state
+from weights_tools.openclip_keys import openclip_config_from_hf
 
 # the fields of text_encoder/config.json (stable-diffusion-2-1) and text_encoder_2/config.json (SDXL base 1.0)
 # that decide the layout; both say eos_token_id 2 and pad_token_id 1, as the released files do

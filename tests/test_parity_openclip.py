@@ -13,8 +13,8 @@ from models import CLIPTextConfig, CLIPTextModel, StableDiffusion, prefixes
 from models.clip import BANG, BOS, EOS
 from models.openclip import OpenCLIPTextConfig, OpenCLIPTextModel, openclip_tokenizer
 from weights_tools.layout import CheckpointError
-from weights_tools.openclip_keys import (hf_to_openclip, openclip_config_from_hf, openclip_config_from_keys,
-                                         openclip_to_hf, single_file_text_state)
+from openclip_layouts import hf_to_openclip, openclip_config_from_keys, openclip_to_hf, single_file_text_state
+from weights_tools.openclip_keys import openclip_config_from_hf
 
 TOL = 1e-5
 SD2_PREFIX, SDXL_PREFIX = "cond_stage_model.model.", "conditioner.embedders.1.model."

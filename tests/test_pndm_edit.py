@@ -187,6 +187,7 @@ def test_the_sampler_is_a_sweep_knob_and_override(tmp_path, golden_dir):
                     f"grid: {{cross_replace_steps: [0.2, 0.8]}}\n")
     _, cells, tok = prepare(path, {"sampler": "pndm"})
     assert {batch_edit(b, tok).kwargs["sampler"] for b in plan_batches(cells, 8)} == {"pndm"}
-    path.write_text(f"prompt: {SRC}\nedits: [{LION}]\nckpt: x\ngrid: {{sampler: [ddim, plms]}}\n")
+    path.write_text(f"prompt: {SRC}\nedits: [{LION}]\nckpt: {golden_dir / 'tiny-sd-a.safetensors'}\n"
+                    f"grid: {{sampler: [ddim, plms]}}\n")  # (words are checked with this checkpoint's tokenizer)
     with pytest.raises(ValueError, match="'sampler' must be one of ddim, pndm, got 'plms'"):
         prepare(path)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from models import load_config
 from p2p import generate
 from weights_tools import CheckpointError, load_checkpoint
-from weights_tools.layout import SDXL_LOGIT_SCALE, SDXL_POSITION_IDS, model_shapes
+from weights_tools.layout import model_shapes
+from weights_tools.layouts import SDXL_LOGIT_SCALE, SDXL_POSITION_IDS
 from weights_tools.tiny import make_tiny
 
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from models import PREFIXES
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
-from weights_tools.layout import OLD_CLIP_PREFIX, POSITION_IDS, SCHEDULE_KEYS
+from weights_tools.layout import OLD_CLIP_PREFIX, SCHEDULE_KEYS
+from weights_tools.layouts import POSITION_IDS
 
 from conftest import GOLDEN_CKPT
 

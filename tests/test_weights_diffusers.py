@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from models import PREFIXES
 from weights_tools import convert_checkpoint, inspect_checkpoint, load_checkpoint
-from weights_tools.layout import POSITION_IDS
+from weights_tools.layouts import POSITION_IDS
 
 from conftest import GOLDEN_CKPT
 

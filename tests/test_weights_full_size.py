@@ -8,7 +8,8 @@ import torch
 
 from models import PREFIXES, SDConfig, StableDiffusion
 from weights_tools import CheckpointError, model_shapes, validate_shapes
-from weights_tools.layout import OLD_CLIP_PREFIX, POSITION_IDS, SCHEDULE_KEYS
+from weights_tools.layout import OLD_CLIP_PREFIX, SCHEDULE_KEYS
+from weights_tools.layouts import POSITION_IDS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils")

@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from models import PREFIXES, SDConfig, StableDiffusion, load_config
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, make_tiny
-from weights_tools.layout import POSITION_IDS
+from weights_tools.layouts import POSITION_IDS
 from weights_tools.make_tiny import main as make_tiny_main
 
 from conftest import GOLDEN_CKPT

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
-from models import PREFIXES, TEXT_TOWERS, CLIPTextConfig, LDMBertConfig, SDConfig, UNetConfig, VAEConfig
-from models.sdxl import SIZE_EMBED_DIM
+from models import FAMILIES, PREFIXES, CLIPTextConfig, LDMBertConfig, SDConfig, UNetConfig, VAEConfig
 from models.sdxl_text import SDXL_CLIP_L, SDXLTextConfig
 
-from .layout import SDXL_TEXT_PREFIX, CheckpointError
+from .layout import BadConfig, CheckpointError
+from .openclip_keys import openclip_config_from_hf
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -167,24 +168,29 @@ def text_config(c: dict) -> CLIPTextConfig:
 
 
 def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: str, text_cfg=text_config,
-              unet_cfg=unet_config, **family) -> SDConfig:
+              unet_cfg=unet_config, family: str = "sd1") -> SDConfig:
     """SDConfig from the config.json files of a diffusers folder (`text_cfg` reads the text tower's,
-    `unet_cfg` the UNet's)."""
+    `unet_cfg` the UNet's); the VAE's scale and shift factors from its config.json (the family's scale
+    where it names none)."""
     try:
         ucfg, sample = unet_cfg(unet, where)
-        kw = dict(unet=ucfg, vae=vae_config(vae), text=text_cfg(text), image_size=sample,
-                  scale_factor=float(vae.get("scaling_factor", 0.18215)), **family)
+        kw = dict(unet=ucfg, vae=vae_config(vae), text=text_cfg(text), image_size=sample, family=family,
+                  scale_factor=float(vae.get("scaling_factor", FAMILIES[family].scale_factor)),
+                  shift_factor=float(vae.get("shift_factor") or 0.0))
     except CheckpointError:
         raise  # already names the file and the problem
     except KeyError as e:
-        raise CheckpointError(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
+        raise BadConfig(f"{where}: a diffusers config.json lacks {e}; cannot tell the architecture") from e
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{where}: a diffusers config.json has a value of the wrong kind ({e}); "
-                              "cannot tell the architecture") from e
+        raise BadConfig(f"{where}: a diffusers config.json has a value of the wrong kind ({e}); "
+                        "cannot tell the architecture") from e
     if scheduler:
         kw.update(linear_start=scheduler.get("beta_start", 0.00085), linear_end=scheduler.get("beta_end", 0.012),
                   num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
-    return SDConfig(**kw)
+    try:
+        return SDConfig(**kw)
+    except ValueError as e:  # the parts' configs disagree (SDXL: the vector conditioning's width)
+        raise BadConfig(f"{where}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------- LDM-400M
@@ -193,7 +199,7 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
 BERT_LAYER = {"self_attn_layer_norm": (0, "0"), "self_attn.q_proj": (0, "1.to_q"), "self_attn.k_proj": (0, "1.to_k"),
               "self_attn.v_proj": (0, "1.to_v"), "self_attn.out_proj": (0, "1.to_out"),
               "final_layer_norm": (1, "0"), "fc1": (1, "1.net.0.0"), "fc2": (1, "1.net.2")}
-LDM_TEXT_PREFIX = TEXT_TOWERS[LDMBertConfig].prefix
+LDM_TEXT_PREFIX = FAMILIES["ldm"].text_prefix
 BERT_FIXED = {"model.embed_tokens.": "token_emb.", "model.embed_positions.": "pos_emb.emb.",
               "model.layer_norm.": "norm.", "to_logits.": "to_logits."}
 
@@ -217,9 +223,14 @@ def ldm_key(part: str, key: str, cfg: dict, where: str) -> str:
     return to_ldm_key(part, key, cfg, where)
 
 
-def ldm_config(unet: dict, vae: dict, bert: dict, scheduler: dict | None, vocab: str | None, where: str) -> SDConfig:
-    """SDConfig (family "ldm") from LDM-400M's diffusers config.json files; `vocab`: its tokenizer/vocab.txt."""
-    return sd_config(unet, vae, bert, scheduler, where, lambda c: ldmbert_config(c, vocab), family="ldm")
+LDM_VOCABS = ("tokenizer/vocab.txt", "tokenizer/tokenizer.json")  # the first found; transformers 5 writes the json
+
+
+def ldm_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
+    """SDConfig (family "ldm") from LDM-400M's diffusers config.json files, the vocabulary its tokenizer/ holds."""
+    vocab = next((folder / n for n in LDM_VOCABS if (folder / n).exists()), None)
+    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder),
+                     lambda c: ldmbert_config(c, str(vocab) if vocab else None), family="ldm")
 
 
 def ldmbert_config(c: dict, vocab: str | None) -> LDMBertConfig:
@@ -232,10 +243,10 @@ def ldmbert_config(c: dict, vocab: str | None) -> LDMBertConfig:
 # ------------------------------------------------------------------------------------- SDXL
 # diffusers' SDXL UNet names its vector-conditioning MLP `add_embedding`; SGM's is `label_emb.0` (Linear, SiLU, Linear)
 SDXL_UNET = {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
-SDXL_CLIP_PREFIX = SDXL_TEXT_PREFIX + "embedders.0.transformer.text_model."  # text_encoder/ (CLIP ViT-L)
-SDXL_OPENCLIP_PREFIX = SDXL_TEXT_PREFIX + "embedders.1.model."              # text_encoder_2/ (bigG)
-# the settings of diffusers' "text_time" conditioning that SGM's fixed size embedders match
-SDXL_TEXT_TIME = {"addition_embed_type": "text_time", "addition_time_embed_dim": SIZE_EMBED_DIM}
+SDXL_CLIP_PREFIX = FAMILIES["sdxl"].text_prefix + "embedders.0.transformer.text_model."  # text_encoder/ (CLIP ViT-L)
+SDXL_OPENCLIP_PREFIX = FAMILIES["sdxl"].text_prefix + "embedders.1.model."              # text_encoder_2/ (bigG)
+# diffusers' "text_time" conditioning: what SGM's size embedders are; addition_time_embed_dim is their width
+SDXL_TEXT_TIME = ("addition_embed_type", "addition_time_embed_dim")
 
 
 def sdxl_key(part: str, key: str, cfg: dict, where: str) -> str:
@@ -251,16 +262,17 @@ def sdxl_key(part: str, key: str, cfg: dict, where: str) -> str:
 
 def sdxl_unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
     """An SDXL UNet2DConditionModel config.json: SD's fields plus the "text_time" vector conditioning of
-    `projection_class_embeddings_input_dim` channels (base: 1280 pooled + 6 x 256 size ids = 2816). The
-    first level has no attention; its transformer depth, which diffusers writes as 1, is read as 0 as in
-    SGM's sd_xl_base.yaml, and the attention levels are listed as SGM lists them, deepest first."""
-    for field, want in SDXL_TEXT_TIME.items():
-        if c.get(field, want) != want:
-            raise CheckpointError(f"{where}: unet/config.json has {field}={c[field]!r}; SDXL's vector conditioning "
-                                  f"is {field}={want!r}")
-    if "projection_class_embeddings_input_dim" not in c:
-        raise CheckpointError(f"{where}: unet/config.json lacks projection_class_embeddings_input_dim (the width of "
-                              "SDXL's vector conditioning, base: 2816)")
+    `projection_class_embeddings_input_dim` channels (base: 1280 pooled + 6 x 256 size ids = 2816; whether
+    that sum holds is checked with the towers, SDConfig). The first level has no attention; its
+    transformer depth, which diffusers writes as 1, is read as 0 as in SGM's sd_xl_base.yaml, and the
+    attention levels are listed as SGM lists them, deepest first."""
+    if c.get("addition_embed_type", "text_time") != "text_time":
+        raise CheckpointError(f"{where}: unet/config.json has addition_embed_type={c['addition_embed_type']!r}; "
+                              "SDXL's vector conditioning is 'text_time'")
+    for name in ("projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        if not isinstance(c.get(name), int) or c[name] <= 0:
+            raise BadConfig(f"{where}: unet/config.json has {name}={c.get(name)!r}; SDXL's vector conditioning "
+                            "needs it (base: projection_class_embeddings_input_dim 2816, addition_time_embed_dim 256)")
     ucfg, sample = unet_config({k: v for k, v in c.items() if k not in SDXL_TEXT_TIME}, where)
     attends = ["CrossAttn" in t for t in c["down_block_types"]]
     depth = ucfg.transformer_depth
@@ -271,13 +283,40 @@ def sdxl_unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
                                transformer_depth=depth), sample
 
 
-def sdxl_config(configs: dict, scheduler: dict | None, text_2, zeros_for_empty: bool, where: str) -> SDConfig:
-    """SDConfig (family "sdxl") from an SDXL folder's config.json files (`configs`: unet, vae, text_encoder);
-    `text_2`: the second tower's OpenCLIPTextConfig; `zeros_for_empty`: model_index.json's
-    force_zeros_for_empty_prompt."""
+def sdxl_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
+    """SDConfig (family "sdxl") from an SDXL folder's config.json files: the towers from text_encoder/ and
+    text_encoder_2/ (which must be a CLIPTextModelWithProjection), the size ids' width from unet/
+    (addition_time_embed_dim), how "" encodes from model_index.json's force_zeros_for_empty_prompt."""
+    text_2 = openclip_config_from_hf(configs["text_encoder_2"], "sdxl", str(folder / "text_encoder_2"))
+    if text_2.projection_dim is None:
+        raise CheckpointError(f"{folder / 'text_encoder_2'} is not a CLIPTextModelWithProjection (SDXL's second "
+                              "text encoder: its pooled projection conditions the UNet)")
+    zeros = force_zeros(index, folder)
+
     def towers(c: dict) -> SDXLTextConfig:
         clip = dataclasses.replace(text_config(c), output_layer=SDXL_CLIP_L.output_layer, final_ln=SDXL_CLIP_L.final_ln)
-        return SDXLTextConfig(clip=clip, openclip=text_2, zeros_for_empty=zeros_for_empty)
+        return SDXLTextConfig(clip=clip, openclip=text_2, zeros_for_empty=zeros,
+                              size_embed_dim=configs["unet"]["addition_time_embed_dim"])
 
-    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, where, text_cfg=towers,
+    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder), text_cfg=towers,
                      unet_cfg=sdxl_unet_config, family="sdxl")
+
+
+def force_zeros(index: dict, folder: Path) -> bool:
+    """model_index.json's force_zeros_for_empty_prompt (the pipeline's default, True, when absent)."""
+    value = index.get("force_zeros_for_empty_prompt", True)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{folder / 'model_index.json'}: force_zeros_for_empty_prompt must be true or false, "
+                              f"got {str(value)[:40]!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------- SD v1 / SD 2.x
+def sd1_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
+    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder))
+
+
+def sd2_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
+    """SD 2.x: its text_encoder/ is OpenCLIP ViT-H as transformers stores it (cut to 23 layers)."""
+    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder), family="sd2",
+                     text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder / "text_encoder")))

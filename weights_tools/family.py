@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .layout import CHANNEL_KINDS, CheckpointError
+from .layout import CHANNEL_KINDS, LAYOUTS, CheckpointError, family_code
 
 # model_index.json `_class_name` prefix -> variant, first match wins (longer names first); a plain
 # StableDiffusion*Pipeline is decided by the UNet's config
@@ -23,7 +23,7 @@ PIPELINES = (("StableDiffusionXLInpaint", "inpainting"), ("StableDiffusionXLInst
 
 
 def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
-    """(variant, evidence) of a diffusers folder: a key of layout.FAMILIES or layout.UNSUPPORTED."""
+    """(variant, evidence) of a diffusers folder: a family's name (models.FAMILIES) or a kind of layout.UNSUPPORTED."""
     name = index.get("_class_name")
     if isinstance(name, str):
         variant = next((v for prefix, v in PIPELINES if name.startswith(prefix)), None)
@@ -75,7 +75,6 @@ def _by_text_encoder(folder: Path) -> tuple[str, str] | None:
 # ------------------------------------------------------------------------------- prediction type
 # how files name what the UNet predicts -> SDConfig.prediction_type
 PREDICTION_NAMES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v", "v_prediction": "v", "v-prediction": "v"}
-SD2_BASE_STEP = "875000"  # global_step of the SD 2.x 512-px base files: epsilon (diffusers' rule)
 
 
 def prediction_name(value, where: str) -> str:
@@ -98,8 +97,8 @@ def said_in_metadata(metadata: dict, where: str) -> tuple[str, str] | None:
 
 def resolve_prediction(src, cfg, cfg_source: str, variant: str, given=None) -> tuple[str, str]:
     """(prediction type, where it came from): the `given` argument; else what the file says (its
-    metadata, its scheduler_config.json, a config whose parameterization is "v"); else SD 2.x's rule
-    (v, except the 512-px base: image_size 64 or global_step 875000); else epsilon."""
+    metadata, its scheduler_config.json, a config whose parameterization is "v"); else the family's rule
+    (its Layout's `predicts`; SD 2.x: v, except the 512-px base); else epsilon."""
     if given is not None:
         return prediction_name(given, "prediction_type="), "the prediction_type argument"
     said = [s for s in (src.prediction, ("v", f"{cfg_source} (parameterization v)")
@@ -109,8 +108,7 @@ def resolve_prediction(src, cfg, cfg_source: str, variant: str, given=None) -> t
                               "pass prediction_type= (--prediction-type) to say which")
     if said:
         return said[0]
-    if variant == "SD 2.x":
-        if cfg.image_size == 64 or src.metadata.get("global_step") == SD2_BASE_STEP:
-            return "epsilon", "SD 2.x's rule: the 512-px base predicts epsilon"
-        return "v", "SD 2.x's rule: v unless the 512-px base (pass prediction_type='epsilon' for it)"
+    code = family_code(variant)
+    if code is not None and LAYOUTS[code].predicts is not None:
+        return LAYOUTS[code].predicts(src, cfg)
     return "epsilon", "the default: nothing in the file says v"

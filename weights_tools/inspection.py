@@ -8,9 +8,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from models import FAMILIES
+
 from .family import resolve_prediction
-from .layout import FAMILIES, CheckpointError, detect_variant, split_parts, validate_shapes
-from .load import SD_V1_SOURCE, resolve_config
+from .layout import CheckpointError, family_code, split_parts, validate_shapes
+from .layouts import LAYOUTS
+from .load import resolve_config
 from .sources import open_source
 
 REPORTED_PARTS = ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "unused", "other")
@@ -21,11 +24,11 @@ def inspect_checkpoint(path) -> dict:
     and dtypes, unknown keys, config source, whether it would load, metadata."""
     src = open_source(path)
     shapes = src.shapes
-    variant, evidence = src.variant or detect_variant(shapes)
+    variant, evidence = src.variant
     parts = _parts(src)
     info = {
         "path": src.where, "format": src.format, "variant": variant, "variant_evidence": evidence,
-        "family": FAMILIES.get(variant), "tensors": len(shapes),
+        "family": family_code(variant), "tensors": len(shapes),
         "parts": {p: _part_summary(entries) for p, entries in parts.items() if entries and p != "other"},
         "unknown_keys": sorted(parts.get("other", ()))[:10], "unknown_count": len(parts.get("other", ())),
         "metadata": {k: (v if len(v) <= 200 else v[:200] + f"... ({len(v)} chars)") for k, v in
@@ -38,13 +41,10 @@ def inspect_checkpoint(path) -> dict:
 
 
 def model_name(variant: str, prediction: str | None) -> str:
-    """The variant, SD 2.x told apart by what it predicts: the 512-px base (epsilon) or the 768-px v model."""
-    if variant == "SD 2.x" and prediction in SD2_MODELS:
-        return SD2_MODELS[prediction]
-    return variant
-
-
-SD2_MODELS = {"epsilon": "SD 2.x base (512-px epsilon-prediction model)", "v": "SD 2.x v (768-px v-prediction model)"}
+    """The variant, told apart by what it predicts where its family's Layout names its models (SD 2.x:
+    the 512-px base, epsilon, or the 768-px v model)."""
+    code = family_code(variant)
+    return LAYOUTS[code].models.get(prediction, variant) if code is not None else variant
 
 
 def _parts(src) -> dict[str, dict]:
@@ -65,12 +65,13 @@ def _loadability(src, variant: str) -> dict:
         said = src.prediction or (None, "not read (the file is not loaded)")
         return {"config_source": "none (the file is not loaded)", "prediction_type": said[0],
                 "prediction_source": said[1], "loadable": False, "problem": src.problem}
-    cfg, cfg_source = resolve_config(src)
-    out = {"config_source": cfg_source if cfg_source != SD_V1_SOURCE else "SD v1 default (no config in the file)",
+    cfg, cfg_source, default = resolve_config(src)
+    out = {"config_source": cfg_source if default is None else f"{FAMILIES[default].name} default (no config in the file)",
            "prediction_type": None, "prediction_source": None}
     try:
         out["prediction_type"], out["prediction_source"] = resolve_prediction(src, cfg, cfg_source, variant)
-        validate_shapes(src.shapes, cfg, src.where, strict=True, config_source=cfg_source)
+        validate_shapes(src.shapes, cfg, src.where, strict=True, config_source=cfg_source, variant=src.variant,
+                        guessed=default is not None)
         return out | {"loadable": True, "problem": None}
     except CheckpointError as e:
         return out | {"loadable": False, "problem": str(e)}

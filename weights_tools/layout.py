@@ -1,5 +1,6 @@
 """The single-file (CompVis / LDM) key layout: which key belongs to which part, what a loader ignores,
-which variant a file is, and whether its shapes fit a config.
+which variant a file is, and whether its shapes fit a config. The per-family facts come from the
+file-side table `LAYOUTS` (rows of `Layout`, filled by weights_tools/layouts.py).
 
 Everything here works on a `{key: shape}` mapping, never on tensor data, so `inspect_checkpoint`
 and `load_checkpoint` share it and a full-size file can be checked from its header alone.
@@ -7,16 +8,56 @@ and `load_checkpoint` share it and a full-size file can be checked from its head
 from __future__ import annotations
 
 import functools
-import math
 import re
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from models import PREFIXES, AutoencoderKL, CLIPTextConfig, SDConfig, UNetModel, prefixes
-from models.sd import text_tower
-from models.sdxl_text import SDXLTextConfig
+from models import FAMILIES, PREFIXES, AutoencoderKL, SDConfig, UNetModel, prefixes
 
-POSITION_IDS = PREFIXES["text_encoder"] + "embeddings.position_ids"
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """A family's diffusers folder: its parts, the key map into the single-file layout and the config reader."""
+    parts: dict                 # model part -> folder ("text_encoder": "bert"); extra towers beside it too
+    config: Callable            # (folder Path, {part: config.json dict}, scheduler dict or None, model_index dict) -> SDConfig
+    key: Callable               # (part, key in its folder, that folder's config.json, where) -> single-file key
+    # folder -> single-file prefix of text towers stored as transformers' CLIPTextModel(WithProjection) where
+    # the single file keeps OpenCLIP's layout (openclip_keys.hf_plan: q/k/v fused when the loader asks)
+    openclip_towers: dict = field(default_factory=dict)
+    openclip_readout: tuple | None = None  # (output_layer, final_ln) of those towers as the folder stores them
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A family's checkpoint files, the file side; models.FAMILIES holds the model side under the same code.
+    One row per family in LAYOUTS (weights_tools/layouts.py fills it)."""
+    family: str                 # the models.FAMILIES code
+    recognise: Callable         # canonical {key: shape} of a single file -> evidence that it is this family, or None
+    default_config: Callable    # prediction type (None: not known yet) -> the config of a file that names none
+    default_source: str         # how messages name that default config
+    carried: Callable           # SDConfig -> {key: tensor}: buffers real files carry beside the weights
+    folder: FolderLayout | None = None  # its diffusers folder, if it has one
+    unused: tuple = ()          # single-file keys (or prefixes) its files hold and the model never reads
+    position_ids: tuple = ()    # single-file keys of text `position_ids` buffers (never read)
+    predicts: Callable | None = None  # (Source, SDConfig) -> (prediction, why): the rule when nothing says
+    models: dict = field(default_factory=dict)  # prediction type -> model name in reports (SD 2.x base / v)
+    config_hint: str = ""       # which configs/ files describe it, for messages
+
+
+# code -> Layout, in recognition order (a single file is the first family whose `recognise` answers)
+LAYOUTS: dict[str, Layout] = {}
+
+
+def family_name(code: str) -> str:
+    """The variant name of a family code ("sd2" -> "SD 2.x"): the name detect_variant and reports use."""
+    return FAMILIES[code].name
+
+
+def family_code(variant: str) -> str | None:
+    """The family code of a variant name, None for a kind this package does not load."""
+    return next((code for code in LAYOUTS if FAMILIES[code].name == variant), None)
 
 
 def position_ids(n: int) -> torch.Tensor:
@@ -25,29 +66,12 @@ def position_ids(n: int) -> torch.Tensor:
 
 
 def carried_buffers(cfg: SDConfig) -> dict[str, torch.Tensor]:
-    """Buffers real files of this family carry beside the weights: CLIP's `position_ids` (LDMBert has none);
-    SDXL's CLIP-L `position_ids` and bigG's `logit_scale` (CLIP's image-text temperature, unused here)."""
-    if isinstance(cfg.text, SDXLTextConfig):
-        return {SDXL_POSITION_IDS: position_ids(cfg.text.clip.max_position_embeddings),
-                SDXL_LOGIT_SCALE: torch.tensor(math.log(1 / 0.07))}
-    return {POSITION_IDS: position_ids(cfg.text.max_position_embeddings)} if isinstance(cfg.text, CLIPTextConfig) else {}
-
-
-# SDXL single files: both text towers under `conditioner.` (models/sdxl_text.py), and two keys not read
-SDXL_TEXT_PREFIX = "conditioner."
-SDXL_POSITION_IDS = SDXL_TEXT_PREFIX + "embedders.0.transformer.text_model.embeddings.position_ids"
-SDXL_LOGIT_SCALE = SDXL_TEXT_PREFIX + "embedders.1.model.logit_scale"
+    """Buffers real files of this family carry beside the weights (its Layout's `carried`)."""
+    return LAYOUTS[cfg.family].carried(cfg)
 
 
 OLD_CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_NAMES = ("embeddings.", "encoder.", "final_layer_norm.")  # CLIP's modules, the level old files omit
-# LDM-400M's text tower (CompVis BERTEmbedder) sits directly under OLD_CLIP_PREFIX; its language-model
-# head is not needed for embeddings and is never read.
-LDM_TEXT_KEY = OLD_CLIP_PREFIX + "token_emb.weight"
-# SD 2.x's OpenCLIP tower sits under its own prefix; its files also carry CLIP's contrastive temperature
-# and the pooled projection, which SD 2.x never uses (its context is a hidden state, not the pooled vector)
-SD2_TEXT_PREFIX = "cond_stage_model.model."
-UNUSED_PREFIXES = (OLD_CLIP_PREFIX + "to_logits.", SD2_TEXT_PREFIX + "logit_scale", SD2_TEXT_PREFIX + "text_projection")
 
 # DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
 SCHEDULE_KEYS = frozenset({
@@ -61,11 +85,6 @@ SCHEDULE_KEYS = frozenset({
 SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
                      r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
 
-# what a checkpoint can be: the families this package knows (variant name -> its `SDConfig.family` code),
-# those of them it loads today, then the kinds it names but does not load
-FAMILIES = {"SD v1": "sd1", "SD 2.x": "sd2", "SDXL": "sdxl", "LDM-400M": "ldm"}
-LOADABLE = {"SD v1": "sd1", "SD 2.x": "sd2", "LDM-400M": "ldm", "SDXL": "sdxl"}
-CONFIG_HINTS = {"LDM-400M": " (configs/ldm-400m.yaml)", "SD 2.x": " (configs/sd-v2-base.yaml or sd-v2-v.yaml)"}
 UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
@@ -82,6 +101,12 @@ class CheckpointError(ValueError):
     and what is supported, in one paragraph."""
 
 
+class BadConfig(CheckpointError):
+    """A checkpoint's own config files cannot describe a model: unreadable, a value missing or of the wrong
+    kind, or parts that disagree. Refused by loading and inspection alike, before any weight file is opened
+    (where a readable config describes a model this package does not run, the folder is described instead)."""
+
+
 def canonical_key(key: str) -> str:
     """The key in today's layout: old files write CLIP without the `text_model.` level."""
     if key.startswith(OLD_CLIP_PREFIX) and key[len(OLD_CLIP_PREFIX):].startswith(CLIP_NAMES):
@@ -91,14 +116,13 @@ def canonical_key(key: str) -> str:
 
 def part_of(key: str) -> str:
     """unet / vae / text_encoder / ema / schedule / position_ids / unused / other, for a canonical key.
-    Every text tower lives under `cond_stage_model.transformer.` (CLIP one level deeper), but SD 2.x's
-    OpenCLIP under `cond_stage_model.model.` and SDXL's two under `conditioner.`."""
-    if key in (POSITION_IDS, SDXL_POSITION_IDS):
+    Each family's text tower has its own prefix (models.FAMILIES), its never-read keys their own list (LAYOUTS)."""
+    if any(key in row.position_ids for row in LAYOUTS.values()):
         return "position_ids"
-    if key.startswith(UNUSED_PREFIXES) or key == SDXL_LOGIT_SCALE:
+    if any(key.startswith(row.unused) for row in LAYOUTS.values() if row.unused):
         return "unused"
-    for part, prefix in [*PREFIXES.items(), ("text_encoder", OLD_CLIP_PREFIX), ("text_encoder", SD2_TEXT_PREFIX),
-                         ("text_encoder", SDXL_TEXT_PREFIX)]:
+    for part, prefix in [*PREFIXES.items(), *(("text_encoder", FAMILIES[c].text_prefix) for c in LAYOUTS),
+                         ("text_encoder", OLD_CLIP_PREFIX)]:
         if key.startswith(prefix):
             return part
     if key.startswith("model_ema."):
@@ -131,59 +155,45 @@ KEY_MARKS = (
 
 
 def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
-    """(variant, evidence) from canonical keys and shapes: a key of FAMILIES or of UNSUPPORTED."""
+    """(variant, evidence) from canonical keys and shapes: a family's name (models.FAMILIES) or a kind of
+    UNSUPPORTED. Kinds that are not text-to-image first, then each family's `recognise` in LAYOUTS' order."""
     for marks, variant, evidence in KEY_MARKS:
         if any(k.startswith(marks) for k in shapes):
             return variant, f"found {evidence}"
+    if not any(k.startswith("conditioner.embedders.1.") for k in shapes) and \
+            any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+        return "SDXL refiner", "one OpenCLIP bigG embedder `conditioner.embedders.0.model.*`, no CLIP-L"
     unet = PREFIXES["unet"]
-    if any(k.startswith("conditioner.embedders") for k in shapes) or unet + "label_emb.0.0.weight" in shapes:
-        if not any(k.startswith("conditioner.embedders.1.") for k in shapes) and \
-                any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
-            return "SDXL refiner", "one OpenCLIP bigG embedder `conditioner.embedders.0.model.*`, no CLIP-L"
-        return "SDXL", "found `conditioner.embedders.*` / `label_emb` keys"
     first = shapes.get(unet + "input_blocks.0.0.weight")
     if first is not None and len(first) == 4 and first[1] != 4:
         name = CHANNEL_KINDS.get(first[1], "unknown")
         return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (text-to-image: 4)"
-    return _text_family(shapes, unet)
-
-
-def _text_family(shapes: dict[str, tuple], unet: str) -> tuple[str, str]:
-    """SD v1, SD 2.x or LDM, told apart by the text encoder (CLIP-L, OpenCLIP-H, LDMBert) and the
-    width of the cross-attention context."""
-    if any(k.startswith("cond_stage_model.model.") for k in shapes):
-        return "SD 2.x", "found OpenCLIP text-encoder keys `cond_stage_model.model.*`"
-    te = "cond_stage_model.transformer."  # LDMBert's keys, canonical or not, sit under it
-    if any(k.startswith(te) and (".token_emb." in k or ".attn_layers." in k) for k in shapes):
-        return "LDM-400M", "found LDMBert text-encoder keys `cond_stage_model.transformer.token_emb` / `attn_layers`"
-    for k, s in shapes.items():
-        if k.startswith(unet) and k.endswith("attn2.to_k.weight") and len(s) == 2 and s[1] == 1024:
-            return "SD 2.x", f"`{k}` is {list(s)}: 1024-wide cross-attention context (OpenCLIP ViT-H)"
-    if not any(k.startswith(unet) for k in shapes):
-        return "unknown", f"no UNet keys (`{unet}*`)"
-    return "SD v1", "CompVis UNet with 4 input channels, CLIP text encoder, no SD 2.x / SDXL keys"
+    for code, row in LAYOUTS.items():
+        evidence = row.recognise(shapes)
+        if evidence:
+            return family_name(code), evidence
+    return "unknown", f"no UNet keys (`{unet}*`)"
 
 
 def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:
-    """The one place a family is accepted: None (it loads) for a LOADABLE variant whose config family
-    matches (`family`: the config's, None for any), else why it does not; every other kind is named and
-    refused. "unknown" passes: the missing component
-    is reported by `check_components`, with a better message."""
+    """The one place a family is accepted: None (it loads) for a family's variant whose code matches the
+    config's (`family`; None for any), else why it does not; every other kind is named and refused.
+    "unknown" passes: the missing component is reported by `check_components`, with a better message."""
     if variant == "unknown":
         return None
-    if variant in LOADABLE:
-        if family is None or LOADABLE[variant] == family:
+    code = family_code(variant)
+    if code is not None:
+        if family is None or code == family:
             return None
         return (f"{where}: this is an {variant} checkpoint ({evidence}) but the config describes the {family!r} "
-                f"family; pass a config of family {LOADABLE[variant]!r}"
-                f"{CONFIG_HINTS.get(variant, '')} or none")
-    known = (f"; {variant} is recognised, but loading it is not wired in yet" if variant in FAMILIES else
-             f"; {variant} models are not supported{KIND_NOTES.get(variant, '')}")
-    return f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}{known}"
+                f"family; pass a config of family {code!r}{LAYOUTS[code].config_hint} or none")
+    return (f"{where}: this is a {variant} checkpoint ({evidence}); {SUPPORTED_KINDS}; {variant} models are "
+            f"not supported{KIND_NOTES.get(variant, '')}")
 
 
-def check_variant(shapes: dict[str, tuple], where: str, family: str | None = None) -> None:
-    problem = refusal(*detect_variant(shapes), where, family)
+def check_variant(shapes: dict[str, tuple], where: str, family: str | None = None, variant: tuple | None = None) -> None:
+    """Refuse what `refusal` refuses; `variant`: (variant, evidence) when already detected."""
+    problem = refusal(*(variant or detect_variant(shapes)), where, family)
     if problem:
         raise CheckpointError(problem)
 
@@ -208,7 +218,8 @@ def model_shapes(cfg: SDConfig) -> dict[str, tuple]:
 @functools.lru_cache(maxsize=8)
 def _model_shapes(cfg: SDConfig) -> tuple:
     with torch.device("meta"):  # the parts alone: shapes need no tokenizer (LDM's reads a user's file)
-        parts = {"unet": UNetModel(cfg.unet), "vae": AutoencoderKL(cfg.vae), "text_encoder": text_tower(cfg).module(cfg.text)}
+        parts = {"unet": UNetModel(cfg.unet), "vae": AutoencoderKL(cfg.vae),
+                 "text_encoder": FAMILIES[cfg.family].text_encoder(cfg.text)}
     return tuple((prefix + k, tuple(v.shape))
                  for part, prefix in prefixes(cfg).items() for k, v in parts[part].state_dict().items())
 
@@ -256,20 +267,22 @@ def model_keys(shapes: dict[str, tuple]) -> dict[str, tuple]:
 
 
 def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "checkpoint",
-                    strict: bool = True, config_source: str = "the given config") -> None:
+                    strict: bool = True, config_source: str = "the given config", variant: tuple | None = None,
+                    guessed: bool = False) -> None:
     """Raise CheckpointError unless the canonical `{key: shape}` mapping loads into `StableDiffusion(cfg)`.
 
     `strict` also refuses keys under the model prefixes that the model does not have, and keys
-    outside every known group (not EMA, not a schedule buffer).
+    outside every known group (not EMA, not a schedule buffer). `variant`: the file's (variant, evidence)
+    when already detected; `guessed`: the config is a family's default, not one the caller or file gave.
     """
     parts = split_parts(shapes)
-    check_variant(shapes, where, cfg.family)
+    check_variant(shapes, where, cfg.family, variant)
     check_components(parts, where)
     problems = shape_problems(model_keys(shapes), model_shapes(cfg))
     problems["unexpected"] = leftover_keys(shapes, cfg) if strict else []
     if any(problems.values()):
         hint = ("pass config= (a CompVis v1-inference.yaml, or an SDConfig) describing this architecture"
-                if config_source.startswith("SD v1") else f"check that {config_source} describes this file")
+                if guessed else f"check that {config_source} describes this file")
         extra = (" (or load with strict=False, `--non-strict` on the command line, to ignore and list the "
                  "keys the model does not have)") if problems["unexpected"] and not problems["missing"] \
             and not problems["mismatched"] else ""
@@ -321,8 +334,8 @@ OPENCLIP_NUMBERS = {"max_position_embeddings": "context_length", "intermediate_s
 
 
 def text_configs(cfg: SDConfig) -> list:
-    """The text tower configs a model has: SDXL's two, else its one."""
-    return [cfg.text.clip, cfg.text.openclip] if isinstance(cfg.text, SDXLTextConfig) else [cfg.text]
+    """The text tower configs a model has (its family's `towers`: SDXL's two, else its one)."""
+    return list(FAMILIES[cfg.family].towers(cfg.text))
 
 
 def part_numbers(cfg: SDConfig, part: str, field: str) -> list[tuple[str, object]]:

@@ -11,11 +11,13 @@ import warnings
 
 import torch
 
-from models import SDConfig, StableDiffusion, load_config, prefixes
-from models.ldmbert import LDMBertConfig
+from typing import NamedTuple
+
+from models import FAMILIES, SDConfig, StableDiffusion, load_config, prefixes
 
 from .family import resolve_prediction
-from .layout import CheckpointError, detect_variant, leftover_keys, model_keys, model_shapes, validate_shapes
+from .layout import CheckpointError, family_code, leftover_keys, model_keys, model_shapes, validate_shapes
+from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
 from .registry import resolve_checkpoint
 from .sources import Source, open_source
 from .vae_swap import open_vae, with_vae
@@ -25,82 +27,78 @@ class IgnoredKeys(UserWarning):
     """Non-strict loading skipped keys the model does not have; the message lists them."""
 
 
-SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
-SD2_SOURCE = ("SD 2.x's own config, configs/sd-v2-base.yaml or sd-v2-v.yaml by the prediction type (no config "
-              "given, none in the file; every key and shape checked)")
-SDXL_SOURCE = "SDXL base's config, configs/sdxl-base.yaml (an SDXL checkpoint by its keys; no config given, none in the file; every key and shape checked)"
-LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
+class Resolved(NamedTuple):
+    """The architecture a checkpoint is read with, where it came from, and `default`: the code of the
+    family whose own config it is because neither the caller nor the file gave one (else None)."""
+    config: SDConfig
+    source: str
+    default: str | None = None
 
 
-def resolve_config(src: Source, config=None) -> tuple[SDConfig, str]:
+def resolve_config(src: Source, config=None) -> Resolved:
     """The architecture: `config=` (SDConfig, path or name in configs/), else the file's own
-    (ldm_config metadata / diffusers config.json), else SD v1 - which `validate_shapes` then checks
-    key by key, since shapes alone cannot tell e.g. the number of heads."""
+    (ldm_config metadata / diffusers config.json), else its family's default (layouts.py) - which
+    `validate_shapes` then checks key by key, since shapes alone cannot tell e.g. the number of heads."""
     if isinstance(config, SDConfig):
-        return config, "the given SDConfig"
+        return Resolved(config, "the given SDConfig")
     if isinstance(config, dict):
-        return SDConfig.from_ldm(config), "the given config dict"
+        return Resolved(SDConfig.from_ldm(config), "the given config dict")
     if config is not None:
         try:
-            return load_config(config), f"config {config}"
+            return Resolved(load_config(config), f"config {config}")
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise CheckpointError(f"config {config!r} is not a usable CompVis v1-inference.yaml: {e}") from e
     if src.config is not None:
-        return src.config, src.config_source
-    variant = detect_variant(src.shapes)[0]
-    if variant == "LDM-400M":
-        return load_config("ldm-400m"), LDM_SOURCE
-    if variant == "SD 2.x":
-        return sd2_default(None), SD2_SOURCE
-    if variant == "SDXL":
-        return load_config("sdxl-base"), SDXL_SOURCE
-    return SDConfig(), SD_V1_SOURCE
-
-
-def sd2_default(prediction: str | None) -> SDConfig:
-    """SD 2.x's own config for a file that names none: configs/sd-v2-base.yaml (512 px, epsilon) or, for a
-    v model, sd-v2-v.yaml (768 px). Before the prediction type is known (None) it is the base architecture
-    at 768 px and epsilon, so that it states nothing and `resolve_prediction` applies SD 2.x's rule."""
-    if prediction == "epsilon":
-        return load_config("sd-v2-base")
-    return load_config("sd-v2-v") if prediction == "v" else load_config("sd-v2-base").replace(image_size=96)
+        return Resolved(src.config, src.config_source)
+    row = LAYOUTS[family_code(src.variant[0]) or "sd1"]  # an unknown kind is then named by the shape check
+    return Resolved(row.default_config(None), row.default_source, row.family)
 
 
 def with_tokenizer(cfg: SDConfig, tokenizer, where: str) -> tuple[SDConfig, object]:
     """(config, the tokenizer the text tower reads), built and checked before any tensor is read.
 
-    `tokenizer`: for LDM, the path of BERT's vocab.txt (a diffusers folder's tokenizer/ is found
-    without it); None for SD, whose CLIP vocabulary comes with open_clip."""
-    if isinstance(cfg.text, LDMBertConfig):
-        if tokenizer is not None:
-            cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab=str(tokenizer)))
-        try:
-            return cfg, cfg.text.tokenizer()
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{where}: {e}") from e
+    `tokenizer`: the path of the vocabulary file a family's config names but the file does not hold
+    (LDM-400M: BERT's vocab.txt; a diffusers folder's tokenizer/ is found without it); the others'
+    vocabularies come with the library (CLIP's BPE with open_clip)."""
     if tokenizer is not None:
-        raise CheckpointError(f"{where}: tokenizer= names a BERT vocabulary, which only LDM-400M reads; "
-                              f"this {cfg.family} model tokenises with CLIP's own vocabulary: leave it out")
-    return cfg, None
+        if not hasattr(cfg.text, "vocab"):
+            raise CheckpointError(f"{where}: tokenizer= names a BERT vocabulary, which only LDM-400M reads (a text "
+                                  f"tower whose vocabulary is not in the file); this {FAMILIES[cfg.family].name} "
+                                  "model tokenises with CLIP's own vocabulary: leave it out")
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab=str(tokenizer)))
+    try:
+        return cfg, FAMILIES[cfg.family].tokenizer(cfg.text)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+def tokenizer_for(ckpt, tokenizer=None, config=None):
+    """The tokenizer a checkpoint's text tower reads, from its config alone (headers and config files; no
+    tensor is read), so words can be checked before loading with the tokenizer loading will give:
+    CLIP's BPE for SD 1.x / 2.x / SDXL (with each family's padding), BERT's WordPiece for LDM-400M.
+    `ckpt`: a path or a registry name; `tokenizer`, `config`: as `load_checkpoint`'s."""
+    src = open_source(resolve_checkpoint(ckpt))
+    if src.problem:
+        raise CheckpointError(src.problem)
+    return with_tokenizer(resolve_config(src, config).config, tokenizer, src.where)[1]
 
 
 def open_checked(path, config=None, strict: bool = True, vae=None,
                  prediction_type=None) -> tuple[Source, SDConfig, str]:
     """Open (the VAE swapped in from `vae` if given), resolve the config and the prediction type and
-    validate every key and shape, all before reading a tensor."""
+    validate every key and shape, all before reading a tensor. The variant is detected once, when opened."""
     src = open_source(resolve_checkpoint(path), vae_given=vae is not None)
     if src.problem:
         raise CheckpointError(src.problem)
     if vae is not None:
         src = with_vae(src, open_vae(vae))
-    cfg, cfg_source = resolve_config(src, config)
-    validate_shapes(src.shapes, cfg, src.where, strict, cfg_source)
+    cfg, cfg_source, default = resolve_config(src, config)
+    validate_shapes(src.shapes, cfg, src.where, strict, cfg_source, variant=src.variant, guessed=default is not None)
     if not strict:
         warn_ignored(src.where, leftover_keys(src.shapes, cfg))
-    variant = (src.variant or detect_variant(src.shapes))[0]
-    prediction, _ = resolve_prediction(src, cfg, cfg_source, variant, prediction_type)
-    if cfg_source == SD2_SOURCE:  # the default size follows the prediction type: 512 px base, 768 px v
-        cfg = sd2_default(prediction)
+    prediction, _ = resolve_prediction(src, cfg, cfg_source, src.variant[0], prediction_type)
+    if default is not None:  # a family's own config may follow the prediction type (SD 2.x: 512 px base, 768 px v)
+        cfg = LAYOUTS[default].default_config(prediction)
     return src, cfg.replace(prediction_type=prediction), cfg_source
 
 

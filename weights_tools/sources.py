@@ -16,12 +16,14 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from models import TEXT_TOWERS, OpenCLIPTextConfig, SDConfig
+from models import SDConfig
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, said_in_metadata
-from .layout import SUPPORTED_KINDS, CheckpointError, canonical_key, check_plausible, refusal
-from .openclip_keys import combine, hf_plan, openclip_config_from_hf
+from .layout import (SUPPORTED_KINDS, BadConfig, CheckpointError, FolderLayout, canonical_key, check_plausible, detect_variant,
+                     family_code, refusal)
+from .layouts import LAYOUTS
+from .openclip_keys import combine, hf_plan
 from .safe_pickle import LazyTensor, Placeholder, TorchZip
 
 SUPPORTED = ("supported: a single-file .safetensors or .ckpt (torch zip, weights flat or under 'state_dict') "
@@ -47,7 +49,7 @@ class Source:
     config: SDConfig | None = None                # what the file itself says about the architecture
     config_source: str | None = None
     placeholders: list = field(default_factory=list)
-    variant: tuple[str, str] | None = None        # (variant, evidence) when the format says it (a folder)
+    variant: tuple[str, str] | None = None        # (variant, evidence): detected once, when the source is opened
     problem: str | None = None                    # why it cannot load, found while describing it
     prediction: tuple[str, str] | None = None     # (prediction type, where) when the file says it
 
@@ -63,7 +65,9 @@ def open_source(path, vae_given: bool = False) -> Source:
         raise CheckpointNotFound(f"{path}: no such file or folder; {SUPPORTED}")
     if path.is_dir():
         return open_diffusers(path, vae_given)
-    return open_file(path, path.stat().st_size, sniff(path))
+    src = open_file(path, path.stat().st_size, sniff(path))
+    src.variant = detect_variant(src.shapes)
+    return src
 
 
 def sniff(path: Path) -> str:
@@ -252,16 +256,16 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from e
+        raise BadConfig(f"{path}: unreadable config ({e})") from e
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a config.json is a mapping of settings, got a {type(data).__name__}")
+        raise BadConfig(f"{path}: a config.json is a mapping of settings, got a {type(data).__name__}")
     return data
 
 
 def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
-    """A diffusers folder as one Source whose keys are the single-file names; a folder of another
-    family or with a component missing is described (its keys as `component/key`) with the reason
-    it cannot load."""
+    """A diffusers folder as one Source whose keys are the single-file names, through its family's folder
+    layout (layouts.py); a folder of another kind, with a component missing or whose config.json files
+    disagree is described (its keys as `component/key`) with the reason it cannot load."""
     components = sorted(d.name for d in folder.iterdir() if (d / "config.json").exists())
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
     if not index and not {"unet", "vae", "text_encoder", "transformer", "bert"} & set(components):
@@ -269,110 +273,41 @@ def open_diffusers(folder: Path, vae_given: bool = False) -> Source:
                               f"text_encoder/ with config.json); {SUPPORTED}")
     unet_json = read_json(folder / "unet" / "config.json") if "unet" in components else {}
     variant = folder_family(folder, index, unet_json)
-    if variant[0] == "LDM-400M":
-        return open_ldm_diffusers(folder, variant)
-    if variant[0] == "SDXL":
-        return open_sdxl_diffusers(folder, components, index, variant, vae_given)
-    parts = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
-    missing = [d for d in parts.values() if d not in components and not (d == "vae" and vae_given)]
+    scheduler, sched_path = _read_scheduler(folder)
+    prediction = _scheduler_prediction(scheduler, sched_path)
     problem = refusal(*variant, str(folder))
-    if problem is None and missing:
-        problem = (f"{folder}: diffusers folder without {', '.join(d + '/' for d in missing)} (missing component); "
-                   "SD v1 needs unet/, vae/ and text_encoder/, each with config.json and weights")
-    scheduler, sched_path = _read_scheduler(folder)
-    if problem:
-        return _describe_folder(folder, components, index, variant, problem, _scheduler_prediction(scheduler, sched_path))
-    parts = {p: d for p, d in parts.items() if d in components}
-    configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
-    vae = configs.get("vae", diffusers_keys.SD_V1_VAE)
-    prediction = _scheduler_prediction(scheduler, sched_path)
-    if variant[0] == "SD 2.x":
-        try:
-            cfg = diffusers_keys.sd_config(configs["unet"], vae, configs["text_encoder"], scheduler, str(folder),
-                                           family="sd2", text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder)))
-        except CheckpointError as e:  # described for inspect, refused by load
-            return _describe_folder(folder, components, index, variant, str(e), prediction)
-        return open_sd2_diffusers(folder, parts, configs, cfg, index, variant, prediction)
-    cfg = diffusers_keys.sd_config(configs["unet"], vae, configs["text_encoder"], scheduler, str(folder))
-    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.to_ldm_key, index, variant, prediction)
-
-
-def open_sd2_diffusers(folder: Path, parts: dict, configs: dict, cfg: SDConfig, index: dict, variant: tuple,
-                       prediction) -> Source:
-    """An SD 2.x folder: unet/ and vae/ map key by key as SD v1's; text_encoder/ holds transformers'
-    CLIPTextModel (23 layers, q/k/v apart), which becomes OpenCLIP's keys under `cond_stage_model.model.`,
-    each fused `in_proj_*` read from its three tensors only when the loader asks for it."""
-    src = _diffusers_source(folder, {p: d for p, d in parts.items() if p != "text_encoder"}, configs, cfg,
-                            diffusers_keys.to_ldm_key, index, variant, prediction)
-    return _with_openclip_tower(src, folder / parts["text_encoder"], TEXT_TOWERS[OpenCLIPTextConfig].prefix)
-
-
-def open_ldm_diffusers(folder: Path, variant: tuple) -> Source:
-    """LDM-400M's diffusers folder (CompVis/ldm-text2im-large-256): bert/, unet/, vqvae/ (a KL
-    autoencoder despite the name), tokenizer/vocab.txt (or the tokenizer.json transformers 5 writes)
-    and scheduler/."""
-    parts = {"unet": "unet", "vae": "vqvae", "text_encoder": "bert"}
-    missing = [d for d in parts.values() if not (folder / d / "config.json").exists()]
-    if missing:
-        raise CheckpointError(f"{folder}: LDM diffusers folder without {', '.join(d + '/' for d in missing)} "
-                              "(missing component); LDM-400M needs bert/, unet/ and vqvae/, each with config.json "
-                              "and weights, and tokenizer/vocab.txt")
-    configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
-    vocab = next((p for p in (folder / "tokenizer" / n for n in ("vocab.txt", "tokenizer.json")) if p.exists()), None)
-    scheduler, sched_path = _read_scheduler(folder)
-    cfg = diffusers_keys.ldm_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler,
-                                    str(vocab) if vocab else None, str(folder))
-    index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
-    return _diffusers_source(folder, parts, configs, cfg, diffusers_keys.ldm_key, index, variant,
-                             _scheduler_prediction(scheduler, sched_path))
-
-
-SDXL_PARTS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
-
-
-def open_sdxl_diffusers(folder: Path, components: list, index: dict, variant: tuple, vae_given: bool) -> Source:
-    """SDXL base's diffusers folder: unet/ and vae/ mapped as SD's (plus `add_embedding` -> `label_emb.0`),
-    text_encoder/ (transformers' CLIPTextModel, ViT-L) under `conditioner.embedders.0.transformer.`,
-    text_encoder_2/ (CLIPTextModelWithProjection, bigG) in OpenCLIP's keys under `conditioner.embedders.1.model.`.
-    The tokenizers are the CLIP BPE both towers share (models.sdxl_text.SDXLTokenizer pads the second
-    with "!", as tokenizer_2/ does); model_index.json's force_zeros_for_empty_prompt says how "" encodes.
-    A folder that does not describe SDXL base is described for `inspect` and refused by the loader."""
-    scheduler, sched_path = _read_scheduler(folder)
-    prediction = _scheduler_prediction(scheduler, sched_path)
-    try:
-        parts, configs, cfg = _sdxl_folder_config(folder, components, index, scheduler, vae_given)
-    except CheckpointError as e:
-        problem = f"{folder}: this is a SDXL checkpoint ({variant[1]}), but {e}; {SUPPORTED_KINDS}"
+    code = family_code(variant[0])
+    if problem is not None or code is None:
+        return _describe_folder(folder, components, index, variant, problem or f"{folder}: {variant[1]}; {SUPPORTED}",
+                                prediction)
+    layout = LAYOUTS[code].folder
+    missing = [d for p, d in layout.parts.items() if d not in components and not (p == "vae" and vae_given)]
+    if missing:  # described for inspect, refused by load
+        dirs, needs = ", ".join(d + "/" for d in missing), ", ".join(d + "/" for d in layout.parts.values())
+        problem = (f"{folder}: this is a {variant[0]} checkpoint ({variant[1]}), but it lacks {dirs}: a diffusers "
+                   f"folder without {dirs} (missing component) does not load; it needs {needs}, each with config.json "
+                   f"and weights; {SUPPORTED_KINDS}")
         return _describe_folder(folder, components, index, variant, problem, prediction)
-    src = _diffusers_source(folder, {p: d for p, d in parts.items() if p != "text_encoder_2"}, configs, cfg,
-                            diffusers_keys.sdxl_key, index, variant, prediction)
-    return _with_openclip_tower(src, folder / parts["text_encoder_2"], diffusers_keys.SDXL_OPENCLIP_PREFIX)
+    try:
+        parts, configs, cfg = _folder_config(folder, layout, components, index, scheduler)
+    except BadConfig as e:  # refused everywhere, before any weight file is opened
+        raise BadConfig(f"{folder}: this is a {variant[0]} checkpoint ({variant[1]}), but {e}") from e
+    except CheckpointError as e:  # a model this package does not run: described for inspect, refused by load
+        problem = f"{folder}: this is a {variant[0]} checkpoint ({variant[1]}), but {e}; {SUPPORTED_KINDS}"
+        return _describe_folder(folder, components, index, variant, problem, prediction)
+    src = _diffusers_source(folder, {p: d for p, d in parts.items() if d not in layout.openclip_towers}, configs, cfg,
+                            layout.key, index, variant, prediction)
+    for d, prefix in layout.openclip_towers.items():
+        src = _with_openclip_tower(src, folder / d, prefix)
+    return src
 
 
-def _sdxl_folder_config(folder: Path, components: list, index: dict, scheduler, vae_given: bool):
-    """(parts present, their config.json files, SDConfig) of an SDXL folder, or a CheckpointError."""
-    missing = [d for d in SDXL_PARTS.values() if d not in components and not (d == "vae" and vae_given)]
-    if missing:
-        raise CheckpointError(f"it lacks {', '.join(d + '/' for d in missing)} (missing component): SDXL needs "
-                              "unet/, vae/, text_encoder/ and text_encoder_2/, each with config.json and weights")
-    parts = {p: d for p, d in SDXL_PARTS.items() if d in components}
+def _folder_config(folder: Path, layout: FolderLayout, components: list, index: dict, scheduler):
+    """(parts present, their config.json files, SDConfig) of a family's folder, or a CheckpointError."""
+    parts = {p: d for p, d in layout.parts.items() if d in components}
     configs = {p: read_json(folder / d / "config.json") for p, d in parts.items()}
     configs.setdefault("vae", diffusers_keys.SD_V1_VAE)
-    text_2 = openclip_config_from_hf(configs["text_encoder_2"], "sdxl", str(folder / "text_encoder_2"))
-    if text_2.projection_dim is None:
-        raise CheckpointError(f"{folder / 'text_encoder_2'} is not a CLIPTextModelWithProjection (SDXL's second "
-                              "text encoder: its pooled projection conditions the UNet)")
-    return parts, configs, diffusers_keys.sdxl_config(configs, scheduler, text_2, _force_zeros(index, folder),
-                                                      str(folder))
-
-
-def _force_zeros(index: dict, folder: Path) -> bool:
-    """model_index.json's force_zeros_for_empty_prompt (the pipeline's default, True, when absent)."""
-    value = index.get("force_zeros_for_empty_prompt", True)
-    if not isinstance(value, bool):
-        raise CheckpointError(f"{folder / 'model_index.json'}: force_zeros_for_empty_prompt must be true or false, "
-                              f"got {str(value)[:40]!r}")
-    return value
+    return parts, configs, layout.config(folder, configs, scheduler, index)
 
 
 def _with_openclip_tower(src: Source, tower: Path, prefix: str) -> Source:

@@ -75,7 +75,7 @@ def run_sweep(config, out_dir, overrides=None, *, sd=None, progress=True, rank=0
     (its checkpoint must be the cells' one); else each checkpoint is loaded in `dtype`, with `load`'s
     load_checkpoint options (strict, vae, prediction_type, tokenizer). Returns the merged records on rank 0."""
     out_dir = Path(out_dir)
-    ab, cells, _ = prepare(config, overrides)       # every cell checked before the folder is touched
+    ab, cells, _ = prepare(config, overrides, (load or {}).get("tokenizer"))  # every cell checked before the folder is touched
     with (run_folder_lock(out_dir) if rank == 0 else contextlib.nullcontext()):
         return _run_cells(ab, cells, out_dir, sd, progress, rank, world, barrier, device, dtype, log, load or {})
 

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from models.clip import default_tokenizer
+from weights_tools import tokenizer_for
 
 from ..config import EDIT_KEYS, blend_words, check_settings, load_ablation, set_knob
 from ..metrics import changed_words
@@ -67,12 +67,14 @@ def label(knob, v, base=None) -> str:
 
 
 # ------------------------------------------------------------------------------- cells
-def prepare(config, overrides=None):
-    """Load and check the ablation and every cell (no model is loaded)."""
+def prepare(config, overrides=None, tokenizer=None):
+    """Load and check the ablation and every cell (no model is loaded). Words are checked with each cell's
+    checkpoint's own tokenizer (weights_tools.tokenizer_for); `tokenizer`: the vocabulary file the base
+    checkpoint needs (--tokenizer, LDM-400M's single file)."""
     ab = load_ablation(config, overrides)
     if overrides and overrides.get("batch_size"):
         ab["batch_size"] = overrides["batch_size"]
-    tok = default_tokenizer()
+    tok = tokenizer_for(ab["base"]["ckpt"], tokenizer) if tokenizer is not None and ab["base"].get("ckpt") else None
     return ab, expand(ab, tok), tok
 
 
