@@ -26,6 +26,7 @@ from p2p.cli import main
 from p2p.config import load_edit_config
 from p2p.control import Controller
 from p2p.inversion import Inversion, invert, require_inverse_step
+from test_pndm_edit import recording  # a Controller recording each attention call's step and injection
 
 N = 4
 KW = dict(seed=3, num_steps=N, height=32, width=32, progress=False)
@@ -103,38 +104,21 @@ def test_heun_is_second_order():
 
 
 # ------------------------------------------------------------------------- an edit, two calls per step
-def recording(log: dict):
-    """A Controller that records each attention call's step (the row it was given) and injection, and
-    each callback's call index and whether LocalBlend changed the latents."""
-
-    class Recording(Controller):
-        def attend(self, i, site, q, k, v):
-            log["attn"].append((i, site, self.cross_active(i) if site.is_cross else self.self_active(i, site)))
-            return super().attend(i, site, q, k, v)
-
-        def step_callback(self, i, x):
-            out = super().step_callback(i, x)
-            log["blend"].append((i, not torch.equal(out, x)))
-            return out
-
-    return Recording
-
-
 def test_an_edit_with_two_calls_per_step_reads_the_rows_of_its_steps(tiny_sd, heun, monkeypatch):
-    log = {"attn": [], "blend": []}
-    monkeypatch.setattr(p2p.pipeline, "Controller", recording(log))
+    log = {}
+    monkeypatch.setattr(p2p.pipeline, "Controller", recording(log))          # (row, reference counter, site, ...)
     spec = Replace(cross_replace_steps=0.5, self_replace_steps=(0.25, 0.75), self_replace_max_res=64)
     blend = LocalBlend(words=("squirrel", "lion"), start_blend=0.5, threshold=0.9)
     out = edit(tiny_sd, [SRC, LION], spec, local_blend=blend, sampler=heun, **KW)
 
     rows = [c.row for c in Heun.create(N).calls]                               # [0, 0, 1, 1, 2, 2, 3]
     layers = len(tiny_sd.unet.sites)
-    assert [i for i, _, _ in log["attn"]] == [r for r in rows for _ in range(layers)]
-    cross = {i for i, site, inj in log["attn"] if site.is_cross and inj}
-    self_ = {i for i, site, inj in log["attn"] if not site.is_cross and inj}
+    assert [i for i, _, _, _ in log["attn"]] == [r for r in rows for _ in range(layers)]
+    cross = {i for i, _, site, inj in log["attn"] if site.is_cross and inj}
+    self_ = {i for i, _, site, inj in log["attn"] if not site.is_cross and inj}
     assert cross == set(range(int(0.5 * (N + 1)))) == {0, 1}                   # rows of the T + 1
     assert self_ == set(range(int(0.25 * N), int(0.75 * N))) == {1, 2}
-    assert all(inj == (i in (cross if site.is_cross else self_)) for i, site, inj in log["attn"])
+    assert all(inj == (i in (cross if site.is_cross else self_)) for i, _, site, inj in log["attn"])
     assert [i for i, _ in log["blend"]] == list(range(len(rows)))              # one callback per call
     assert [changed for _, changed in log["blend"]] == [r >= int(0.5 * N) for r in rows]
     assert out.attention.num_steps == len(rows) and out.attention.sums      # maps stored at every call
