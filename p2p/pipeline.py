@@ -111,7 +111,7 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
             x = correction(i, x)
         if controller is not None:
             x = controller.step_callback(i, x)
-        check_finite(x, f"the latents after UNet call {i} (t={t})")
+        check_finite(x, f"the latents after UNet step {i} (t={t})")
     return x
 
 
