@@ -275,11 +275,21 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def step_timesteps(scheduler) -> list[int]:
+    """The timesteps of the sampler's calls, which the inversions retrace one per step (call i reading row i)."""
+    calls = scheduler.calls
+    if [c.row for c in calls] != list(range(scheduler.num_steps)):
+        raise ValueError(f"the inversions retrace one UNet call per step, but {type(scheduler).__name__} makes "
+                         f"{len(calls)} calls for {scheduler.num_steps} steps (reading the rows "
+                         f"{[c.row for c in calls]}); invert with a sampler of one call per step, such as 'ddim'")
+    return [c.timestep for c in calls]
+
+
 @torch.no_grad()
 def ddim_inversion(sd, z0: torch.Tensor, cond: torch.Tensor, scheduler, progress: bool = True) -> list:
     """z_0 -> [z*_0, ..., z*_T], conditional only, eps at the destination timestep (as the reference's ddim_loop)."""
     z, trajectory = z0, [z0]
-    for t in tqdm(scheduler.timesteps.flip(0).tolist(), desc="DDIM inversion", disable=not progress, leave=False):
+    for t in tqdm(step_timesteps(scheduler)[::-1], desc="DDIM inversion", disable=not progress, leave=False):
         z = scheduler.inverse_step(sd.eps(z, t, cond), t, z)
         trajectory.append(z)
     return trajectory
@@ -290,14 +300,15 @@ def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_sca
     """Null-text inversion's optimisation (Mokady et al. 2023, Algorithm 1): one {empty}_t per step.
     Its inner loop runs the two halves of guidance apart already; low_memory splits each step's
     closing guided step too (pipeline.guided_step)."""
-    S = len(scheduler.timesteps)
+    timesteps = step_timesteps(scheduler)
+    S = len(timesteps)
     if S >= 100:
         raise ValueError(f"null-text inversion's learning rate 1e-2 (1 - i/100) reaches 0 at step 100; "
                          f"use fewer than 100 steps, got {S}")
     latent, embeddings, iterations, losses = trajectory[-1], [], [], []
     bar = tqdm(total=S * num_inner_steps, desc="null-text inversion", disable=not progress, leave=False)
     with frozen(sd.unet):
-        for i, t in enumerate(scheduler.timesteps.tolist()):
+        for i, t in enumerate(timesteps):
             target = trajectory[S - i - 1]                              # z*_{t-1}
             # warm start, a fresh leaf in fp32 whatever the model's dtype, so Adam's state is fp32 too:
             # fp16 rounds Adam's eps 1e-8 to 0 and small updates away (the reference's fp16 runs go black)
@@ -337,9 +348,10 @@ def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance
 
     The latent follows prev + r (not z* itself), the same arithmetic the editing loop does, so the
     source branch retraces this pass bit for bit (up to the UNet's batch-size rounding)."""
-    S = len(scheduler.timesteps)
+    timesteps = step_timesteps(scheduler)
+    S = len(timesteps)
     latent, residuals = trajectory[-1], []
-    for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="direct inversion", disable=not progress,
+    for i, t in enumerate(tqdm(timesteps, desc="direct inversion", disable=not progress,
                                leave=False)):
         prev = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler, low_memory=low_memory)
         residuals.append(trajectory[S - i - 1] - prev)

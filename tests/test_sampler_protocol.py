@@ -208,6 +208,18 @@ def test_inversion_asks_for_an_inverse_step_not_a_name(tiny_sd, heun, monkeypatc
         edit(tiny_sd, [SRC, LION], Replace(), inversion=loaded, sampler="ddim", progress=False)
 
 
+class InvertibleHeun(Heun):
+    def inverse_step(self, eps, t, x):
+        return self.ddim.inverse_step(eps, t, x)
+
+
+def test_the_inversions_retrace_one_call_per_step(tiny_sd, monkeypatch):
+    monkeypatch.setitem(models.sd.SAMPLERS, "heun", InvertibleHeun)
+    with pytest.raises(ValueError, match=r"one UNet call per step, but InvertibleHeun makes 3 calls for 2 steps "
+                                         r"\(reading the rows \[0, 0, 1\]\)"):
+        invert(tiny_sd, torch.zeros(1, 3, 32, 32), SRC, method="ddim", num_steps=2, sampler="heun", progress=False)
+
+
 def resaved(src, dst, change) -> None:
     with safe_open(str(src), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
