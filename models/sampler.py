@@ -17,24 +17,12 @@ entry of `calls`; the controller maps each call to its row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
 
 
 @dataclass(frozen=True)
 class Call:
     timestep: int  # the UNet's timestep at this call
     row: int       # the row of the reference's (num_steps + 1)-row schedule this call reads
-
-
-class Sampler(Protocol):
-    num_steps: int
-
-    @property
-    def calls(self) -> tuple[Call, ...]: ...
-
-    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def one_call_per_row(timesteps) -> tuple[Call, ...]:

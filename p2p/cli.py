@@ -305,8 +305,8 @@ def sampling_options(q, seed: bool = True):
     q.add_argument("--height", type=int)
     q.add_argument("--width", type=int)
     q.add_argument("--sampler", choices=list(SAMPLERS),
-                   help=f"{Sampling.sampler} (default), or plms (also pndm): PLMS as the reference's stable notebook, N + 1 "
-                        "UNet calls for N steps (not with an inversion)")
+                   help=f"{Sampling.sampler} (default), or plms (also pndm): PLMS as the reference's stable "
+                        "notebook, N + 1 UNet calls for N steps (not with an inversion)")
 
 
 def low_memory_option(q):
