@@ -3,12 +3,16 @@
 Scaled-linear betas from 0.00085 to 0.012 over 1000 steps; "leading" timesteps with an offset
 (steps_offset=1 gives 981, 961, ..., 1 for 50 steps, as CompVis and diffusers' DDIMScheduler with
 steps_offset=1); the last step lands on alpha_cumprod[0], not on 1 (set_alpha_to_one=False).
+One UNet call per step, call i reading row i of the edit schedules (models/sampler.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .prediction import from_eps, noised, prediction, vp
+from .sampler import Call, one_call_per_row
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,11 @@ class DDIM:
 
     @classmethod
     def create(cls, num_steps: int = 50, steps_offset: int = 1, beta_start: float = 0.00085,
-               beta_end: float = 0.012, num_train_timesteps: int = 1000) -> "DDIM":
+               beta_end: float = 0.012, num_train_timesteps: int = 1000,
+               prediction_type: str = "epsilon") -> "DDIM":
+        """prediction_type: checked only; DDIM's move is the same whatever the model predicts, since it
+        is given eps at the call's own x and t (sd.eps converts)."""
+        prediction(prediction_type)
         if not 1 <= num_steps <= num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
         step = num_train_timesteps // num_steps
@@ -30,6 +38,14 @@ class DDIM:
                              f"below {num_train_timesteps}), got {steps_offset}")
         timesteps = torch.arange(0, num_steps, dtype=torch.int64).flip(0) * step + steps_offset
         return cls(alphas_cumprod(beta_start, beta_end, num_train_timesteps), timesteps, step)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        return one_call_per_row(self.timesteps)
 
     def alpha(self, t: int) -> torch.Tensor:
         """alpha_cumprod at a timestep; negative t (before the first) is alpha_cumprod[0]."""
@@ -60,5 +76,4 @@ def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
 
 def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_from, a_to) -> torch.Tensor:
     """The deterministic (eta 0) DDIM move of x from alpha_cumprod a_from to a_to, with noise eps."""
-    x0 = (x - (1 - a_from) ** 0.5 * eps) / a_from ** 0.5
-    return a_to ** 0.5 * x0 + (1 - a_to) ** 0.5 * eps
+    return noised(from_eps("sample", eps, x, *vp(a_from)), eps, *vp(a_to))

@@ -12,6 +12,7 @@ calls (981, 961, 961, 941, ..., 1 for 50). Call by call, e_k being the UNet outp
     call 3:        (23 e_3 - 16 e_2 + 5 e_0) / 12, then (55, -59, 37, -9) / 24 on the last four.
 
 The kept outputs are the state of one run: a sampler serves one run (sd.scheduler makes a fresh one).
+Its name is "plms" or "pndm" (SAMPLERS). Call j reads row j of the edit schedules (models/sampler.py).
 What is extrapolated is what the model predicts, as in diffusers' PNDMScheduler: eps for an epsilon
 model; for a v model (SD 2.x 768-v) the call's v, recovered from the eps sd.eps made of it at the
 call's own x and t, is extrapolated, and the result turned into eps at the update's x and t. (eps at
@@ -24,7 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import PREDICTION_TYPES
 from .ddim import DDIM
+from .prediction import as_eps, as_prediction
+from .sampler import Call, one_call_per_row
 
 # Adams-Bashforth weights on the last 1..4 kept outputs (newest first), and their common divisor
 ADAMS_BASHFORTH = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
@@ -45,7 +49,7 @@ class PNDM:
     history: PLMSHistory = field(default_factory=PLMSHistory, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.prediction_type not in ("epsilon", "v"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {self.prediction_type!r}")
 
     @classmethod
@@ -57,6 +61,16 @@ class PNDM:
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.ddim.alphas_cumprod
+
+    @property
+    def num_steps(self) -> int:
+        return self.ddim.num_steps
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        """N + 1 calls, call j reading row j of the (N + 1)-row edit schedules, as the reference's
+        counter, which advanced once per UNet call."""
+        return one_call_per_row(self.timesteps)
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -71,7 +85,7 @@ class PNDM:
         if h.calls >= len(expected) or t != expected[h.calls]:
             raise ValueError(f"PLMS call {h.calls} at timestep {t}, but this sampler's calls are at {expected} "
                              f"and {h.calls} were made: a PLMS sampler keeps the history of one run; take a fresh "
-                             f"one (sd.scheduler(..., sampler='pndm')) for each run and call it at its timesteps")
+                             f"one (sd.scheduler(..., sampler='plms')) for each run and call it at its timesteps")
         call, h.calls = h.calls, h.calls + 1
         pred = self.prediction(eps, t, x)
         if call == 1:  # the first step again, from the kept x, with the mean of both outputs
@@ -85,15 +99,9 @@ class PNDM:
         return self.update(e, t, x)
 
     def prediction(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """What the model predicted at this call: eps itself, or v = (eps - sqrt(1 - a_t) x) / sqrt(a_t)."""
-        if self.prediction_type == "epsilon":
-            return eps
-        a = self.ddim.alpha(t)
-        return ((eps.float() - (1 - a) ** 0.5 * x.float()) / a ** 0.5).to(eps.dtype)
+        """What the model predicted at this call: eps itself, or v (models/prediction.py)."""
+        return as_prediction(self.prediction_type, eps, x, self.ddim.alpha(t))
 
     def update(self, pred: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """DDIM's move from t with an extrapolated prediction, a v turned into eps at this x and t."""
-        if self.prediction_type == "v":
-            a = self.ddim.alpha(t)
-            pred = (a ** 0.5 * pred.float() + (1 - a) ** 0.5 * x.float()).to(pred.dtype)
-        return self.ddim.step(pred, t, x)
+        """DDIM's move from t with an extrapolated prediction, turned into eps at this x and t."""
+        return self.ddim.step(as_eps(self.prediction_type, pred, x, self.ddim.alpha(t)), t, x)

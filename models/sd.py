@@ -10,6 +10,7 @@ from .config import SDConfig, family
 from .ddim import DDIM, alphas_cumprod
 from .families import FAMILIES
 from .pndm import PNDM
+from .prediction import as_eps
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
@@ -113,16 +114,14 @@ class StableDiffusion(nn.Module):
         return FAMILIES[self.cfg.family].conditioning(self.cfg, context, x.shape[-2] * f, x.shape[-1] * f)
 
     def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None) -> torch.Tensor:
-        """The UNet's noise prediction eps(x_t, t, context): its output as it is for an epsilon model; a
-        v model's v turned into eps here, the one place the two meet (eps = sqrt(a_t) v + sqrt(1 - a_t) x_t,
-        since x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps and v = sqrt(a_t) eps - sqrt(1 - a_t) x0).
-        context: what encode_text gives (SDXL: with its pooled row, see `conditioning`)."""
+        """The UNet's noise prediction eps(x_t, t, context): its output turned into eps at x_t and t from
+        what the model predicts (cfg.prediction_type; models/prediction.py, the one place eps and v meet:
+        an epsilon model's output as it is). context: what encode_text gives (SDXL: with its pooled row,
+        see `conditioning`)."""
         context, y = self.conditioning(x, context)
         out = self.unet(x, t, context, attn_override=attn_override, y=y)
-        if self.cfg.prediction_type == "epsilon":
-            return out
         a = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long).cpu()].reshape(-1, 1, 1, 1).to(x.device)
-        return (a.sqrt() * out.float() + (1 - a).sqrt() * x.float()).to(out.dtype)
+        return as_eps(self.cfg.prediction_type, out, x, a)
 
     def vae_dtype(self, upcast: bool | None) -> torch.dtype:
         """The dtype the VAE runs in: fp32 if `upcast`, else the model's. None: upcast an fp16 model
@@ -152,20 +151,18 @@ class StableDiffusion(nn.Module):
             return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
     def scheduler(self, num_steps: int = 50, steps_offset: int = 1, sampler: str = "ddim"):
-        """A fresh sampler over this model's noise schedule: one of SAMPLERS (one per run: PLMS keeps its
-        run's history)."""
+        """A fresh sampler over this model's noise schedule: one of SAMPLERS, given the model's prediction
+        type (models/sampler.py; one per run: PLMS keeps its run's history)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
         c = self.cfg
-        # PLMS extrapolates what the model predicts; DDIM's step is the same for eps and v at one x and t
-        kind = {"prediction_type": c.prediction_type} if sampler == "pndm" else {}
         return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps,
-                                        **kind)
+                                        prediction_type=c.prediction_type)
 
 
-# name -> class with create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps);
-# pndm: PLMS as the reference's stable notebook, N + 1 UNet calls for N steps (create(..., prediction_type))
-SAMPLERS = {"ddim": DDIM, "pndm": PNDM}
+# name -> a sampler class (the protocol in models/sampler.py). plms (also pndm): PLMS as the reference's
+# stable notebook, N + 1 UNet calls for N steps; a name is all the config, the CLI and the sweep need
+SAMPLERS = {"ddim": DDIM, "plms": PNDM, "pndm": PNDM}
 
 
 @contextlib.contextmanager

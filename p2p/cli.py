@@ -29,7 +29,7 @@ from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, r
 from .config import (EditConfig, GenerateConfig, InvertConfig, Sampling, check_values, load_edit_config,
                      to_dict)
 from .images import open_image
-from .inversion import reconstruct, require_ddim
+from .inversion import reconstruct, require_inverse_step
 from .pipeline import to_uint8
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option, model_option_flags
@@ -203,8 +203,8 @@ def cmd_edit(args) -> int:
     cfg = edit_config(args)
     # words too, before loading, with the checkpoint's own tokenizer
     spec, blend = cfg.check(args.config or "the command line", tokenizer_for(cfg.ckpt, args.tokenizer))
-    if args.image or (args.inversion and args.sampler):  # editing a photo samples with DDIM only
-        require_ddim(cfg.sampler, "the command line")
+    if args.image or (args.inversion and args.sampler):  # editing a photo needs a sampler with an inverse step
+        require_inverse_step(cfg.sampler, "the command line")
     output = Path(args.output)
     shown = [attention_path(output, k, i) for k in ATTENTION_KINDS for i in range(len(cfg.prompts))]
     check_outputs([output, *(shown if cfg.show_attention else [])], [sidecar(output)])
@@ -253,7 +253,7 @@ def cmd_invert(args) -> int:
     writes the picture the inverted prompt gives back from it."""
     cfg = InvertConfig(**given(args, InvertConfig))
     check_values(cfg, "the command line")
-    require_ddim(cfg.sampler, "the command line")
+    require_inverse_step(cfg.sampler, "the command line")
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     output = Path(args.output)
     check_outputs([args.reconstruction] if args.reconstruction else [], [output, sidecar(output)])
@@ -306,8 +306,8 @@ def sampling_options(q, seed: bool = True):
     q.add_argument("--height", type=int)
     q.add_argument("--width", type=int)
     q.add_argument("--sampler", choices=list(SAMPLERS),
-                   help=f"{Sampling.sampler} (default), or pndm: PLMS as the reference's stable notebook, N + 1 "
-                        "UNet calls for N steps (not with an inversion)")
+                   help=f"{Sampling.sampler} (default), or plms (also pndm): PLMS as the reference's stable "
+                        "notebook, N + 1 UNet calls for N steps (not with an inversion)")
 
 
 def low_memory_option(q):

@@ -37,7 +37,7 @@ class Sampling:
     steps_offset: int = 1          # 1: timesteps 981..1 (SD's); 0: 980..0 (the null-text notebook)
     height: int | None = None
     width: int | None = None
-    sampler: str = "ddim"          # ddim, or pndm: PLMS as the stable notebook (N + 1 UNet calls for N steps)
+    sampler: str = "ddim"          # a name of models.sd.SAMPLERS: ddim, or plms (also pndm): PLMS as the stable notebook
 
 
 @dataclass(frozen=True)

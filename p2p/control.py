@@ -147,6 +147,18 @@ def self_window(num_steps: int, self_replace_steps) -> tuple[int, int]:
     return int(num_steps * s), int(num_steps * e)
 
 
+def call_rows(calls, num_steps: int) -> tuple[int, ...] | None:
+    """The schedule row each UNet call reads, checked to lie in the T + 1 rows; None (no calls given) for
+    the reference's counter, call i reading row i."""
+    if calls is None:
+        return None
+    rows = tuple(int(c.row) for c in calls)
+    if not rows or any(not 0 <= r <= num_steps for r in rows):
+        raise ValueError(f"the sampler's calls read the schedule rows {list(rows)}, but {num_steps} steps have "
+                         f"the rows 0..{num_steps}: a sampler's Call.row must lie in [0, num_steps]")
+    return rows
+
+
 # ----------------------------------------------------------------------------------- controller
 PROBE_HEADS, PROBE_PIXELS = 2, 16  # random probe maps: the real prompt and token counts, a few heads and pixels
 
@@ -168,8 +180,11 @@ class Controller:
     is formed only where it is stored or an edit needs it; fast=False forms every map an edit touches."""
 
     def __init__(self, tokenizer, prompts, spec, num_steps, sites, local_blend=None,
-                 store: AttentionStore | None = None, fast: bool = True):
+                 store: AttentionStore | None = None, fast: bool = True, calls=None):
+        """num_steps: the sampler's steps T, which size the (T + 1)-row schedules. calls: the sampler's
+        UNet calls (models/sampler.py), each naming the row it reads; None: call i reads row i."""
         self.B = len(prompts)
+        self.rows = call_rows(calls, num_steps)
         self.spec = spec
         self.store = store if store is not None else AttentionStore()
         self.blend = local_blend.build(tokenizer, prompts, num_steps, sites) if local_blend is not None else None
@@ -251,11 +266,21 @@ class Controller:
                 and site.pixels <= self.spec.self_replace_max_res ** 2)
 
     # ---- step i's override: three paths, each a short function
+    def row(self, i: int) -> int:
+        """The schedule row UNet call i reads (the step the edit, the self window and LocalBlend see)."""
+        if self.rows is None:
+            return i
+        if not 0 <= i < len(self.rows):
+            raise ValueError(f"UNet call {i}, but the sampler this controller was built for makes "
+                             f"{len(self.rows)} calls: build the controller with the calls of the sampler that runs")
+        return self.rows[i]
+
     def override(self, i: int, cond_only: bool = False):
-        """Step i's override for a UNet call on [uncond x B, cond x B], or, cond_only, on the conditional
+        """UNet call i's override for a call on [uncond x B, cond x B], or, cond_only, on the conditional
         rows alone (the low-memory mode's second call; its unconditional call runs with no override,
-        as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass)."""
-        return partial(self.attend_cond if cond_only else self.attend, i)
+        as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass). The
+        override sees the call's schedule row as its step."""
+        return partial(self.attend_cond if cond_only else self.attend, self.row(i))
 
     def attend(self, i: int, site: Site, q, k, v):
         """Attention of one layer at step i, or None for plain fused attention. Rows: [uncond x B, cond x B];
@@ -301,5 +326,6 @@ class Controller:
         return torch.cat([F.scaled_dot_product_attention(qc[:1], kc[:1], vc[:1]), out_e])
 
     def step_callback(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """After UNet call i: close the store's step and apply LocalBlend at the call's schedule row."""
         self.store.end_step()
-        return self.blend(i, x, self.store) if self.blend is not None else x
+        return self.blend(self.row(i), x, self.store) if self.blend is not None else x

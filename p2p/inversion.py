@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 
 from safetensors.torch import save as safetensors_bytes
 
+from models.sampler import has_inverse_step
+from models.sd import SAMPLERS
 from weights_tools.files import write_bytes_atomic
 
 from .config import InvertConfig
@@ -55,13 +57,20 @@ FORMAT = "p2p-inversion"
 SETTINGS = ("num_steps", "guidance_scale", "steps_offset", "height", "width")  # what an edit from it reuses
 
 
-def require_ddim(sampler, what: str) -> None:
-    """An inversion and the edits from it run DDIM: its trajectory, null-text's embeddings and Direct
-    Inversion's residuals belong to DDIM's steps; PLMS (pndm) takes other steps and N + 1 UNet calls."""
-    if sampler is not None and sampler != "ddim":
+def require_inverse_step(sampler, what: str) -> None:
+    """An inversion and the edits from it run a sampler with an inverse step (models/sampler.py): its
+    trajectory, null-text's embeddings and Direct Inversion's residuals belong to that sampler's steps,
+    one UNet call each. sampler: a name of SAMPLERS, or None (the default, DDIM)."""
+    if sampler is None:
+        return
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{what}: unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
+    if not has_inverse_step(SAMPLERS[sampler]):
+        invertible = [name for name, cls in SAMPLERS.items() if has_inverse_step(cls)]
         raise ValueError(f"{what}: sampler={sampler!r} with an inversion: inversion and the edits from it need "
-                         f"DDIM, whose steps the inversion retraces; leave the sampler out (or 'ddim'), or "
-                         f"use {sampler!r} for generated pictures only")
+                         f"DDIM or another sampler with an inverse step (inverse_step), whose steps the inversion "
+                         f"retraces, and {SAMPLERS[sampler].__name__} has none; leave the sampler out (or use "
+                         f"{', '.join(map(repr, invertible))}), or use {sampler!r} for generated pictures only")
 
 
 @dataclass
@@ -83,20 +92,20 @@ class Inversion:
     residuals: list | None = None
     info: dict = field(default_factory=dict)  # inner iterations and losses per step, inversion settings
     model: Fingerprint | None = None  # the weights it was made with (None: saved before inversions recorded it)
+    sampler: str = "ddim"  # the one it retraces, with an inverse step (see require_inverse_step)
 
     @property
     def image_latents(self) -> torch.Tensor:
         return self.trajectory[0]
 
-    @property
-    def sampler(self) -> str:
-        return "ddim"  # the only one an inversion retraces (see require_ddim)
-
     # ------------------------------------------------------------------ editing from it
     def edit_settings(self, prompts, num_steps=None, guidance_scale=None, steps_offset=None, height=None,
                       width=None, latents=None, sampler=None) -> dict:
         """The sampling settings an edit from this inversion runs with; a clear error on any conflict."""
-        require_ddim(sampler, "edit()")
+        require_inverse_step(sampler, "edit()")
+        if sampler is not None and sampler != self.sampler:
+            raise ValueError(f"sampler={sampler!r} conflicts with the inversion's sampler={self.sampler!r}; an edit "
+                             f"from an inversion samples with the sampler it retraces (leave sampler out)")
         if not prompts or prompts[0] != self.prompt:
             raise ValueError(f"prompts[0] must be the inverted prompt {self.prompt!r}, got "
                              f"{prompts[0] if prompts else None!r}")
@@ -151,7 +160,7 @@ class Inversion:
             tensors["uncond_embeddings"] = torch.stack(list(self.uncond_embeddings))
         if self.residuals is not None:
             tensors["residuals"] = torch.cat(list(self.residuals))
-        meta = {k: getattr(self, k) for k in ("method", "prompt", *SETTINGS)} | {"info": self.info}
+        meta = {k: getattr(self, k) for k in ("method", "prompt", "sampler", *SETTINGS)} | {"info": self.info}
         if self.model is not None:
             tensors["model_sample"] = self.model.sample
             meta["model"] = {"layout": self.model.layout, "dtype": self.model.dtype, "digest": self.model.digest}
@@ -186,7 +195,7 @@ class Inversion:
 
 SAVED_TYPES = {"method": str, "prompt": str, "num_steps": int, "guidance_scale": (int, float), "steps_offset": int,
                "height": int, "width": int, "info": dict}  # a saved Inversion's metadata (SETTINGS and the rest)
-OPTIONAL = {"model": dict}  # absent from files saved before inversions recorded their model's fingerprint
+OPTIONAL = {"model": dict, "sampler": str}  # absent from files saved before inversions recorded them (sampler: ddim)
 
 
 def check_saved(path, text: str, tensors: dict) -> dict:
@@ -208,6 +217,9 @@ def check_saved(path, text: str, tensors: dict) -> dict:
             raise bad(f"{key!r} is {str(meta[key])[:80]!r}, not a {name}")
     if meta["method"] not in METHODS or not 1 <= meta["num_steps"] <= 1000:
         raise bad(f"method {meta['method'][:40]!r} / num_steps {meta['num_steps']} (methods: {', '.join(METHODS)})")
+    sampler = meta.get("sampler", "ddim")
+    if not has_inverse_step(SAMPLERS.get(sampler)):
+        raise bad(f"sampler {sampler[:40]!r} is not a known sampler with an inverse step")
     check_saved_tensors(tensors, meta["num_steps"], meta["method"], bad)
     check_saved_model(meta.get("model"), tensors.get("model_sample"), bad)
     return meta
@@ -263,11 +275,21 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def step_timesteps(scheduler) -> list[int]:
+    """The timesteps of the sampler's calls, which the inversions retrace one per step (call i reading row i)."""
+    calls = scheduler.calls
+    if [c.row for c in calls] != list(range(scheduler.num_steps)):
+        raise ValueError(f"the inversions retrace one UNet call per step, but {type(scheduler).__name__} makes "
+                         f"{len(calls)} calls for {scheduler.num_steps} steps (reading the rows "
+                         f"{[c.row for c in calls]}); invert with a sampler of one call per step, such as 'ddim'")
+    return [c.timestep for c in calls]
+
+
 @torch.no_grad()
 def ddim_inversion(sd, z0: torch.Tensor, cond: torch.Tensor, scheduler, progress: bool = True) -> list:
     """z_0 -> [z*_0, ..., z*_T], conditional only, eps at the destination timestep (as the reference's ddim_loop)."""
     z, trajectory = z0, [z0]
-    for t in tqdm(scheduler.timesteps.flip(0).tolist(), desc="DDIM inversion", disable=not progress, leave=False):
+    for t in tqdm(step_timesteps(scheduler)[::-1], desc="DDIM inversion", disable=not progress, leave=False):
         z = scheduler.inverse_step(sd.eps(z, t, cond), t, z)
         trajectory.append(z)
     return trajectory
@@ -278,14 +300,15 @@ def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_sca
     """Null-text inversion's optimisation (Mokady et al. 2023, Algorithm 1): one {empty}_t per step.
     Its inner loop runs the two halves of guidance apart already; low_memory splits each step's
     closing guided step too (pipeline.guided_step)."""
-    S = len(scheduler.timesteps)
+    timesteps = step_timesteps(scheduler)
+    S = len(timesteps)
     if S >= 100:
         raise ValueError(f"null-text inversion's learning rate 1e-2 (1 - i/100) reaches 0 at step 100; "
                          f"use fewer than 100 steps, got {S}")
     latent, embeddings, iterations, losses = trajectory[-1], [], [], []
     bar = tqdm(total=S * num_inner_steps, desc="null-text inversion", disable=not progress, leave=False)
     with frozen(sd.unet):
-        for i, t in enumerate(scheduler.timesteps.tolist()):
+        for i, t in enumerate(timesteps):
             target = trajectory[S - i - 1]                              # z*_{t-1}
             # warm start, a fresh leaf in fp32 whatever the model's dtype, so Adam's state is fp32 too:
             # fp16 rounds Adam's eps 1e-8 to 0 and small updates away (the reference's fp16 runs go black)
@@ -325,9 +348,10 @@ def direct_inversion_residuals(sd, trajectory, cond, uncond, scheduler, guidance
 
     The latent follows prev + r (not z* itself), the same arithmetic the editing loop does, so the
     source branch retraces this pass bit for bit (up to the UNet's batch-size rounding)."""
-    S = len(scheduler.timesteps)
+    timesteps = step_timesteps(scheduler)
+    S = len(timesteps)
     latent, residuals = trajectory[-1], []
-    for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="direct inversion", disable=not progress,
+    for i, t in enumerate(tqdm(timesteps, desc="direct inversion", disable=not progress,
                                leave=False)):
         prev = guided_step(sd, latent, t, uncond, cond, guidance_scale, scheduler, low_memory=low_memory)
         residuals.append(trajectory[S - i - 1] - prev)
@@ -359,15 +383,16 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     The null-text notebook ran with steps_offset 0 (timesteps 980..0); the default here is 1 (981..1),
     as generate() and edit(); pass steps_offset=0 to match the notebook. low_memory: guided steps in
     two halves (see pipeline.guided_step); DDIM inversion runs the conditional half alone anyway.
-    sampler: "ddim" only (the argument is there so that a request for another one fails clearly)."""
-    require_ddim(sampler, "invert()")
+    sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix."""
+    require_inverse_step(sampler, "invert()")
+    sampler = InvertConfig.sampler if sampler is None else sampler
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
     x = model_input(sd, image, *picture_size(sd, height, width), offsets)
     height, width = x.shape[2:]
-    scheduler = sd.scheduler(num_steps, steps_offset)
+    scheduler = sd.scheduler(num_steps, steps_offset, sampler)
     with torch.no_grad():
         z0 = sd.encode(x)
         cond = sd.encode_text([prompt])
@@ -384,7 +409,7 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
                                                low_memory)
     return Inversion(method, prompt, num_steps, float(guidance_scale), steps_offset, int(height), int(width),
                      x_T=trajectory[-1], trajectory=trajectory, uncond_embeddings=embeddings, residuals=residuals,
-                     info=info, model=fingerprint(sd))
+                     info=info, model=fingerprint(sd), sampler=sampler)
 
 
 @torch.no_grad()
@@ -395,6 +420,7 @@ def reconstruct(sd, inversion: Inversion, progress: bool = True, low_memory: boo
     inversion.check_model(sd, allow_other_model)
     cond = sd.encode_text([inversion.prompt])
     uncond, correction = inversion.guidance_inputs(sd, cond)
-    return denoise(sd, cond, uncond, inversion.x_T, sd.scheduler(inversion.num_steps, inversion.steps_offset),
+    scheduler = sd.scheduler(inversion.num_steps, inversion.steps_offset, inversion.sampler)
+    return denoise(sd, cond, uncond, inversion.x_T, scheduler,
                    inversion.guidance_scale, progress=progress, desc="reconstruction", correction=correction,
                    low_memory=low_memory)

@@ -2,12 +2,12 @@
 
 Both run the reference's loop: one CPU noise draw shared by the batch, classifier-free guidance
 with the batch ordered [uncond..., cond...] in one UNet call (two halves in the low-memory mode,
-as the reference's LOW_RESOURCE), DDIM with eta 0 (or PLMS, sampler="pndm", as the reference's stable
-notebook), and images made uint8 by truncation. The loop knows the index of its UNet call and asks the
-controller for that call's attention override; nothing advances as a side effect of a forward pass.
-The controller counts UNet calls as the reference's counter did: with PLMS, N steps are N + 1 calls, so
-all N + 1 rows of the cross-attention schedule are used, and the self-attention window and LocalBlend's
-start count calls too.
+as the reference's LOW_RESOURCE), DDIM with eta 0 (or PLMS, sampler="plms", as the reference's stable
+notebook), and images made uint8 by truncation. The loop makes the sampler's UNet calls
+(`sampler.calls`, models/sampler.py), knows the index of each and asks the controller for that call's
+attention override; nothing advances as a side effect of a forward pass. The controller is built from
+the same calls and reads, at each, the row of the (T + 1)-row edit schedules the sampler names: the
+reference's counter for DDIM (call i, row i) and PLMS (N steps are N + 1 calls, all N + 1 rows used).
 """
 from __future__ import annotations
 
@@ -90,16 +90,18 @@ def check_finite(x: torch.Tensor, where: str) -> torch.Tensor:
 
 def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="sampling",
             correction=None, low_memory: bool = False):
-    """The guided sampling loop, one pass per UNet call i (scheduler.timesteps: PLMS evaluates its first
-    step twice), i being the controller's step. cond (B, 77, d); uncond (B, 77, d) or a list of one per step
-    (null-text).
+    """The guided sampling loop, one pass per UNet call i of the sampler (scheduler.calls: PLMS evaluates
+    its first step twice), i being what the controller is asked about. cond (B, 77, d); uncond (B, 77, d)
+    or a list of one per call (null-text, whose samplers make one call per step).
+
     correction(i, x) -> x, if given, adjusts the latents after step i, before the controller's
     step_callback (Direct Inversion adds its residual to the source row there; see p2p.inversion).
     low_memory: each step's guidance batch in two halves (see guided_step)."""
     x = x_T.to(sd.device, sd.dtype).expand(cond.shape[0], -1, -1, -1)
     for text in [cond, *(uncond if isinstance(uncond, (list, tuple)) else [uncond])]:
         check_finite(text, "the text encoder's output")
-    for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc=desc, disable=not progress, leave=False)):
+    timesteps = [c.timestep for c in scheduler.calls]
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
         override = None
         if controller is not None:  # (a controller without the low-memory mode need not take cond_only)
@@ -142,7 +144,8 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
              sampler: str = GenerateConfig.sampler, progress: bool = True, low_memory: bool = False,
              offload: bool = False) -> Output:
     """Plain text-to-image with classifier-free guidance: the loop Algorithm 1 extends. sampler: "ddim"
-    (eta 0) or "pndm" (PLMS, as the reference's stable notebook: N + 1 UNet calls for N steps).
+    (eta 0) or "plms" (also "pndm": PLMS, as the reference's stable notebook: N + 1 UNet calls for N steps),
+    one of models.sd.SAMPLERS.
     low_memory: the guidance batch in two halves and the VAE one image at a time (tiled above
     models.sd.TILE latents a side); the same pictures. offload: the text encoder and the VAE stay on
     the CPU and visit the UNet's device only while they run (see `visiting`)."""
@@ -175,10 +178,12 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     as in generate(): the controller then sees the conditional call alone.
 
     Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1, sampler "ddim".
-    sampler "pndm": PLMS, N + 1 UNet calls for N steps; the controller counts calls (see the module).
+    sampler "plms" (also "pndm"): PLMS, N + 1 UNet calls for N steps; the controller reads the schedule
+    row of each call the sampler makes (see the module).
     `inversion` (p2p.invert's result) edits a real image: x_T, the unconditional embedding(s) and any
     per-step correction come from it, prompts[0] must be its prompt, and steps / guidance / offset / size
-    are its own (passing a different value is an error; `seed` is unused); it samples with DDIM only.
+    are its own (passing a different value is an error; `seed` is unused); it samples with the inversion's
+    sampler (one with an inverse step: DDIM).
     An inversion made with other weights than `sd`'s is an error, a warning with allow_other_model
     (see Inversion.check_model)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -195,11 +200,13 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
                             steps_offset=steps_offset, sampler=sampler), "edit()")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
-    controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast)
+    scheduler = sd.scheduler(num_steps, steps_offset, sampler)
+    controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast,
+                            calls=scheduler.calls)
     with visiting(sd, "text_encoder", offload):
         cond = sd.encode_text(prompts)
         uncond, correction = (inversion.guidance_inputs(sd, cond) if inversion is not None
                               else (sd.encode_text([""]), None))
-    z0 = denoise(sd, cond, uncond, x_T, sd.scheduler(num_steps, steps_offset, sampler), guidance_scale, controller,
-                 progress=progress, desc="Prompt-to-Prompt", correction=correction, low_memory=low_memory)
+    z0 = denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller, progress=progress,
+                 desc="Prompt-to-Prompt", correction=correction, low_memory=low_memory)
     return decoded(sd, z0, x_T, low_memory, offload, controller.store)

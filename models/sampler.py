@@ -1,0 +1,35 @@
+"""What the sampling loop, the controller and the inversions ask of a sampler.
+
+A sampler serves one run (`StableDiffusion.scheduler` makes a fresh one from SAMPLERS) and provides:
+
+    create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, prediction_type)
+                    classmethod; prediction_type is the model's (models/prediction.py): what it
+                    predicts, for a sampler whose update depends on it (PLMS extrapolates it)
+    num_steps       N, the steps of its schedule: the reference's T, whose edit schedules have T + 1 rows
+    calls           the UNet calls it will make, in order: Call(timestep, row), row being the row of
+                    the (N + 1)-row schedule the controller reads at that call
+    step(eps, t, x) the latents after the call at timestep t, given eps there (sd.eps's output, guided)
+
+and, where it has one, `inverse_step(eps, t, x)`: x at the timestep after t -> x at t, which DDIM
+inversion takes over the calls in reverse (one call per step). The loop makes one UNet call per
+entry of `calls`; the controller maps each call to its row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Call:
+    timestep: int  # the UNet's timestep at this call
+    row: int       # the row of the reference's (num_steps + 1)-row schedule this call reads
+
+
+def one_call_per_row(timesteps) -> tuple[Call, ...]:
+    """Call i at timesteps[i] reads row i: the reference's counter, which advances once per UNet call."""
+    return tuple(Call(int(t), i) for i, t in enumerate(timesteps.tolist()))
+
+
+def has_inverse_step(sampler) -> bool:
+    """Whether a sampler (or its class) has the inverse step that DDIM inversion takes."""
+    return callable(getattr(sampler, "inverse_step", None))
