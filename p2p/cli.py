@@ -29,7 +29,7 @@ from .config import EditConfig, GenerateConfig, InvertConfig, check_values, load
 from .images import open_image
 from .inversion import reconstruct, require_ddim
 from .pipeline import to_uint8
-from .settings import add_flags, flag_values, keywords, setting, settings_of
+from .settings import add_flags, flag_values, keywords, markdown_table, setting, settings_of, write_table
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option, model_option_flags
 from .viz import attention_pictures, image_bytes, image_format, image_grid
@@ -235,6 +235,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_settings(args) -> int:
+    """Every setting: its YAML key, flag, default and what it takes (the table of docs/settings.md)."""
+    if args.write:
+        write_table(args.write)
+        print(f"wrote the settings table of {args.write}")
+    else:
+        print(markdown_table(), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Edits on the shipped miniature (p2p.miniature.demo), and one edit's attention pictures."""
     # imported here, not above: the miniature is a user of the library, which does not depend on it
@@ -313,6 +323,9 @@ def parser() -> argparse.ArgumentParser:
     w = sweep_arguments(sub.add_parser("sweep", help="an ablation grid (configs/ablations/NAME.yaml): "
                                        "figure, metrics CSV/JSON, per-cell configs; resumable"))
     w.set_defaults(func=run_sweep)
+    t = sub.add_parser("settings", help="every setting: its YAML key, flag, default and what it takes")
+    t.add_argument("--write", metavar="FILE", help="rewrite the table of FILE (docs/settings.md) instead of printing it")
+    t.set_defaults(func=cmd_settings)
     d = sub.add_parser("demo", help="Replace, with and without LocalBlend, on the shipped miniature: "
                        "an edit grid and one edit's attention pictures")
     d.add_argument("-o", "--output", default="demo")

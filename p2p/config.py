@@ -54,9 +54,9 @@ def spec_class(path: str) -> type:
         raise ValueError(f"mode {path!r}: module {module_name!r} has no {name!r}; the p2p.Edit subclasses it "
                          f"defines are {_edit_classes(module)}: name one of them after the colon")
     if not (isinstance(cls, type) and issubclass(cls, Edit)):
-        raise ValueError(f"mode {path!r}: {name!r} is {type(cls).__name__ if not isinstance(cls, type) else 'a class'}"
-                         f" that does not subclass p2p.Edit; an edit spec is a frozen dataclass subclassing p2p.Edit "
-                         f"(see docs/settings.md)")
+        what = "a class" if isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise ValueError(f"mode {path!r}: {name!r} is {what} that does not subclass p2p.Edit; an edit spec is a "
+                         f"frozen dataclass subclassing p2p.Edit (see docs/settings.md)")
     return cls
 
 

@@ -16,7 +16,7 @@ else follows from the table `SETTINGS`:
 
 The defaults of the edit spec's knobs and of LocalBlend's fields are those of the classes
 themselves (`Replace()`, `LocalBlend(words)`), read here, so that the API's objects and the files
-cannot disagree. docs/settings.md's table is `markdown_table()` (`python -m p2p.settings`).
+cannot disagree. docs/settings.md's table is `markdown_table()` (`p2p settings`).
 """
 from __future__ import annotations
 
@@ -375,9 +375,22 @@ def flag_values(args, names) -> dict:
 
 
 # ------------------------------------------------------------------------------- the documentation
-def _cell(value) -> str:
-    text = "" if value is None else value if isinstance(value, str) else repr(value)
-    return text.replace("|", "\\|")
+TABLE_START, TABLE_END = "<!-- settings table: p2p settings --write docs/settings.md -->\n", "<!-- end of the settings table -->"
+
+
+def _yaml(value) -> str:
+    """A value as a YAML file writes it."""
+    plain = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(plain, default_flow_style=True).split("\n")[0]
+
+
+def _takes(s: Setting) -> str:
+    takes = " or ".join(t.__name__ for t in s.types)
+    if s.allowed() is not None:
+        takes += ": " + ", ".join(s.allowed())
+    if s.range is not None:
+        takes += f", {'each ' + s.noun + ' ' if s.entries else ''}{_range_text(*s.range)}"
+    return takes
 
 
 def markdown_table() -> str:
@@ -385,17 +398,18 @@ def markdown_table() -> str:
     rows = ["| YAML key | flag | default | takes | in | former names | what it is |",
             "|---|---|---|---|---|---|---|"]
     for s in SETTINGS:
-        takes = " or ".join(t.__name__ for t in s.types)
-        if s.allowed() is not None:
-            takes += ": " + ", ".join(s.allowed())
-        if s.range is not None:
-            takes += f", {_range_text(*s.range)}"
-        where = ", ".join(GROUPS[s.group]) or "EditConfig.local_blend"
-        flag = f"`{s.flag}`" if s.flag else ""
-        rows.append(f"| `{s.name}` | {flag} | `{_cell(s.default)}` | {_cell(takes)} | {where} | "
-                    f"{', '.join(f'`{o}`' for o in s.old)} | {_cell(s.help)} |")
+        cells = [f"`{s.name}`", f"`{s.flag}`" if s.flag else "", f"`{_yaml(s.default)}`", _takes(s),
+                 ", ".join(GROUPS[s.group]) or "EditConfig.local_blend", ", ".join(f"`{o}`" for o in s.old), s.help]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":
-    print(markdown_table(), end="")
+def write_table(path) -> None:
+    """Rewrite the table between the markers of `path` (docs/settings.md) from the declarations."""
+    with open(path) as f:
+        text = f.read()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{path} has no settings table markers: {TABLE_START.strip()} ... {TABLE_END}")
+    head, rest = text.split(TABLE_START, 1)
+    with open(path, "w") as f:
+        f.write(head + TABLE_START + markdown_table() + TABLE_END + rest.split(TABLE_END, 1)[1])
