@@ -185,7 +185,8 @@ def api_keywords(cfg, config: str) -> dict:
 
 
 def run_inversion(sd, image, prompt, cfg: InvertConfig, args):
-    return p2p.invert(sd, image, prompt, **api_keywords(cfg, "InvertConfig"), low_memory=memory_options(args)["low_memory"])
+    low = memory_options(args)["low_memory"]
+    return p2p.invert(sd, image, prompt, **api_keywords(cfg, "InvertConfig"), low_memory=low)
 
 
 def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
@@ -324,7 +325,7 @@ def parser() -> argparse.ArgumentParser:
                                        "figure, metrics CSV/JSON, per-cell configs; resumable"))
     w.set_defaults(func=run_sweep)
     t = sub.add_parser("settings", help="every setting: its YAML key, flag, default and what it takes")
-    t.add_argument("--write", metavar="FILE", help="rewrite the table of FILE (docs/settings.md) instead of printing it")
+    t.add_argument("--write", metavar="FILE", help="rewrite the table of FILE (docs/settings.md), not print it")
     t.set_defaults(func=cmd_settings)
     d = sub.add_parser("demo", help="Replace, with and without LocalBlend, on the shipped miniature: "
                        "an edit grid and one edit's attention pictures")

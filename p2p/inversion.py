@@ -351,8 +351,9 @@ def model_input(sd, image, height: int, width: int, offsets=(0, 0, 0, 0)) -> tor
 def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps: int = InvertConfig.num_steps,
            guidance_scale: float = InvertConfig.guidance_scale, num_inner_steps: int = InvertConfig.num_inner_steps,
            early_stop_epsilon: float = InvertConfig.early_stop_epsilon, steps_offset: int = InvertConfig.steps_offset,
-           height: int | None = InvertConfig.height, width: int | None = InvertConfig.width, offsets=InvertConfig.offsets,
-           sampler: str = InvertConfig.sampler, progress: bool = True, low_memory: bool = False) -> Inversion:
+           height: int | None = InvertConfig.height, width: int | None = InvertConfig.width,
+           offsets=InvertConfig.offsets, sampler: str = InvertConfig.sampler, progress: bool = True,
+           low_memory: bool = False) -> Inversion:
     """Invert a real image for editing with `edit(sd, [prompt, ...], spec, inversion=inv)`.
 
     image: a path, a PIL image (any mode; see p2p.images) or a (1, 3, H, W) tensor in [-1, 1].
@@ -366,7 +367,8 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     check_values(InvertConfig(method=method, num_steps=num_steps, guidance_scale=guidance_scale,
                               num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
-                              steps_offset=steps_offset, height=height, width=width, offsets=tuple(offsets)), "invert()")
+                              steps_offset=steps_offset, height=height, width=width, offsets=tuple(offsets)),
+                 "invert()")
     x = model_input(sd, image, *picture_size(sd, height, width), offsets)
     height, width = x.shape[2:]
     scheduler = sd.scheduler(num_steps, steps_offset)

@@ -279,7 +279,8 @@ def short(value, limit: int = 200) -> str:
 
 
 def in_range(value, lo, hi) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and lo <= value <= hi
 
 
 def value_of(cfg, name: str):
@@ -375,7 +376,8 @@ def flag_values(args, names) -> dict:
 
 
 # ------------------------------------------------------------------------------- the documentation
-TABLE_START, TABLE_END = "<!-- settings table: p2p settings --write docs/settings.md -->\n", "<!-- end of the settings table -->"
+TABLE_START = "<!-- settings table: p2p settings --write docs/settings.md -->\n"
+TABLE_END = "<!-- end of the settings table -->"
 
 
 def _yaml(value) -> str:

@@ -159,7 +159,8 @@ description: everything at once
 """
 EVERYTHING_FLAGS = ["--steps", "3", "--guidance", "5", "--steps-offset", "0", "--height", "64", "--width", "96",
                     "--sampler", "ddim", "--seed", "8888", "--ckpt", str(CKPT), "--prompt", "a cat riding a bicycle",
-                    "--edit", "a cat riding a car", "--edit", "a dog riding a car", "--mode", "custom_edits:WeightedMix",
+                    "--edit", "a cat riding a car", "--edit", "a dog riding a car",
+                    "--mode", "custom_edits:WeightedMix",
                     "--spec-arg", "weight=0.25", "--cross-steps", "0.8", "car=0.1,0.4", "--self-steps", "0.1", "0.5",
                     "--self-max-res", "32", "--weight", "car=2,1", "--weight", "cat=3", "--no-reference-tail",
                     "--blend", "bicycle", "car,dog", "5", "--blend-threshold", "0.4", "--blend-start", "0.2",
@@ -233,8 +234,8 @@ def _cell_yaml(tmp_path, cell) -> Path:
 
 
 @pytest.mark.parametrize("mode, args, message", [
-    ("no_such_package.edits:Mix", None, r"'mode': mode 'no_such_package.edits:Mix': cannot import "
-                                        r"'no_such_package.edits' .*put the folder that holds 'no_such_package' on PYTHONPATH"),
+    ("no_such_package.edits:Mix", None, r"'mode': mode 'no_such_package.edits:Mix': cannot import 'no_such_package."
+                                        r"edits' .*put the folder that holds 'no_such_package' on PYTHONPATH"),
     ("custom_edits:Mixx", None, r"module 'custom_edits' has no 'Mixx'; the p2p.Edit subclasses it defines are "
                                 r"\['WeightedMix'\]"),
     ("custom_edits:NotAnEdit", None, r"'NotAnEdit' is a class that does not subclass p2p.Edit; an edit spec is a "
@@ -268,4 +269,5 @@ def test_the_settings_page_holds_the_declarations_table():
     start, end = p2p.settings.TABLE_START, p2p.settings.TABLE_END
     assert start in text and end in text, "docs/settings.md lost its table markers"
     table = text.split(start, 1)[1].split(end, 1)[0]
-    assert table == p2p.settings.markdown_table(), "docs/settings.md is stale: rerun `p2p settings --write docs/settings.md`"
+    stale = "docs/settings.md is stale: rerun `p2p settings --write docs/settings.md`"
+    assert table == p2p.settings.markdown_table(), stale
