@@ -53,7 +53,7 @@ def local_blend_flags(args, base):
         return base
     if base is None and "words" not in flags:
         named = ", ".join(setting(f"local_blend.{k}").flag for k in flags)
-        raise ValueError(f"{named} need --blend WORD WORD ... (source word first)")
+        raise ValueError(f"{named}: LocalBlend's flags need --blend WORD WORD ... (source word first)")
     return dataclasses.replace(base, **flags) if base is not None else p2p.LocalBlend(**flags)
 
 
@@ -295,7 +295,7 @@ def edit_parser(e) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing on Stable Diffusion v1.x")
+    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing (SD 1.x / 2.x, SDXL, LDM-400M)")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="plain text-to-image")
     add_flags(g, settings_of("model", "generate"))

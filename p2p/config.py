@@ -25,8 +25,8 @@ from weights_tools.registry import CHECKPOINTS
 
 from .blend import LocalBlend, word_alpha
 from .control import Edit, Refine, Replace, Reweight, self_window, time_word_alpha
-from .settings import (SETTINGS, WEIGHT_RANGE, check_values, config_settings, in_range, new_name,  # noqa: F401
-                       refuse_old_names, renamed, setting, settings_of, short, tuples as _tuples)
+from .settings import (SETTINGS, check_values, config_settings, new_name, refuse_old_names, renamed, setting,
+                       settings_of, short, tuples)
 
 BUILT_IN = {"replace": Replace, "refine": Refine, "reweight": Reweight}
 
@@ -245,7 +245,7 @@ def read_yaml(path) -> dict:
 
 def blend_words(words) -> tuple:
     """[squirrel, lion] or [[a, b], c] (a group of words for one prompt) -> LocalBlend words."""
-    return _tuples(words)
+    return tuples(words)
 
 
 def _local_blend(data: dict | None, where) -> LocalBlend | None:
@@ -257,7 +257,7 @@ def _local_blend(data: dict | None, where) -> LocalBlend | None:
     th = data.get("th")
     if th is not None and len(th) != 2:
         raise ValueError(f"{where}: 'local_blend.th' is a pair (mask threshold, substruct threshold), got {short(th)}")
-    return LocalBlend(**{k: _tuples(v) for k, v in data.items() if v is not None})
+    return LocalBlend(**{k: tuples(v) for k, v in data.items() if v is not None})
 
 
 def edit_config(data: dict, where="settings") -> EditConfig:
@@ -266,7 +266,7 @@ def edit_config(data: dict, where="settings") -> EditConfig:
     s = {k: v for k, v in data.items() if v is not None}
     for key in ("edits", "cross_replace_steps", "self_replace_steps", "spec_args"):
         if key in s:
-            s[key] = _tuples(s[key])
+            s[key] = tuples(s[key])
     if "equalizer" in s:       # {word: c or [c per edited prompt]}, as the command line's --weight gives it
         s["equalizer"] = {w: list(c) if isinstance(c, (list, tuple)) else c for w, c in s["equalizer"].items()}
     if isinstance(s.get("self_replace_steps"), tuple) and len(s["self_replace_steps"]) == 1:

@@ -45,7 +45,7 @@ KEYWORD_GROUPS = ("sampling", "seed", "invert")  # the API functions take these 
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")  # inversion methods (see p2p.inversion)
 WEIGHT_RANGE = (-10000, 10000)  # a reweighting c; the reference's examples use -5 to 10
 CKPT_HELP = ("an SD / SDXL / LDM .safetensors, .ckpt or diffusers folder, or a name of weights_tools.registry "
-             "('miniature', the default: the miniature SD that ships with the project)")
+             "('miniature': the miniature SD that ships with the project)")
 
 
 @dataclass(frozen=True)
@@ -345,15 +345,15 @@ def flag_options(s: Setting, defaults: bool = True) -> dict:
     """add_argument's keywords for a setting's flag; a flag left out is None (the file's or the default
     value). defaults: say the default in the help."""
     shown = defaults and s.default not in (None, (), "")
-    kw = {"dest": s.name, "help": s.help + (f" (default {s.default})" if shown else "")}
+    kw = {"dest": s.name, "metavar": s.key.upper(), "help": s.help + (f" (default {s.default})" if shown else "")}
     if s.types == (bool,):
-        return kw | {"action": argparse.BooleanOptionalAction, "default": None}
+        return kw | {"action": argparse.BooleanOptionalAction, "default": None, "metavar": None}
     base = next((t for t in s.types if t in (int, float, str)), None)
     if base is not None and s.parse is None and "action" not in s.cli:   # a parse function reads the words
         kw["type"] = base
     allowed = s.allowed()
     if allowed is not None:
-        kw["choices"] = list(allowed)
+        kw["choices"], kw["metavar"] = list(allowed), None
     return kw | s.cli
 
 

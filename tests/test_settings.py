@@ -14,7 +14,7 @@ import p2p.cli
 import p2p.config
 import p2p.settings
 import p2p.sweep
-from p2p.config import EditConfig, GenerateConfig, InvertConfig, edit_config, load_edit_config
+from p2p.config import EditConfig, GenerateConfig, InvertConfig, load_edit_config
 from p2p.settings import SETTINGS, Setting, check_values, config_settings, setting
 
 from custom_edits import WeightedMix
