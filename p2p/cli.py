@@ -20,91 +20,48 @@ from pathlib import Path
 import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
-from models.sd import SAMPLERS
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
 from weights_tools.load import IgnoredKeys
 from weights_tools.files import file_sha256, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
-from .config import (EditConfig, GenerateConfig, InvertConfig, Sampling, check_values, load_edit_config,
-                     to_dict)
+from .config import EditConfig, GenerateConfig, InvertConfig, check_values, load_edit_config, to_dict
 from .images import open_image
 from .inversion import reconstruct, require_inverse_step
 from .pipeline import to_uint8
+from .settings import add_flags, flag_values, keywords, markdown_table, setting, settings_of, write_table
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option, model_option_flags
 from .viz import attention_pictures, image_bytes, image_format, image_grid
 
-CKPT_HELP = ("an SD v1.x .safetensors / .ckpt / diffusers folder, or 'miniature' (the default): "
-             "the miniature SD that ships with the project")
-SAMPLING = [f.name for f in dataclasses.fields(Sampling)]
+SAMPLING = [s.name for s in settings_of("sampling")]
 ATTENTION_KINDS = ("attention", "self_attention")  # the pictures --show-attention writes, per prompt
 
 
 # ------------------------------------------------------------------------------- flags -> configs
-def number(text: str, flag: str, form: str) -> float:
-    """A flag's number, or an error naming the flag and the form it takes."""
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{flag} takes {form}; {text!r} is not a number") from None
-
-
-def parse_cross_steps(values):
-    """["0.8"] -> 0.8; ["0.2", "0.8"] -> (0.2, 0.8); ["1.0", "lion=0.4"] -> {"default_": 1.0, "lion": 0.4}."""
-    form = "F, START END, or F WORD=F ... (fractions of the steps, e.g. 0.8 lion=0.4)"
-    plain = [number(v, "--cross-steps", form) for v in values if "=" not in v]
-    words = {w: number(f, "--cross-steps", form) for w, _, f in (v.partition("=") for v in values if "=" in v)}
-    base = plain[0] if len(plain) == 1 else tuple(plain) if plain else (0.0, 1.0)
-    return {"default_": base, **words} if words else base
-
-
-def parse_weights(items) -> dict:
-    """["car=2", "cat=1,3"] -> {"car": 2.0, "cat": [1.0, 3.0]} (one c per edited prompt)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--weight takes WORD=C (e.g. car=2), got {item!r}")
-        word, c = item.split("=", 1)
-        cs = [number(x, "--weight", "WORD=C or WORD=C1,C2 (one C per edited prompt)") for x in c.split(",")]
-        out[word] = cs if "," in c else cs[0]
-    return out
-
-
 def given(args, cls) -> dict:
-    """The fields of `cls` given as flags (a flag left out is None: the file's or the default value)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            out[f.name] = tuple(v) if isinstance(v, list) else v
-    return out
+    """The fields of `cls` given as flags, as config values (a flag left out is None: the file's or the
+    default value)."""
+    return flag_values(args, [f.name for f in dataclasses.fields(cls)])
 
 
 def local_blend_flags(args, base):
-    """--blend WORD... (a,b for several words of one prompt), --blend-threshold, --blend-level over the
-    config file's LocalBlend `base`."""
-    words = tuple(tuple(w.split(",")) if "," in w else w for w in args.blend) if args.blend else None
-    flags = {k: v for k, v in (("words", words), ("threshold", args.blend_threshold), ("level", args.blend_level))
-             if v is not None}
+    """The LocalBlend flags (--blend WORD ..., --blend-threshold, ...) over the config file's LocalBlend `base`."""
+    flags = {name.partition(".")[2]: v
+             for name, v in flag_values(args, [s.name for s in settings_of("local_blend")]).items()}
     if not flags:
         return base
-    if base is None and words is None:
-        raise ValueError("--blend-threshold / --blend-level need --blend WORD WORD ... (source word first)")
+    if base is None and "words" not in flags:
+        named = ", ".join(setting(f"local_blend.{k}").flag for k in flags)
+        raise ValueError(f"{named}: LocalBlend's flags need --blend WORD WORD ... (source word first)")
     return dataclasses.replace(base, **flags) if base is not None else p2p.LocalBlend(**flags)
 
 
 def edit_config(args) -> EditConfig:
-    """The edit's settings: the defaults, then --config FILE, then the flags given."""
+    """The edit's settings: the defaults, then --config FILE, then the flags given (a flag replaces its key's
+    value)."""
     cfg = load_edit_config(args.config) if args.config else EditConfig()
-    flags = given(args, EditConfig)
-    if "cross_replace_steps" in flags:
-        flags["cross_replace_steps"] = parse_cross_steps(flags["cross_replace_steps"])
-    if "self_replace_steps" in flags and len(flags["self_replace_steps"]) == 1:
-        flags["self_replace_steps"] = flags["self_replace_steps"][0]
-    if "equalizer" in flags:
-        flags["equalizer"] = parse_weights(flags["equalizer"])
-    cfg = dataclasses.replace(cfg, **flags, local_blend=local_blend_flags(args, cfg.local_blend))
+    cfg = dataclasses.replace(cfg, **given(args, EditConfig), local_blend=local_blend_flags(args, cfg.local_blend))
     for key, flag in (("prompt", "--prompt"), ("edits", "--edit")):
         if not getattr(cfg, key):
             raise ValueError(f"missing {key}: give {flag} or set it in --config")
@@ -190,9 +147,7 @@ def cmd_generate(args) -> int:
     output = Path(args.output)
     check_outputs([output], [sidecar(output)])
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
-    out = p2p.generate(sd, list(cfg.prompts), seed=cfg.seed, num_steps=cfg.num_steps,
-                       guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                       steps_offset=cfg.steps_offset, sampler=cfg.sampler, **memory_options(args))
+    out = p2p.generate(sd, list(cfg.prompts), **api_keywords(cfg, "GenerateConfig"), **memory_options(args))
     record = settings_record(to_dict(cfg), cfg.ckpt, args) | memory_options(args)
     write_outputs({output: image_bytes(image_grid(out.images, list(cfg.prompts), min_size=256), output),
                    sidecar(output): json_bytes(record)})
@@ -211,10 +166,8 @@ def cmd_edit(args) -> int:
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
-    out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, seed=cfg.seed, num_steps=cfg.num_steps, store=store,
-                   guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, steps_offset=cfg.steps_offset,
-                   sampler=cfg.sampler, inversion=inv, allow_other_model=args.allow_other_model,
-                   **memory_options(args))
+    out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, store=store, **api_keywords(cfg, "EditConfig"),
+                   inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
     if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
         level = blend.level if blend is not None and blend.level is not None else named_blend_level(cfg.ckpt)
@@ -227,8 +180,14 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def api_keywords(cfg, config: str) -> dict:
+    """The settings of `cfg` that its API function (p2p.generate / edit / invert) takes as keywords."""
+    return {k: getattr(cfg, k) for k in keywords(config)}
+
+
 def run_inversion(sd, image, prompt, cfg: InvertConfig, args):
-    return p2p.invert(sd, image, prompt, **dataclasses.asdict(cfg), low_memory=memory_options(args)["low_memory"])
+    low = memory_options(args)["low_memory"]
+    return p2p.invert(sd, image, prompt, **api_keywords(cfg, "InvertConfig"), low_memory=low)
 
 
 def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
@@ -242,7 +201,7 @@ def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
     else:
         sampling = {k: getattr(cfg, k) for k in SAMPLING}
         inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling), args)
-    explicit = given(args, Sampling)
+    explicit = flag_values(args, SAMPLING)
     cfg = dataclasses.replace(cfg, **{k: getattr(inv, k) for k in SAMPLING if k not in explicit})
     return cfg, inv, dict(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info,
                           inversion_model=None if inv.model is None else str(inv.model))
@@ -278,6 +237,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_settings(args) -> int:
+    """Every setting: its YAML key, flag, default and what it takes (the table of docs/settings.md)."""
+    if args.write:
+        write_table(args.write)
+        print(f"wrote the settings table of {args.write}")
+    else:
+        print(markdown_table(), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Edits on the shipped miniature (p2p.miniature.demo), and one edit's attention pictures."""
     # imported here, not above: the miniature is a user of the library, which does not depend on it
@@ -295,19 +264,8 @@ def cmd_demo(args) -> int:
 
 # ------------------------------------------------------------------------------- the parser
 def sampling_options(q, seed: bool = True):
-    """Flags of the Sampling fields (and the seed); left out, they are None: the config's defaults."""
-    if seed:
-        q.add_argument("--seed", type=int, help=f"x_T's seed (default {EditConfig.seed})")
-    q.add_argument("--steps", dest="num_steps", type=int, help=f"sampling steps (default {Sampling.num_steps})")
-    q.add_argument("--guidance", dest="guidance_scale", type=float,
-                   help=f"classifier-free guidance scale (default {Sampling.guidance_scale})")
-    q.add_argument("--steps-offset", dest="steps_offset", type=int,
-                   help=f"{Sampling.steps_offset} (default): timesteps 981..1; 0: 980..0 as the null-text notebook")
-    q.add_argument("--height", type=int)
-    q.add_argument("--width", type=int)
-    q.add_argument("--sampler", choices=list(SAMPLERS),
-                   help=f"{Sampling.sampler} (default), or plms (also pndm): PLMS as the reference's stable "
-                        "notebook, N + 1 UNet calls for N steps (not with an inversion)")
+    """Flags of the sampling settings (and the seed); left out, they are None: the config's defaults."""
+    add_flags(q, settings_of("sampling", *(("seed",) if seed else ())))
 
 
 def low_memory_option(q):
@@ -317,38 +275,13 @@ def low_memory_option(q):
 
 
 def inversion_options(q):
-    q.add_argument("--method", choices=["null-text", "ddim", "negative-prompt", "direct"],
-                   help=f"how to invert the photo (default {InvertConfig.method})")
-    q.add_argument("--inner-steps", dest="num_inner_steps", type=int,
-                   help=f"null-text: Adam iterations per step at most (default {InvertConfig.num_inner_steps})")
-    q.add_argument("--early-stop", dest="early_stop_epsilon", type=float,
-                   help="null-text: stop a step's iterations when the loss < this + 2e-5 i "
-                        f"(default {InvertConfig.early_stop_epsilon})")
-    q.add_argument("--offsets", nargs=4, type=int, metavar=("L", "R", "T", "B"),
-                   help="pixels cut from the left, right, top and bottom before the centre crop")
+    add_flags(q, settings_of("invert"))
 
 
 def edit_parser(e) -> None:
-    e.add_argument("--ckpt", help=CKPT_HELP)
-    model_option_flags(e)
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
-    e.add_argument("--prompt", help="the source prompt")
-    e.add_argument("--edit", dest="edits", action="append", help="an edited prompt; repeat for several")
-    e.add_argument("--mode", choices=["replace", "refine", "reweight"])
-    e.add_argument("--cross-steps", dest="cross_replace_steps", nargs="+",
-                   help="fraction of steps with injected cross-attention: F, START END, or F WORD=F ...")
-    e.add_argument("--self-steps", dest="self_replace_steps", nargs="+", type=float, help="F or START END")
-    e.add_argument("--self-max-res", dest="self_replace_max_res", type=int,
-                   help="inject self-attention up to this side")
-    e.add_argument("--blend", nargs="+", help="LocalBlend words, one per prompt, source first (a,b for several)")
-    e.add_argument("--blend-threshold", dest="blend_threshold", type=float)
-    e.add_argument("--blend-level", dest="blend_level", type=int,
-                   help="resolution level of the maps the blend mask is made from (default: the deepest; "
-                        "0 for the miniature's 16x16 maps)")
-    e.add_argument("--weight", dest="equalizer", action="append",
-                   help="WORD=C reweights WORD by C (C1,C2 for one per edit)")
-    e.add_argument("--show-attention", dest="show_attention", action="store_true", default=None,
-                   help="also write per-token cross-attention maps of every prompt")
+    add_flags(e, settings_of("model", "edit", "spec", "local_blend"))
+    model_option_flags(e)
     sampling_options(e)
     low_memory_option(e)
     dtype_option(e)
@@ -363,12 +296,11 @@ def edit_parser(e) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing on Stable Diffusion v1.x")
+    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing (SD 1.x / 2.x, SDXL, LDM-400M)")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="plain text-to-image")
-    g.add_argument("--ckpt", help=CKPT_HELP)
+    add_flags(g, settings_of("model", "generate"))
     model_option_flags(g)
-    g.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for a batch")
     sampling_options(g)
     low_memory_option(g)
     dtype_option(g)
@@ -393,6 +325,9 @@ def parser() -> argparse.ArgumentParser:
     w = sweep_arguments(sub.add_parser("sweep", help="an ablation grid (configs/ablations/NAME.yaml): "
                                        "figure, metrics CSV/JSON, per-cell configs; resumable"))
     w.set_defaults(func=run_sweep)
+    t = sub.add_parser("settings", help="every setting: its YAML key, flag, default and what it takes")
+    t.add_argument("--write", metavar="FILE", help="rewrite the table of FILE (docs/settings.md), not print it")
+    t.set_defaults(func=cmd_settings)
     d = sub.add_parser("demo", help="Replace, with and without LocalBlend, on the shipped miniature: "
                        "an edit grid and one edit's attention pictures")
     d.add_argument("-o", "--output", default="demo")

@@ -1,70 +1,84 @@
 """Run settings: typed configs for generate(), edit() and invert(), and their YAML files.
 
-`GenerateConfig`, `EditConfig` and `InvertConfig` are frozen dataclasses whose field names and
-defaults are the library's own: the functions take their defaults from them, a YAML file's keys
+`GenerateConfig`, `EditConfig` and `InvertConfig` are frozen dataclasses made from the declarations
+of p2p.settings: their fields and defaults are the settings of their groups, a YAML file's keys
 are their fields (configs/edits/), and the command line fills them from its flags. An ablation
 (configs/ablations/) is an edit config plus a `grid` of knobs to sweep. Files are checked before
 any computation: unknown or renamed keys, wrong types and words that are not in their prompt fail
 with the file, the key and the fix in the message (words are checked with the tokenizer alone).
+
+`mode` names the edit spec: replace, refine, reweight, or `package.module:Class`, a researcher's own
+p2p.Edit subclass, whose own fields are given in `spec_args` (docs/settings.md).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import reprlib
-from dataclasses import dataclass
+import importlib
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import yaml
 
-from models.sd import SAMPLERS
 from weights_tools import tokenizer_for
-from weights_tools.registry import CHECKPOINTS, DEFAULT as DEFAULT_CKPT
+from weights_tools.registry import CHECKPOINTS
 
 from .blend import LocalBlend, word_alpha
-from .control import Refine, Replace, Reweight, self_window, time_word_alpha
+from .control import Edit, Refine, Replace, Reweight, self_window, time_word_alpha
+from .settings import (SETTINGS, check_values, config_settings, new_name, refuse_old_names, renamed, setting,
+                       settings_of, short, tuples)
+
+BUILT_IN = {"replace": Replace, "refine": Refine, "reweight": Reweight}
+
+
+# ------------------------------------------------------------------------------- custom edit specs
+def _edit_classes(module) -> list:
+    return sorted(k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, Edit) and v is not Edit)
+
+
+def spec_class(path: str) -> type:
+    """The p2p.Edit subclass a mode names: replace / refine / reweight, or `package.module:Class`."""
+    if path in BUILT_IN:
+        return BUILT_IN[path]
+    module_name, colon, name = str(path).partition(":")
+    if not (colon and module_name and name):
+        raise ValueError(f"mode must be replace, refine or reweight, or your own edit spec as module:Class "
+                         f"(e.g. mypackage.edits:WeightedMix), got {short(path)}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"mode {path!r}: cannot import {module_name!r} ({err}); install the package that holds it, "
+                         f"or put the folder that holds {module_name.split('.')[0]!r} on PYTHONPATH") from None
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise ValueError(f"mode {path!r}: module {module_name!r} has no {name!r}; the p2p.Edit subclasses it "
+                         f"defines are {_edit_classes(module)}: name one of them after the colon")
+    if not (isinstance(cls, type) and issubclass(cls, Edit)):
+        what = "a class" if isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise ValueError(f"mode {path!r}: {name!r} is {what} that does not subclass p2p.Edit; an edit spec is a "
+                         f"frozen dataclass subclassing p2p.Edit (see docs/settings.md)")
+    return cls
+
+
+def custom_spec(path: str, common: dict, args: dict):
+    """Your own spec, `path`'s class, with the shared knobs `common` and its own fields `args` (spec_args)."""
+    cls = spec_class(path)
+    own = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in common)
+    for key in args:
+        if key not in own:
+            near = difflib.get_close_matches(str(key), own, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"spec_args: {cls.__name__} ({path}) has no field {short(key)}; {hint}its own fields "
+                             f"are {own} (the shared knobs {sorted(common)} are keys of their own)")
+    try:
+        return cls(**common, **args)
+    except TypeError as err:
+        raise ValueError(f"spec_args: {path}: {err}; give every field without a default in spec_args") from None
 
 
 # ------------------------------------------------------------------------------- the configs
-@dataclass(frozen=True)
-class Sampling:
-    """The sampler's settings, shared by generate(), edit() and invert(). height / width None: the
-    model's default size."""
-    num_steps: int = 50
-    guidance_scale: float = 7.5
-    steps_offset: int = 1          # 1: timesteps 981..1 (SD's); 0: 980..0 (the null-text notebook)
-    height: int | None = None
-    width: int | None = None
-    sampler: str = "ddim"          # a name of models.sd.SAMPLERS: ddim, or plms (also pndm): PLMS as the stable notebook
-
-
-@dataclass(frozen=True)
-class GenerateConfig(Sampling):
-    prompts: tuple = ()
-    seed: int = 0                  # x_T is torch.randn from manual_seed(seed) on the CPU
-    ckpt: str = DEFAULT_CKPT       # a path, or a name in weights_tools.registry.CHECKPOINTS
-
-
-@dataclass(frozen=True)
-class EditConfig(Sampling):
-    """One Prompt-to-Prompt run: prompt is the source P, edits the edited prompts P*; the spec's knobs
-    (mode, cross/self replace steps, equalizer, reference_tail) and LocalBlend, with their defaults."""
-    prompt: str = ""
-    edits: tuple = ()
-    mode: str = "replace"          # replace | refine | reweight (a Reweight on top of replace/refine
-    #                                when an equalizer is given with those)
-    cross_replace_steps: Union[float, tuple, dict] = Replace.cross_replace_steps
-    self_replace_steps: Union[float, tuple] = Replace.self_replace_steps
-    self_replace_max_res: int = Replace.self_replace_max_res
-    equalizer: dict | None = None
-    local_blend: LocalBlend | None = None
-    reference_tail: bool = Replace.reference_tail
-    seed: int = GenerateConfig.seed
-    ckpt: str = DEFAULT_CKPT
-    show_attention: bool = False
-    description: str = ""
+class EditMethods:
+    """What an EditConfig does with its settings: the spec they describe, and its check."""
 
     @property
     def prompts(self) -> list:
@@ -72,17 +86,20 @@ class EditConfig(Sampling):
 
     def build(self) -> tuple:
         """(spec, local_blend): the edit spec these settings describe."""
-        common = dict(cross_replace_steps=self.cross_replace_steps, self_replace_steps=self.self_replace_steps,
-                      self_replace_max_res=self.self_replace_max_res)
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(Edit)}
         if self.reference_tail and self.mode != "replace":
             raise ValueError("reference_tail applies to mode: replace only")
+        if self.spec_args and self.mode in BUILT_IN:
+            raise ValueError(f"spec_args are the fields of your own Edit subclass (mode: module:Class); mode "
+                             f"{self.mode!r} takes its knobs as keys of their own")
         if self.mode == "reweight":
             if not self.equalizer:
                 raise ValueError("mode 'reweight' needs an equalizer: {WORD: C} (--weight WORD=C)")
             return Reweight(equalizer=self.equalizer, **common), self.local_blend
-        if self.mode not in ("replace", "refine"):
-            raise ValueError(f"mode must be replace, refine or reweight, got {self.mode!r}")
-        spec = Replace(**common, reference_tail=self.reference_tail) if self.mode == "replace" else Refine(**common)
+        if self.mode == "replace":
+            spec = Replace(**common, reference_tail=self.reference_tail)
+        else:
+            spec = Refine(**common) if self.mode == "refine" else custom_spec(self.mode, common, self.spec_args or {})
         if self.equalizer:
             spec = Reweight(equalizer=self.equalizer, base=spec, **common)
         return spec, self.local_blend
@@ -99,7 +116,8 @@ class EditConfig(Sampling):
             except (ValueError, TypeError, KeyError) as err:
                 raise ValueError(f"{where}: {key!r}: {err}{fix}") from None
 
-        spec, blend = attempt("equalizer" if self.equalizer else "mode", self.build)
+        spec_key = "equalizer" if self.equalizer else "spec_args" if self.spec_args else "mode"
+        spec, blend = attempt(spec_key, self.build)
         attempt("equalizer" if self.equalizer else "edits", lambda: spec.cross_edit(tok, self.prompts),
                 " (fix: a word-swap edit keeps the word count; a reweighted word must be in the edited prompt)")
         attempt("cross_replace_steps", lambda: time_word_alpha(tok, self.prompts, self.num_steps,
@@ -115,12 +133,28 @@ class EditConfig(Sampling):
         return spec, blend
 
 
-@dataclass(frozen=True)
-class InvertConfig(Sampling):
-    method: str = "null-text"      # null-text | ddim | negative-prompt | direct (see p2p.inversion)
-    num_inner_steps: int = 10      # null-text: Adam iterations per step at most
-    early_stop_epsilon: float = 1e-5
-    offsets: tuple = (0, 0, 0, 0)  # pixels cut from the left, right, top and bottom before the centre crop
+def _annotation(s):
+    kinds = tuple(tuple if t is list else t for t in s.types)
+    kind = LocalBlend if s.name == "local_blend" else Union[kinds] if len(kinds) > 1 else kinds[0]
+    return Optional[kind] if s.default is None else kind
+
+
+def config_class(name: str, doc: str, bases: tuple = ()) -> type:
+    """The frozen dataclass `name` whose fields are the settings of its groups (p2p.settings.GROUPS), with
+    their declared defaults; a former name as a keyword is refused naming the new one."""
+    fields = [(s.name, _annotation(s), dataclasses.field(default=s.default)) for s in config_settings(name)]
+    cls = dataclasses.make_dataclass(name, fields, bases=bases, frozen=True,
+                                     namespace={"__doc__": doc, "__module__": __name__})
+    cls.__init__ = refuse_old_names(cls.__init__, name)
+    return cls
+
+
+GenerateConfig = config_class("GenerateConfig", "generate()'s settings (p2p.settings: the sampling ones, seed, "
+                              "ckpt and prompts).")
+EditConfig = config_class("EditConfig", "One Prompt-to-Prompt run: prompt is the source P, edits the edited prompts "
+                          "P*; the spec's knobs (mode, cross / self replace steps, equalizer, reference_tail, your own "
+                          "spec's spec_args) and LocalBlend, with their defaults (p2p.settings).", (EditMethods,))
+InvertConfig = config_class("InvertConfig", "invert()'s settings (p2p.settings: the sampling ones and the method's).")
 
 
 def check_prompts(cfg: EditConfig, where) -> None:
@@ -133,50 +167,14 @@ def check_prompts(cfg: EditConfig, where) -> None:
     check_values(cfg, where)
 
 
-# Ranges of the numbers a run takes, checked before a model is loaded or anything allocated: far outside
-# them a run only gives black pictures (nan, inf, 1e30) or allocates gigabytes (a 100000-px side).
-RANGES = {"num_steps": (1, 1000), "height": (8, 16384), "width": (8, 16384), "guidance_scale": (-10000, 10000),
-          "seed": (0, 2 ** 64 - 1), "steps_offset": (0, 999)}  # seed: what torch.Generator.manual_seed takes
-WEIGHT_RANGE = (-10000, 10000)  # a reweighting c; the reference's examples use -5 to 10
-
-
-def in_range(value, lo, hi) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
-
-
-def check_values(cfg, where) -> None:
-    """Every number of a GenerateConfig / EditConfig / InvertConfig within RANGES (None: the default), and
-    its sampler a known one."""
-    sampler = getattr(cfg, "sampler", None)
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"{where}: 'sampler' must be one of {', '.join(SAMPLERS)}, got {short(sampler)}")
-    for key, (lo, hi) in RANGES.items():
-        value = getattr(cfg, key, None)
-        if value is not None and not in_range(value, lo, hi):
-            raise ValueError(f"{where}: {key!r} must be a finite number from {lo} to {hi}, got {short(value)}")
-    for word, c in (getattr(cfg, "equalizer", None) or {}).items():
-        if not all(in_range(v, *WEIGHT_RANGE) for v in (c if isinstance(c, (list, tuple)) else [c])):
-            raise ValueError(f"{where}: 'equalizer' gives {short(word)} the weight {short(c)}; a weight is a finite "
-                             f"number from {WEIGHT_RANGE[0]} to {WEIGHT_RANGE[1]}")
+# Ranges of the numbers a run takes (p2p.settings declares them), checked before a model is loaded
+RANGES = {s.name: s.range for s in SETTINGS if s.range is not None and s.entries is None}
 
 
 # ------------------------------------------------------------------------------- the YAML schema
-EDIT_KEYS = {  # the keys of an edit config file (configs/edits/*.yaml): EditConfig's fields, with their types
-    "ckpt": str, "prompt": str, "edits": list, "mode": str, "cross_replace_steps": (float, int, list, dict),
-    "self_replace_steps": (float, int, list), "self_replace_max_res": int, "equalizer": dict,
-    "local_blend": dict, "reference_tail": bool, "seed": int, "num_steps": int, "guidance_scale": (float, int),
-    "height": int, "width": int, "steps_offset": int, "sampler": str, "show_attention": bool, "description": str,
-}
-BLEND_KEYS = {  # local_blend: {...}: LocalBlend's fields
-    "words": list, "threshold": (float, int), "start_blend": (float, int), "substruct_words": list, "th": list,
-    "level": int, "pool": bool,
-}
-RENAMED = {  # old key -> the library's name, which the files use now
-    "steps": "num_steps", "guidance": "guidance_scale", "cross_steps": "cross_replace_steps",
-    "self_steps": "self_replace_steps", "self_max_res": "self_replace_max_res", "weight": "equalizer",
-    "blend": "local_blend.words", "blend_threshold": "local_blend.threshold", "blend_start": "local_blend.start_blend",
-    "blend_substruct": "local_blend.substruct_words", "blend_th": "local_blend.th", "blend_level": "local_blend.level",
-}
+EDIT_KEYS = {s.name: s.types for s in config_settings("EditConfig")}  # an edit file's keys and their types
+BLEND_KEYS = {s.key: s.types for s in settings_of("local_blend")}      # local_blend: {...}: LocalBlend's fields
+RENAMED = renamed()  # old key -> the library's name, which the files use now
 
 
 def _type_name(t) -> str:
@@ -185,25 +183,11 @@ def _type_name(t) -> str:
 
 def _is(value, types) -> bool:
     types = types if isinstance(types, tuple) else (types,)
+    if object in types:
+        return True
     if isinstance(value, bool) and bool not in types:
         return False                               # YAML `true` is not a number
     return isinstance(value, types)
-
-
-def new_name(old: str) -> str | None:
-    """The current name of a renamed key or grid knob (`weight.car` -> `equalizer.car`), else None."""
-    head, dot, rest = str(old).partition(".")
-    return RENAMED[head] + dot + rest if head in RENAMED else None
-
-
-REPR = reprlib.Repr()
-REPR.maxlevel, REPR.maxtuple, REPR.maxlist, REPR.maxdict, REPR.maxstring, REPR.maxother = 3, 6, 6, 6, 80, 80
-
-
-def short(value, limit: int = 200) -> str:
-    """repr() of a value from a file, bounded: a message never formats a value of unbounded size."""
-    text = REPR.repr(value) if not isinstance(value, BaseException) else str(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _unknown(where, key, known, what="key") -> ValueError:
@@ -259,16 +243,9 @@ def read_yaml(path) -> dict:
     return data
 
 
-def _tuples(x):
-    """YAML lists -> tuples, recursively: the specs' (start, end) pairs and word groups."""
-    if isinstance(x, (list, tuple)):
-        return tuple(_tuples(v) for v in x)
-    return {k: _tuples(v) for k, v in x.items()} if isinstance(x, dict) else x
-
-
 def blend_words(words) -> tuple:
     """[squirrel, lion] or [[a, b], c] (a group of words for one prompt) -> LocalBlend words."""
-    return _tuples(words)
+    return tuples(words)
 
 
 def _local_blend(data: dict | None, where) -> LocalBlend | None:
@@ -280,16 +257,18 @@ def _local_blend(data: dict | None, where) -> LocalBlend | None:
     th = data.get("th")
     if th is not None and len(th) != 2:
         raise ValueError(f"{where}: 'local_blend.th' is a pair (mask threshold, substruct threshold), got {short(th)}")
-    return LocalBlend(**{k: _tuples(v) for k, v in data.items() if v is not None})
+    return LocalBlend(**{k: tuples(v) for k, v in data.items() if v is not None})
 
 
 def edit_config(data: dict, where="settings") -> EditConfig:
     """An EditConfig from a mapping of YAML keys (a file's, or a sweep cell's); unset keys take the defaults."""
     check_types(data, EDIT_KEYS, where)
     s = {k: v for k, v in data.items() if v is not None}
-    for key in ("edits", "cross_replace_steps", "self_replace_steps", "equalizer"):
+    for key in ("edits", "cross_replace_steps", "self_replace_steps", "spec_args"):
         if key in s:
-            s[key] = _tuples(s[key])
+            s[key] = tuples(s[key])
+    if "equalizer" in s:       # {word: c or [c per edited prompt]}, as the command line's --weight gives it
+        s["equalizer"] = {w: list(c) if isinstance(c, (list, tuple)) else c for w, c in s["equalizer"].items()}
     if isinstance(s.get("self_replace_steps"), tuple) and len(s["self_replace_steps"]) == 1:
         s["self_replace_steps"] = s["self_replace_steps"][0]
     s["local_blend"] = _local_blend(data.get("local_blend"), where)
@@ -333,9 +312,9 @@ ABLATION_KEYS = {  # an ablation config: any edit key (the base settings) plus t
     "name": str,
 }
 METRIC_KEYS = {"iou_threshold": (float, int), "iou_words": list}
-# knobs that change the source image (every other knob only changes the edited prompts)
-SOURCE_KNOBS = ("ckpt", "prompt", "seed", "num_steps", "guidance_scale", "height", "width", "steps_offset", "sampler")
-MAPPING_KNOBS = {"equalizer": (float, int, list), "cross_replace_steps": (float, int, list)}  # KNOB.WORD
+SOURCE_KNOBS = tuple(s.name for s in SETTINGS if s.source and s.name in EDIT_KEYS)  # change the source image
+MAPPING_KNOBS = {s.name: s.entries for s in SETTINGS if s.entries is not None}   # KNOB.KEY: one entry of a mapping
+SWEPT = {k: t for k, t in EDIT_KEYS.items() if setting(k).sweep}                  # the knobs a grid may vary
 
 
 def _resolve_path(p, near: Path) -> Path:
@@ -347,10 +326,10 @@ def _resolve_path(p, near: Path) -> Path:
 
 
 def knob_type(knob: str, where):
-    """The type a grid knob's values must have: an edit key, `edit` (one edited prompt),
-    `equalizer.WORD` / `cross_replace_steps.WORD` (one entry of a mapping), or `local_blend.FIELD`."""
-    if knob in EDIT_KEYS and knob not in ("description", "show_attention"):
-        return EDIT_KEYS[knob]
+    """The type a grid knob's values must have: an edit key, `edit` (one edited prompt), one entry of a
+    mapping (`equalizer.WORD`, `cross_replace_steps.WORD`, `spec_args.FIELD`), or `local_blend.FIELD`."""
+    if knob in SWEPT:
+        return SWEPT[knob]
     if knob == "edit":
         return str
     head, _, word = knob.partition(".")
@@ -358,8 +337,8 @@ def knob_type(knob: str, where):
         return MAPPING_KNOBS[head]
     if head == "local_blend" and word in BLEND_KEYS:
         return BLEND_KEYS[word]
-    known = [k for k in EDIT_KEYS if k not in ("description", "show_attention")] + [
-        "edit", "equalizer.WORD", "cross_replace_steps.WORD"] + [f"local_blend.{k}" for k in BLEND_KEYS]
+    known = [*SWEPT, "edit", *(f"{k}.{'FIELD' if k == 'spec_args' else 'WORD'}" for k in MAPPING_KNOBS),
+             *(f"local_blend.{k}" for k in BLEND_KEYS)]
     raise _unknown(f"{where}: grid", knob, known, "knob")
 
 

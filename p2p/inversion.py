@@ -48,11 +48,11 @@ from models.sd import SAMPLERS
 from weights_tools.files import write_bytes_atomic
 
 from .config import InvertConfig
+from .settings import METHODS, check_values, refuse_old_names
 from .fingerprint import DTYPES, Fingerprint, fingerprint
 from .images import load_image
 from .pipeline import denoise, guidance, guided_step, picture_size
 
-METHODS = ("null-text", "ddim", "negative-prompt", "direct")
 FORMAT = "p2p-inversion"
 SETTINGS = ("num_steps", "guidance_scale", "steps_offset", "height", "width")  # what an edit from it reuses
 
@@ -371,11 +371,13 @@ def model_input(sd, image, height: int, width: int, offsets=(0, 0, 0, 0)) -> tor
     return image
 
 
+@refuse_old_names
 def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps: int = InvertConfig.num_steps,
            guidance_scale: float = InvertConfig.guidance_scale, num_inner_steps: int = InvertConfig.num_inner_steps,
            early_stop_epsilon: float = InvertConfig.early_stop_epsilon, steps_offset: int = InvertConfig.steps_offset,
-           height: int | None = None, width: int | None = None, offsets=InvertConfig.offsets,
-           sampler: str = InvertConfig.sampler, progress: bool = True, low_memory: bool = False) -> Inversion:
+           height: int | None = InvertConfig.height, width: int | None = InvertConfig.width,
+           offsets=InvertConfig.offsets, sampler: str = InvertConfig.sampler, progress: bool = True,
+           low_memory: bool = False) -> Inversion:
     """Invert a real image for editing with `edit(sd, [prompt, ...], spec, inversion=inv)`.
 
     image: a path, a PIL image (any mode; see p2p.images) or a (1, 3, H, W) tensor in [-1, 1].
@@ -388,8 +390,10 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     sampler = InvertConfig.sampler if sampler is None else sampler
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if num_inner_steps < 0:
-        raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+    check_values(InvertConfig(method=method, num_steps=num_steps, guidance_scale=guidance_scale,
+                              num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
+                              steps_offset=steps_offset, height=height, width=width, offsets=tuple(offsets)),
+                 "invert()")
     x = model_input(sd, image, *picture_size(sd, height, width), offsets)
     height, width = x.shape[2:]
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import EditConfig, GenerateConfig, check_values
+from .config import EditConfig, GenerateConfig
 from .control import Controller
+from .settings import check_values, refuse_old_names
 
 
 @dataclass
@@ -137,10 +138,11 @@ def decoded(sd, z0, x_T, low_memory: bool, offload: bool, attention=None) -> Out
     return Output(images=images, latents=z0, x_T=x_T, attention=attention)
 
 
+@refuse_old_names
 @torch.no_grad()
 def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_steps: int = GenerateConfig.num_steps,
-             guidance_scale: float = GenerateConfig.guidance_scale, height: int | None = None,
-             width: int | None = None, steps_offset: int = GenerateConfig.steps_offset,
+             guidance_scale: float = GenerateConfig.guidance_scale, height: int | None = GenerateConfig.height,
+             width: int | None = GenerateConfig.width, steps_offset: int = GenerateConfig.steps_offset,
              sampler: str = GenerateConfig.sampler, progress: bool = True, low_memory: bool = False,
              offload: bool = False) -> Output:
     """Plain text-to-image with classifier-free guidance: the loop Algorithm 1 extends. sampler: "ddim"
@@ -162,10 +164,11 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     return decoded(sd, z0, x_T, low_memory, offload)
 
 
+@refuse_old_names
 @torch.no_grad()
 def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
-         num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
-         width: int | None = None, steps_offset: int | None = None, sampler: str | None = None, store=None,
+         num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = EditConfig.height,
+         width: int | None = EditConfig.width, steps_offset: int | None = None, sampler: str | None = None, store=None,
          fast: bool = True, progress: bool = True, inversion=None, low_memory: bool = False,
          offload: bool = False, allow_other_model: bool = False) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.

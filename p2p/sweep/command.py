@@ -13,15 +13,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from models.sd import SAMPLERS
 from weights_tools import load_checkpoint
 from weights_tools.files import file_sha256
 from weights_tools.registry import resolve_checkpoint
 
+from ..settings import add_flags, flag_values, settings_of
 from . import run
 from .plan import checkpoint, plan_batches, prepare, shard
 from .report import merge
 
+OVERRIDES = settings_of("model", "seed", "sampling")  # settings a sweep's flags override (--ckpt, --steps, ...)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -128,11 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("config", help="configs/ablations/NAME.yaml")
     p.add_argument("-o", "--output", required=True,
                    help="run folder, e.g. runs/NAME (reused: finished cells are skipped)")
-    p.add_argument("--ckpt", help="checkpoint (overrides the config's ckpt)")
-    p.add_argument("--steps", type=int, help="sampling steps (overrides the config)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="the sampler (overrides the config)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    add_flags(p.add_argument_group("settings that override the config's"), OVERRIDES, defaults=False)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="most cells in one batch (default 8)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     dtype_option(p)
@@ -158,8 +155,7 @@ def _run_distributed(args, overrides: dict) -> None:
 
 
 def run_from_args(args) -> int:
-    overrides = {k: getattr(args, k) for k in ("ckpt", "height", "width", "batch_size", "sampler")} | {
-        "num_steps": args.steps}
+    overrides = flag_values(args, [s.name for s in OVERRIDES]) | {"batch_size": args.batch_size}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         run_sweep(args.config, args.output, overrides, progress=args.progress, dtype=DTYPES[args.dtype],
                   load=load_options(args))

@@ -1,7 +1,7 @@
 """The grid: cells from an ablation config, the batches they share, and what each batch runs.
 
 This is the sweep's one reader of p2p.config (load_ablation, set_knob, check_settings, blend_words,
-EDIT_KEYS) and of the settings dicts' keys; run.py and report.py take what it returns.
+EDIT_KEYS), of p2p.settings and of the settings dicts' keys; run.py and report.py take what it returns.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from weights_tools import tokenizer_for
 
 from ..config import EDIT_KEYS, blend_words, check_settings, load_ablation, set_knob
 from ..metrics import changed_words
+from ..settings import keywords
 
 PER_PROMPT = ("edits", "equalizer", "local_blend")   # one value per edited prompt: a batch may differ
 BLEND_WORDS = ("words", "substruct_words")   # LocalBlend fields with one word per prompt, source first
@@ -40,7 +41,7 @@ class BatchEdit:
     prompts: list
     spec: object
     blend: object        # a LocalBlend or None
-    kwargs: dict         # seed, num_steps, guidance_scale, height, width, steps_offset, sampler
+    kwargs: dict         # edit()'s keyword settings: seed, num_steps, guidance_scale, height, ... (p2p.settings)
 
 
 # ------------------------------------------------------------------------------- names and labels
@@ -153,9 +154,7 @@ def batch_settings(cells: list[Cell]) -> dict:
 def batch_edit(cells: list[Cell], tokenizer) -> BatchEdit:
     s = batch_settings(cells)
     spec, blend = check_settings(s, "batch", tokenizer)
-    return BatchEdit([s["prompt"], *s["edits"]], spec, blend,
-                     dict(seed=s["seed"], num_steps=s["num_steps"], guidance_scale=s["guidance_scale"],
-                          height=s["height"], width=s["width"], steps_offset=s["steps_offset"], sampler=s["sampler"]))
+    return BatchEdit([s["prompt"], *s["edits"]], spec, blend, {k: s[k] for k in keywords("EditConfig")})
 
 
 def checkpoint(batch: list[Cell]):
