@@ -180,9 +180,8 @@ def probe_maps(*shape, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float64).mul(3).softmax(-1)
 
 
-def edit_function(spec, method: str, prompts_fn) -> EditFn:
-    """spec.<method>(tokenizer, prompts), refused with a clear message unless it takes (i, M_src, M_edit)."""
-    fn = prompts_fn()
+def edit_function(spec, method: str, fn) -> EditFn:
+    """fn = spec.<method>(tokenizer, prompts), refused with a clear message unless it takes (i, M_src, M_edit)."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # no signature to read (a builtin): calling it will tell
@@ -223,8 +222,8 @@ class Controller:
         if spec is not None:
             if self.B < 2:
                 raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
-            self.cross = edit_function(spec, "cross_edit", lambda: spec.cross_edit(tokenizer, prompts))
-            self.self_fn = edit_function(spec, "self_edit", lambda: spec.self_edit(tokenizer, prompts))
+            self.cross = edit_function(spec, "cross_edit", spec.cross_edit(tokenizer, prompts))
+            self.self_fn = edit_function(spec, "self_edit", spec.self_edit(tokenizer, prompts))
             self.alpha = time_word_alpha(tokenizer, prompts, num_steps, spec.cross_replace_steps)
             self.window = self_window(num_steps, spec.self_replace_steps)
             self.self_side = (spec.self_replace_max_res if spec.self_replace_max_res is not None
