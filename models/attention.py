@@ -107,7 +107,7 @@ def _check_fused(fn) -> bool:
     for b, h, n, kk, d in PROBE_SHAPES:
         q, k, v = (torch.randn(b, h, m, d, generator=g, dtype=torch.float32, device="cpu") * s
                    for m, s in ((n, 2.0), (kk, 2.0), (kk, 1.0)))
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):   # the definition itself, in fp32
             diff = (fn(q, k) @ v - F.scaled_dot_product_attention(q, k, v)).abs().max()
         worst = max(worst, float(diff.nan_to_num(float("inf"))))
     if worst <= 1e-5:

@@ -51,7 +51,7 @@ class Edit:
     {"default_": ..., "word": ...} with per-word windows. self_replace_steps: a float or a pair.
     self_replace_max_res: edit self-attention only in layers whose latent side is at most this; None (the
     default): the reference's 16 (SD v1 at 512 px: the 16x16 and 8x8 layers), scaled with the model's
-    default latent side where it is larger than SD v1's (SDXL at 1024: 32), see `models.attention.relative_side`."""
+    default latent side where it is larger than SD v1's (SDXL at 1024: 32; `models.attention.relative_side`)."""
     cross_replace_steps: Steps = 0.8
     self_replace_steps: Union[float, tuple] = 0.4
     self_replace_max_res: Union[int, None] = None
