@@ -62,7 +62,7 @@ class Edit:
                                   f"f(i, M_src, M_edit) -> M_hat (see docs/write-your-own-edit.md)")
 
     def self_edit(self, tokenizer, prompts) -> EditFn:
-        """This spec's self-attention edit: by default every edited prompt takes the source's map (edits.inject_self)."""
+        """This spec's self-attention edit; by default every edited prompt takes the source's map (inject_self)."""
         return lambda i, M_src, M_edit: edits.inject_self(M_src, M_edit.shape[0])
 
 
