@@ -122,7 +122,7 @@ class Setup:
             return ReferenceStyle()
         store = AttentionStore(self_attention=True) if v == "e" else None
         return Controller(self.sd.tokenizer, PROMPTS, SPEC, self.steps, self.sd.unet.sites, BLEND, store,
-                          fast=(v != "c"))
+                          fast=(v != "c"), default_side=self.sd.cfg.image_size)
 
     @torch.no_grad()
     def loop(self, v: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .attention import relative_side
 from .config import SDConfig, family
 from .ddim import DDIM, alphas_cumprod
 from .families import FAMILIES
@@ -22,7 +23,8 @@ def prefixes(cfg: SDConfig) -> dict[str, str]:
 
 PREFIXES = prefixes(SDConfig())  # SD v1's
 
-TILE = 64  # low-memory decoding: latent tiles of 64 (512 px in SD v1), neighbours overlapping by a quarter
+TILE = 64  # low-memory decoding: latent tiles of 64 (512 px in SD v1), relative to the model's default latent side
+# (SDXL: 128, see models.attention.relative_side), neighbours overlapping by a quarter
 
 
 def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
@@ -138,16 +140,17 @@ class StableDiffusion(nn.Module):
         return ((mean - self.cfg.shift_factor) * self.cfg.scale_factor).to(self.dtype)
 
     def decode(self, latents: torch.Tensor, upcast: bool | None = None, low_memory: bool = False,
-               tile: int = TILE) -> torch.Tensor:
+               tile: int | None = None) -> torch.Tensor:
         """Latents (N, 4, h, w) -> images in [-1, 1] (not clamped), (N, 3, H, W), in the dtype the VAE
         ran in. `upcast`: run the VAE in fp32 (see `vae_dtype`). low_memory: one image at a time, and
-        latents with a side above `tile` in overlapping tiles (see decode_tiled)."""
+        latents with a side above `tile` in overlapping tiles (see decode_tiled); None: TILE relative to the
+        model's default latent side."""
         dtype = self.vae_dtype(upcast)
         z = latents.to(self.device, dtype) / self.cfg.scale_factor + self.cfg.shift_factor
         with as_dtype(self.vae, dtype):
             if not low_memory:
                 return self.vae.decode(z)
-            f = self.latent_downsample
+            f, tile = self.latent_downsample, tile or relative_side(TILE, self.cfg.image_size)
             return torch.cat([decode_tiled(self.vae.decode, z[i:i + 1], tile, tile // 4, f) for i in range(len(z))])
 
     def scheduler(self, num_steps: int = 50, steps_offset: int = 1, sampler: str = "ddim"):

@@ -224,7 +224,7 @@ class UNetModel(nn.Module):
                     if isinstance(layer, SpatialTransformer):
                         for tb in layer.transformer_blocks:
                             for attn, is_cross in ((tb.attn1, False), (tb.attn2, True)):
-                                attn.site = Site(place, level, len(sites), is_cross)
+                                attn.site = Site(place, level, len(sites), is_cross, heads=attn.heads)
                                 sites.append(attn.site)
                     if isinstance(layer, Upsample):
                         level -= 1

@@ -1,9 +1,10 @@
 """From an edit spec and a step index to that step's attention override.
 
-The specs (`Replace`, `Refine`, `Reweight`) hold the knobs a researcher sweeps. `Controller`
-resolves them once against the prompts (token alignments, the per-word time schedule alpha,
-the self-attention window) and then, for step i, returns `override(site, q, k, v)` for the UNet.
-Nothing advances as a side effect of a forward pass: the sampling loop passes the step.
+The specs (`Replace`, `Refine`, `Reweight`, and a researcher's own subclass of `Edit`) hold the knobs a
+researcher sweeps and say what the edit does to the attention maps. `Controller` resolves them once
+against the prompts (token alignments, the per-word time schedule alpha, the self-attention window)
+and then, for step i, returns `override(site, q, k, v)` for the UNet. Nothing advances as a side
+effect of a forward pass: the sampling loop passes the step.
 
 Batch layout, as the reference: the guidance batch is [uncond x B, cond x B]; prompts[0] is the
 source and prompts[1:] the edited prompts; only the conditional rows are edited or stored. The
@@ -11,36 +12,58 @@ low-memory mode runs the two halves as two UNet calls and controls only the cond
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Union
+from typing import Callable, Union
 
 import torch
-import torch.nn.functional as F
 
-from models.attention import Site, attention_probs
+from models import attention
+from models.attention import Site, relative_side
 
 from . import edits
 from .align import refinement_mapper, replacement_mapper, word_token_indices
 from .store import AttentionStore
 
 Steps = Union[float, tuple, dict]
+EditFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # f(i, M_src, M_edit) -> M_hat
+SELF_SIDE = 16  # the reference injects self-attention at latent sides up to 16 (SD v1 at 512 px)
 
 
 @dataclass(frozen=True)
 class Edit:
-    """The base of every edit spec (Replace, Refine, Reweight and a researcher's own). Shared knobs:
-    cross_replace_steps: a float f (inject for the first f of the steps), a (start, end) pair, or a dict {"default_": ..., "word": ...} with per-word windows.
-    self_replace_steps: a float or a pair. self_replace_max_res: inject self-attention only in
-    layers whose latent side is at most this (16 in the stable notebook, 32 in null-text's)."""
+    """The base of every edit spec: Replace, Refine, Reweight and a researcher's own (docs/write-your-own-edit.md).
+
+    A spec is a frozen dataclass of its knobs. Two methods resolve it against the prompts, once, into
+    plain functions of the step i and the maps (probabilities; H heads, N pixels, K tokens, B' = edited
+    prompts), which must not modify their inputs:
+
+        cross_edit(tokenizer, prompts) -> f(i, M_src (H, N, K), M_edit (B', H, N, K)) -> M_hat (B', H, N, K)
+        self_edit(tokenizer, prompts)  -> f(i, M_src (H, N, N), M_edit (B', H, N, N)) -> M_hat (B', H, N, N)
+
+    The controller applies the cross edit where the time schedule says (alpha_i M_hat + (1 - alpha_i) M*_t,
+    per token) and the self edit in the self window, at the layers self_replace_max_res allows.
+
+    Shared knobs:
+    cross_replace_steps: a float f (inject for the first f of the steps), a (start, end) pair, or a dict
+    {"default_": ..., "word": ...} with per-word windows. self_replace_steps: a float or a pair.
+    self_replace_max_res: edit self-attention only in layers whose latent side is at most this; None (the
+    default): the reference's 16 (SD v1 at 512 px: the 16x16 and 8x8 layers), scaled with the model's
+    default latent side where it is larger than SD v1's (SDXL at 1024: 32; `models.attention.relative_side`)."""
     cross_replace_steps: Steps = 0.8
     self_replace_steps: Union[float, tuple] = 0.4
-    self_replace_max_res: int = 16
+    self_replace_max_res: Union[int, None] = None
 
-    def cross_edit(self, tokenizer, prompts):
-        """This spec's Edit function for these prompts: (M_src (H,N,K), M_edit (B',H,N,K)) -> M_hat (B',H,N,K)."""
-        raise NotImplementedError
+    def cross_edit(self, tokenizer, prompts) -> EditFn:
+        """This spec's cross-attention edit for these prompts: f(i, M_src (H, N, K), M_edit (B', H, N, K)) -> M_hat."""
+        raise NotImplementedError(f"{type(self).__name__} must define cross_edit(self, tokenizer, prompts), returning "
+                                  f"f(i, M_src, M_edit) -> M_hat (see docs/write-your-own-edit.md)")
+
+    def self_edit(self, tokenizer, prompts) -> EditFn:
+        """This spec's self-attention edit; by default every edited prompt takes the source's map (inject_self)."""
+        return lambda i, M_src, M_edit: edits.inject_self(M_src, M_edit.shape[0])
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,7 @@ class Replace(Edit):
 
     def cross_edit(self, tokenizer, prompts):
         mapper = replacement_mapper(tokenizer, prompts[0], prompts[1:], reference_tail=self.reference_tail)
-        return lambda M_src, M_edit: edits.replace(M_src, mapper.to(M_src.device))
+        return lambda i, M_src, M_edit: edits.replace(M_src, mapper.to(M_src.device))
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,7 @@ class Refine(Edit):
 
     def cross_edit(self, tokenizer, prompts):
         mapper, alphas = refinement_mapper(tokenizer, prompts[0], prompts[1:])
-        return lambda M_src, M_edit: edits.refine(M_src, M_edit, mapper.to(M_src.device), alphas.to(M_src.device))
+        return lambda i, M_src, M_edit: edits.refine(M_src, M_edit, mapper.to(M_src.device), alphas.to(M_src.device))
 
 
 @dataclass(frozen=True)
@@ -73,8 +96,8 @@ class Reweight(Edit):
 
     def cross_edit(self, tokenizer, prompts):
         c = equalizer(tokenizer, prompts, self.equalizer)
-        base = self.base.cross_edit(tokenizer, prompts) if self.base is not None else (lambda M_src, M_edit: M_src)
-        return lambda M_src, M_edit: edits.reweight(base(M_src, M_edit), c.to(M_src.device))
+        base = self.base.cross_edit(tokenizer, prompts) if self.base is not None else (lambda i, M_src, M_edit: M_src)
+        return lambda i, M_src, M_edit: edits.reweight(base(i, M_src, M_edit), c.to(M_src.device))
 
 
 # ----------------------------------------------------------------------------------- schedules
@@ -160,7 +183,7 @@ def call_rows(calls, num_steps: int) -> tuple[int, ...] | None:
 
 
 # ----------------------------------------------------------------------------------- controller
-PROBE_HEADS, PROBE_PIXELS = 2, 16  # random probe maps: the real prompt and token counts, a few heads and pixels
+PROBE_HEADS, PROBE_PIXELS = 2, 16  # random probe maps: the real prompt and token counts, a few pixels
 
 
 def probe_maps(*shape, seed: int = 0) -> torch.Tensor:
@@ -169,24 +192,45 @@ def probe_maps(*shape, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float64).mul(3).softmax(-1)
 
 
+def edit_function(spec, method: str, fn) -> EditFn:
+    """fn = spec.<method>(tokenizer, prompts), refused with a clear message unless it takes (i, M_src, M_edit)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (a builtin): calling it will tell
+        return fn
+    try:
+        signature.bind(0, None, None)
+    except TypeError:
+        raise TypeError(f"{type(spec).__name__}.{method} must return a function f(i, M_src, M_edit) of the step and "
+                        f"the maps, got {fn!r} (see docs/write-your-own-edit.md)") from None
+    return fn
+
+
 class Controller:
     """Resolves a spec against the prompts; `override(i)` gives the attention override of step i.
 
-    The edit is defined on maps (`edit_cross`, `edits.inject_self`). fast=True runs the same edit
-    without forming maps: cross-attention as M_hat V = M_t (S V) + M*_t (diag(e) V) with (S, e) read
-    off `edit_cross` applied to identity maps, self-attention as softmax(q_src k_src^T) v_edit. Both
-    are derived, then checked against the map form on random probe maps when the controller is
-    built; a part that fails the check (an edit made non-linear) runs on maps, with a warning. A map
-    is formed only where it is stored or an edit needs it; fast=False forms every map an edit touches."""
+    The edit is defined on maps (`edit_cross`, `edit_self`: the spec's functions of the step and the
+    maps). fast=True runs the same edit without forming maps: cross-attention as
+    M_hat V = M_t (S V) + M*_t (diag(e) V) with (S, e) read off `edit_cross` applied to identity maps, for
+    every step and head count (a step- or head-dependent edit gets its own S and e), self-attention as
+    softmax(q_src k_src^T) v_edit. Both are derived, then checked against the map form on random probe
+    maps with the model's head counts when the controller is built; a part that fails the check (an edit
+    that is not linear in the maps, a self edit that is not the source's map) runs on maps, with a
+    warning naming the spec. A map is formed only where it is stored or an edit needs it; fast=False
+    forms every map an edit touches. default_side: the model's default latent side, which the relative
+    defaults (self_replace_max_res=None, the store's limits) scale with."""
 
     def __init__(self, tokenizer, prompts, spec, num_steps, sites, local_blend=None,
-                 store: AttentionStore | None = None, fast: bool = True, calls=None):
+                 store: AttentionStore | None = None, fast: bool = True, calls=None,
+                 default_side: int | None = None):
         """num_steps: the sampler's steps T, which size the (T + 1)-row schedules. calls: the sampler's
         UNet calls (models/sampler.py), each naming the row it reads; None: call i reads row i."""
         self.B = len(prompts)
         self.rows = call_rows(calls, num_steps)
         self.spec = spec
         self.store = store if store is not None else AttentionStore()
+        if default_side is not None:
+            self.store.default_side = default_side
         self.blend = local_blend.build(tokenizer, prompts, num_steps, sites) if local_blend is not None else None
         if self.blend is not None:
             self.store.extra |= set(self.blend.layers)
@@ -194,68 +238,114 @@ class Controller:
         if spec is not None:
             if self.B < 2:
                 raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
-            self.cross = spec.cross_edit(tokenizer, prompts)
+            self.cross = edit_function(spec, "cross_edit", spec.cross_edit(tokenizer, prompts))
+            self.self_fn = edit_function(spec, "self_edit", spec.self_edit(tokenizer, prompts))
             self.alpha = time_word_alpha(tokenizer, prompts, num_steps, spec.cross_replace_steps)
             self.window = self_window(num_steps, spec.self_replace_steps)
+            self.self_side = (spec.self_replace_max_res if spec.self_replace_max_res is not None
+                              else relative_side(SELF_SIDE, default_side))
+            self.heads = sorted({s.heads for s in sites if s.heads}) or [PROBE_HEADS]
             self._linear, self._cast = {}, {}
+            self._check_shapes()
             self.fast_cross = fast and self._check_cross_linear()
             self.fast_self = fast and self._check_self_injection()
 
     # ---- the edit at step i, on maps (the definition) and as a linear map (the fast path)
     def edit_cross(self, i, M_src, M_edit):
-        """alpha_i * Edit(M_t, M*_t) + (1 - alpha_i) * M*_t."""
-        return edits.blend_in_time(self.cross(M_src, M_edit), M_edit, self.alpha[i].to(M_src.device))
+        """alpha_i * Edit(i, M_t, M*_t) + (1 - alpha_i) * M*_t."""
+        return edits.blend_in_time(self.cross(i, M_src, M_edit), M_edit, self.alpha[i].to(M_src.device))
 
-    def _derive_linear(self, i) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S (B', K, K), E (B', K, K)) in float64 with edit_cross(i, M, M*) = M S + M* E if it is linear."""
+    def edit_self(self, i, M_src, M_edit):
+        """The spec's self-attention edit at step i (a step of the self window)."""
+        return self.self_fn(i, M_src, M_edit)
+
+    def _probes(self, H: int, K: int):
+        return probe_maps(H, PROBE_PIXELS, K), probe_maps(self.B - 1, H, PROBE_PIXELS, K, seed=1)
+
+    def _check_shapes(self) -> None:
+        """Each edit function, on probe maps, returns one map per edited prompt: (B', H, N, K)."""
+        K, H, name = self.alpha.shape[-1], self.heads[0], type(self.spec).__name__
+        for method, fn, k in (("cross_edit", self.cross, K), ("self_edit", self.self_fn, PROBE_PIXELS)):
+            M_src, M_edit = self._probes(H, k)
+            got = tuple(fn(0, M_src, M_edit).shape)
+            if got != tuple(M_edit.shape):
+                raise ValueError(f"{name}.{method}: its function returned maps of shape {got} for M_src "
+                                 f"{tuple(M_src.shape)} and M_edit {tuple(M_edit.shape)}; it must return one map per "
+                                 f"edited prompt, of M_edit's shape (B', H, N, K)")
+
+    def _derive_linear(self, i, H) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, e) in float64 with edit_cross(i, M, M*) = M S + M* diag(e) if it is linear in the maps, for H
+        heads: S (B', H, K, K), e (B', H, K), or (B', K, K), (B', K) when every head's are the same."""
         K, n = self.alpha.shape[-1], self.B - 1
-        eye = torch.eye(K, dtype=torch.float64)[None]
-        zero = torch.zeros(n, 1, K, K, dtype=torch.float64)
-        S = self.edit_cross(i, eye, zero)[:, 0]
-        E = self.edit_cross(i, torch.zeros_like(eye), eye.expand(n, 1, K, K))[:, 0]
-        return S, E
+        eye = torch.eye(K, dtype=torch.float64).repeat(H, 1, 1)
+        S = self.edit_cross(i, eye, torch.zeros(n, H, K, K, dtype=torch.float64))
+        E = self.edit_cross(i, torch.zeros_like(eye), eye.repeat(n, 1, 1, 1))
+        e = torch.diagonal(E, dim1=-2, dim2=-1)
+        if bool((S == S[:, :1]).all()) and bool((e == e[:, :1]).all()):
+            return S[:, 0], e[:, 0]
+        return S, e
+
+    @staticmethod
+    def apply_linear(M_src, M_edit, S, e):
+        """M_t S + M*_t diag(e) for maps M_src (H, N, K), M_edit (B', H, N, K) and a form from _derive_linear."""
+        if S.dim() == 3:
+            return torch.einsum("hiw,bwj->bhij", M_src, S) + M_edit * e[:, None, None, :]
+        return torch.einsum("hiw,bhwj->bhij", M_src, S) + M_edit * e[:, :, None, :]
 
     def _check_cross_linear(self) -> bool:
-        """Derive (S, e) for every distinct alpha row and hold M S + M* diag(e) to edit_cross on probe maps."""
-        K, n = self.alpha.shape[-1], self.B - 1
-        M_src, M_edit = probe_maps(PROBE_HEADS, PROBE_PIXELS, K), probe_maps(n, PROBE_HEADS, PROBE_PIXELS, K, seed=1)
-        worst = 0.0
-        for i in range(self.alpha.shape[0]):
-            key = self.alpha[i].numpy().tobytes()
-            if key in self._linear or not self.alpha[i].any():
-                continue
-            S, E = self._derive_linear(i)
-            e = torch.diagonal(E, dim1=-2, dim2=-1)
-            lin = torch.einsum("hiw,bwj->bhij", M_src, S) + M_edit * e[:, None, None, :]
-            worst = max(worst, float((lin - self.edit_cross(i, M_src, M_edit)).abs().max().nan_to_num(float("inf"))))
-            self._linear[key] = (S, e)
+        """Derive (S, e) for every step the edit acts at and every head count of the model, and hold
+        M S + M* diag(e) to edit_cross on probe maps. Steps whose edit gives the same probe output share one
+        derivation (the shipped edits: one per distinct alpha row)."""
+        K, worst = self.alpha.shape[-1], 0.0
+        for H in self.heads:
+            M_src, M_edit = self._probes(H, K)
+            forms = {}
+            for i in range(self.alpha.shape[0]):
+                if not self.alpha[i].any():
+                    continue
+                want = self.edit_cross(i, M_src, M_edit)
+                key = want.numpy().tobytes()
+                if key not in forms:
+                    forms[key] = self._derive_linear(i, H)
+                    lin = self.apply_linear(M_src, M_edit, *forms[key])
+                    worst = max(worst, float((lin - want).abs().max().nan_to_num(float("inf"))))
+                self._linear[(i, H)] = forms[key]
         if worst > 1e-9:
-            warnings.warn(f"{type(self.spec).__name__}: the cross-attention edit (p2p.edits) is not of the form "
-                          f"M_t S + M*_t diag(e) on random maps (max deviation {worst:.2g}); fast=True runs it "
-                          f"on the attention maps instead of the value side", stacklevel=3)
+            cls = type(self.spec)
+            warnings.warn(f"{cls.__name__}: the cross-attention edit ({cls.__module__}.{cls.__qualname__}.cross_edit) "
+                          f"is not of the form M_t S + M*_t diag(e) on random maps (max deviation {worst:.2g}); "
+                          f"fast=True runs it on the attention maps instead of the value side", stacklevel=3)
             return False
         return True
 
     def _check_self_injection(self) -> bool:
-        """The fast self-attention path assumes edits.inject_self gives every edited prompt M_t itself."""
-        M_src = probe_maps(PROBE_HEADS, PROBE_PIXELS, PROBE_PIXELS)
-        injected = edits.inject_self(M_src, self.B - 1)
-        if tuple(injected.shape) == (self.B - 1, *M_src.shape) and bool((injected == M_src).all()):
-            return True
-        warnings.warn(f"{type(self.spec).__name__}: edits.inject_self no longer gives every edited prompt the "
-                      f"source's self-attention map; fast=True runs self-attention injection on the maps",
-                      stacklevel=3)
-        return False
+        """The fast self-attention path assumes edit_self gives every edited prompt M_t itself, at every step
+        of the self window."""
+        for H in self.heads:
+            M_src, M_edit = self._probes(H, PROBE_PIXELS)
+            for i in range(*self.window):
+                if not bool((self.edit_self(i, M_src, M_edit) == M_src).all()):
+                    cls = type(self.spec)
+                    warnings.warn(f"{cls.__name__}: the self-attention edit ({cls.__module__}.{cls.__qualname__}"
+                                  f".self_edit, by default p2p.edits.inject_self) does not give every edited prompt "
+                                  f"the source's map at step {i}; fast=True runs self-attention edits on the maps",
+                                  stacklevel=3)
+                    return False
+        return True
 
     def cross_linear(self, i, like: torch.Tensor):
-        """(S (B', K, K), e (B', K)) with edit_cross(i, M, M*) = M S + M* diag(e), as `like`'s dtype and device."""
-        key = self.alpha[i].numpy().tobytes()
-        if key not in self._linear:
-            S, E = self._derive_linear(i)
-            self._linear[key] = (S, torch.diagonal(E, dim1=-2, dim2=-1))
-        cast = (key, like.dtype, like.device)
+        """(S, e) with edit_cross(i, M, M*) = M S + M* diag(e) for like's heads (like.shape[-3]), as like's
+        dtype and device: S (B', K, K) and e (B', K), or with a head axis for a head-dependent edit."""
+        return self._value_form(i, like)[:2]
+
+    def _value_form(self, i, like: torch.Tensor):
+        H = like.shape[-3]
+        cast = (i, H, like.dtype, like.device)
         if cast not in self._cast:
-            self._cast[cast] = tuple(t.to(like.device, like.dtype) for t in self._linear[key])
+            if (i, H) not in self._linear:
+                self._linear[(i, H)] = self._derive_linear(i, H)
+            S, e = (t.to(like.device, like.dtype) for t in self._linear[(i, H)])
+            self._cast[cast] = (S, e, bool(e.any()))
         return self._cast[cast]
 
     def cross_active(self, i) -> bool:
@@ -263,7 +353,7 @@ class Controller:
 
     def self_active(self, i, site: Site) -> bool:
         return (self.spec is not None and self.window[0] <= i < self.window[1]
-                and site.pixels <= self.spec.self_replace_max_res ** 2)
+                and site.pixels <= self.self_side ** 2)
 
     # ---- step i's override: three paths, each a short function
     def row(self, i: int) -> int:
@@ -283,16 +373,16 @@ class Controller:
         return partial(self.attend_cond if cond_only else self.attend, self.row(i))
 
     def attend(self, i: int, site: Site, q, k, v):
-        """Attention of one layer at step i, or None for plain fused attention. Rows: [uncond x B, cond x B];
+        """Attention of one layer at step i, or None for plain attention. Rows: [uncond x B, cond x B];
         the unconditional half is never edited or stored."""
         B = self.B
         out_c = self.attend_cond(i, site, q[B:], k[B:], v[B:])
         if out_c is None:
             return None
-        return torch.cat([F.scaled_dot_product_attention(q[:B], k[:B], v[:B]), out_c])
+        return torch.cat([attention.attend(q[:B], k[:B], v[:B]), out_c])
 
     def attend_cond(self, i: int, site: Site, qc, kc, vc):
-        """The conditional rows (source, then edits) of one layer at step i, or None for plain fused attention."""
+        """The conditional rows (source, then edits) of one layer at step i, or None for plain attention."""
         active = self.cross_active(i) if site.is_cross else self.self_active(i, site)
         keep = self.store.wants(site)
         if not (active or keep):
@@ -303,27 +393,28 @@ class Controller:
         if site.is_cross:
             return self.cross_on_values(i, qc, kc, vc)
         B = self.B                                          # self-attention: softmax(q_t k_t^T) v*
-        return F.scaled_dot_product_attention(qc[:1].expand(B, -1, -1, -1), kc[:1].expand(B, -1, -1, -1), vc)
+        return attention.attend(qc[:1].expand(B, -1, -1, -1), kc[:1].expand(B, -1, -1, -1), vc)
 
     def on_maps(self, i, site, active, keep, qc, kc, vc):
-        """The definition: form M, edit it (edit_cross / inject_self), store it if kept, return M V."""
-        M = attention_probs(qc, kc)                         # (B, H, N, K)
+        """The definition: form M, edit it (edit_cross / edit_self), store it if kept, return M V."""
+        M = attention.attention_probs(qc, kc)               # (B, H, N, K)
         if active:
-            M_new = self.edit_cross(i, M[0], M[1:]) if site.is_cross else edits.inject_self(M[0], self.B - 1)
-            M = torch.cat([M[:1], M_new])
+            M_new = self.edit_cross(i, M[0], M[1:]) if site.is_cross else self.edit_self(i, M[0], M[1:])
+            M = torch.cat([M[:1], M_new.to(M.dtype)])
         if keep:
             self.store.add(site, M)
         return M @ vc
 
     def cross_on_values(self, i, qc, kc, vc):
-        """M_t (S V*) + M*_t (diag(e) V*) with fused attention: the edit without forming M."""
-        S, e = self.cross_linear(i, vc)
+        """M_t (S V*) + M*_t (diag(e) V*), each through attention.attend: the edit without forming M."""
+        S, e, has_e = self._value_form(i, vc)
         n = self.B - 1
         src = (qc[:1].expand(n, -1, -1, -1), kc[:1].expand(n, -1, -1, -1))
-        out_e = F.scaled_dot_product_attention(*src, torch.einsum("bwn,bhnd->bhwd", S, vc[1:]))
-        if e.any():
-            out_e = out_e + F.scaled_dot_product_attention(qc[1:], kc[1:], e[:, None, :, None] * vc[1:])
-        return torch.cat([F.scaled_dot_product_attention(qc[:1], kc[:1], vc[:1]), out_e])
+        out_e = attention.attend(*src, torch.einsum("bwn,bhnd->bhwd" if S.dim() == 3 else "bhwn,bhnd->bhwd", S, vc[1:]))
+        if has_e:
+            ev = (e[:, None, :, None] if e.dim() == 2 else e[..., None]) * vc[1:]
+            out_e = out_e + attention.attend(qc[1:], kc[1:], ev)
+        return torch.cat([attention.attend(qc[:1], kc[:1], vc[:1]), out_e])
 
     def step_callback(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """After UNet call i: close the store's step and apply LocalBlend at the call's schedule row."""

@@ -4,6 +4,8 @@ Symbols: M_t is the source prompt's map, M*_t the edited prompt's map, both soft
 probabilities of shape (..., N pixels, K tokens). Every edit is linear in the columns of the
 maps: Edit(M_t, M*_t) = M_t S + M*_t diag(e). `p2p.control` uses that to run the same edit on the
 value side ((M S) V = M (S V)) without forming M; these functions stay the readable definition.
+The specs in `p2p.control` call them from their functions of the step and the maps, f(i, M_src, M_edit),
+as a researcher's own spec calls its own (docs/write-your-own-edit.md).
 """
 from __future__ import annotations
 
@@ -53,5 +55,6 @@ def blend_in_time(M_hat: torch.Tensor, M_edit: torch.Tensor, alpha: torch.Tensor
 
 
 def inject_self(M_src: torch.Tensor, n_edits: int) -> torch.Tensor:
-    """Self-attention injection: every edited prompt takes the source's self-attention map."""
+    """Self-attention injection: every edited prompt takes the source's self-attention map (`Edit.self_edit`'s
+    default). M_src (H, N, N) -> (n_edits, H, N, N)."""
     return M_src.unsqueeze(0).expand(n_edits, *M_src.shape)

@@ -177,7 +177,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     maps M_t into the edited prompts through `spec` (Replace / Refine / Reweight), and LocalBlend,
     if given, keeps the source latents outside the edited words' mask. `spec=None` is plain
     generation with the attention maps kept (`out.attention`). `store` chooses which maps are kept
-    (default: cross-attention maps of layers up to 32x32, as the reference). low_memory and offload
+    (default: cross-attention maps of layers up to 32x32, as the reference, for SD v1; see AttentionStore). low_memory and offload
     as in generate(): the controller then sees the conditional call alone.
 
     Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1, sampler "ddim".
@@ -205,7 +205,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
     controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast,
-                            calls=scheduler.calls)
+                            calls=scheduler.calls, default_side=sd.cfg.image_size)
     with visiting(sd, "text_encoder", offload):
         cond = sd.encode_text(prompts)
         uncond, correction = (inversion.guidance_inputs(sd, cond) if inversion is not None

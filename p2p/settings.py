@@ -189,7 +189,9 @@ SETTINGS = (
             "steps with the source's self-attention injected: F or [START, END]", "--self-steps", "spec",
             old=("self_steps",), cli={"nargs": "+", "type": float, "metavar": "F"}, parse=one_or_pair),
     Setting("self_replace_max_res", Edit.self_replace_max_res, (int,),
-            "inject self-attention only in layers whose latent side is at most this", "--self-max-res", "spec",
+            "inject self-attention only in layers whose latent side is at most this (default: 16, "
+            "scaled with the model's default latent side where it is larger than SD v1's: SDXL 32)", "--self-max-res",
+            "spec",
             range=(1, math.inf), old=("self_max_res",)),
     Setting("equalizer", None, (dict,), "reweight: {WORD: C}, or {WORD: [C per edited prompt]}", "--weight",
             "spec", range=WEIGHT_RANGE, old=("weight",), entries=(float, int, list), noun="weight",

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.attention import Site
+from models.attention import Site, relative_side
+
+CROSS_SIDE, SELF_SIDE = 32, 16  # the reference stores maps of latent sides up to 32 (SD v1 at 512 px); pictures: 16
 
 
 def is_read(site: Site) -> bool:
@@ -48,22 +50,29 @@ class AttentionStore:
     max_res: keep cross-attention layers whose latent has at most max_res**2 pixels (the
     reference keeps N <= 32**2). self_attention: also keep self-attention layers of at most
     self_max_res**2 pixels; their maps are N x N and formed only when kept, so keep them only
-    for pictures (`viz.self_attention_components`)."""
-    max_res: int = 32
+    for pictures (`viz.self_attention_components`). None (the defaults): the reference's 32 and 16,
+    scaled with the model's default latent side where it is larger than SD v1's (SDXL at 1024: 64 and
+    32; `models.attention.relative_side`); `p2p.edit` tells the store the model's side (default_side)."""
+    max_res: int | None = None
     cross: bool = True
     self_attention: bool = False
-    self_max_res: int = 16
+    self_max_res: int | None = None
     extra: set = field(default_factory=set)  # site indices kept regardless (LocalBlend's layers)
     sums: dict = field(default_factory=dict)    # site index -> (B, N, K) sum over steps
     sites: dict = field(default_factory=dict)   # site index -> Site
     num_steps: int = 0
+    default_side: int | None = None  # the model's default latent side (None: SD v1's, 64)
+
+    def side(self, value: int | None, reference: int) -> int:
+        """A limit as given, or (None) the reference's side relative to the model."""
+        return value if value is not None else relative_side(reference, self.default_side)
 
     def wants(self, site: Site) -> bool:
         if site.index in self.extra:
             return True
         if site.is_cross:
-            return self.cross and site.pixels <= self.max_res ** 2
-        return self.self_attention and site.pixels <= self.self_max_res ** 2
+            return self.cross and site.pixels <= self.side(self.max_res, CROSS_SIDE) ** 2
+        return self.self_attention and site.pixels <= self.side(self.self_max_res, SELF_SIDE) ** 2
 
     def add(self, site: Site, M: torch.Tensor) -> None:
         """M: (B, heads, N, K) probabilities of the conditional rows, after editing. Kept in fp32

@@ -11,7 +11,7 @@ class WeightedMix(Edit):
 
     def cross_edit(self, tokenizer, prompts):
         w = self.weight
-        return lambda M_src, M_edit: w * M_src + (1 - w) * M_edit
+        return lambda i, M_src, M_edit: w * M_src + (1 - w) * M_edit
 
 
 class NotAnEdit:
