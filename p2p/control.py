@@ -25,11 +25,10 @@ from models.attention import Site, relative_side
 
 from . import edits
 from .align import refinement_mapper, replacement_mapper, word_token_indices
-from .store import AttentionStore
+from .store import SELF_SIDE, AttentionStore
 
 Steps = Union[float, tuple, dict]
 EditFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # f(i, M_src, M_edit) -> M_hat
-SELF_SIDE = 16  # the reference injects self-attention at latent sides up to 16 (SD v1 at 512 px)
 
 
 @dataclass(frozen=True)

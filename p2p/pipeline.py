@@ -177,8 +177,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     maps M_t into the edited prompts through `spec` (Replace / Refine / Reweight), and LocalBlend,
     if given, keeps the source latents outside the edited words' mask. `spec=None` is plain
     generation with the attention maps kept (`out.attention`). `store` chooses which maps are kept
-    (default: cross-attention maps of layers up to 32x32, as the reference, for SD v1; see AttentionStore). low_memory and offload
-    as in generate(): the controller then sees the conditional call alone.
+    (default: cross-attention maps of layers up to 32x32 in SD v1, as the reference; see AttentionStore).
+    low_memory and offload as in generate(): the controller then sees the conditional call alone.
 
     Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1, sampler "ddim".
     sampler "plms" (also "pndm"): PLMS, N + 1 UNet calls for N steps; the controller reads the schedule

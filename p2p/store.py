@@ -13,7 +13,9 @@ import torch
 
 from models.attention import Site, relative_side
 
-CROSS_SIDE, SELF_SIDE = 32, 16  # the reference stores maps of latent sides up to 32 (SD v1 at 512 px); pictures: 16
+# the reference (SD v1 at 512 px) stores cross-attention maps of latent sides up to 32 and injects (and here
+# pictures) self-attention up to 16
+CROSS_SIDE, SELF_SIDE = 32, 16
 
 
 def is_read(site: Site) -> bool:
