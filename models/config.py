@@ -269,6 +269,37 @@ def family_of_params(p: dict) -> Family:
     return found or next(f for f in FAMILIES.values() if f.reads is None)
 
 
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")  # diffusers' names
+SPACINGS = ("leading", "trailing", "linspace")  # how N sampling timesteps are placed among the trained ones
+# CompVis `beta_schedule` names -> diffusers' (CompVis "linear" is linear in sqrt(beta): SD's scaled_linear)
+LDM_BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """How the betas are made beyond their ends (SDConfig.linear_start / linear_end) and where N sampling
+    steps fall: diffusers' DDIMScheduler settings of the same names (`beta_schedule`, `trained_betas`,
+    `rescale_betas_zero_snr`, `timestep_spacing`). The default is SD's."""
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple | None = None   # every beta, given (then beta_schedule and the ends are not used)
+    zero_snr: bool = False               # rescale the betas to zero terminal SNR (Lin et al. 2023)
+    spacing: str = "leading"
+
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
+        if not isinstance(self.zero_snr, bool):
+            raise ValueError(f"rescale_betas_zero_snr must be true or false, got {self.zero_snr!r}")
+        if self.trained_betas is not None:
+            bad = [b for b in self.trained_betas if isinstance(b, bool) or not isinstance(b, (int, float))
+                   or not 0 < b < 1]
+            if bad or not self.trained_betas:
+                raise ValueError(f"trained_betas must be numbers in (0, 1), one per training timestep; got "
+                                 f"{str(bad[0])[:20] if bad else 'none'}")
+
+
 @dataclass(frozen=True)
 class SDConfig:
     unet: UNetConfig = UNetConfig()
@@ -282,6 +313,7 @@ class SDConfig:
     family: str = "sd1"              # a key of FAMILIES: which text tower, conditioning and defaults
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (noise) or "v" (SD 2.x 768)
     shift_factor: float = 0.0  # latents = (VAE mean - shift_factor) * scale_factor (0 but for later families)
+    schedule: NoiseSchedule = NoiseSchedule()  # the betas' shape, zero terminal SNR, the timesteps' spacing
 
     def __post_init__(self):
         fam = family(self.family)
@@ -292,6 +324,7 @@ class SDConfig:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                              f"got {self.prediction_type!r}")
+        check_betas(self)
 
     @property
     def default_height(self) -> int:
@@ -332,7 +365,7 @@ class SDConfig:
                    scale_factor=p.get("scale_factor", fam.scale_factor), shift_factor=p.get("shift_factor", 0.0),
                    linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
                    num_train_timesteps=p.get("timesteps", 1000), image_size=fam.image_size(p.get("image_size"), prediction),
-                   prediction_type=prediction)
+                   prediction_type=prediction, schedule=schedule_from_ldm(p))
 
     def to_ldm(self) -> dict:
         """The inverse of `from_ldm`: a CompVis-style config dict (JSON/YAML serialisable)."""
@@ -356,6 +389,7 @@ class SDConfig:
             params["shift_factor"] = self.shift_factor
         if self.prediction_type == "v":
             params["parameterization"] = "v"
+        params.update(schedule_to_ldm(self.schedule))
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
     def to_json(self) -> str:
@@ -363,6 +397,46 @@ class SDConfig:
 
     def replace(self, **kw) -> "SDConfig":
         return dataclasses.replace(self, **kw)
+
+
+def check_betas(cfg: SDConfig) -> None:
+    """The schedule's numbers as diffusers' DDIMScheduler needs them: betas in (0, 1), one per timestep."""
+    start, end, steps = cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps
+    for name, x in (("beta_start", start), ("beta_end", end)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1:
+            raise ValueError(f"{name} must be a number in (0, 1) (SD: 0.00085 and 0.012), got {str(x)[:40]!r}")
+    if start > end:
+        raise ValueError(f"beta_start ({start}) must not exceed beta_end ({end})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 100_000:
+        raise ValueError(f"num_train_timesteps must be a whole number in [2, 100000] (SD: 1000), got {str(steps)[:40]!r}")
+    betas = cfg.schedule.trained_betas
+    if betas is not None and len(betas) != steps:
+        raise ValueError(f"trained_betas holds {len(betas)} betas for num_train_timesteps {steps}: give one per timestep")
+
+
+def schedule_from_ldm(p: dict) -> NoiseSchedule:
+    """The NoiseSchedule of a CompVis / SGM `model.params` (`beta_schedule`, `given_betas`, and the
+    diffusers-named keys `rescale_betas_zero_snr` / `timestep_spacing` that to_ldm writes)."""
+    name = p.get("beta_schedule", "linear")
+    if name not in LDM_BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule {str(name)[:40]!r} is not one of {', '.join(LDM_BETA_SCHEDULES)}")
+    given = p.get("given_betas")
+    return NoiseSchedule(LDM_BETA_SCHEDULES[name], tuple(given) if given is not None else None,
+                         p.get("rescale_betas_zero_snr", False), p.get("timestep_spacing", "leading"))
+
+
+def schedule_to_ldm(s: NoiseSchedule) -> dict:
+    """The inverse of schedule_from_ldm: only what differs from SD's."""
+    out = {}
+    if s.beta_schedule != "scaled_linear":
+        out["beta_schedule"] = next(k for k, v in LDM_BETA_SCHEDULES.items() if v == s.beta_schedule)
+    if s.trained_betas is not None:
+        out["given_betas"] = list(s.trained_betas)
+    if s.zero_snr:
+        out["rescale_betas_zero_snr"] = True
+    if s.spacing != "leading":
+        out["timestep_spacing"] = s.spacing
+    return out
 
 
 def prediction_type(parameterization: str) -> str:
