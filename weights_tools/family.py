@@ -86,10 +86,10 @@ def prediction_name(value, where: str) -> str:
 
 def said_in_metadata(metadata: dict, where: str) -> tuple[str, str] | None:
     """(prediction type, where it was read) from a safetensors file's metadata, or None: ModelSpec's
-    `modelspec.prediction_type`, kohya's `ss_v_parameterization`."""
-    if "modelspec.prediction_type" in metadata:
-        return (prediction_name(metadata["modelspec.prediction_type"], where),
-                "the file's modelspec.prediction_type metadata")
+    `modelspec.prediction_type`, ComfyUI's `modelspec.predict_key`, kohya's `ss_v_parameterization`."""
+    for key in ("modelspec.prediction_type", "modelspec.predict_key"):
+        if key in metadata:
+            return prediction_name(metadata[key], where), f"the file's {key} metadata"
     if metadata.get("ss_v_parameterization") in ("True", "true"):
         return "v", "the file's ss_v_parameterization metadata"
     return None  # an `ldm_config` says it through the config it becomes (SDConfig.from_ldm)
@@ -112,3 +112,24 @@ def resolve_prediction(src, cfg, cfg_source: str, variant: str, given=None) -> t
     if code is not None and LAYOUTS[code].predicts is not None:
         return LAYOUTS[code].predicts(src, cfg)
     return "epsilon", "the default: nothing in the file says v"
+
+
+# ------------------------------------------------------------------------------- marker keys
+# empty tensors ComfyUI saves beside an SDXL model's weights to say how it was trained (and reads back:
+# comfy/supported_models.py): `v_pred`, a v-prediction model; `ztsnr`, trained on zero-terminal-SNR betas
+V_PRED, ZTSNR = "v_pred", "ztsnr"
+
+
+def read_markers(src) -> None:
+    """Take a single file's marker keys out of its entries into what they say: `v_pred` -> the
+    prediction type v (a metadata that says otherwise is a contradiction), `ztsnr` -> src.zero_snr."""
+    if V_PRED in src.entries:
+        said = ("v", f"the file's `{V_PRED}` marker key (v-prediction, as ComfyUI saves it)")
+        if src.prediction is not None and src.prediction[0] != "v":
+            raise CheckpointError(f"{src.where}: {said[1]} says v but {src.prediction[1]} says {src.prediction[0]}; "
+                                  "pass prediction_type= (--prediction-type) to say which")
+        src.prediction = src.prediction or said
+        del src.entries[V_PRED]
+    if ZTSNR in src.entries:
+        src.zero_snr = f"the file's `{ZTSNR}` marker key (zero-terminal-SNR betas, as ComfyUI saves it)"
+        del src.entries[ZTSNR]
