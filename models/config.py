@@ -408,10 +408,12 @@ def check_betas(cfg: SDConfig) -> None:
     if start > end:
         raise ValueError(f"beta_start ({start}) must not exceed beta_end ({end})")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 100_000:
-        raise ValueError(f"num_train_timesteps must be a whole number in [2, 100000] (SD: 1000), got {str(steps)[:40]!r}")
+        raise ValueError(f"num_train_timesteps must be a whole number in [2, 100000] (SD: 1000), "
+                         f"got {str(steps)[:40]!r}")
     betas = cfg.schedule.trained_betas
     if betas is not None and len(betas) != steps:
-        raise ValueError(f"trained_betas holds {len(betas)} betas for num_train_timesteps {steps}: give one per timestep")
+        raise ValueError(f"trained_betas holds {len(betas)} betas for num_train_timesteps {steps}: "
+                         "give one per timestep")
 
 
 def schedule_from_ldm(p: dict) -> NoiseSchedule:

@@ -80,7 +80,8 @@ class StableDiffusion(nn.Module):
         self.text_encoder = fam.text_encoder(cfg.text)
         self.tokenizer = tokenizer if tokenizer is not None else fam.tokenizer(cfg.text)
         with torch.device("cpu"):  # a plain tensor, not a buffer: never on the meta device a loader builds on
-            self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps, cfg.schedule)
+            self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps,
+                                                 cfg.schedule)
 
     @property
     def device(self) -> torch.device:

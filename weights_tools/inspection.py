@@ -67,7 +67,8 @@ def _loadability(src, variant: str) -> dict:
                 "prediction_source": said[1], "loadable": False, "problem": src.problem}
     cfg, cfg_source, default = resolve_config(src)
     out = {"config_source": cfg_source if default is None else f"{FAMILIES[default].name} default (no config in the file)",
-           "prediction_type": None, "prediction_source": None, "schedule": schedule_words(said_schedule(src, cfg), src)}
+           "prediction_type": None, "prediction_source": None,
+           "schedule": schedule_words(said_schedule(src, cfg), src)}
     try:
         out["prediction_type"], out["prediction_source"] = resolve_prediction(src, cfg, cfg_source, variant)
         validate_shapes(src.shapes, cfg, src.where, strict=True, config_source=cfg_source, variant=src.variant,
