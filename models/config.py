@@ -38,6 +38,7 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs; SD 2 / SDXL: Linear
     adm_in_channels: int = 0      # > 0: the `label_emb` vector conditioning (SDXL base: 2816); 0: none
+    norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
 
     @property
     def downsample(self) -> int:
@@ -83,7 +84,8 @@ class UNetConfig:
             num_heads=u.get("num_heads", -1), num_head_channels=u.get("num_head_channels", -1),
             transformer_depth=depth, context_dim=u["context_dim"],
             use_linear_in_transformer=u.get("use_linear_in_transformer", False),
-            adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0)
+            adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0,
+            norm_groups=u.get("norm_num_groups", 32))
 
     def to_ldm(self, image_size: int) -> dict:
         """The inverse of `from_ldm`: the `params` of a CompVis-style UNet config."""
@@ -101,6 +103,8 @@ class UNetConfig:
             u["use_linear_in_transformer"] = True
         if self.adm_in_channels:
             u.update(num_classes="sequential", adm_in_channels=self.adm_in_channels)
+        if self.norm_groups != 32:  # not a CompVis key (its GroupNorms have 32 groups): written where it differs
+            u["norm_num_groups"] = self.norm_groups
         return u
 
 
@@ -115,6 +119,7 @@ class VAEConfig:
     embed_dim: int = 4
     resolution: int = 256
     attn_resolutions: tuple = ()  # SD v1 has attention only in the mid block
+    norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
 
     @property
     def downsample(self) -> int:
@@ -358,7 +363,7 @@ class SDConfig:
             in_channels=dd.get("in_channels", 3), out_ch=dd.get("out_ch", 3), ch=dd["ch"],
             ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"],
             embed_dim=fs.get("embed_dim", dd["z_channels"]), resolution=dd.get("resolution", 256),
-            attn_resolutions=tuple(dd.get("attn_resolutions", ())))
+            attn_resolutions=tuple(dd.get("attn_resolutions", ())), norm_groups=dd.get("norm_num_groups", 32))
         fam = family_of_params(p)
         prediction = prediction_type(p.get("parameterization", "eps"))
         return cls(unet=unet, vae=vae, text=fam.read_text(p), family=fam.code,
@@ -373,7 +378,8 @@ class SDConfig:
         unet = u.to_ldm(self.image_size)
         ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=v.resolution, in_channels=v.in_channels,
                         out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks,
-                        attn_resolutions=list(v.attn_resolutions), dropout=0.0)
+                        attn_resolutions=list(v.attn_resolutions), dropout=0.0,
+                        **({"norm_num_groups": v.norm_groups} if v.norm_groups != 32 else {}))
         fam = family(self.family)
         params = dict(
             linear_start=self.linear_start, linear_end=self.linear_end, num_timesteps_cond=1,

@@ -116,7 +116,20 @@ def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
         num_heads=num_heads, num_head_channels=head_channels,
         transformer_depth=tuple(int(d) for d in depth) if isinstance(depth, (list, tuple)) else int(depth),
         context_dim=int(c.get("cross_attention_dim", 768)),
-        use_linear_in_transformer=bool(c.get("use_linear_projection", False))), sample_size(c)
+        use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
+        norm_groups=_groups(c, "unet/config.json")), sample_size(c)
+
+
+def _groups(c: dict, name: str) -> int:
+    """A config.json's `norm_num_groups` (diffusers' default 32), which must divide every block's channels."""
+    groups = c.get("norm_num_groups", 32)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise BadConfig(f"{name} has `norm_num_groups` {str(groups)[:40]!r}; it must be a whole number (SD: 32)")
+    bad = [b for b in c["block_out_channels"] if b % groups]
+    if bad:
+        raise BadConfig(f"{name} has `norm_num_groups` {groups}, which does not divide the block_out_channels "
+                        f"{bad[:4]} (each GroupNorm splits its channels into that many groups): fix the file")
+    return groups
 
 
 def _heads(heads, boc: list, where: str) -> tuple[int, int]:
@@ -159,7 +172,7 @@ def vae_config(c: dict) -> VAEConfig:
     return VAEConfig(in_channels=c.get("in_channels", 3), out_ch=c.get("out_channels", 3), ch=boc[0],
                      ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=int(c.get("layers_per_block", 2)),
                      z_channels=c.get("latent_channels", 4), embed_dim=c.get("latent_channels", 4),
-                     resolution=int(c.get("sample_size", 256)))
+                     resolution=int(c.get("sample_size", 256)), norm_groups=_groups(c, "vae/config.json"))
 
 
 def text_config(c: dict) -> CLIPTextConfig:
