@@ -102,3 +102,26 @@ def test_malformed_scheduler_values_are_refused_before_any_weight(folder, tmp_pa
     with pytest.raises(BadConfig) as e:
         load_checkpoint(bad)
     assert "scheduler_config.json" in str(e.value) and said in str(e.value)
+
+
+def test_a_turbo_folder_runs_its_trailing_timesteps_without_an_offset(folder):
+    """SDXL-Turbo's scheduler_config.json (EulerAncestralDiscreteScheduler, trailing): its timesteps with the
+    default steps_offset, no hand-computed offset."""
+    shutil.rmtree(folder / "scheduler")
+    ref = diffusers.EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                    timestep_spacing="trailing", steps_offset=1)
+    ref.save_pretrained(folder / "scheduler")
+    sd = load_checkpoint(folder)
+    for steps in (1, 2, 4):
+        ref.set_timesteps(steps)
+        assert sd.scheduler(steps).timesteps.tolist() == ref.timesteps.round().long().tolist()
+
+
+def test_the_single_file_keeps_the_schedule(folder, tmp_path):
+    from weights_tools import convert_checkpoint
+
+    with_scheduler(folder, beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    out = convert_checkpoint(folder, tmp_path / "tiny.safetensors")
+    a, b = load_checkpoint(folder), load_checkpoint(out)
+    assert b.cfg.schedule == a.cfg.schedule == NoiseSchedule("squaredcos_cap_v2", None, True, "trailing")
+    assert torch.equal(a.alphas_cumprod, b.alphas_cumprod)

@@ -9,6 +9,7 @@ import math
 from collections import Counter
 
 from models import FAMILIES
+from models.config import NoiseSchedule
 
 from .family import resolve_prediction
 from .layout import CheckpointError, family_code, split_parts, validate_shapes
@@ -78,9 +79,12 @@ def _loadability(src, variant: str) -> dict:
         return out | {"loadable": False, "problem": str(e)}
 
 
-def schedule_words(cfg, src) -> str:
-    """The noise schedule in words, where it differs from SD's, and where a marker key said it."""
+def schedule_words(cfg, src) -> str | None:
+    """The noise schedule in words where it differs from SD's (None where it does not), and where a marker
+    key said it."""
     s = cfg.schedule
+    if s == NoiseSchedule():
+        return None
     parts = [f"{s.beta_schedule} betas" if s.trained_betas is None else "trained_betas given"]
     parts += ["zero terminal SNR" + (f" ({src.zero_snr})" if src.zero_snr else "")] if s.zero_snr else []
     return ", ".join(parts + [f"{s.spacing} timesteps"])
