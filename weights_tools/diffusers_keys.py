@@ -208,7 +208,7 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
 
 
 # scheduler_config.json key -> (SDConfig / NoiseSchedule field, SD's value, what a value must be)
-SCHEDULE_KEYS = {"beta_start": ("linear_start", 0.00085, "a number in (0, 1) (SD: 0.00085)"),
+SCHEDULER_KEYS = {"beta_start": ("linear_start", 0.00085, "a number in (0, 1) (SD: 0.00085)"),
                  "beta_end": ("linear_end", 0.012, "a number in (0, 1) (SD: 0.012)"),
                  "num_train_timesteps": ("num_train_timesteps", 1000, "a whole number in [2, 100000] (SD: 1000)"),
                  "beta_schedule": ("beta_schedule", "scaled_linear", f"one of {', '.join(BETA_SCHEDULES)}"),
@@ -237,7 +237,7 @@ def scheduler_settings(scheduler: dict, path: str) -> dict:
     the timesteps as diffusers' DDIMScheduler reads them; a value it could not use is refused, naming
     the file, the key and what it must be."""
     got = {}
-    for key, (field, default, need) in SCHEDULE_KEYS.items():
+    for key, (field, default, need) in SCHEDULER_KEYS.items():
         value = scheduler.get(key, default)
         if not _schedule_value(key, value):
             raise BadConfig(f"{path}: `{key}` is {str(value)[:40]!r}; it must be {need}: fix the file, or remove the "
