@@ -38,6 +38,7 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs; SD 2 / SDXL: Linear
     adm_in_channels: int = 0      # > 0: the `label_emb` vector conditioning (SDXL base: 2816); 0: none
+    norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
 
     @property
     def downsample(self) -> int:
@@ -83,7 +84,8 @@ class UNetConfig:
             num_heads=u.get("num_heads", -1), num_head_channels=u.get("num_head_channels", -1),
             transformer_depth=depth, context_dim=u["context_dim"],
             use_linear_in_transformer=u.get("use_linear_in_transformer", False),
-            adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0)
+            adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0,
+            norm_groups=u.get("norm_num_groups", 32))
 
     def to_ldm(self, image_size: int) -> dict:
         """The inverse of `from_ldm`: the `params` of a CompVis-style UNet config."""
@@ -101,6 +103,8 @@ class UNetConfig:
             u["use_linear_in_transformer"] = True
         if self.adm_in_channels:
             u.update(num_classes="sequential", adm_in_channels=self.adm_in_channels)
+        if self.norm_groups != 32:  # not a CompVis key (its GroupNorms have 32 groups): written where it differs
+            u["norm_num_groups"] = self.norm_groups
         return u
 
 
@@ -115,6 +119,7 @@ class VAEConfig:
     embed_dim: int = 4
     resolution: int = 256
     attn_resolutions: tuple = ()  # SD v1 has attention only in the mid block
+    norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
 
     @property
     def downsample(self) -> int:
@@ -269,6 +274,37 @@ def family_of_params(p: dict) -> Family:
     return found or next(f for f in FAMILIES.values() if f.reads is None)
 
 
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")  # diffusers' names
+SPACINGS = ("leading", "trailing", "linspace")  # how N sampling timesteps are placed among the trained ones
+# CompVis `beta_schedule` names -> diffusers' (CompVis "linear" is linear in sqrt(beta): SD's scaled_linear)
+LDM_BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """How the betas are made beyond their ends (SDConfig.linear_start / linear_end) and where N sampling
+    steps fall: diffusers' DDIMScheduler settings of the same names (`beta_schedule`, `trained_betas`,
+    `rescale_betas_zero_snr`, `timestep_spacing`). The default is SD's."""
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple | None = None   # every beta, given (then beta_schedule and the ends are not used)
+    zero_snr: bool = False               # rescale the betas to zero terminal SNR (Lin et al. 2023)
+    spacing: str = "leading"
+
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
+        if not isinstance(self.zero_snr, bool):
+            raise ValueError(f"rescale_betas_zero_snr must be true or false, got {self.zero_snr!r}")
+        if self.trained_betas is not None:
+            bad = [b for b in self.trained_betas if isinstance(b, bool) or not isinstance(b, (int, float))
+                   or not 0 < b < 1]
+            if bad or not self.trained_betas:
+                raise ValueError(f"trained_betas must be numbers in (0, 1), one per training timestep; got "
+                                 f"{str(bad[0])[:20] if bad else 'none'}")
+
+
 @dataclass(frozen=True)
 class SDConfig:
     unet: UNetConfig = UNetConfig()
@@ -282,6 +318,7 @@ class SDConfig:
     family: str = "sd1"              # a key of FAMILIES: which text tower, conditioning and defaults
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (noise) or "v" (SD 2.x 768)
     shift_factor: float = 0.0  # latents = (VAE mean - shift_factor) * scale_factor (0 but for later families)
+    schedule: NoiseSchedule = NoiseSchedule()  # the betas' shape, zero terminal SNR, the timesteps' spacing
 
     def __post_init__(self):
         fam = family(self.family)
@@ -292,6 +329,7 @@ class SDConfig:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                              f"got {self.prediction_type!r}")
+        check_betas(self)
 
     @property
     def default_height(self) -> int:
@@ -325,14 +363,14 @@ class SDConfig:
             in_channels=dd.get("in_channels", 3), out_ch=dd.get("out_ch", 3), ch=dd["ch"],
             ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], z_channels=dd["z_channels"],
             embed_dim=fs.get("embed_dim", dd["z_channels"]), resolution=dd.get("resolution", 256),
-            attn_resolutions=tuple(dd.get("attn_resolutions", ())))
+            attn_resolutions=tuple(dd.get("attn_resolutions", ())), norm_groups=dd.get("norm_num_groups", 32))
         fam = family_of_params(p)
         prediction = prediction_type(p.get("parameterization", "eps"))
         return cls(unet=unet, vae=vae, text=fam.read_text(p), family=fam.code,
                    scale_factor=p.get("scale_factor", fam.scale_factor), shift_factor=p.get("shift_factor", 0.0),
                    linear_start=p.get("linear_start", 0.00085), linear_end=p.get("linear_end", 0.012),
                    num_train_timesteps=p.get("timesteps", 1000), image_size=fam.image_size(p.get("image_size"), prediction),
-                   prediction_type=prediction)
+                   prediction_type=prediction, schedule=schedule_from_ldm(p))
 
     def to_ldm(self) -> dict:
         """The inverse of `from_ldm`: a CompVis-style config dict (JSON/YAML serialisable)."""
@@ -340,7 +378,8 @@ class SDConfig:
         unet = u.to_ldm(self.image_size)
         ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=v.resolution, in_channels=v.in_channels,
                         out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks,
-                        attn_resolutions=list(v.attn_resolutions), dropout=0.0)
+                        attn_resolutions=list(v.attn_resolutions), dropout=0.0,
+                        **({"norm_num_groups": v.norm_groups} if v.norm_groups != 32 else {}))
         fam = family(self.family)
         params = dict(
             linear_start=self.linear_start, linear_end=self.linear_end, num_timesteps_cond=1,
@@ -356,6 +395,7 @@ class SDConfig:
             params["shift_factor"] = self.shift_factor
         if self.prediction_type == "v":
             params["parameterization"] = "v"
+        params.update(schedule_to_ldm(self.schedule))
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
     def to_json(self) -> str:
@@ -363,6 +403,48 @@ class SDConfig:
 
     def replace(self, **kw) -> "SDConfig":
         return dataclasses.replace(self, **kw)
+
+
+def check_betas(cfg: SDConfig) -> None:
+    """The schedule's numbers as diffusers' DDIMScheduler needs them: betas in (0, 1), one per timestep."""
+    start, end, steps = cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps
+    for name, x in (("beta_start", start), ("beta_end", end)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1:
+            raise ValueError(f"{name} must be a number in (0, 1) (SD: 0.00085 and 0.012), got {str(x)[:40]!r}")
+    if start > end:
+        raise ValueError(f"beta_start ({start}) must not exceed beta_end ({end})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 100_000:
+        raise ValueError(f"num_train_timesteps must be a whole number in [2, 100000] (SD: 1000), "
+                         f"got {str(steps)[:40]!r}")
+    betas = cfg.schedule.trained_betas
+    if betas is not None and len(betas) != steps:
+        raise ValueError(f"trained_betas holds {len(betas)} betas for num_train_timesteps {steps}: "
+                         "give one per timestep")
+
+
+def schedule_from_ldm(p: dict) -> NoiseSchedule:
+    """The NoiseSchedule of a CompVis / SGM `model.params` (`beta_schedule`, `given_betas`, and the
+    diffusers-named keys `rescale_betas_zero_snr` / `timestep_spacing` that to_ldm writes)."""
+    name = p.get("beta_schedule", "linear")
+    if name not in LDM_BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule {str(name)[:40]!r} is not one of {', '.join(LDM_BETA_SCHEDULES)}")
+    given = p.get("given_betas")
+    return NoiseSchedule(LDM_BETA_SCHEDULES[name], tuple(given) if given is not None else None,
+                         p.get("rescale_betas_zero_snr", False), p.get("timestep_spacing", "leading"))
+
+
+def schedule_to_ldm(s: NoiseSchedule) -> dict:
+    """The inverse of schedule_from_ldm: only what differs from SD's."""
+    out = {}
+    if s.beta_schedule != "scaled_linear":
+        out["beta_schedule"] = next(k for k, v in LDM_BETA_SCHEDULES.items() if v == s.beta_schedule)
+    if s.trained_betas is not None:
+        out["given_betas"] = list(s.trained_betas)
+    if s.zero_snr:
+        out["rescale_betas_zero_snr"] = True
+    if s.spacing != "leading":
+        out["timestep_spacing"] = s.spacing
+    return out
 
 
 def prediction_type(parameterization: str) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import PREDICTION_TYPES
+from .config import PREDICTION_TYPES, NoiseSchedule
 from .ddim import DDIM
 from .prediction import as_eps, as_prediction
 from .sampler import Call, one_call_per_row
@@ -55,8 +55,9 @@ class PNDM:
     @classmethod
     def create(cls, num_steps: int = 50, steps_offset: int = 1, beta_start: float = 0.00085,
                beta_end: float = 0.012, num_train_timesteps: int = 1000,
-               prediction_type: str = "epsilon") -> "PNDM":
-        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps), prediction_type)
+               prediction_type: str = "epsilon", schedule: NoiseSchedule = NoiseSchedule()) -> "PNDM":
+        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, schedule=schedule),
+                   prediction_type)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 A sampler serves one run (`StableDiffusion.scheduler` makes a fresh one from SAMPLERS) and provides:
 
-    create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, prediction_type)
+    create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, prediction_type, schedule)
                     classmethod; prediction_type is the model's (models/prediction.py): what it
-                    predicts, for a sampler whose update depends on it (PLMS extrapolates it)
+                    predicts, for a sampler whose update depends on it (PLMS extrapolates it);
+                    schedule its models.config.NoiseSchedule (betas' shape, zero SNR, spacing)
     num_steps       N, the steps of its schedule: the reference's T, whose edit schedules have T + 1 rows
     calls           the UNet calls it will make, in order: Call(timestep, row), row being the row of
                     the (N + 1)-row schedule the controller reads at that call

@@ -80,7 +80,8 @@ class StableDiffusion(nn.Module):
         self.text_encoder = fam.text_encoder(cfg.text)
         self.tokenizer = tokenizer if tokenizer is not None else fam.tokenizer(cfg.text)
         with torch.device("cpu"):  # a plain tensor, not a buffer: never on the meta device a loader builds on
-            self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps)
+            self.alphas_cumprod = alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.num_train_timesteps,
+                                                 cfg.schedule)
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +161,7 @@ class StableDiffusion(nn.Module):
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
         c = self.cfg
         return SAMPLERS[sampler].create(num_steps, steps_offset, c.linear_start, c.linear_end, c.num_train_timesteps,
-                                        prediction_type=c.prediction_type)
+                                        prediction_type=c.prediction_type, schedule=c.schedule)
 
 
 # name -> a sampler class (the protocol in models/sampler.py). plms (also pndm): PLMS as the reference's

@@ -40,8 +40,8 @@ class Conv2d(nn.Conv2d):
         return self._conv_forward(x.float(), self.weight.float(), bias).half()
 
 
-def normalization(ch: int) -> nn.GroupNorm:
-    return GroupNorm32(32, ch, eps=1e-5)
+def normalization(ch: int, groups: int = 32) -> nn.GroupNorm:
+    return GroupNorm32(groups, ch, eps=1e-5)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -53,11 +53,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int, emb_ch: int, out_ch: int):
+    def __init__(self, ch: int, emb_ch: int, out_ch: int, groups: int = 32):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(ch, groups), nn.SiLU(), Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
-        self.out_layers = nn.Sequential(normalization(out_ch), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(normalization(out_ch, groups), nn.SiLU(), nn.Dropout(0.0),
                                         Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Identity() if ch == out_ch else Conv2d(ch, out_ch, 1)
 
@@ -101,11 +101,12 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, ch: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool):
+    def __init__(self, ch: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool,
+                 groups: int = 32):
         super().__init__()
         inner = heads * dim_head
         self.linear = linear
-        self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, inner) if linear else Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
@@ -164,11 +165,11 @@ class UNetModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc = cfg.model_channels
-        emb_ch = mc * 4
+        emb_ch, groups = mc * 4, cfg.norm_groups
 
         def transformer(ch, level):
             return SpatialTransformer(ch, *cfg.heads(ch), cfg.depth(level), cfg.context_dim,
-                                      cfg.use_linear_in_transformer)
+                                      cfg.use_linear_in_transformer, groups)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if cfg.adm_in_channels:  # SDXL: the vector y joins the timestep embedding (SGM's "sequential" label_emb)
@@ -180,7 +181,7 @@ class UNetModel(nn.Module):
         skip_chans, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_ch, mult * mc)]
+                layers = [ResBlock(ch, emb_ch, mult * mc, groups)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch, level))
@@ -192,13 +193,13 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         last = len(cfg.channel_mult) - 1  # the middle block always attends, at the last level's depth
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch), transformer(ch, last),
-                                                    ResBlock(ch, emb_ch, ch))
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch, groups), transformer(ch, last),
+                                                    ResBlock(ch, emb_ch, ch, groups))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chans.pop(), emb_ch, mc * mult)]
+                layers = [ResBlock(ch + skip_chans.pop(), emb_ch, mc * mult, groups)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch, level))
@@ -207,7 +208,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
         self.sites = self._assign_sites()
 
     def _assign_sites(self) -> list[Site]:

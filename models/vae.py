@@ -14,16 +14,16 @@ from .config import VAEConfig
 from .unet import Upsample  # the same layer in both: nearest x2, then a 3x3 conv named `conv`
 
 
-def Normalize(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, ch, eps=1e-6)
+def Normalize(ch: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, ch, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int = 32):
         super().__init__()
-        self.norm1 = Normalize(in_ch)
+        self.norm1 = Normalize(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = Normalize(out_ch)
+        self.norm2 = Normalize(out_ch, groups)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -37,9 +37,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over pixels; q, k, v, proj_out are 1x1 convs."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = 32):
         super().__init__()
-        self.norm = Normalize(ch)
+        self.norm = Normalize(ch, groups)
         self.q, self.k, self.v = nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -61,9 +61,10 @@ class Downsample(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = 32):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch), AttnBlock(ch), ResnetBlock(ch, ch)
+        self.block_1, self.attn_1 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -72,10 +73,11 @@ class Mid(nn.Module):
 class Level(nn.Module):
     """One resolution of the encoder (`down.i`) or decoder (`up.i`): blocks, their attention, a resampler."""
 
-    def __init__(self, chans: list[tuple[int, int]], attn: bool, resample: nn.Module | None, name: str):
+    def __init__(self, chans: list[tuple[int, int]], attn: bool, resample: nn.Module | None, name: str,
+                 groups: int = 32):
         super().__init__()
-        self.block = nn.ModuleList([ResnetBlock(i, o) for i, o in chans])
-        self.attn = nn.ModuleList([AttnBlock(o) for _, o in chans] if attn else [])
+        self.block = nn.ModuleList([ResnetBlock(i, o, groups) for i, o in chans])
+        self.attn = nn.ModuleList([AttnBlock(o, groups) for _, o in chans] if attn else [])
         if resample is not None:
             setattr(self, name, resample)
         self.resample = name if resample is not None else None
@@ -99,11 +101,11 @@ class Encoder(nn.Module):
             out = ch * mult
             chans = [(block_in if j == 0 else out, out) for j in range(cfg.num_res_blocks)]
             self.down.append(Level(chans, res in cfg.attn_resolutions,
-                                   Downsample(out) if i != n - 1 else None, "downsample"))
+                                   Downsample(out) if i != n - 1 else None, "downsample", cfg.norm_groups))
             block_in = out
             res = res // 2 if i != n - 1 else res
-        self.mid = Mid(block_in)
-        self.norm_out = Normalize(block_in)
+        self.mid = Mid(block_in, cfg.norm_groups)
+        self.norm_out = Normalize(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -120,16 +122,17 @@ class Decoder(nn.Module):
         block_in = ch * cfg.ch_mult[-1]
         res = cfg.resolution // 2 ** (n - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = Mid(block_in)
+        self.mid = Mid(block_in, cfg.norm_groups)
         levels = []  # built from the lowest resolution up; `up.i` is indexed like the encoder's `down.i`
         for i in reversed(range(n)):
             out = ch * cfg.ch_mult[i]
             chans = [(block_in if j == 0 else out, out) for j in range(cfg.num_res_blocks + 1)]
-            levels.insert(0, Level(chans, res in cfg.attn_resolutions, Upsample(out) if i != 0 else None, "upsample"))
+            levels.insert(0, Level(chans, res in cfg.attn_resolutions, Upsample(out) if i != 0 else None, "upsample",
+                                   cfg.norm_groups))
             block_in = out
             res = res * 2 if i != 0 else res
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import models.sd
 import p2p.pipeline
+from models.config import NoiseSchedule
 from models.ddim import DDIM
 from models.pndm import PNDM
 from models.prediction import PREDICTIONS, as_eps, as_prediction, from_eps, noised, to_eps, vp
@@ -46,8 +47,9 @@ class Heun:
 
     @classmethod
     def create(cls, num_steps=50, steps_offset=1, beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-               prediction_type="epsilon"):
-        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, prediction_type))
+               prediction_type="epsilon", schedule=NoiseSchedule()):
+        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, prediction_type,
+                               schedule))
 
     @property
     def num_steps(self) -> int:

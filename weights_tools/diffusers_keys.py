@@ -7,10 +7,12 @@ checkpoint's names, with or without the `text_model.` level.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
 from models import FAMILIES, PREFIXES, CLIPTextConfig, LDMBertConfig, SDConfig, UNetConfig, VAEConfig
+from models.config import BETA_SCHEDULES, SPACINGS, NoiseSchedule
 from models.sdxl_text import SDXL_CLIP_L, SDXLTextConfig
 
 from .layout import BadConfig, CheckpointError
@@ -114,7 +116,20 @@ def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
         num_heads=num_heads, num_head_channels=head_channels,
         transformer_depth=tuple(int(d) for d in depth) if isinstance(depth, (list, tuple)) else int(depth),
         context_dim=int(c.get("cross_attention_dim", 768)),
-        use_linear_in_transformer=bool(c.get("use_linear_projection", False))), sample_size(c)
+        use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
+        norm_groups=_groups(c, "unet/config.json")), sample_size(c)
+
+
+def _groups(c: dict, name: str) -> int:
+    """A config.json's `norm_num_groups` (diffusers' default 32), which must divide every block's channels."""
+    groups = c.get("norm_num_groups", 32)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise BadConfig(f"{name} has `norm_num_groups` {str(groups)[:40]!r}; it must be a whole number (SD: 32)")
+    bad = [b for b in c["block_out_channels"] if b % groups]
+    if bad:
+        raise BadConfig(f"{name} has `norm_num_groups` {groups}, which does not divide the block_out_channels "
+                        f"{bad[:4]} (each GroupNorm splits its channels into that many groups): fix the file")
+    return groups
 
 
 def _heads(heads, boc: list, where: str) -> tuple[int, int]:
@@ -157,7 +172,7 @@ def vae_config(c: dict) -> VAEConfig:
     return VAEConfig(in_channels=c.get("in_channels", 3), out_ch=c.get("out_channels", 3), ch=boc[0],
                      ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=int(c.get("layers_per_block", 2)),
                      z_channels=c.get("latent_channels", 4), embed_dim=c.get("latent_channels", 4),
-                     resolution=int(c.get("sample_size", 256)))
+                     resolution=int(c.get("sample_size", 256)), norm_groups=_groups(c, "vae/config.json"))
 
 
 def text_config(c: dict) -> CLIPTextConfig:
@@ -185,12 +200,57 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
         raise BadConfig(f"{where}: a diffusers config.json has a value of the wrong kind ({e}); "
                         "cannot tell the architecture") from e
     if scheduler:
-        kw.update(linear_start=scheduler.get("beta_start", 0.00085), linear_end=scheduler.get("beta_end", 0.012),
-                  num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
+        kw.update(scheduler_settings(scheduler, f"{where}/scheduler/scheduler_config.json"))
     try:
         return SDConfig(**kw)
     except ValueError as e:  # the parts' configs disagree (SDXL: the vector conditioning's width)
         raise BadConfig(f"{where}: {e}") from e
+
+
+# scheduler_config.json key -> (SDConfig / NoiseSchedule field, SD's value, what a value must be)
+SCHEDULER_KEYS = {"beta_start": ("linear_start", 0.00085, "a number in (0, 1) (SD: 0.00085)"),
+                 "beta_end": ("linear_end", 0.012, "a number in (0, 1) (SD: 0.012)"),
+                 "num_train_timesteps": ("num_train_timesteps", 1000, "a whole number in [2, 100000] (SD: 1000)"),
+                 "beta_schedule": ("beta_schedule", "scaled_linear", f"one of {', '.join(BETA_SCHEDULES)}"),
+                 "rescale_betas_zero_snr": ("zero_snr", False, "true or false"),
+                 "timestep_spacing": ("spacing", "leading", f"one of {', '.join(SPACINGS)}"),
+                 "trained_betas": ("trained_betas", None, "null or a list of numbers in (0, 1), one per timestep")}
+
+
+def _schedule_value(key: str, value) -> bool:
+    """Whether a scheduler_config.json value is of the kind its key needs."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if key in ("beta_start", "beta_end"):
+        return number and 0 < value < 1
+    if key == "num_train_timesteps":
+        return number and value == int(value) and 2 <= value <= 100_000
+    if key == "rescale_betas_zero_snr":
+        return isinstance(value, bool)
+    if key == "trained_betas":
+        return value is None or isinstance(value, list) and bool(value) and all(_schedule_value("beta_start", b)
+                                                                                 for b in value)
+    return value in (BETA_SCHEDULES if key == "beta_schedule" else SPACINGS)
+
+
+def scheduler_settings(scheduler: dict, path: str) -> dict:
+    """SDConfig fields (with its NoiseSchedule) from a folder's scheduler_config.json: the betas and
+    the timesteps as diffusers' DDIMScheduler reads them; a value it could not use is refused, naming
+    the file, the key and what it must be."""
+    got = {}
+    for key, (field, default, need) in SCHEDULER_KEYS.items():
+        value = scheduler.get(key, default)
+        if not _schedule_value(key, value):
+            raise BadConfig(f"{path}: `{key}` is {str(value)[:40]!r}; it must be {need}: fix the file, or remove the "
+                            "key for SD's value")
+        got[field] = tuple(float(b) for b in value) if key == "trained_betas" and value is not None else value
+    if got["linear_start"] > got["linear_end"]:
+        raise BadConfig(f"{path}: `beta_start` ({got['linear_start']}) exceeds `beta_end` ({got['linear_end']}); "
+                        "fix the file (SD: 0.00085 and 0.012)")
+    if got["trained_betas"] is not None and len(got["trained_betas"]) != got["num_train_timesteps"]:
+        raise BadConfig(f"{path}: `trained_betas` holds {len(got['trained_betas'])} betas for `num_train_timesteps` "
+                        f"{got['num_train_timesteps']}; give one per timestep")
+    schedule = NoiseSchedule(*(got.pop(f) for f in ("beta_schedule", "trained_betas", "zero_snr", "spacing")))
+    return dict(got, num_train_timesteps=int(got["num_train_timesteps"]), schedule=schedule)
 
 
 # ------------------------------------------------------------------------------------- LDM-400M

@@ -24,6 +24,9 @@ PIPELINES = (("StableDiffusionXLInpaint", "inpainting"), ("StableDiffusionXLInst
 
 def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
     """(variant, evidence) of a diffusers folder: a family's name (models.FAMILIES) or a kind of layout.UNSUPPORTED."""
+    edm = _by_edm(folder)
+    if edm is not None:  # Playground v2.5 names StableDiffusionXLPipeline: its VAE and scheduler tell it apart
+        return edm
     name = index.get("_class_name")
     if isinstance(name, str):
         variant = next((v for prefix, v in PIPELINES if name.startswith(prefix)), None)
@@ -33,6 +36,26 @@ def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
             return variant, f"model_index.json names {name}"
     return _by_components(folder) or _by_unet(unet) or _by_text_encoder(folder) or (
         "SD v1", "unet/, vae/, text_encoder/; no other family's pipeline class, component or UNet setting")
+
+
+def _json(path: Path) -> dict:
+    """A config.json as a dict, or {} (an unreadable or malformed one is named by the config reader)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _by_edm(folder: Path) -> tuple[str, str] | None:
+    """Playground v2.5: an EDM scheduler or the VAE's per-channel latent statistics."""
+    scheduler = _json(folder / "scheduler" / "scheduler_config.json").get("_class_name")
+    if isinstance(scheduler, str) and scheduler.startswith("EDM"):
+        return "Playground v2.5", f"scheduler_config.json names {scheduler} (an EDM noise schedule)"
+    vae = _json(folder / "vae" / "config.json")
+    if vae.get("latents_mean") is not None or vae.get("latents_std") is not None:
+        return "Playground v2.5", "vae/config.json has latents_mean / latents_std (per-channel latent statistics)"
+    return None
 
 
 def _by_components(folder: Path) -> tuple[str, str] | None:
@@ -63,11 +86,7 @@ def _by_unet(unet: dict) -> tuple[str, str] | None:
 def _by_text_encoder(folder: Path) -> tuple[str, str] | None:
     """SD 2.x's OpenCLIP tower uses exact gelu where SD v1's CLIP-L uses quick_gelu: the sign of SD 2.x
     in a folder whose UNet is not full size (cross_attention_dim 1024 says it otherwise)."""
-    try:
-        act = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_act")
-    except (OSError, ValueError, AttributeError):
-        return None  # an unreadable config is named by the config reader
-    if act == "gelu":
+    if _json(folder / "text_encoder" / "config.json").get("hidden_act") == "gelu":
         return "SD 2.x", "text_encoder/config.json has hidden_act gelu (OpenCLIP ViT-H; SD v1's CLIP-L: quick_gelu)"
     return None
 
@@ -86,10 +105,10 @@ def prediction_name(value, where: str) -> str:
 
 def said_in_metadata(metadata: dict, where: str) -> tuple[str, str] | None:
     """(prediction type, where it was read) from a safetensors file's metadata, or None: ModelSpec's
-    `modelspec.prediction_type`, kohya's `ss_v_parameterization`."""
-    if "modelspec.prediction_type" in metadata:
-        return (prediction_name(metadata["modelspec.prediction_type"], where),
-                "the file's modelspec.prediction_type metadata")
+    `modelspec.prediction_type`, ComfyUI's `modelspec.predict_key`, kohya's `ss_v_parameterization`."""
+    for key in ("modelspec.prediction_type", "modelspec.predict_key"):
+        if key in metadata:
+            return prediction_name(metadata[key], where), f"the file's {key} metadata"
     if metadata.get("ss_v_parameterization") in ("True", "true"):
         return "v", "the file's ss_v_parameterization metadata"
     return None  # an `ldm_config` says it through the config it becomes (SDConfig.from_ldm)
@@ -112,3 +131,24 @@ def resolve_prediction(src, cfg, cfg_source: str, variant: str, given=None) -> t
     if code is not None and LAYOUTS[code].predicts is not None:
         return LAYOUTS[code].predicts(src, cfg)
     return "epsilon", "the default: nothing in the file says v"
+
+
+# ------------------------------------------------------------------------------- marker keys
+# empty tensors ComfyUI saves beside an SDXL model's weights to say how it was trained (and reads back:
+# comfy/supported_models.py): `v_pred`, a v-prediction model; `ztsnr`, trained on zero-terminal-SNR betas
+V_PRED, ZTSNR = "v_pred", "ztsnr"
+
+
+def read_markers(src) -> None:
+    """Take a single file's marker keys out of its entries into what they say: `v_pred` -> the
+    prediction type v (a metadata that says otherwise is a contradiction), `ztsnr` -> src.zero_snr."""
+    if V_PRED in src.entries:
+        said = ("v", f"the file's `{V_PRED}` marker key (v-prediction, as ComfyUI saves it)")
+        if src.prediction is not None and src.prediction[0] != "v":
+            raise CheckpointError(f"{src.where}: {said[1]} says v but {src.prediction[1]} says {src.prediction[0]}; "
+                                  "pass prediction_type= (--prediction-type) to say which")
+        src.prediction = src.prediction or said
+        del src.entries[V_PRED]
+    if ZTSNR in src.entries:
+        src.zero_snr = f"the file's `{ZTSNR}` marker key (zero-terminal-SNR betas, as ComfyUI saves it)"
+        del src.entries[ZTSNR]

@@ -9,11 +9,12 @@ import math
 from collections import Counter
 
 from models import FAMILIES
+from models.config import NoiseSchedule
 
 from .family import resolve_prediction
 from .layout import CheckpointError, family_code, split_parts, validate_shapes
 from .layouts import LAYOUTS
-from .load import resolve_config
+from .load import resolve_config, said_schedule
 from .sources import open_source
 
 REPORTED_PARTS = ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "unused", "other")
@@ -67,7 +68,8 @@ def _loadability(src, variant: str) -> dict:
                 "prediction_source": said[1], "loadable": False, "problem": src.problem}
     cfg, cfg_source, default = resolve_config(src)
     out = {"config_source": cfg_source if default is None else f"{FAMILIES[default].name} default (no config in the file)",
-           "prediction_type": None, "prediction_source": None}
+           "prediction_type": None, "prediction_source": None,
+           "schedule": schedule_words(said_schedule(src, cfg), src)}
     try:
         out["prediction_type"], out["prediction_source"] = resolve_prediction(src, cfg, cfg_source, variant)
         validate_shapes(src.shapes, cfg, src.where, strict=True, config_source=cfg_source, variant=src.variant,
@@ -75,6 +77,17 @@ def _loadability(src, variant: str) -> dict:
         return out | {"loadable": True, "problem": None}
     except CheckpointError as e:
         return out | {"loadable": False, "problem": str(e)}
+
+
+def schedule_words(cfg, src) -> str | None:
+    """The noise schedule in words where it differs from SD's (None where it does not), and where a marker
+    key said it."""
+    s = cfg.schedule
+    if s == NoiseSchedule():
+        return None
+    parts = [f"{s.beta_schedule} betas" if s.trained_betas is None else "trained_betas given"]
+    parts += ["zero terminal SNR" + (f" ({src.zero_snr})" if src.zero_snr else "")] if s.zero_snr else []
+    return ", ".join(parts + [f"{s.spacing} timesteps"])
 
 
 def _non_str(meta: dict | None) -> dict:
@@ -95,6 +108,7 @@ def format_inspection(info: dict) -> str:
              + (f"; family {info['family']!r}" if info["family"] else ""),
              f"  config:   {info['config_source']}",
              f"  predicts: {info['prediction_type'] or '?'} ({info['prediction_source']})",
+             *([f"  schedule: {info['schedule']}"] if info.get("schedule") else []),
              f"  loadable: {'yes' if info['loadable'] else 'no: ' + info['problem']}",
              f"  tensors:  {info['tensors']}"]
     for part, s in info["parts"].items():

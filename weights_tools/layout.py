@@ -86,10 +86,19 @@ SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
                      r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
 
 UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
-               "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
+               "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "Playground v2.5",
+               "CosXL-style EDM v-prediction", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
 KIND_NOTES = {"SDXL refiner": ": the refiner is an img2img model (it refines SDXL base's latents at low noise) "
-                              "with one text tower (OpenCLIP bigG) and aesthetic-score conditioning"}
+                              "with one text tower (OpenCLIP bigG) and aesthetic-score conditioning",
+              "Playground v2.5": ": it has SDXL's layout but was trained on an EDM noise schedule (continuous sigmas, "
+                                 "EDMDPMSolverMultistepScheduler / EDMEulerScheduler) and per-channel latent statistics "
+                                 "(the VAE's latents_mean / latents_std), neither of which this package's samplers "
+                                 "model; loaded as SDXL it would give wrong pictures: use diffusers' "
+                                 "StableDiffusionXLPipeline with its own scheduler",
+              "CosXL-style EDM v-prediction": ": its sampling follows a continuous EDM sigma range "
+                                              "(edm_vpred.sigma_min / sigma_max), which this package's DDIM / PLMS "
+                                              "samplers do not model"}
 # UNet input channels of the image-conditioned kinds (text-to-image: 4)
 CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
 SUPPORTED_KINDS = ("Stable Diffusion v1.x and 2.x text-to-image checkpoints (v1-1 ... v1-5, 2.0 / 2.1 base and v, "
@@ -151,6 +160,9 @@ KEY_MARKS = (
      "image-embedding keys `embedder.*` / `noise_augmentor.*`"),
     (("depth_model.",), "depth", "depth-estimator keys `depth_model.*`"),
     (("low_scale_model.",), "upscaler", "low-resolution noise schedule `low_scale_model.*`"),
+    (("edm_mean", "edm_std"), "Playground v2.5", "the latent statistics `edm_mean` / `edm_std`"),
+    (("edm_vpred.",), "CosXL-style EDM v-prediction",
+     "the EDM noise range `edm_vpred.sigma_max` / `edm_vpred.sigma_min`"),
 )
 
 

@@ -99,7 +99,12 @@ def open_checked(path, config=None, strict: bool = True, vae=None,
     prediction, _ = resolve_prediction(src, cfg, cfg_source, src.variant[0], prediction_type)
     if default is not None:  # a family's own config may follow the prediction type (SD 2.x: 512 px base, 768 px v)
         cfg = LAYOUTS[default].default_config(prediction)
-    return src, cfg.replace(prediction_type=prediction), cfg_source
+    return src, said_schedule(src, cfg).replace(prediction_type=prediction), cfg_source
+
+
+def said_schedule(src: Source, cfg: SDConfig) -> SDConfig:
+    """The config with what a file's marker keys say about its schedule (`ztsnr`: zero terminal SNR)."""
+    return cfg.replace(schedule=dataclasses.replace(cfg.schedule, zero_snr=True)) if src.zero_snr else cfg
 
 
 def warn_ignored(where: str, ignored: list[str]) -> None:

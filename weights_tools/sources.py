@@ -19,7 +19,7 @@ from safetensors import safe_open
 from models import SDConfig
 
 from . import diffusers_keys
-from .family import folder_family, prediction_name, said_in_metadata
+from .family import folder_family, prediction_name, read_markers, said_in_metadata
 from .layout import (SUPPORTED_KINDS, BadConfig, CheckpointError, FolderLayout, canonical_key, check_plausible, detect_variant,
                      family_code, refusal)
 from .layouts import LAYOUTS
@@ -52,6 +52,7 @@ class Source:
     variant: tuple[str, str] | None = None        # (variant, evidence): detected once, when the source is opened
     problem: str | None = None                    # why it cannot load, found while describing it
     prediction: tuple[str, str] | None = None     # (prediction type, where) when the file says it
+    zero_snr: str | None = None                   # where a single file says its betas are zero-terminal-SNR
 
     @property
     def shapes(self) -> dict[str, tuple]:
@@ -104,7 +105,9 @@ def _looks_like(head: bytes) -> str:
 
 
 def open_file(path: Path, size: int, kind: str) -> Source:
-    return open_safetensors(path, size) if kind == "safetensors" else open_ckpt(path)
+    src = open_safetensors(path, size) if kind == "safetensors" else open_ckpt(path)
+    read_markers(src)
+    return src
 
 
 # ------------------------------------------------------------------------------------ safetensors
