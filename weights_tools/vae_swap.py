@@ -17,7 +17,7 @@ from models import PREFIXES
 
 from . import diffusers_keys
 from .layout import CheckpointError, part_of
-from .sources import Source, open_file, open_source, read_json, sniff, weights_file
+from .sources import Source, open_source, open_weights, read_json
 
 VAE = PREFIXES["vae"]
 COMPVIS_VAE = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -32,8 +32,7 @@ def open_vae(path) -> Source:
         if not (folder / "config.json").exists():
             raise CheckpointError(f"{path}: a folder without config.json (nor vae/config.json): not a diffusers VAE "
                                   "folder; give a VAE .safetensors / .ckpt or a diffusers vae/ folder")
-        weights = weights_file(folder)
-        src = open_file(weights, weights.stat().st_size, sniff(weights))
+        src = open_weights(folder)
         cfg = read_json(folder / "config.json")
         return _renamed(src, {k: VAE + diffusers_keys.vae_key(k, cfg, str(folder)) for k in src.entries})
     src = open_source(path)
