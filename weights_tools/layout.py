@@ -73,12 +73,13 @@ def carried_buffers(cfg: SDConfig) -> dict[str, torch.Tensor]:
 OLD_CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_NAMES = ("embeddings.", "encoder.", "final_layer_norm.")  # CLIP's modules, the level old files omit
 
-# DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
+# DDPM schedule buffers Lightning saves beside the model (CompVis), and the discrete denoiser's noise levels
+# SGM saves (`denoiser.sigmas`; SDXL files from SGM and A1111); SD recomputes them from the config.
 SCHEDULE_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights"})
+    "logvar", "lvlb_weights", "denoiser.sigmas", "denoiser.log_sigmas"})
 
 # 1x1 conv <-> linear shims a loader accepts in either shape (spec §2): UNet proj_in/proj_out and
 # the VAE attention q/k/v/proj_out weights ([C,C] in diffusers-converted files, [C,C,1,1] in CompVis).
