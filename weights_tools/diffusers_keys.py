@@ -101,8 +101,8 @@ def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
     """
     for field in ("class_embed_type", "addition_embed_type"):
         if c.get(field):
-            raise CheckpointError(f"{where}: UNet has {field}={c[field]!r} (SDXL-style conditioning); "
-                                  "only Stable Diffusion v1.x is supported")
+            raise CheckpointError(f"{where}: UNet has {field}={c[field]!r}, a conditioning the SD v1.x / 2.x UNet "
+                                  "does not read (SDXL's is addition_embed_type 'text_time', in an SDXL folder)")
     boc = list(c["block_out_channels"])
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
     num_heads, head_channels = _heads(heads, boc, where)

@@ -86,10 +86,17 @@ SCHEDULE_KEYS = frozenset({
 SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
                      r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
 
-UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
+# a UNet saved alone in diffusers' layout (SDXL-Lightning's and Hyper-SD's `*_unet.safetensors`): variant ->
+# (the key that tells it, family), checked in order; such a file is refused with what else it needs
+UNET_ALONE = {"SDXL UNet alone": ("add_embedding.linear_1.weight", "sdxl"), "UNet alone": ("conv_in.weight", None)}
+UNSUPPORTED = ("inpainting", "pix2pix", "SDXL inpainting", "SDXL pix2pix", *UNET_ALONE, "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
-KIND_NOTES = {"SDXL refiner": ": the refiner is an img2img model (it refines SDXL base's latents at low noise) "
+KIND_NOTES = {"SDXL inpainting": ": its UNet reads 9 channels (the noisy latents, the mask and the masked picture's "
+                                 "latents); SDXL base text-to-image files read 4",
+              "SDXL pix2pix": ": an instruct-pix2pix model, its UNet reads 8 channels (the noisy latents and the "
+                              "input picture's latents); SDXL base text-to-image files read 4",
+              "SDXL refiner": ": the refiner is an img2img model (it refines SDXL base's latents at low noise) "
                               "with one text tower (OpenCLIP bigG) and aesthetic-score conditioning"}
 # UNet input channels of the image-conditioned kinds (text-to-image: 4)
 CHANNEL_KINDS = {9: "inpainting", 8: "pix2pix", 5: "depth", 7: "upscaler"}
@@ -168,11 +175,17 @@ def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
     first = shapes.get(unet + "input_blocks.0.0.weight")
     if first is not None and len(first) == 4 and first[1] != 4:
         name = CHANNEL_KINDS.get(first[1], "unknown")
-        return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (text-to-image: 4)"
+        sdxl = first[1] in (8, 9) and LAYOUTS["sdxl"].recognise(shapes)
+        return (f"SDXL {name}" if sdxl else name), \
+            f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (text-to-image: 4)" + (f"; {sdxl}" if sdxl else "")
     for code, row in LAYOUTS.items():
         evidence = row.recognise(shapes)
         if evidence:
             return family_name(code), evidence
+    if any(k.startswith("down_blocks.") for k in shapes):
+        for variant, (key, _) in UNET_ALONE.items():
+            if key in shapes:
+                return variant, f"diffusers UNet keys (`{key}`, `down_blocks.*`) and nothing else"
     return "unknown", f"no UNet keys (`{unet}*`)"
 
 
@@ -182,6 +195,9 @@ def refusal(variant: str, evidence: str, where: str, family: str | None = None) 
     "unknown" passes: the missing component is reported by `check_components`, with a better message."""
     if variant == "unknown":
         return None
+    if variant in UNET_ALONE:
+        return f"{where}: this is an {variant} file ({evidence}). " + \
+            missing_fix(UNET_ALONE[variant][1] or "sd1", ["vae", "text_encoder"])
     code = family_code(variant)
     if code is not None:
         if family is None or code == family:
@@ -199,15 +215,34 @@ def check_variant(shapes: dict[str, tuple], where: str, family: str | None = Non
         raise CheckpointError(problem)
 
 
-def check_components(parts: dict[str, dict], where: str) -> None:
+def check_components(parts: dict[str, dict], where: str, family: str = "sd1") -> None:
+    """Every part of the family's model is in the file, or a message naming the family and what to pass."""
     found = [p for p in PREFIXES if parts[p]]
     missing = [p for p in PREFIXES if not parts[p]]
     if missing:
-        names = ", ".join(f"{p} (`{PREFIXES[p]}*`)" for p in missing)
+        names = ", ".join(f"{p} (`{prefixes_of(family)[p]}*`)" for p in missing)
         raise CheckpointError(f"{where}: missing component(s) {names}; found {', '.join(found) or 'none'}. "
-                              "A Stable Diffusion v1 checkpoint must hold the UNet, the VAE and the CLIP text "
-                              "encoder (a single file with all three prefixes, or a diffusers folder with "
-                              "unet/, vae/ and text_encoder/)")
+                              f"{missing_fix(family, missing)}")
+
+
+def prefixes_of(family: str) -> dict[str, str]:
+    return PREFIXES | {"text_encoder": FAMILIES[family].text_prefix}
+
+
+def missing_fix(family: str, missing: list[str]) -> str:
+    """What a file lacking parts is, and what to pass: a VAE alone (--vae), or a UNet alone (a base model)."""
+    name = FAMILIES[family].name
+    whole = (f"An {name} checkpoint must hold the UNet, the VAE and the text encoder{'s' if family == 'sdxl' else ''} "
+             "(a single file with all their prefixes, or a diffusers folder with unet/, vae/ and text_encoder/"
+             f"{' and text_encoder_2/' if family == 'sdxl' else ''})")
+    if missing == ["vae"]:
+        return (f"{whole}; a file shipped without its VAE loads with one given: --vae PATH (vae= in the API), a "
+                f"VAE .safetensors / .ckpt or a diffusers vae/ folder{' (SDXL: sdxl_vae or sdxl-vae-fp16-fix)' if family == 'sdxl' else ''}")
+    if "unet" in missing or "text_encoder" not in missing:
+        return whole
+    return (f"{whole}; this is an {name} UNet alone (as SDXL-Lightning and Hyper-SD ship their UNets): it runs "
+            f"inside its base model, which this file lacks; save a diffusers folder of the base model with this UNet "
+            "in unet/ (diffusers: `pipe.unet.load_state_dict(...)`, `pipe.save_pretrained(dir)`) and load that folder")
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -278,7 +313,7 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
     """
     parts = split_parts(shapes)
     check_variant(shapes, where, cfg.family, variant)
-    check_components(parts, where)
+    check_components(parts, where, cfg.family)
     problems = shape_problems(model_keys(shapes), model_shapes(cfg))
     problems["unexpected"] = leftover_keys(shapes, cfg) if strict else []
     if any(problems.values()):
