@@ -21,7 +21,7 @@ import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
-from weights_tools.load import IgnoredKeys
+from weights_tools.load import AssumedPrediction, IgnoredKeys
 from weights_tools.files import file_sha256, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
@@ -109,16 +109,17 @@ def write_outputs(files: dict) -> None:
 
 
 def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None,
-               tokenizer=None):
+               tokenizer=None, model_config=None):
     """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); --non-strict's ignored
-    keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary)."""
+    keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary); `model_config`: --model-config."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IgnoredKeys)
+        warnings.simplefilter("always", AssumedPrediction)
         sd = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
                              strict=not non_strict, vae=vae, prediction_type=prediction_type,
-                             tokenizer=tokenizer)
+                             tokenizer=tokenizer, config=model_config)
     for w in caught:
-        if issubclass(w.category, IgnoredKeys):
+        if issubclass(w.category, (IgnoredKeys, AssumedPrediction)):
             print(f"p2p: warning: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -126,9 +127,10 @@ def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None,
 
 
 def model_options(args) -> dict:
-    """--non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read (load_model's keywords)."""
-    return {"non_strict": args.non_strict, "vae": args.vae, "prediction_type": args.prediction_type,
-            "tokenizer": args.tokenizer}
+    """--model-config, --non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read (load_model's
+    keywords)."""
+    return {"model_config": args.model_config, "non_strict": args.non_strict, "vae": args.vae,
+            "prediction_type": args.prediction_type, "tokenizer": args.tokenizer}
 
 
 def settings_record(settings: dict, ckpt, args) -> dict:

@@ -27,6 +27,10 @@ class IgnoredKeys(UserWarning):
     """Non-strict loading skipped keys the model does not have; the message lists them."""
 
 
+class AssumedPrediction(UserWarning):
+    """Nothing in the file said what its UNet predicts: the family's rule chose; the message says how to change it."""
+
+
 class Resolved(NamedTuple):
     """The architecture a checkpoint is read with, where it came from, and `default`: the code of the
     family whose own config it is because neither the caller nor the file gave one (else None)."""
@@ -96,10 +100,22 @@ def open_checked(path, config=None, strict: bool = True, vae=None,
     validate_shapes(src.shapes, cfg, src.where, strict, cfg_source, variant=src.variant, guessed=default is not None)
     if not strict:
         warn_ignored(src.where, leftover_keys(src.shapes, cfg))
-    prediction, _ = resolve_prediction(src, cfg, cfg_source, src.variant[0], prediction_type)
+    prediction, why = resolve_prediction(src, cfg, cfg_source, src.variant[0], prediction_type)
+    if prediction_type is None and default is not None:
+        warn_assumed(src, cfg, prediction, why)
     if default is not None:  # a family's own config may follow the prediction type (SD 2.x: 512 px base, 768 px v)
         cfg = LAYOUTS[default].default_config(prediction)
     return src, cfg.replace(prediction_type=prediction), cfg_source
+
+
+def warn_assumed(src: Source, cfg: SDConfig, prediction: str, why: str) -> None:
+    """Warn when the prediction type is the family's rule's choice (SD 2.x: v, unless the 512-px base), nothing said."""
+    row = LAYOUTS.get(family_code(src.variant[0]) or "")
+    if row is None or row.predicts is None or src.prediction is not None or cfg.prediction_type == "v":
+        return
+    if (prediction, why) == row.predicts(src, cfg):
+        warnings.warn(f"{src.where}: the file does not say what its UNet predicts; assumed {prediction}, the "
+                      f"{row.models.get(prediction, prediction)} ({why})", AssumedPrediction, stacklevel=4)
 
 
 def warn_ignored(where: str, ignored: list[str]) -> None:
