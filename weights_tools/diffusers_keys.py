@@ -28,7 +28,8 @@ def _layers_per_block(cfg: dict, where: str) -> int:
     lpb = cfg["layers_per_block"]
     if isinstance(lpb, (list, tuple)):
         if len(set(lpb)) != 1:
-            raise CheckpointError(f"{where}: layers_per_block {lpb} varies per block; SD v1 has one value")
+            raise CheckpointError(f"{where}: layers_per_block {lpb} varies per block; the UNets this package "
+                                  "runs (SD v1.x / 2.x, SDXL) have one value for every level")
         lpb = lpb[0]
     return int(lpb)
 
@@ -53,7 +54,8 @@ def unet_key(key: str, cfg: dict, where: str = "unet") -> str:
         return f"middle_block.{0 if m[1] == '0' else 2}.{_resnet_rest(m[2])}"
     if key.startswith("mid_block.attentions.0."):
         return "middle_block.1." + key[len("mid_block.attentions.0."):]
-    raise CheckpointError(f"{where}: unknown diffusers UNet key `{key}` (not part of an SD v1 UNet layout)")
+    raise CheckpointError(f"{where}: unknown diffusers UNet key `{key}` (not part of the SD v1.x / 2.x / SDXL UNet "
+                          "layout)")
 
 
 def _resnet_rest(rest: str) -> str:
@@ -79,7 +81,7 @@ def vae_key(key: str, cfg: dict, where: str = "vae") -> str:
         return f"decoder.up.{levels - 1 - int(m[1])}.{inner}.{m[4]}"
     if re.match(r"((en|de)coder\.(conv_in|conv_out|norm_out)|quant_conv|post_quant_conv)\.", key):
         return key
-    raise CheckpointError(f"{where}: unknown diffusers VAE key `{key}` (not part of an SD v1 VAE layout)")
+    raise CheckpointError(f"{where}: unknown diffusers VAE key `{key}` (not part of the SD / SDXL VAE layout)")
 
 
 def clip_key(key: str) -> str:

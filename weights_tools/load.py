@@ -135,7 +135,7 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
                     vae=None, prediction_type=None, tokenizer=None) -> StableDiffusion:
-    """Load a Stable Diffusion v1.x / 2.x or LDM-400M checkpoint (.safetensors, .ckpt, diffusers folder) in
+    """Load a Stable Diffusion v1.x / 2.x, SDXL or LDM-400M checkpoint (.safetensors, .ckpt, diffusers folder) in
     eval mode.
 
     `path` may also be a name in `weights_tools.registry.CHECKPOINTS` ("miniature": the shipped one).
