@@ -133,6 +133,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     output_layer: str = "last"  # the context: the "last" layer's output (SD v1) or the "penultimate" (SDXL)
     final_ln: bool = True  # final_layer_norm applied to that output (SD v1: yes; SDXL's CLIP-L: no)
+    tokenizer: str | None = None  # a folder's own tokenizer/ when it is not CLIP's vocabulary (None: CLIP's)
 
     def __post_init__(self):
         check_output_layer(self.output_layer, self.layers)
@@ -187,6 +188,7 @@ class OpenCLIPTextConfig:
     output_layer: str = "penultimate"  # whose hidden states are the context: "last" or "penultimate" block
     final_ln: bool = True  # whether ln_final is applied to that context (SD 2.x: yes, SDXL: no)
     projection_dim: int | None = None  # text_projection's output: the pooled vector (SDXL); None: no pooling
+    tokenizer: str | None = None  # a folder's own tokenizer/ when it is not CLIP's vocabulary (None: CLIP's)
 
     def __post_init__(self):
         check_output_layer(self.output_layer, self.layers)

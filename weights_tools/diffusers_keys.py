@@ -315,10 +315,20 @@ def force_zeros(index: dict, folder: Path) -> bool:
 
 # ------------------------------------------------------------------------------------- SD v1 / SD 2.x
 def sd1_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
-    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder))
+    cfg = sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder))
+    return own_tokenizer(folder, cfg)
 
 
 def sd2_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
     """SD 2.x: its text_encoder/ is OpenCLIP ViT-H as transformers stores it (cut to 23 layers)."""
-    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder), family="sd2",
-                     text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder / "text_encoder")))
+    cfg = sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder), family="sd2",
+                    text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder / "text_encoder")))
+    return own_tokenizer(folder, cfg)
+
+
+def own_tokenizer(folder: Path, cfg: SDConfig) -> SDConfig:
+    """`cfg` reading the folder's own tokenizer/ where its vocabulary is not CLIP's (its text tower's vocab_size
+    is not 49408: diffusers' test pipelines, a vocabulary of 1000); CLIP's own otherwise, as for a single file."""
+    if cfg.text.vocab_size == CLIPTextConfig.vocab_size or not (folder / "tokenizer").is_dir():
+        return cfg
+    return cfg.replace(text=dataclasses.replace(cfg.text, tokenizer=str(folder / "tokenizer")))

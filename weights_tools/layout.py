@@ -357,8 +357,10 @@ def check_plausible(cfg: SDConfig, where: str) -> None:
             raise bad(name, mults, f"not 1 to 8 levels of {lo}..{hi}")
     u = cfg.unet
     divisor, name = (u.num_head_channels, "unet.num_head_channels") if u.num_head_channels > 0 else (u.num_heads, "unet.num_heads")
-    for m in u.channel_mult:
-        if (u.model_channels * m) % divisor:
+    last = len(u.channel_mult) - 1  # the levels with attention (diffusers' test UNets: not the first) and the middle
+    for level, m in enumerate(u.channel_mult):
+        attends = level == last or (2 ** level in u.attention_resolutions and u.depth(level) > 0)
+        if attends and (u.model_channels * m) % divisor:
             raise bad(name, divisor, f"which does not divide {u.model_channels * m}")
     for tower in text_configs(cfg):
         if tower.width % tower.heads:
