@@ -103,3 +103,30 @@ def test_an_unclip_folder_without_model_index_is_named(folder, tmp_path, monkeyp
     (copy / "unet" / "config.json").write_text(json.dumps(config))
     msg = refused_unread(copy, monkeypatch, r"this is an? unCLIP checkpoint \(unet/config.json has class_embed_type")
     assert "v1.x is supported" not in msg
+
+
+@pytest.mark.parametrize("change", [{"reverse_transformer_layers_per_block": [[2, 1, 1], [1, 1, 1]]},
+                                    {"mid_block_type": "UNetMidBlock2D"}])
+def test_a_distilled_sdxl_folder_is_named(folder, tmp_path, monkeypatch, change):
+    """SSD-1B / Segmind-Vega folders: an SDXL pipeline whose UNet has per-block depths on the way up or a
+    middle block without a transformer."""
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    (copy / "unet" / "config.json").write_text(json.dumps(config | change))
+    msg = refused_unread(copy, monkeypatch, r"this is a distilled SDXL \(SSD-1B / Segmind-Vega\) checkpoint")
+    assert next(iter(change)) in msg and "transformer blocks removed" in msg
+    assert inspect_checkpoint(copy)["variant"] == "distilled SDXL (SSD-1B / Segmind-Vega)"
+
+
+@pytest.mark.parametrize("drop", [UNET + "middle_block.1.", "transformer_blocks.1."])
+def test_a_distilled_sdxl_single_file_is_named(tiny_file, tmp_path, monkeypatch, drop):
+    state = load_file(tiny_file)
+    first_up = next(k for k in sorted(state) if k.startswith(UNET + "output_blocks.") and ".transformer_blocks.1." in k)
+    block = first_up[:first_up.index(".transformer_blocks.")]
+    dropped = {k: v for k, v in state.items()
+               if not (k.startswith(drop) if drop.startswith(UNET) else k.startswith(block + "." + drop))}
+    assert len(dropped) < len(state)
+    path = tmp_path / "ssd.safetensors"
+    save_file(dropped, str(path))
+    refused_unread(path, monkeypatch, r"this is a distilled SDXL \(SSD-1B / Segmind-Vega\) checkpoint \(SDXL keys, ")

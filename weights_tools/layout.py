@@ -89,10 +89,14 @@ SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
 # a UNet saved alone in diffusers' layout (SDXL-Lightning's and Hyper-SD's `*_unet.safetensors`): variant ->
 # (the key that tells it, family), checked in order; such a file is refused with what else it needs
 UNET_ALONE = {"SDXL UNet alone": ("add_embedding.linear_1.weight", "sdxl"), "UNet alone": ("conv_in.weight", None)}
-UNSUPPORTED = ("inpainting", "pix2pix", "SDXL inpainting", "SDXL pix2pix", *UNET_ALONE, "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
+DISTILLED_SDXL = "distilled SDXL (SSD-1B / Segmind-Vega)"
+UNSUPPORTED = ("inpainting", "pix2pix", "SDXL inpainting", "SDXL pix2pix", *UNET_ALONE, DISTILLED_SDXL, "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
-KIND_NOTES = {"SDXL inpainting": ": its UNet reads 9 channels (the noisy latents, the mask and the masked picture's "
+KIND_NOTES = {DISTILLED_SDXL: ": SDXL with transformer blocks removed (a per-block depth on the way up that differs "
+                              "from the way down, and a middle block without a transformer), which this package's "
+                              "SDXL UNet (one depth per level, an attending middle block) does not build",
+              "SDXL inpainting": ": its UNet reads 9 channels (the noisy latents, the mask and the masked picture's "
                                  "latents); SDXL base text-to-image files read 4",
               "SDXL pix2pix": ": an instruct-pix2pix model, its UNet reads 8 channels (the noisy latents and the "
                               "input picture's latents); SDXL base text-to-image files read 4",
@@ -181,12 +185,36 @@ def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
     for code, row in LAYOUTS.items():
         evidence = row.recognise(shapes)
         if evidence:
-            return family_name(code), evidence
+            distilled = distilled_sdxl(shapes) if code == "sdxl" else None
+            return (DISTILLED_SDXL, distilled) if distilled else (family_name(code), evidence)
     if any(k.startswith("down_blocks.") for k in shapes):
         for variant, (key, _) in UNET_ALONE.items():
             if key in shapes:
                 return variant, f"diffusers UNet keys (`{key}`, `down_blocks.*`) and nothing else"
     return "unknown", f"no UNet keys (`{unet}*`)"
+
+
+def distilled_sdxl(shapes: dict) -> str | None:
+    """Evidence that an SDXL-keyed single file is a distilled SDXL (SSD-1B, Segmind-Vega), or None: a middle
+    block without a transformer, or output blocks whose transformer depths differ from their level's input blocks'."""
+    unet = re.escape(PREFIXES["unet"])
+    depth: dict[tuple[str, int], int] = {}
+    for k in shapes:
+        if m := re.match(rf"{unet}(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.1\.transformer_blocks\.(\d+)\.", k):
+            side, _, n = m[1].partition(".")
+            depth[side, int(n or 0)] = max(depth.get((side, int(n or 0)), 0), int(m[2]) + 1)
+    ops = sorted(int(m[1]) for k in shapes if (m := re.match(rf"{unet}input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    if not ops or not any(side == "input_blocks" for side, _ in depth):
+        return None
+    if ("middle_block", 0) not in depth:
+        return "SDXL keys, and no transformer in the middle block (`middle_block.1.transformer_blocks.*`)"
+    per, levels = ops[0], len(ops) + 1  # blocks per level (the resnets and a resampler slot), levels
+    down = {(n - 1) // per: d for (side, n), d in depth.items() if side == "input_blocks"}
+    for (side, n), d in sorted(depth.items()):
+        if side == "output_blocks" and down.get(levels - 1 - n // per) != d:
+            return (f"SDXL keys, and `output_blocks.{n}` has {d} transformer blocks where its level's input blocks "
+                    f"have {down.get(levels - 1 - n // per, 0)}")
+    return None
 
 
 def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:
