@@ -18,10 +18,8 @@ UNET = "model.diffusion_model."
 
 
 @pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
-    make_tiny(path, seed=0, config="tiny-sdxl")
-    return path
+def tiny_file(tiny_sdxl_file):
+    return tiny_sdxl_file
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from weights_tools import inspect_checkpoint, load_checkpoint
-from weights_tools.tiny import make_tiny
 
 PROJECTION = "conditioner.embedders.1.model.text_projection"
 
 
 @pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
-    make_tiny(path, seed=0, config="tiny-sdxl")
-    return path
+def tiny_file(tiny_sdxl_file):
+    return tiny_sdxl_file
 
 
 def resaved(tiny_file, path, change) -> str:
