@@ -109,7 +109,7 @@ def write_outputs(files: dict) -> None:
 
 
 def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None,
-               tokenizer=None, model_config=None):
+               tokenizer=None, model_config=None, base=None):
     """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); --non-strict's ignored
     keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary); `model_config`: --model-config."""
     with warnings.catch_warnings(record=True) as caught:
@@ -117,7 +117,7 @@ def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None,
         warnings.simplefilter("always", AssumedPrediction)
         sd = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
                              strict=not non_strict, vae=vae, prediction_type=prediction_type,
-                             tokenizer=tokenizer, config=model_config)
+                             tokenizer=tokenizer, config=model_config, base=base)
     for w in caught:
         if issubclass(w.category, (IgnoredKeys, AssumedPrediction)):
             print(f"p2p: warning: {w.message}", file=sys.stderr)
@@ -127,17 +127,17 @@ def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None,
 
 
 def model_options(args) -> dict:
-    """--model-config, --non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read (load_model's
-    keywords)."""
-    return {"model_config": args.model_config, "non_strict": args.non_strict, "vae": args.vae,
+    """--model-config, --base, --non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read
+    (load_model's keywords)."""
+    return {"model_config": args.model_config, "base": args.base, "non_strict": args.non_strict, "vae": args.vae,
             "prediction_type": args.prediction_type, "tokenizer": args.tokenizer}
 
 
 def settings_record(settings: dict, ckpt, args) -> dict:
     """What a sidecar holds: the settings, the checkpoint and its SHA-256, how it was read (a swapped-in
-    VAE by its SHA-256 too), versions, and the command's own words."""
+    VAE and a --base model by their SHA-256 too), versions, and the command's own words."""
     path = resolve_checkpoint(ckpt)
-    vae = {"vae_sha256": file_sha256(args.vae)} if args.vae else {}
+    vae = {f"{flag}_sha256": file_sha256(getattr(args, flag)) for flag in ("vae", "base") if getattr(args, flag)}
     return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "dtype": args.dtype,
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv} | model_options(args) | vae
 

@@ -1,4 +1,4 @@
-"""Files refused by name with what they need, before any tensor is read: a UNet saved alone (SDXL-Lightning /
+"""A UNet saved alone loads into its base model (`base=`, `--base`); files refused by name with what they need, before any tensor is read: a UNet saved alone (SDXL-Lightning /
 Hyper-SD: diffusers' layout; or the single-file layout), a file without its VAE (names its family and --vae),
 SDXL inpainting / instruct-pix2pix single files and folders (9 / 8 input channels), an unCLIP folder without
 model_index.json."""
@@ -48,9 +48,43 @@ def test_a_diffusers_unet_alone_is_named_with_what_it_needs(folder, tmp_path, mo
     path = tmp_path / "sdxl_lightning_4step_unet.safetensors"
     shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors", path)
     msg = refused_unread(path, monkeypatch, r"this is an SDXL UNet alone file \(diffusers UNet keys")
-    assert "SDXL-Lightning and Hyper-SD" in msg and "save a diffusers folder of the base model" in msg
+    assert "SDXL-Lightning and Hyper-SD" in msg and "--base BASE (base= in the API)" in msg
     assert "Stable Diffusion v1" not in msg
     assert inspect_checkpoint(path)["variant"] == "SDXL UNet alone"
+
+
+@pytest.fixture(scope="module")
+def other_folder(tmp_path_factory):
+    """The same architecture with other weights: its UNet is the one shipped alone."""
+    path = tmp_path_factory.mktemp("sdxl-other") / "model"
+    X.ref_pipeline(seed=11).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("base", ["folder", "single file"])
+def test_a_unet_alone_loads_into_its_base(folder, other_folder, tiny_file, tmp_path, base):
+    """SDXL-Lightning style: the UNet file in diffusers' names, the VAE and text towers from the base: the model
+    is the base folder's with the other folder's UNet (each folder loads as diffusers does: test_sdxl_folders)."""
+    unet = tmp_path / "lightning_unet.safetensors"
+    shutil.copy(other_folder / "unet" / "diffusion_pytorch_model.safetensors", unet)
+    base_path = folder if base == "folder" else tiny_file
+    sd, whole, other = load_checkpoint(unet, base=base_path), load_checkpoint(base_path), load_checkpoint(other_folder)
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(sd.unet.state_dict(), other.unet.state_dict())
+    assert not same(sd.unet.state_dict(), whole.unet.state_dict())
+    for part in ("vae", "text_encoder"):
+        assert same(getattr(sd, part).state_dict(), getattr(whole, part).state_dict()), part
+
+
+def test_the_cli_takes_base(folder, other_folder, tmp_path):
+    from p2p.cli import main
+
+    unet = tmp_path / "lightning_unet.safetensors"
+    shutil.copy(other_folder / "unet" / "diffusion_pytorch_model.safetensors", unet)
+    out = tmp_path / "x.png"
+    assert main(["generate", "--ckpt", str(unet), "--base", str(folder), "--prompt", "a cat", "--steps", "2",
+                 "--height", "32", "--width", "32", "-o", str(out)]) == 0
+    assert json.loads(out.with_name(out.name + ".json").read_text())["base"] == str(folder)
 
 
 def test_a_single_file_unet_alone_is_named(tiny_file, tmp_path, monkeypatch):

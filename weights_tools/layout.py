@@ -269,8 +269,9 @@ def missing_fix(family: str, missing: list[str]) -> str:
     if "unet" in missing or "text_encoder" not in missing:
         return whole
     return (f"{whole}; this is an {name} UNet alone (as SDXL-Lightning and Hyper-SD ship their UNets): it runs "
-            f"inside its base model, which this file lacks; save a diffusers folder of the base model with this UNet "
-            "in unet/ (diffusers: `pipe.unet.load_state_dict(...)`, `pipe.save_pretrained(dir)`) and load that folder")
+            f"inside its base model, whose VAE and text encoders this file lacks; load it with the base model's file "
+            "or diffusers folder: --base BASE (base= in the API), e.g. `p2p generate --ckpt THIS_FILE --base "
+            "sd_xl_base_1.0.safetensors ...`")
 
 
 # ---------------------------------------------------------------------------------------------- shapes

@@ -20,7 +20,8 @@ from .layout import CheckpointError, family_code, leftover_keys, model_keys, mod
 from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
 from .registry import resolve_checkpoint
 from .sources import Source, open_source
-from .vae_swap import open_vae, with_vae
+from .unet_swap import open_unet
+from .vae_swap import open_vae, with_part, with_vae
 
 
 class IgnoredKeys(UserWarning):
@@ -88,12 +89,15 @@ def tokenizer_for(ckpt, tokenizer=None, config=None):
 
 
 def open_checked(path, config=None, strict: bool = True, vae=None,
-                 prediction_type=None) -> tuple[Source, SDConfig, str]:
-    """Open (the VAE swapped in from `vae` if given), resolve the config and the prediction type and
-    validate every key and shape, all before reading a tensor. The variant is detected once, when opened."""
-    src = open_source(resolve_checkpoint(path), vae_given=vae is not None)
+                 prediction_type=None, base=None) -> tuple[Source, SDConfig, str]:
+    """Open (the VAE swapped in from `vae` if given; `path` a UNet alone in `base`'s place if `base` is given),
+    resolve the config and the prediction type and validate every key and shape, all before reading a tensor.
+    The variant is detected once, when opened."""
+    src = open_source(resolve_checkpoint(base if base is not None else path), vae_given=vae is not None)
     if src.problem:
         raise CheckpointError(src.problem)
+    if base is not None:
+        src = with_part(src, open_unet(path, resolve_config(src, config).config), "unet")
     if vae is not None:
         src = with_vae(src, open_vae(vae))
     cfg, cfg_source, default = resolve_config(src, config)
@@ -134,7 +138,7 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
-                    vae=None, prediction_type=None, tokenizer=None) -> StableDiffusion:
+                    vae=None, prediction_type=None, tokenizer=None, base=None) -> StableDiffusion:
     """Load a Stable Diffusion v1.x / 2.x, SDXL or LDM-400M checkpoint (.safetensors, .ckpt, diffusers folder) in
     eval mode.
 
@@ -150,8 +154,11 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     which overrides SD 2.x's rule; the default is epsilon.
     EMA weights, DDPM schedule buffers and `position_ids` are never read.
     `tokenizer`: LDM-400M's BERT vocab.txt (needed for its single file; a diffusers folder has its own).
+    `base`: `path` is a UNet alone (SDXL-Lightning's, Hyper-SD's `*_unet.safetensors`, in diffusers' names or
+    the single-file layout, or a diffusers unet/ folder); the VAE, the text towers and the config come from
+    `base` (a single file or a diffusers folder of the model it was trained from).
     """
-    src, cfg, _ = open_checked(path, config, strict, vae, prediction_type)
+    src, cfg, _ = open_checked(path, config, strict, vae, prediction_type, base)
     cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
         model = StableDiffusion(cfg, tokenizer=tok)
