@@ -13,7 +13,7 @@ import torch
 
 import oracles as O
 from models import SDConfig
-from weights_tools import diffusers_keys, load_checkpoint
+from weights_tools import BadConfig, diffusers_keys, load_checkpoint
 from weights_tools.layout import check_plausible
 
 pytest.importorskip("diffusers")
@@ -107,3 +107,10 @@ def test_a_first_level_without_attention_is_plausible():
                 cross_attention_dim=32, attention_head_dim=8)
     ucfg, _ = diffusers_keys.unet_config(unet, "unet")
     check_plausible(SDConfig(unet=ucfg), "diffusers' SD test UNet")
+
+
+def test_a_small_vocabulary_without_its_tokenizer_is_refused(sd2, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(sd2[1], copy, ignore=lambda d, names: [n for n in names if n == "tokenizer"])
+    with pytest.raises(BadConfig, match=r"vocabulary of 1000, not CLIP's 49408, and the folder holds no tokenizer/"):
+        load_checkpoint(copy)

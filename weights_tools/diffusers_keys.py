@@ -329,6 +329,12 @@ def sd2_folder_config(folder: Path, configs: dict, scheduler: dict | None, index
 def own_tokenizer(folder: Path, cfg: SDConfig) -> SDConfig:
     """`cfg` reading the folder's own tokenizer/ where its vocabulary is not CLIP's (its text tower's vocab_size
     is not 49408: diffusers' test pipelines, a vocabulary of 1000); CLIP's own otherwise, as for a single file."""
-    if cfg.text.vocab_size == CLIPTextConfig.vocab_size or not (folder / "tokenizer").is_dir():
+    if cfg.text.vocab_size == CLIPTextConfig.vocab_size:
+        return cfg
+    if not (folder / "tokenizer").is_dir():
+        if cfg.text.vocab_size < CLIPTextConfig.vocab_size:  # CLIP's ids would overflow the embedding
+            raise BadConfig(f"{folder}: its text encoder has a vocabulary of {cfg.text.vocab_size}, not CLIP's "
+                            f"{CLIPTextConfig.vocab_size}, and the folder holds no tokenizer/ to give its ids; add "
+                            "the tokenizer/ it was saved with (vocab.json + merges.txt, or tokenizer.json)")
         return cfg
     return cfg.replace(text=dataclasses.replace(cfg.text, tokenizer=str(folder / "tokenizer")))
