@@ -38,6 +38,10 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs; SD 2 / SDXL: Linear
     adm_in_channels: int = 0      # > 0: the `label_emb` vector conditioning (SDXL base: 2816); 0: none
+    # distilled SDXL (SSD-1B, Segmind-Vega): a depth per output block (None: its level's), a middle block of
+    # one resnet ("resnet"; "attention": resnet, transformer, resnet)
+    transformer_depth_output: tuple | None = None
+    middle: str = "attention"
 
     @property
     def downsample(self) -> int:
@@ -54,6 +58,11 @@ class UNetConfig:
         """Transformer blocks per SpatialTransformer at `level`; the middle block takes the last level's."""
         d = self.transformer_depth
         return d[level] if isinstance(d, tuple) else d
+
+    def output_depth(self, n: int, level: int) -> int:
+        """Transformer blocks of output block `n` (at `level`): its own where the config gives one per block."""
+        out = self.transformer_depth_output
+        return out[n] if out is not None else self.depth(level)
 
     @classmethod
     def from_ldm(cls, u: dict) -> "UNetConfig":
@@ -83,7 +92,9 @@ class UNetConfig:
             num_heads=u.get("num_heads", -1), num_head_channels=u.get("num_head_channels", -1),
             transformer_depth=depth, context_dim=u["context_dim"],
             use_linear_in_transformer=u.get("use_linear_in_transformer", False),
-            adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0)
+            adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0,
+            transformer_depth_output=tuple(u["transformer_depth_output"]) if u.get("transformer_depth_output") else None,
+            middle=u.get("middle_block", "attention"))
 
     def to_ldm(self, image_size: int) -> dict:
         """The inverse of `from_ldm`: the `params` of a CompVis-style UNet config."""
@@ -101,6 +112,10 @@ class UNetConfig:
             u["use_linear_in_transformer"] = True
         if self.adm_in_channels:
             u.update(num_classes="sequential", adm_in_channels=self.adm_in_channels)
+        if self.transformer_depth_output is not None:
+            u["transformer_depth_output"] = list(self.transformer_depth_output)
+        if self.middle != "attention":
+            u["middle_block"] = self.middle
         return u
 
 

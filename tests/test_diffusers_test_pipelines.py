@@ -89,14 +89,7 @@ def test_sd2_test_pipeline_loads_and_matches(sd2, which):
     assert sd.cfg.family == "sd2" and sd.cfg.text.vocab_size == VOCAB and sd.cfg.unet.attention_resolutions == (2,)
     ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(sd.tokenize(PROMPTS), ids)
-    x_T = O.randn(1, 4, H // 2, W // 2, seed=7)
-    from p2p import generate
-
-    ours = generate(sd, PROMPTS, latents=x_T, num_steps=STEPS, guidance_scale=GUIDANCE, height=H, width=W,
-                    progress=False)
-    ref = pipe(PROMPTS, height=H, width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=0.0,
-               latents=x_T.expand(2, -1, -1, -1).clone(), output_type="latent").images
-    diff, scale = O.compare(ours.latents, ref)
+    diff, scale = O.z0_against_pipeline(sd, pipe, PROMPTS, STEPS, GUIDANCE, H, W)
     assert diff <= 1e-4 * scale, (diff, scale)
 
 

@@ -282,7 +282,31 @@ def sdxl_unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
         depth = tuple(d if a else 0 for d, a in zip(depth, attends))
     return dataclasses.replace(ucfg, adm_in_channels=int(c["projection_class_embeddings_input_dim"]),
                                attention_resolutions=tuple(sorted(ucfg.attention_resolutions, reverse=True)),
-                               transformer_depth=depth), sample
+                               transformer_depth=depth, **distilled_unet(c, ucfg.num_res_blocks, where)), sample
+
+
+# diffusers' middle blocks -> UNetConfig.middle (UNetMidBlock2D: one resnet, as diffusers builds it in a
+# UNet2DConditionModel; SSD-1B and Segmind-Vega)
+MIDDLE_BLOCKS = {"UNetMidBlock2DCrossAttn": "attention", "UNetMidBlock2D": "resnet"}
+
+
+def distilled_unet(c: dict, num_res_blocks: int, where: str) -> dict:
+    """A distilled SDXL's UNet fields (SSD-1B, Segmind-Vega): `reverse_transformer_layers_per_block` (per up
+    block, one depth or one per block) as a depth per output block, and the middle block's kind."""
+    mid = c.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
+    if mid not in MIDDLE_BLOCKS:
+        raise CheckpointError(f"{where}: mid_block_type {str(mid)[:40]!r}; this package builds "
+                              f"{' or '.join(MIDDLE_BLOCKS)}")
+    out = {"middle": MIDDLE_BLOCKS[mid]}
+    reverse = c.get("reverse_transformer_layers_per_block")
+    if reverse is not None:
+        per_block = [list(d) if isinstance(d, (list, tuple)) else [d] * (num_res_blocks + 1) for d in reverse]
+        if len(per_block) != len(c["up_block_types"]) or any(len(d) != num_res_blocks + 1 for d in per_block):
+            raise BadConfig(f"{where}: reverse_transformer_layers_per_block {reverse} is not one depth (or "
+                            f"{num_res_blocks + 1}) per up block for {len(c['up_block_types'])} up blocks")
+        attends = ["CrossAttn" in t for t in c["up_block_types"]]
+        out["transformer_depth_output"] = tuple(int(d) if a else 0 for ds, a in zip(per_block, attends) for d in ds)
+    return out
 
 
 def sdxl_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .layout import CHANNEL_KINDS, DISTILLED_SDXL, LAYOUTS, CheckpointError, family_code
+from .layout import CHANNEL_KINDS, LAYOUTS, CheckpointError, family_code
 
 # model_index.json `_class_name` prefix -> variant, first match wins (longer names first); a plain
 # StableDiffusion*Pipeline is decided by the UNet's config
@@ -29,8 +29,6 @@ def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
         variant = next((v for prefix, v in PIPELINES if name.startswith(prefix)), None)
         if variant == "SDXL" and not (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir():
             return "SDXL refiner", f"model_index.json names {name}, with text_encoder_2/ alone"
-        if variant == "SDXL" and distilled(unet):
-            return DISTILLED_SDXL, f"model_index.json names {name}; {distilled(unet)}"
         if variant is not None:
             return variant, f"model_index.json names {name}"
     return _by_channels(unet) or _by_components(folder) or _by_unet(unet) or _by_text_encoder(folder) or (
@@ -63,23 +61,12 @@ def _by_channels(unet: dict) -> tuple[str, str] | None:
 def _by_unet(unet: dict) -> tuple[str, str] | None:
     """From unet/config.json; a malformed value is left for the config reader to name."""
     if unet.get("addition_embed_type") == "text_time":
-        if distilled(unet):
-            return DISTILLED_SDXL, distilled(unet)
         return "SDXL", "unet/config.json has addition_embed_type 'text_time' (SDXL's size conditioning)"
     width = unet.get("cross_attention_dim")
     if width == 1024:
         return "SD 2.x", "unet/config.json has cross_attention_dim 1024 (OpenCLIP ViT-H)"
     if width == 2048:
         return "SDXL", "unet/config.json has cross_attention_dim 2048 (CLIP-L and OpenCLIP bigG)"
-    return None
-
-
-def distilled(unet: dict) -> str | None:
-    """Evidence that an SDXL unet/config.json is a distilled SDXL's (SSD-1B, Segmind-Vega), or None."""
-    if unet.get("reverse_transformer_layers_per_block") is not None:
-        return "unet/config.json has reverse_transformer_layers_per_block (per-block depths on the way up)"
-    if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        return f"unet/config.json has mid_block_type {unet.get('mid_block_type')!r} (a middle block without a transformer)"
     return None
 
 

@@ -94,8 +94,9 @@ UNSUPPORTED = ("inpainting", "pix2pix", "SDXL inpainting", "SDXL pix2pix", *UNET
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
 KIND_NOTES = {DISTILLED_SDXL: ": SDXL with transformer blocks removed (a per-block depth on the way up that differs "
-                              "from the way down, and a middle block without a transformer), which this package's "
-                              "SDXL UNet (one depth per level, an attending middle block) does not build",
+                              "from the way down, and a middle block without a transformer); a single file that "
+                              "names no config does not say its depths: load its diffusers folder (segmind/SSD-1B, "
+                              "segmind/Segmind-Vega), or a file converted from it (python -m weights_tools.convert)",
               "SDXL inpainting": ": its UNet reads 9 channels (the noisy latents, the mask and the masked picture's "
                                  "latents); SDXL base text-to-image files read 4",
               "SDXL pix2pix": ": an instruct-pix2pix model, its UNet reads 8 channels (the noisy latents and the "
