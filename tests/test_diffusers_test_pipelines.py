@@ -107,3 +107,17 @@ def test_a_small_vocabulary_without_its_tokenizer_is_refused(sd2, tmp_path):
     shutil.copytree(sd2[1], copy, ignore=lambda d, names: [n for n in names if n == "tokenizer"])
     with pytest.raises(BadConfig, match=r"vocabulary of 1000, not CLIP's 49408, and the folder holds no tokenizer/"):
         load_checkpoint(copy)
+
+
+def test_an_sdxl_folder_with_a_small_vocabulary_is_named(tmp_path):
+    """StableDiffusionXLPipelineFastTests' text towers (a vocabulary of 1000): described, refused before any tensor."""
+    import sdxl_oracles as X
+    from weights_tools import CheckpointError, inspect_checkpoint
+
+    X.ref_pipeline().save_pretrained(tmp_path / "model")
+    for tower in ("text_encoder", "text_encoder_2"):
+        config = json.loads((tmp_path / "model" / tower / "config.json").read_text())
+        (tmp_path / "model" / tower / "config.json").write_text(json.dumps(config | {"vocab_size": VOCAB}))
+    with pytest.raises(CheckpointError, match=r"vocabulary of \[1000\], not CLIP's 49408 .* own tokenizers are not read"):
+        load_checkpoint(tmp_path / "model")
+    assert not inspect_checkpoint(tmp_path / "model")["loadable"]

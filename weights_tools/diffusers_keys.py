@@ -318,6 +318,11 @@ def sdxl_folder_config(folder: Path, configs: dict, scheduler: dict | None, inde
         raise CheckpointError(f"{folder / 'text_encoder_2'} is not a CLIPTextModelWithProjection (SDXL's second "
                               "text encoder: its pooled projection conditions the UNet)")
     zeros = force_zeros(index, folder)
+    vocab = {configs["text_encoder"].get("vocab_size"), text_2.vocab_size} - {CLIPTextConfig.vocab_size}
+    if vocab:  # the towers read the library's CLIP BPE ids (SDXLTokenizer), which would overflow a smaller table
+        raise CheckpointError(f"{folder}: its text encoders have a vocabulary of {sorted(vocab)}, not CLIP's "
+                              f"{CLIPTextConfig.vocab_size} (diffusers' SDXL test pipelines: 1000); SDXL's towers read "
+                              "CLIP's own ids, and an SDXL folder's own tokenizers are not read")
 
     def towers(c: dict) -> SDXLTextConfig:
         clip = dataclasses.replace(text_config(c), output_layer=SDXL_CLIP_L.output_layer, final_ln=SDXL_CLIP_L.final_ln)
