@@ -10,6 +10,11 @@ process ends up holding about one copy of the weights, not two.
 
     python benchmarks/load_memory.py                                # sd-v1, ldm-400m, sd-v2-v, sdxl-base, float16
     python benchmarks/load_memory.py --configs sdxl-base --dtype float32
+    python benchmarks/load_memory.py --sharded --dtype float32      # an SD v1 diffusers folder, every part sharded
+
+`--sharded` writes, with diffusers and transformers, a full-size SD v1 diffusers folder whose UNet, VAE and
+text encoder are each saved in shards of at most `--shard-size` (`*.safetensors.index.json` beside them), and
+loads the folder the same way: the loader reads each tensor from its shard when it assigns it.
 """
 from __future__ import annotations
 
@@ -51,6 +56,39 @@ def write_child(config: str, dtype: str, path: str) -> None:
     print(json.dumps({"params": sum(t.numel() for t in state.values()), "bytes": os.path.getsize(path)}))
 
 
+# SD v1's parts as diffusers and transformers describe them (the full-size v1-5 folder's config.json files)
+SD_V1_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                  block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+SD_V1_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD_V1_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def write_sharded_child(dtype: str, folder: str, shard_size: str) -> None:
+    """A full-size SD v1 diffusers folder, each part sharded: built on the meta device, filled with 0.01."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    parts = {"unet": lambda: UNet2DConditionModel(**SD_V1_UNET), "vae": lambda: AutoencoderKL(**SD_V1_VAE),
+             "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**SD_V1_TEXT))}
+    params = 0
+    for name, build in parts.items():
+        with torch.device("meta"):
+            model = build()
+        model = model.to_empty(device="cpu").to(DTYPES[dtype])
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                t.fill_(0.01)
+        params += sum(t.numel() for t in model.state_dict().values())
+        model.save_pretrained(Path(folder) / name, max_shard_size=shard_size)
+        del model
+    (Path(folder) / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    shards = len([f for f in Path(folder).rglob("*-of-*") if f.is_file()])
+    print(json.dumps({"params": params, "bytes": size, "shards": shards}))
+
+
 def made_up_vocabulary(path: Path, size: int) -> Path:
     """LDM-400M's single file holds no vocabulary: a WordPiece vocab.txt of the embedding's size."""
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -60,9 +98,11 @@ def made_up_vocabulary(path: Path, size: int) -> Path:
 
 def load_child(dtype: str, path: str) -> None:
     from weights_tools import load_checkpoint
-    cfg = SDConfig.from_ldm(json.loads(safe_open(path, "pt").metadata()["ldm_config"]))
-    tokenizer = made_up_vocabulary(Path(path).with_suffix(".vocab.txt"), cfg.text.vocab_size) \
-        if cfg.family == "ldm" else None
+    tokenizer = None
+    if not Path(path).is_dir():
+        cfg = SDConfig.from_ldm(json.loads(safe_open(path, "pt").metadata()["ldm_config"]))
+        tokenizer = made_up_vocabulary(Path(path).with_suffix(".vocab.txt"), cfg.text.vocab_size) \
+            if cfg.family == "ldm" else None
     before = maxrss()
     t = time.perf_counter()
     sd = load_checkpoint(path, dtype=DTYPES[dtype], tokenizer=tokenizer)
@@ -86,11 +126,16 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["sd-v1", "ldm-400m", "sd-v2-v", "sdxl-base"], help="names in configs/")
     ap.add_argument("--dtype", default="float16", choices=list(DTYPES))
     ap.add_argument("--dir", default=None, help="where the temporary checkpoints go (default: the system's)")
+    ap.add_argument("--sharded", action="store_true", help="a full-size SD v1 diffusers folder, every part sharded")
+    ap.add_argument("--shard-size", default="1GB", help="with --sharded: the largest shard (default 1GB)")
     ap.add_argument("--_write", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--_write_sharded", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_load", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._write:
         return write_child(*args._write)
+    if args._write_sharded:
+        return write_sharded_child(*args._write_sharded)
     if args._load:
         return load_child(*args._load)
     print(f"Command: `python {' '.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])}`  ")
@@ -98,12 +143,15 @@ def main() -> None:
     print("| config | parameters | file GiB | weights GiB | RSS before load GiB | peak after load GiB "
           "| peak after reading every weight GiB | added (x weights) | load s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name in args.configs:
+    for name in ["sd-v1 (diffusers folder, sharded)"] if args.sharded else args.configs:
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
-            path = str(Path(d) / f"{name}.safetensors")
-            w = child("--_write", name, args.dtype, path)
+            path = str(Path(d) / ("model" if args.sharded else f"{name}.safetensors"))
+            w = child("--_write_sharded", args.dtype, path, args.shard_size) if args.sharded else \
+                child("--_write", name, args.dtype, path)
             m = child("--_load", args.dtype, path)
         added = m["touched"] - m["before"]
+        if args.sharded:
+            name += f": {w['shards']} shards of at most {args.shard_size}"
         print(f"| {name} | {w['params'] / 1e9:.3f}B | {w['bytes'] / GIB:.2f} | {m['weights'] / GIB:.2f} | "
               f"{m['before'] / GIB:.2f} | {m['after'] / GIB:.2f} | {m['touched'] / GIB:.2f} | "
               f"{added / GIB:.2f} ({added / m['weights']:.2f}) | {m['seconds']:.1f} |", flush=True)

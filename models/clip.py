@@ -11,6 +11,7 @@ import functools
 import gzip
 import html
 import importlib.util
+import json
 from pathlib import Path
 
 import regex
@@ -71,17 +72,34 @@ class Tokenizer:
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
-        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self._build({tok: i for i, tok in enumerate(vocab)}, merges)
+        assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS and self.encoder["!"] == BANG
+        if pad not in (EOS, BANG):
+            raise ValueError(f"pad must be EOS ({EOS}, SD v1) or BANG ({BANG}, '!', OpenCLIP), got {pad}")
+        self.pad = pad
+
+    def _build(self, encoder: dict[str, int], merges: list[tuple[str, str]]) -> None:
+        self.encoder = encoder
         self.decoder = {i: tok for tok, i in self.encoder.items()}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.pat = regex.compile(self.PATTERN, regex.IGNORECASE)
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        assert self.encoder["<|startoftext|>"] == BOS and self.encoder["<|endoftext|>"] == EOS and self.encoder["!"] == BANG
-        if pad not in (EOS, BANG):
-            raise ValueError(f"pad must be EOS ({EOS}, SD v1) or BANG ({BANG}, '!', OpenCLIP), got {pad}")
-        self.pad = pad
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        """A diffusers folder's own CLIP tokenizer (its tokenizer/: transformers' tokenizer.json, or vocab.json
+        and merges.txt), its ids and padding (tokenizer_config.json's pad_token, else <|endoftext|>) its own:
+        diffusers' test pipelines use a vocabulary of 1000."""
+        encoder, merges, pad_token = read_bpe_folder(Path(folder))
+        missing = [t for t in ("<|startoftext|>", "<|endoftext|>", pad_token) if t not in encoder]
+        if missing:
+            raise ValueError(f"{folder}: the tokenizer's vocabulary lacks {missing}: not a CLIP BPE tokenizer")
+        tok = cls.__new__(cls)
+        tok._build(encoder, merges)
+        tok.bos, tok.eos, tok.pad = encoder["<|startoftext|>"], encoder["<|endoftext|>"], encoder[pad_token]
+        return tok
 
     def bpe(self, token: str) -> str:
         if token in self.cache:
@@ -128,6 +146,28 @@ class Tokenizer:
     def __call__(self, prompts: list[str] | str, length: int = CONTEXT_LENGTH) -> torch.Tensor:
         """(N, 77) int64: BOS, content truncated to 75 tokens (with a warning), EOS, then `pad`."""
         return token_rows(self, prompts, length, "CLIP")
+
+
+def read_bpe_folder(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], str]:
+    """(vocabulary, merges in rank order, pad token) of a transformers CLIP tokenizer folder."""
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+    pad = config.get("pad_token") or "<|endoftext|>"
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if (folder / "tokenizer.json").exists():
+        model = json.loads((folder / "tokenizer.json").read_text())["model"]
+        vocab, merges = model["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        vocab = json.loads((folder / "vocab.json").read_text())
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    else:
+        raise ValueError(f"{folder}: no tokenizer.json, nor vocab.json with merges.txt")
+    return vocab, merges, pad
+
+
+@functools.lru_cache()
+def folder_tokenizer(folder: str) -> Tokenizer:
+    return Tokenizer.from_folder(folder)
 
 
 @functools.lru_cache()

@@ -39,6 +39,10 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs; SD 2 / SDXL: Linear
     adm_in_channels: int = 0      # > 0: the `label_emb` vector conditioning (SDXL base: 2816); 0: none
     norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
+    # distilled SDXL (SSD-1B, Segmind-Vega): a depth per output block (None: its level's), a middle block of
+    # one resnet ("resnet"; "attention": resnet, transformer, resnet)
+    transformer_depth_output: tuple | None = None
+    middle: str = "attention"
 
     @property
     def downsample(self) -> int:
@@ -55,6 +59,11 @@ class UNetConfig:
         """Transformer blocks per SpatialTransformer at `level`; the middle block takes the last level's."""
         d = self.transformer_depth
         return d[level] if isinstance(d, tuple) else d
+
+    def output_depth(self, n: int, level: int) -> int:
+        """Transformer blocks of output block `n` (at `level`): its own where the config gives one per block."""
+        out = self.transformer_depth_output
+        return out[n] if out is not None else self.depth(level)
 
     @classmethod
     def from_ldm(cls, u: dict) -> "UNetConfig":
@@ -85,7 +94,9 @@ class UNetConfig:
             transformer_depth=depth, context_dim=u["context_dim"],
             use_linear_in_transformer=u.get("use_linear_in_transformer", False),
             adm_in_channels=u["adm_in_channels"] if u.get("num_classes") == "sequential" else 0,
-            norm_groups=u.get("norm_num_groups", 32))
+            norm_groups=u.get("norm_num_groups", 32),
+            transformer_depth_output=tuple(u["transformer_depth_output"]) if u.get("transformer_depth_output") else None,
+            middle=u.get("middle_block", "attention"))
 
     def to_ldm(self, image_size: int) -> dict:
         """The inverse of `from_ldm`: the `params` of a CompVis-style UNet config."""
@@ -105,6 +116,10 @@ class UNetConfig:
             u.update(num_classes="sequential", adm_in_channels=self.adm_in_channels)
         if self.norm_groups != 32:  # not a CompVis key (its GroupNorms have 32 groups): written where it differs
             u["norm_num_groups"] = self.norm_groups
+        if self.transformer_depth_output is not None:
+            u["transformer_depth_output"] = list(self.transformer_depth_output)
+        if self.middle != "attention":
+            u["middle_block"] = self.middle
         return u
 
 
@@ -138,6 +153,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     output_layer: str = "last"  # the context: the "last" layer's output (SD v1) or the "penultimate" (SDXL)
     final_ln: bool = True  # final_layer_norm applied to that output (SD v1: yes; SDXL's CLIP-L: no)
+    tokenizer: str | None = None  # a folder's own tokenizer/ when it is not CLIP's vocabulary (None: CLIP's)
 
     def __post_init__(self):
         check_output_layer(self.output_layer, self.layers)
@@ -192,6 +208,7 @@ class OpenCLIPTextConfig:
     output_layer: str = "penultimate"  # whose hidden states are the context: "last" or "penultimate" block
     final_ln: bool = True  # whether ln_final is applied to that context (SD 2.x: yes, SDXL: no)
     projection_dim: int | None = None  # text_projection's output: the pooled vector (SDXL); None: no pooling
+    tokenizer: str | None = None  # a folder's own tokenizer/ when it is not CLIP's vocabulary (None: CLIP's)
 
     def __post_init__(self):
         check_output_layer(self.output_layer, self.layers)

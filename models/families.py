@@ -9,7 +9,7 @@ Adding a family: a row here, a row there, a configs/ file, and a text-tower modu
 """
 from __future__ import annotations
 
-from .clip import CLIPTextModel, default_tokenizer
+from .clip import CLIPTextModel, default_tokenizer, folder_tokenizer
 from .config import FAMILIES, CLIPTextConfig, Family, OpenCLIPTextConfig, SDConfig
 from .ldmbert import LDMBertConfig, LDMBertModel
 from .openclip import OpenCLIPTextModel, openclip_tokenizer
@@ -84,12 +84,14 @@ SD_SCALE = SDConfig.scale_factor  # SD 1.x / 2.x / LDM's VAE scale, SDConfig's d
 
 ROWS = (
     Family(code="sd1", name="SD v1", text_config=CLIPTextConfig, text_encoder=CLIPTextModel,
-           tokenizer=lambda text: default_tokenizer(), text_prefix="cond_stage_model.transformer.text_model.",
+           tokenizer=lambda text: folder_tokenizer(text.tokenizer) if text.tokenizer else default_tokenizer(),
+           text_prefix="cond_stage_model.transformer.text_model.",
            towers=one_tower, conditioning=cross_attention_only,
            read_text=lambda p: CLIPTextConfig.from_ldm(cond_params(p)), write_text=as_cond_stage,
            default_config="sd-v1", image_size=trained_at(64), scale_factor=SD_SCALE, check=no_vector, reads=None),
     Family(code="sd2", name="SD 2.x", text_config=OpenCLIPTextConfig, text_encoder=OpenCLIPTextModel,
-           tokenizer=lambda text: openclip_tokenizer(), text_prefix="cond_stage_model.model.",
+           tokenizer=lambda text: folder_tokenizer(text.tokenizer) if text.tokenizer else openclip_tokenizer(),
+           text_prefix="cond_stage_model.model.",
            towers=one_tower, conditioning=cross_attention_only,
            read_text=lambda p: OpenCLIPTextConfig.from_ldm(cond_params(p)), write_text=as_cond_stage,
            default_config="sd-v2-base", image_size=trained_at(64, v=96), scale_factor=SD_SCALE, check=no_vector,

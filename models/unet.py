@@ -167,9 +167,9 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         emb_ch, groups = mc * 4, cfg.norm_groups
 
-        def transformer(ch, level):
-            return SpatialTransformer(ch, *cfg.heads(ch), cfg.depth(level), cfg.context_dim,
-                                      cfg.use_linear_in_transformer, groups)
+        def transformer(ch, level, depth=None):
+            return SpatialTransformer(ch, *cfg.heads(ch), cfg.depth(level) if depth is None else depth,
+                                      cfg.context_dim, cfg.use_linear_in_transformer, groups)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if cfg.adm_in_channels:  # SDXL: the vector y joins the timestep embedding (SGM's "sequential" label_emb)
@@ -192,17 +192,18 @@ class UNetModel(nn.Module):
                 skip_chans.append(ch)
                 ds *= 2
 
-        last = len(cfg.channel_mult) - 1  # the middle block always attends, at the last level's depth
+        last = len(cfg.channel_mult) - 1  # the middle block attends at the last level's depth (distilled: one resnet)
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch, groups), transformer(ch, last),
-                                                    ResBlock(ch, emb_ch, ch, groups))
+                                                    ResBlock(ch, emb_ch, ch, groups)) if cfg.middle == "attention" else \
+            TimestepEmbedSequential(ResBlock(ch, emb_ch, ch, groups))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_ch, mc * mult, groups)]
                 ch = mc * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, level))
+                if ds in cfg.attention_resolutions:  # (a distilled block of depth 0 keeps its norm and projections)
+                    layers.append(transformer(ch, level, cfg.output_depth(len(self.output_blocks), level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

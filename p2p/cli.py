@@ -21,7 +21,7 @@ import torch
 
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
-from weights_tools.load import IgnoredKeys
+from weights_tools.load import AssumedPrediction, IgnoredKeys
 from weights_tools.files import file_sha256, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
@@ -109,16 +109,17 @@ def write_outputs(files: dict) -> None:
 
 
 def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None,
-               tokenizer=None):
+               tokenizer=None, model_config=None, base=None):
     """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); --non-strict's ignored
-    keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary)."""
+    keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary); `model_config`: --model-config."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IgnoredKeys)
+        warnings.simplefilter("always", AssumedPrediction)
         sd = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
                              strict=not non_strict, vae=vae, prediction_type=prediction_type,
-                             tokenizer=tokenizer)
+                             tokenizer=tokenizer, config=model_config, base=base)
     for w in caught:
-        if issubclass(w.category, IgnoredKeys):
+        if issubclass(w.category, (IgnoredKeys, AssumedPrediction)):
             print(f"p2p: warning: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -126,16 +127,17 @@ def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None,
 
 
 def model_options(args) -> dict:
-    """--non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read (load_model's keywords)."""
-    return {"non_strict": args.non_strict, "vae": args.vae, "prediction_type": args.prediction_type,
-            "tokenizer": args.tokenizer}
+    """--model-config, --base, --non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read
+    (load_model's keywords)."""
+    return {"model_config": args.model_config, "base": args.base, "non_strict": args.non_strict, "vae": args.vae,
+            "prediction_type": args.prediction_type, "tokenizer": args.tokenizer}
 
 
 def settings_record(settings: dict, ckpt, args) -> dict:
     """What a sidecar holds: the settings, the checkpoint and its SHA-256, how it was read (a swapped-in
-    VAE by its SHA-256 too), versions, and the command's own words."""
+    VAE and a --base model by their SHA-256 too), versions, and the command's own words."""
     path = resolve_checkpoint(ckpt)
-    vae = {"vae_sha256": file_sha256(args.vae)} if args.vae else {}
+    vae = {f"{flag}_sha256": file_sha256(getattr(args, flag)) for flag in ("vae", "base") if getattr(args, flag)}
     return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "dtype": args.dtype,
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv} | model_options(args) | vae
 

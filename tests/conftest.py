@@ -29,6 +29,16 @@ def tiny_sd():
     return sd.eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_file(tmp_path_factory) -> Path:
+    """A tiny SDXL single file (configs/tiny-sdxl.yaml, seed 0) in SGM's layout, its config in the metadata."""
+    from weights_tools.tiny import make_tiny
+
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
+    make_tiny(path, seed=0, config="tiny-sdxl")
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: on a small shared CPU, torch's thread pool fighting other

@@ -203,6 +203,19 @@ def compare(ours_t: torch.Tensor, ref_t: torch.Tensor) -> tuple[float, float]:
     return diff, max(1.0, ref_t.double().std().item())
 
 
+def z0_against_pipeline(sd, pipe, prompts, steps: int, guidance: float, height: int, width: int) -> tuple[float, float]:
+    """`compare` of our generated latents and a diffusers pipeline's, both from one seeded x_T (DDIM, eta 0)."""
+    from p2p import generate
+
+    x_T = randn(1, 4, height // sd.latent_downsample, width // sd.latent_downsample, seed=7)
+    ours = generate(sd, prompts, latents=x_T, num_steps=steps, guidance_scale=guidance, height=height, width=width,
+                    progress=False)
+    with torch.no_grad():
+        ref = pipe(prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, eta=0.0,
+                   latents=x_T.expand(len(prompts), -1, -1, -1).clone(), output_type="latent").images
+    return compare(ours.latents, ref)
+
+
 TOKENIZER_PROMPTS = [
     "a photo of a cat riding a bicycle",
     "A Photo Of A CAT Riding A Bicycle",

@@ -30,7 +30,8 @@ def _layers_per_block(cfg: dict, where: str) -> int:
     lpb = cfg["layers_per_block"]
     if isinstance(lpb, (list, tuple)):
         if len(set(lpb)) != 1:
-            raise CheckpointError(f"{where}: layers_per_block {lpb} varies per block; SD v1 has one value")
+            raise CheckpointError(f"{where}: layers_per_block {lpb} varies per block; the UNets this package "
+                                  "runs (SD v1.x / 2.x, SDXL) have one value for every level")
         lpb = lpb[0]
     return int(lpb)
 
@@ -55,7 +56,8 @@ def unet_key(key: str, cfg: dict, where: str = "unet") -> str:
         return f"middle_block.{0 if m[1] == '0' else 2}.{_resnet_rest(m[2])}"
     if key.startswith("mid_block.attentions.0."):
         return "middle_block.1." + key[len("mid_block.attentions.0."):]
-    raise CheckpointError(f"{where}: unknown diffusers UNet key `{key}` (not part of an SD v1 UNet layout)")
+    raise CheckpointError(f"{where}: unknown diffusers UNet key `{key}` (not part of the SD v1.x / 2.x / SDXL UNet "
+                          "layout)")
 
 
 def _resnet_rest(rest: str) -> str:
@@ -81,7 +83,7 @@ def vae_key(key: str, cfg: dict, where: str = "vae") -> str:
         return f"decoder.up.{levels - 1 - int(m[1])}.{inner}.{m[4]}"
     if re.match(r"((en|de)coder\.(conv_in|conv_out|norm_out)|quant_conv|post_quant_conv)\.", key):
         return key
-    raise CheckpointError(f"{where}: unknown diffusers VAE key `{key}` (not part of an SD v1 VAE layout)")
+    raise CheckpointError(f"{where}: unknown diffusers VAE key `{key}` (not part of the SD / SDXL VAE layout)")
 
 
 def clip_key(key: str) -> str:
@@ -103,8 +105,8 @@ def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
     """
     for field in ("class_embed_type", "addition_embed_type"):
         if c.get(field):
-            raise CheckpointError(f"{where}: UNet has {field}={c[field]!r} (SDXL-style conditioning); "
-                                  "only Stable Diffusion v1.x is supported")
+            raise CheckpointError(f"{where}: UNet has {field}={c[field]!r}, a conditioning the SD v1.x / 2.x UNet "
+                                  "does not read (SDXL's is addition_embed_type 'text_time', in an SDXL folder)")
     boc = list(c["block_out_channels"])
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
     num_heads, head_channels = _heads(heads, boc, where)
@@ -340,7 +342,31 @@ def sdxl_unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
         depth = tuple(d if a else 0 for d, a in zip(depth, attends))
     return dataclasses.replace(ucfg, adm_in_channels=int(c["projection_class_embeddings_input_dim"]),
                                attention_resolutions=tuple(sorted(ucfg.attention_resolutions, reverse=True)),
-                               transformer_depth=depth), sample
+                               transformer_depth=depth, **distilled_unet(c, ucfg.num_res_blocks, where)), sample
+
+
+# diffusers' middle blocks -> UNetConfig.middle (UNetMidBlock2D: one resnet, as diffusers builds it in a
+# UNet2DConditionModel; SSD-1B and Segmind-Vega)
+MIDDLE_BLOCKS = {"UNetMidBlock2DCrossAttn": "attention", "UNetMidBlock2D": "resnet"}
+
+
+def distilled_unet(c: dict, num_res_blocks: int, where: str) -> dict:
+    """A distilled SDXL's UNet fields (SSD-1B, Segmind-Vega): `reverse_transformer_layers_per_block` (per up
+    block, one depth or one per block) as a depth per output block, and the middle block's kind."""
+    mid = c.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
+    if mid not in MIDDLE_BLOCKS:
+        raise CheckpointError(f"{where}: mid_block_type {str(mid)[:40]!r}; this package builds "
+                              f"{' or '.join(MIDDLE_BLOCKS)}")
+    out = {"middle": MIDDLE_BLOCKS[mid]}
+    reverse = c.get("reverse_transformer_layers_per_block")
+    if reverse is not None:
+        per_block = [list(d) if isinstance(d, (list, tuple)) else [d] * (num_res_blocks + 1) for d in reverse]
+        if len(per_block) != len(c["up_block_types"]) or any(len(d) != num_res_blocks + 1 for d in per_block):
+            raise BadConfig(f"{where}: reverse_transformer_layers_per_block {reverse} is not one depth (or "
+                            f"{num_res_blocks + 1}) per up block for {len(c['up_block_types'])} up blocks")
+        attends = ["CrossAttn" in t for t in c["up_block_types"]]
+        out["transformer_depth_output"] = tuple(int(d) if a else 0 for ds, a in zip(per_block, attends) for d in ds)
+    return out
 
 
 def sdxl_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
@@ -352,6 +378,11 @@ def sdxl_folder_config(folder: Path, configs: dict, scheduler: dict | None, inde
         raise CheckpointError(f"{folder / 'text_encoder_2'} is not a CLIPTextModelWithProjection (SDXL's second "
                               "text encoder: its pooled projection conditions the UNet)")
     zeros = force_zeros(index, folder)
+    vocab = {configs["text_encoder"].get("vocab_size"), text_2.vocab_size} - {CLIPTextConfig.vocab_size}
+    if vocab:  # the towers read the library's CLIP BPE ids (SDXLTokenizer), which would overflow a smaller table
+        raise CheckpointError(f"{folder}: its text encoders have a vocabulary of {sorted(vocab)}, not CLIP's "
+                              f"{CLIPTextConfig.vocab_size} (diffusers' SDXL test pipelines: 1000); SDXL's towers read "
+                              "CLIP's own ids, and an SDXL folder's own tokenizers are not read")
 
     def towers(c: dict) -> SDXLTextConfig:
         clip = dataclasses.replace(text_config(c), output_layer=SDXL_CLIP_L.output_layer, final_ln=SDXL_CLIP_L.final_ln)
@@ -373,10 +404,26 @@ def force_zeros(index: dict, folder: Path) -> bool:
 
 # ------------------------------------------------------------------------------------- SD v1 / SD 2.x
 def sd1_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
-    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder))
+    cfg = sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder))
+    return own_tokenizer(folder, cfg)
 
 
 def sd2_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
     """SD 2.x: its text_encoder/ is OpenCLIP ViT-H as transformers stores it (cut to 23 layers)."""
-    return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder), family="sd2",
-                     text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder / "text_encoder")))
+    cfg = sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder), family="sd2",
+                    text_cfg=lambda c: openclip_config_from_hf(c, "sd2", str(folder / "text_encoder")))
+    return own_tokenizer(folder, cfg)
+
+
+def own_tokenizer(folder: Path, cfg: SDConfig) -> SDConfig:
+    """`cfg` reading the folder's own tokenizer/ where its vocabulary is not CLIP's (its text tower's vocab_size
+    is not 49408: diffusers' test pipelines, a vocabulary of 1000); CLIP's own otherwise, as for a single file."""
+    if cfg.text.vocab_size == CLIPTextConfig.vocab_size:
+        return cfg
+    if not (folder / "tokenizer").is_dir():
+        if cfg.text.vocab_size < CLIPTextConfig.vocab_size:  # CLIP's ids would overflow the embedding
+            raise BadConfig(f"{folder}: its text encoder has a vocabulary of {cfg.text.vocab_size}, not CLIP's "
+                            f"{CLIPTextConfig.vocab_size}, and the folder holds no tokenizer/ to give its ids; add "
+                            "the tokenizer/ it was saved with (vocab.json + merges.txt, or tokenizer.json)")
+        return cfg
+    return cfg.replace(text=dataclasses.replace(cfg.text, tokenizer=str(folder / "tokenizer")))

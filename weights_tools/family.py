@@ -13,7 +13,7 @@ from .layout import CHANNEL_KINDS, LAYOUTS, CheckpointError, family_code
 
 # model_index.json `_class_name` prefix -> variant, first match wins (longer names first); a plain
 # StableDiffusion*Pipeline is decided by the UNet's config
-PIPELINES = (("StableDiffusionXLInpaint", "inpainting"), ("StableDiffusionXLInstructPix2Pix", "pix2pix"),
+PIPELINES = (("StableDiffusionXLInpaint", "SDXL inpainting"), ("StableDiffusionXLInstructPix2Pix", "SDXL pix2pix"),
              ("StableDiffusionXL", "SDXL"), ("StableDiffusion3", "SD3"), ("StableDiffusionInpaint", "inpainting"),
              ("StableDiffusionInstructPix2Pix", "pix2pix"), ("StableDiffusionDepth2Img", "depth"),
              ("StableDiffusionUpscale", "upscaler"), ("StableDiffusionLatentUpscale", "upscaler"),
@@ -34,7 +34,7 @@ def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
             return "SDXL refiner", f"model_index.json names {name}, with text_encoder_2/ alone"
         if variant is not None:
             return variant, f"model_index.json names {name}"
-    return _by_components(folder) or _by_unet(unet) or _by_text_encoder(folder) or (
+    return _by_channels(unet) or _by_components(folder) or _by_unet(unet) or _by_text_encoder(folder) or (
         "SD v1", "unet/, vae/, text_encoder/; no other family's pipeline class, component or UNet setting")
 
 
@@ -68,13 +68,23 @@ def _by_components(folder: Path) -> tuple[str, str] | None:
     return None
 
 
+def _by_channels(unet: dict) -> tuple[str, str] | None:
+    """An image-conditioned UNet (its input channels; SDXL's by its size conditioning too) or Stable unCLIP's
+    (an image embedding), whatever components the folder has."""
+    if unet.get("class_embed_type") in ("projection", "simple_projection"):
+        return "unCLIP", f"unet/config.json has class_embed_type {unet['class_embed_type']!r} (an image embedding)"
+    channels = unet.get("in_channels")
+    if channels in CHANNEL_KINDS:
+        sdxl = unet.get("addition_embed_type") == "text_time" and channels in (8, 9)
+        return (f"SDXL {CHANNEL_KINDS[channels]}" if sdxl else CHANNEL_KINDS[channels],
+                f"unet/config.json has in_channels {channels} (text-to-image: 4)")
+    return None
+
+
 def _by_unet(unet: dict) -> tuple[str, str] | None:
     """From unet/config.json; a malformed value is left for the config reader to name."""
     if unet.get("addition_embed_type") == "text_time":
         return "SDXL", "unet/config.json has addition_embed_type 'text_time' (SDXL's size conditioning)"
-    channels = unet.get("in_channels")
-    if channels in CHANNEL_KINDS:
-        return CHANNEL_KINDS[channels], f"unet/config.json has in_channels {channels} (text-to-image: 4)"
     width = unet.get("cross_attention_dim")
     if width == 1024:
         return "SD 2.x", "unet/config.json has cross_attention_dim 1024 (OpenCLIP ViT-H)"

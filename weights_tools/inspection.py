@@ -12,7 +12,7 @@ from models import FAMILIES
 from models.config import NoiseSchedule
 
 from .family import resolve_prediction
-from .layout import CheckpointError, family_code, split_parts, validate_shapes
+from .layout import DISTILLED_SDXL, CheckpointError, family_code, split_parts, validate_shapes
 from .layouts import LAYOUTS
 from .load import resolve_config, said_schedule
 from .sources import open_source
@@ -38,6 +38,9 @@ def inspect_checkpoint(path) -> dict:
     }
     info.update(_loadability(src, variant))
     info["model"] = model_name(variant, info["prediction_type"])
+    u = src.config.unet if src.config is not None else None
+    if u is not None and (u.transformer_depth_output is not None or u.middle != "attention"):
+        info["model"] = DISTILLED_SDXL if src.config.family == "sdxl" else f"{info['model']} (distilled UNet)"
     return info
 
 

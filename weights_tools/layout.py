@@ -73,23 +73,37 @@ def carried_buffers(cfg: SDConfig) -> dict[str, torch.Tensor]:
 OLD_CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_NAMES = ("embeddings.", "encoder.", "final_layer_norm.")  # CLIP's modules, the level old files omit
 
-# DDPM schedule buffers Lightning saves beside the model; SD recomputes them from the config.
+# DDPM schedule buffers Lightning saves beside the model (CompVis), and the discrete denoiser's noise levels
+# SGM saves (`denoiser.sigmas`; SDXL files from SGM and A1111); SD recomputes them from the config.
 SCHEDULE_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights"})
+    "logvar", "lvlb_weights", "denoiser.sigmas", "denoiser.log_sigmas"})
 
 # 1x1 conv <-> linear shims a loader accepts in either shape (spec §2): UNet proj_in/proj_out and
 # the VAE attention q/k/v/proj_out weights ([C,C] in diffusers-converted files, [C,C,1,1] in CompVis).
 SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
                      r"|first_stage_model\.(encoder|decoder)\..*attn.*\.(q|k|v|proj_out)\.weight)$")
 
-UNSUPPORTED = ("inpainting", "pix2pix", "depth", "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
+# a UNet saved alone in diffusers' layout (SDXL-Lightning's and Hyper-SD's `*_unet.safetensors`): variant ->
+# (the key that tells it, family), checked in order; such a file is refused with what else it needs
+UNET_ALONE = {"SDXL UNet alone": ("add_embedding.linear_1.weight", "sdxl"), "UNet alone": ("conv_in.weight", None)}
+DISTILLED_SDXL = "distilled SDXL (SSD-1B / Segmind-Vega)"
+UNSUPPORTED = ("inpainting", "pix2pix", "SDXL inpainting", "SDXL pix2pix", *UNET_ALONE, DISTILLED_SDXL, "depth",
+               "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "Playground v2.5",
                "CosXL-style EDM v-prediction", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
-KIND_NOTES = {"SDXL refiner": ": the refiner is an img2img model (it refines SDXL base's latents at low noise) "
+KIND_NOTES = {DISTILLED_SDXL: ": SDXL with transformer blocks removed (a per-block depth on the way up that differs "
+                              "from the way down, and a middle block without a transformer); a single file that "
+                              "names no config does not say its depths: load its diffusers folder (segmind/SSD-1B, "
+                              "segmind/Segmind-Vega), or a file converted from it (python -m weights_tools.convert)",
+              "SDXL inpainting": ": its UNet reads 9 channels (the noisy latents, the mask and the masked picture's "
+                                 "latents); SDXL base text-to-image files read 4",
+              "SDXL pix2pix": ": an instruct-pix2pix model, its UNet reads 8 channels (the noisy latents and the "
+                              "input picture's latents); SDXL base text-to-image files read 4",
+              "SDXL refiner": ": the refiner is an img2img model (it refines SDXL base's latents at low noise) "
                               "with one text tower (OpenCLIP bigG) and aesthetic-score conditioning",
               "Playground v2.5": ": it has SDXL's layout but was trained on an EDM noise schedule (continuous sigmas, "
                                  "EDMDPMSolverMultistepScheduler / EDMEulerScheduler) and per-channel latent statistics "
@@ -179,12 +193,42 @@ def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
     first = shapes.get(unet + "input_blocks.0.0.weight")
     if first is not None and len(first) == 4 and first[1] != 4:
         name = CHANNEL_KINDS.get(first[1], "unknown")
-        return name, f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (text-to-image: 4)"
+        sdxl = first[1] in (8, 9) and LAYOUTS["sdxl"].recognise(shapes)
+        return (f"SDXL {name}" if sdxl else name), \
+            f"`{unet}input_blocks.0.0.weight` has {first[1]} input channels (text-to-image: 4)" + (f"; {sdxl}" if sdxl else "")
     for code, row in LAYOUTS.items():
         evidence = row.recognise(shapes)
         if evidence:
-            return family_name(code), evidence
+            distilled = distilled_sdxl(shapes) if code == "sdxl" else None
+            return (DISTILLED_SDXL, distilled) if distilled else (family_name(code), evidence)
+    if any(k.startswith("down_blocks.") for k in shapes):
+        for variant, (key, _) in UNET_ALONE.items():
+            if key in shapes:
+                return variant, f"diffusers UNet keys (`{key}`, `down_blocks.*`) and nothing else"
     return "unknown", f"no UNet keys (`{unet}*`)"
+
+
+def distilled_sdxl(shapes: dict) -> str | None:
+    """Evidence that an SDXL-keyed single file is a distilled SDXL (SSD-1B, Segmind-Vega), or None: a middle
+    block without a transformer, or output blocks whose transformer depths differ from their level's input blocks'."""
+    unet = re.escape(PREFIXES["unet"])
+    depth: dict[tuple[str, int], int] = {}
+    for k in shapes:
+        if m := re.match(rf"{unet}(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.1\.transformer_blocks\.(\d+)\.", k):
+            side, _, n = m[1].partition(".")
+            depth[side, int(n or 0)] = max(depth.get((side, int(n or 0)), 0), int(m[2]) + 1)
+    ops = sorted(int(m[1]) for k in shapes if (m := re.match(rf"{unet}input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    if not ops or not any(side == "input_blocks" for side, _ in depth):
+        return None
+    if ("middle_block", 0) not in depth:
+        return "SDXL keys, and no transformer in the middle block (`middle_block.1.transformer_blocks.*`)"
+    per, levels = ops[0], len(ops) + 1  # blocks per level (the resnets and a resampler slot), levels
+    down = {(n - 1) // per: d for (side, n), d in depth.items() if side == "input_blocks"}
+    for (side, n), d in sorted(depth.items()):
+        if side == "output_blocks" and down.get(levels - 1 - n // per) != d:
+            return (f"SDXL keys, and `output_blocks.{n}` has {d} transformer blocks where its level's input blocks "
+                    f"have {down.get(levels - 1 - n // per, 0)}")
+    return None
 
 
 def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:
@@ -193,6 +237,9 @@ def refusal(variant: str, evidence: str, where: str, family: str | None = None) 
     "unknown" passes: the missing component is reported by `check_components`, with a better message."""
     if variant == "unknown":
         return None
+    if variant in UNET_ALONE:
+        return f"{where}: this is an {variant} file ({evidence}). " + \
+            missing_fix(UNET_ALONE[variant][1] or "sd1", ["vae", "text_encoder"])
     code = family_code(variant)
     if code is not None:
         if family is None or code == family:
@@ -210,15 +257,35 @@ def check_variant(shapes: dict[str, tuple], where: str, family: str | None = Non
         raise CheckpointError(problem)
 
 
-def check_components(parts: dict[str, dict], where: str) -> None:
+def check_components(parts: dict[str, dict], where: str, family: str = "sd1") -> None:
+    """Every part of the family's model is in the file, or a message naming the family and what to pass."""
     found = [p for p in PREFIXES if parts[p]]
     missing = [p for p in PREFIXES if not parts[p]]
     if missing:
-        names = ", ".join(f"{p} (`{PREFIXES[p]}*`)" for p in missing)
+        names = ", ".join(f"{p} (`{prefixes_of(family)[p]}*`)" for p in missing)
         raise CheckpointError(f"{where}: missing component(s) {names}; found {', '.join(found) or 'none'}. "
-                              "A Stable Diffusion v1 checkpoint must hold the UNet, the VAE and the CLIP text "
-                              "encoder (a single file with all three prefixes, or a diffusers folder with "
-                              "unet/, vae/ and text_encoder/)")
+                              f"{missing_fix(family, missing)}")
+
+
+def prefixes_of(family: str) -> dict[str, str]:
+    return PREFIXES | {"text_encoder": FAMILIES[family].text_prefix}
+
+
+def missing_fix(family: str, missing: list[str]) -> str:
+    """What a file lacking parts is, and what to pass: a VAE alone (--vae), or a UNet alone (a base model)."""
+    name = FAMILIES[family].name
+    whole = (f"An {name} checkpoint must hold the UNet, the VAE and the text encoder{'s' if family == 'sdxl' else ''} "
+             "(a single file with all their prefixes, or a diffusers folder with unet/, vae/ and text_encoder/"
+             f"{' and text_encoder_2/' if family == 'sdxl' else ''})")
+    if missing == ["vae"]:
+        return (f"{whole}; a file shipped without its VAE loads with one given: --vae PATH (vae= in the API), a "
+                f"VAE .safetensors / .ckpt or a diffusers vae/ folder{' (SDXL: sdxl_vae or sdxl-vae-fp16-fix)' if family == 'sdxl' else ''}")
+    if "unet" in missing or "text_encoder" not in missing:
+        return whole
+    return (f"{whole}; this is an {name} UNet alone (as SDXL-Lightning and Hyper-SD ship their UNets): it runs "
+            f"inside its base model, whose VAE and text encoders this file lacks; load it with the base model's file "
+            "or diffusers folder: --base BASE (base= in the API), e.g. `p2p generate --ckpt THIS_FILE --base "
+            "sd_xl_base_1.0.safetensors ...`")
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -289,7 +356,7 @@ def validate_shapes(shapes: dict[str, tuple], cfg: SDConfig, where: str = "check
     """
     parts = split_parts(shapes)
     check_variant(shapes, where, cfg.family, variant)
-    check_components(parts, where)
+    check_components(parts, where, cfg.family)
     problems = shape_problems(model_keys(shapes), model_shapes(cfg))
     problems["unexpected"] = leftover_keys(shapes, cfg) if strict else []
     if any(problems.values()):
@@ -333,8 +400,10 @@ def check_plausible(cfg: SDConfig, where: str) -> None:
             raise bad(name, mults, f"not 1 to 8 levels of {lo}..{hi}")
     u = cfg.unet
     divisor, name = (u.num_head_channels, "unet.num_head_channels") if u.num_head_channels > 0 else (u.num_heads, "unet.num_heads")
-    for m in u.channel_mult:
-        if (u.model_channels * m) % divisor:
+    last = len(u.channel_mult) - 1  # the levels with attention (diffusers' test UNets: not the first) and the middle
+    for level, m in enumerate(u.channel_mult):
+        attends = level == last or (2 ** level in u.attention_resolutions and u.depth(level) > 0)
+        if attends and (u.model_channels * m) % divisor:
             raise bad(name, divisor, f"which does not divide {u.model_channels * m}")
     for tower in text_configs(cfg):
         if tower.width % tower.heads:

@@ -73,8 +73,10 @@ def sd2_default(prediction: str | None) -> SDConfig:
 def sd2_predicts(src, cfg: SDConfig) -> tuple[str, str]:
     """SD 2.x's rule when nothing says: v, except the 512-px base (image_size 64 or global_step 875000)."""
     if cfg.image_size == 64 or src.metadata.get("global_step") == SD2_BASE_STEP:
-        return "epsilon", "SD 2.x's rule: the 512-px base predicts epsilon"
-    return "v", "SD 2.x's rule: v unless the 512-px base (pass prediction_type='epsilon' for it)"
+        return "epsilon", ("SD 2.x's rule: the 512-px base predicts epsilon; for a v model pass --prediction-type v or "
+                           "--model-config configs/sd-v2-v.yaml (prediction_type= / config= in the API)")
+    return "v", ("SD 2.x's rule: v unless the 512-px base; for the base pass --prediction-type epsilon or "
+                 "--model-config configs/sd-v2-base.yaml (prediction_type= / config= in the API)")
 
 
 def clip_position_ids(cfg: SDConfig) -> dict:

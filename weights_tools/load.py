@@ -20,11 +20,16 @@ from .layout import CheckpointError, family_code, leftover_keys, model_keys, mod
 from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
 from .registry import resolve_checkpoint
 from .sources import Source, open_source
-from .vae_swap import open_vae, with_vae
+from .unet_swap import open_unet
+from .vae_swap import open_vae, with_part, with_vae
 
 
 class IgnoredKeys(UserWarning):
     """Non-strict loading skipped keys the model does not have; the message lists them."""
+
+
+class AssumedPrediction(UserWarning):
+    """Nothing in the file said what its UNet predicts: the family's rule chose; the message says how to change it."""
 
 
 class Resolved(NamedTuple):
@@ -84,19 +89,24 @@ def tokenizer_for(ckpt, tokenizer=None, config=None):
 
 
 def open_checked(path, config=None, strict: bool = True, vae=None,
-                 prediction_type=None) -> tuple[Source, SDConfig, str]:
-    """Open (the VAE swapped in from `vae` if given), resolve the config and the prediction type and
-    validate every key and shape, all before reading a tensor. The variant is detected once, when opened."""
-    src = open_source(resolve_checkpoint(path), vae_given=vae is not None)
+                 prediction_type=None, base=None) -> tuple[Source, SDConfig, str]:
+    """Open (the VAE swapped in from `vae` if given; `path` a UNet alone in `base`'s place if `base` is given),
+    resolve the config and the prediction type and validate every key and shape, all before reading a tensor.
+    The variant is detected once, when opened."""
+    src = open_source(resolve_checkpoint(base if base is not None else path), vae_given=vae is not None)
     if src.problem:
         raise CheckpointError(src.problem)
+    if base is not None:
+        src = with_part(src, open_unet(path, resolve_config(src, config).config), "unet")
     if vae is not None:
         src = with_vae(src, open_vae(vae))
     cfg, cfg_source, default = resolve_config(src, config)
     validate_shapes(src.shapes, cfg, src.where, strict, cfg_source, variant=src.variant, guessed=default is not None)
     if not strict:
         warn_ignored(src.where, leftover_keys(src.shapes, cfg))
-    prediction, _ = resolve_prediction(src, cfg, cfg_source, src.variant[0], prediction_type)
+    prediction, why = resolve_prediction(src, cfg, cfg_source, src.variant[0], prediction_type)
+    if prediction_type is None and default is not None:
+        warn_assumed(src, cfg, prediction, why)
     if default is not None:  # a family's own config may follow the prediction type (SD 2.x: 512 px base, 768 px v)
         cfg = LAYOUTS[default].default_config(prediction)
     return src, said_schedule(src, cfg).replace(prediction_type=prediction), cfg_source
@@ -105,6 +115,16 @@ def open_checked(path, config=None, strict: bool = True, vae=None,
 def said_schedule(src: Source, cfg: SDConfig) -> SDConfig:
     """The config with what a file's marker keys say about its schedule (`ztsnr`: zero terminal SNR)."""
     return cfg.replace(schedule=dataclasses.replace(cfg.schedule, zero_snr=True)) if src.zero_snr else cfg
+
+
+def warn_assumed(src: Source, cfg: SDConfig, prediction: str, why: str) -> None:
+    """Warn when the prediction type is the family's rule's choice (SD 2.x: v, unless the 512-px base), nothing said."""
+    row = LAYOUTS.get(family_code(src.variant[0]) or "")
+    if row is None or row.predicts is None or src.prediction is not None or cfg.prediction_type == "v":
+        return
+    if (prediction, why) == row.predicts(src, cfg):
+        warnings.warn(f"{src.where}: the file does not say what its UNet predicts; assumed {prediction}, the "
+                      f"{row.models.get(prediction, prediction)} ({why})", AssumedPrediction, stacklevel=4)
 
 
 def warn_ignored(where: str, ignored: list[str]) -> None:
@@ -123,8 +143,8 @@ def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tens
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
-                    vae=None, prediction_type=None, tokenizer=None) -> StableDiffusion:
-    """Load a Stable Diffusion v1.x / 2.x or LDM-400M checkpoint (.safetensors, .ckpt, diffusers folder) in
+                    vae=None, prediction_type=None, tokenizer=None, base=None) -> StableDiffusion:
+    """Load a Stable Diffusion v1.x / 2.x, SDXL or LDM-400M checkpoint (.safetensors, .ckpt, diffusers folder) in
     eval mode.
 
     `path` may also be a name in `weights_tools.registry.CHECKPOINTS` ("miniature": the shipped one).
@@ -139,8 +159,11 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     which overrides SD 2.x's rule; the default is epsilon.
     EMA weights, DDPM schedule buffers and `position_ids` are never read.
     `tokenizer`: LDM-400M's BERT vocab.txt (needed for its single file; a diffusers folder has its own).
+    `base`: `path` is a UNet alone (SDXL-Lightning's, Hyper-SD's `*_unet.safetensors`, in diffusers' names or
+    the single-file layout, or a diffusers unet/ folder); the VAE, the text towers and the config come from
+    `base` (a single file or a diffusers folder of the model it was trained from).
     """
-    src, cfg, _ = open_checked(path, config, strict, vae, prediction_type)
+    src, cfg, _ = open_checked(path, config, strict, vae, prediction_type, base)
     cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
         model = StableDiffusion(cfg, tokenizer=tok)

@@ -20,7 +20,8 @@ from models import SDConfig
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, read_markers, said_in_metadata
-from .layout import (SUPPORTED_KINDS, BadConfig, CheckpointError, FolderLayout, canonical_key, check_plausible, detect_variant,
+from .layout import (DISTILLED_SDXL, SUPPORTED_KINDS, BadConfig, CheckpointError, FolderLayout, canonical_key,
+                     check_plausible, detect_variant,
                      family_code, refusal)
 from .layouts import LAYOUTS
 from .openclip_keys import combine, hf_plan
@@ -66,8 +67,25 @@ def open_source(path, vae_given: bool = False) -> Source:
         raise CheckpointNotFound(f"{path}: no such file or folder; {SUPPORTED}")
     if path.is_dir():
         return open_diffusers(path, vae_given)
-    src = open_file(path, path.stat().st_size, sniff(path))
+    src = with_projection_matrices(open_file(path, path.stat().st_size, sniff(path)))
     src.variant = detect_variant(src.shapes)
+    if src.variant[0] == DISTILLED_SDXL and src.config is not None and src.config.family == "sdxl":
+        src.variant = ("SDXL", f"{src.variant[1]}; its ldm_config names the per-block depths")
+    return src
+
+
+def with_projection_matrices(src: Source) -> Source:
+    """OpenCLIP's `text_projection` (a matrix: x @ P) where a saver wrote it as a Linear's weight
+    (`...model.text_projection.weight`, P transposed): renamed, its shape and each read transposed."""
+    spelled = {k[:-len(".weight")]: k for k, (shape, _) in src.entries.items()
+               if k.endswith("model.text_projection.weight") and len(shape) == 2 and k[:-len(".weight")] not in src.entries}
+    if not spelled:
+        return src
+    for key, linear in spelled.items():
+        shape, dtype = src.entries.pop(linear)
+        src.entries[key] = (tuple(shape)[::-1], dtype)
+    fetch = src.fetch
+    src.fetch = lambda key: fetch(spelled[key]).t().contiguous() if key in spelled else fetch(key)
     return src
 
 
@@ -246,13 +264,55 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "dif
                 "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
 
 
+# a folder's weights split into shards (diffusers' and transformers' `max_shard_size`): the index names the
+# shard of every key. Each weights file's index: its name with `.index.json` added, a variant's also with the
+# variant after `index` (`model.safetensors.index.fp16.json`, as diffusers and transformers write it)
+INDEX_NAMES = {name: (name + ".index.json",) + ((name.replace(".fp16", "") + ".index.fp16.json",) if ".fp16." in name else ())
+               for name in WEIGHT_FILES}
+INDEX_FILES = tuple(n for names in INDEX_NAMES.values() for n in names)
+
+
 def weights_file(folder: Path) -> Path:
-    for name in WEIGHT_FILES:
+    """The folder's one weights file, or its shards' index (`*.index.json`)."""
+    for name in (n for w in WEIGHT_FILES for n in (w, *INDEX_NAMES[w])):  # each kind whole, then sharded
         if (folder / name).exists():
             return folder / name
-    if list(folder.glob("*.index.json")):
-        raise CheckpointError(f"{folder}: sharded weights (*.index.json) are not supported; merge the shards")
-    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES[:2])}, ...)")
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES[:2])}, ..., and the "
+                          f"sharded {INDEX_FILES[0]}, ...)")
+
+
+def open_weights(folder: Path) -> Source:
+    """A component folder's weights as one Source: its one file, or its shards opened lazily (headers only;
+    each tensor read from its shard when the loader asks, so the whole holds one copy of the weights)."""
+    path = weights_file(folder)
+    if path.name in INDEX_FILES:
+        return open_sharded(path)
+    return open_file(path, path.stat().st_size, sniff(path))
+
+
+def open_sharded(index_path: Path) -> Source:
+    """The shards an index names, as one Source; an index that names a missing shard or a key its shard does
+    not hold is refused before any tensor is read."""
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: a shard index must map every tensor name to its shard file "
+                              "(`weight_map`); this one does not (an incomplete download?)")
+    entries, fetchers = {}, {}
+    for name in sorted(set(weight_map.values())):
+        shard = index_path.parent / name
+        if Path(name).name != name or not shard.is_file():
+            raise CheckpointError(f"{index_path}: names the shard {name!r}, which is not in {index_path.parent} "
+                                  "(an incomplete download? every shard the index names must be there)")
+        sub = open_file(shard, shard.stat().st_size, sniff(shard))
+        keys = [k for k, v in weight_map.items() if v == name]
+        absent = [k for k in keys if k not in sub.entries]
+        if absent:
+            raise CheckpointError(f"{index_path}: names {absent[:3]} in {name}, which does not hold them")
+        entries.update({k: sub.entries[k] for k in keys})
+        fetchers.update(dict.fromkeys(keys, sub.fetch))
+    fmt = "safetensors" if ".safetensors.index." in index_path.name else "ckpt"
+    return Source(str(index_path), f"{fmt} (sharded: {len(set(weight_map.values()))} files)", entries,
+                  lambda key: fetchers[key](key))
 
 
 def read_json(path: Path) -> dict:
@@ -317,7 +377,7 @@ def _with_openclip_tower(src: Source, tower: Path, prefix: str) -> Source:
     """`src` plus a folder's transformers CLIPTextModel(WithProjection) in OpenCLIP's keys under `prefix`,
     each fused `in_proj_*` read from its three tensors (and the projection transposed) only when the
     loader asks for it."""
-    text = _open_weights(tower)
+    text = open_weights(tower)
     plan = {prefix + k: hf for k, hf in hf_plan(text.entries, str(tower)).items()}
     for key, hf in plan.items():
         shape, dtype = text.entries[hf[0]]
@@ -345,7 +405,7 @@ def _diffusers_source(folder: Path, parts: dict, configs: dict, cfg: SDConfig, t
     check_plausible(cfg, f"{folder} (config.json files)")
     entries, fetchers = {}, {}
     for part, d in parts.items():
-        sub = _open_weights(folder / d)
+        sub = open_weights(folder / d)
         for key, entry in sub.entries.items():
             ldm = to_ldm_key(part, key, configs[part], str(folder / d))
             entries[ldm] = entry
@@ -361,18 +421,13 @@ def _scheduler_prediction(scheduler: dict | None, path: Path) -> tuple[str, str]
     return None
 
 
-def _open_weights(folder: Path) -> Source:
-    path = weights_file(folder)
-    return open_file(path, path.stat().st_size, sniff(path))
-
-
 def _describe_folder(folder: Path, components: list, index: dict, variant: tuple, problem: str,
                      prediction=None) -> Source:
     """A folder that will not load, for `inspect`: each component's tensors as `component/key`."""
     entries = {}
     for d in components:
-        if any((folder / d / name).exists() for name in WEIGHT_FILES):
-            entries.update({f"{d}/{k}": e for k, e in _open_weights(folder / d).entries.items()})
+        if any((folder / d / name).exists() for name in WEIGHT_FILES + INDEX_FILES):
+            entries.update({f"{d}/{k}": e for k, e in open_weights(folder / d).entries.items()})
 
     def fetch(key: str) -> torch.Tensor:
         raise CheckpointError(problem)

@@ -17,7 +17,7 @@ from models import PREFIXES
 
 from . import diffusers_keys
 from .layout import CheckpointError, part_of
-from .sources import Source, open_file, open_source, read_json, sniff, weights_file
+from .sources import Source, open_source, open_weights, read_json
 
 VAE = PREFIXES["vae"]
 COMPVIS_VAE = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -32,25 +32,24 @@ def open_vae(path) -> Source:
         if not (folder / "config.json").exists():
             raise CheckpointError(f"{path}: a folder without config.json (nor vae/config.json): not a diffusers VAE "
                                   "folder; give a VAE .safetensors / .ckpt or a diffusers vae/ folder")
-        weights = weights_file(folder)
-        src = open_file(weights, weights.stat().st_size, sniff(weights))
+        src = open_weights(folder)
         cfg = read_json(folder / "config.json")
-        return _renamed(src, {k: VAE + diffusers_keys.vae_key(k, cfg, str(folder)) for k in src.entries})
+        return renamed(src, {k: VAE + diffusers_keys.vae_key(k, cfg, str(folder)) for k in src.entries})
     src = open_source(path)
     keys = list(src.entries)
     if any(k.startswith(VAE) for k in keys):  # a whole checkpoint, or a VAE saved with the prefix: its VAE
-        return _renamed(src, {k: k for k in keys if part_of(k) == "vae"})
+        return renamed(src, {k: k for k in keys if part_of(k) == "vae"})
     if any(re.match(r"(en|de)coder\.(down_blocks|up_blocks|mid_block)\.", k) for k in keys):
         levels = len({m[1] for k in keys if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
         cfg = {"block_out_channels": [0] * levels}  # the key map needs the number of levels alone
-        return _renamed(src, {k: VAE + diffusers_keys.vae_key(k, cfg, str(path)) for k in keys})
+        return renamed(src, {k: VAE + diffusers_keys.vae_key(k, cfg, str(path)) for k in keys})
     if not any(k.startswith(COMPVIS_VAE) for k in keys):
         raise CheckpointError(f"{path}: no VAE keys (`encoder.*`, `decoder.*`, `first_stage_model.*`, or diffusers' "
                               f"`decoder.up_blocks.*`) among {len(keys)} tensors such as {keys[:3]}; not a VAE file")
-    return _renamed(src, {k: VAE + k for k in keys})
+    return renamed(src, {k: VAE + k for k in keys})
 
 
-def _renamed(src: Source, names: dict[str, str]) -> Source:
+def renamed(src: Source, names: dict[str, str]) -> Source:
     """`src` with its keys renamed (file key -> new key), only those kept."""
     back = {new: old for old, new in names.items()}
     return dataclasses.replace(src, entries={new: src.entries[old] for old, new in names.items()},
@@ -59,7 +58,12 @@ def _renamed(src: Source, names: dict[str, str]) -> Source:
 
 def with_vae(src: Source, vae: Source) -> Source:
     """`src` with its VAE keys replaced by `vae`'s."""
-    entries = {k: e for k, e in src.entries.items() if part_of(k) != "vae"}
-    own = dict.fromkeys(entries, src.fetch) | dict.fromkeys(vae.entries, vae.fetch)
-    return dataclasses.replace(src, entries=entries | vae.entries, format=f"{src.format}, VAE from {vae.where}",
-                               fetch=lambda key: own[key](key))
+    return with_part(src, vae, "vae")
+
+
+def with_part(src: Source, other: Source, part: str) -> Source:
+    """`src` with its keys of `part` ("vae", "unet") replaced by `other`'s."""
+    entries = {k: e for k, e in src.entries.items() if part_of(k) != part}
+    own = dict.fromkeys(entries, src.fetch) | dict.fromkeys(other.entries, other.fetch)
+    return dataclasses.replace(src, entries=entries | other.entries, fetch=lambda key: own[key](key),
+                               format=f"{src.format}, {part.upper()} from {other.where}")

@@ -33,7 +33,14 @@ def dtype_option(p: argparse.ArgumentParser) -> None:
 
 
 def model_option_flags(q) -> None:
-    """How a checkpoint is read (`load_checkpoint`'s strict, vae, prediction_type, tokenizer): every command that loads one."""
+    """How a checkpoint is read (`load_checkpoint`'s config, strict, vae, prediction_type, tokenizer): every command
+    that loads one."""
+    q.add_argument("--model-config", dest="model_config", metavar="YAML",
+                   help="the model's architecture when the file carries none: a CompVis / SGM YAML (v2-inference-v.yaml, "
+                        "sd_xl_base.yaml) or a configs/ name (sd-v2-v, sd-v2-base); default: the file's own config, "
+                        "else its family's (configs/sd-v2-v.yaml or sd-v2-base.yaml by SD 2.x's prediction rule)")
+    q.add_argument("--base", help="--ckpt is a UNet alone (SDXL-Lightning, Hyper-SD *_unet.safetensors): the model "
+                                  "it runs in (a single file or diffusers folder), whose VAE and text encoders are used")
     q.add_argument("--non-strict", dest="non_strict", action="store_true",
                    help="ignore (and list) checkpoint keys the model does not have: embedding_manager.*, "
                         "first_stage_model.loss.*, lora_* ...")
@@ -48,8 +55,8 @@ def model_option_flags(q) -> None:
 
 def load_options(args) -> dict:
     """load_checkpoint's keywords from model_option_flags' flags."""
-    return {"strict": not args.non_strict, "vae": args.vae, "prediction_type": args.prediction_type,
-            "tokenizer": args.tokenizer}
+    return {"config": args.model_config, "base": args.base, "strict": not args.non_strict, "vae": args.vae,
+            "prediction_type": args.prediction_type, "tokenizer": args.tokenizer}
 
 
 def _run_batches(out_dir: Path, batches, ab: dict, sd, device, dtype, bar, identity: dict, load: dict) -> None:

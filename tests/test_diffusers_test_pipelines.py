@@ -1,0 +1,123 @@
+"""diffusers' own tiny test pipelines, which researchers reuse in their unit tests: the StableDiffusion2 fast
+tests' components (a UNet whose first level has no attention, heads (2, 4), linear projections; a 5-layer gelu
+CLIP text tower with a vocabulary of 1000; its own tokenizer) saved by diffusers load with the folder's own
+tokenizer (tokenizer.json as transformers saves it, or vocab.json + merges.txt) and generate as the pipeline
+does; the SD v1 fast tests' UNet config (widths 4 and 8, 8 heads, no attention at the first level) is
+plausible."""
+import gzip
+import json
+import shutil
+
+import pytest
+import torch
+
+import oracles as O
+from models import SDConfig
+from weights_tools import BadConfig, diffusers_keys, load_checkpoint
+from weights_tools.layout import check_plausible
+
+pytest.importorskip("diffusers")
+VOCAB = 1000
+STEPS, GUIDANCE, H, W = 4, 7.5, 32, 32
+PROMPTS = ["a photo of a cat riding a bicycle", "a lion eating a burger"]
+
+
+def tiny_bpe(folder, pad: str):
+    """A CLIP BPE tokenizer of VOCAB ids: the byte symbols, their word-final forms, CLIP's first merges and the
+    two special tokens, as vocab.json / merges.txt / tokenizer_config.json."""
+    from transformers import CLIPTokenizer
+
+    with gzip.open(O.open_clip_bpe_path(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:1 + VOCAB - 512 - 2]
+    symbols = list(O._bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": pad, "model_max_length": 77}))
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert len(tok) == VOCAB
+    return tok
+
+
+def sd2_test_pipeline(tokenizer):
+    """StableDiffusion2PipelineFastTests.get_dummy_components."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=(2, 4), use_linear_projection=True)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+        num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=VOCAB, hidden_act="gelu",
+        projection_dim=512))
+    pipe = StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                   tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd2-test-pipeline")
+    pipe = sd2_test_pipeline(tiny_bpe(root / "bpe", pad="!"))
+    pipe.save_pretrained(root / "saved")
+    files = root / "vocab-files"  # the same folder, its tokenizer as vocab.json + merges.txt
+    shutil.copytree(root / "saved", files, ignore=lambda d, names: [n for n in names if n == "tokenizer"])
+    shutil.copytree(root / "bpe", files / "tokenizer")
+    return pipe, root / "saved", files
+
+
+@pytest.mark.parametrize("which", ["saved", "vocab-files"])
+def test_sd2_test_pipeline_loads_and_matches(sd2, which):
+    pipe, saved, files = sd2
+    sd = load_checkpoint(saved if which == "saved" else files)
+    assert sd.cfg.family == "sd2" and sd.cfg.text.vocab_size == VOCAB and sd.cfg.unet.attention_resolutions == (2,)
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(sd.tokenize(PROMPTS), ids)
+    diff, scale = O.z0_against_pipeline(sd, pipe, PROMPTS, STEPS, GUIDANCE, H, W)
+    assert diff <= 1e-4 * scale, (diff, scale)
+
+
+def test_a_first_level_without_attention_is_plausible():
+    """StableDiffusionPipelineFastTests' UNet: 8 heads over widths 4 and 8, the first level without attention."""
+    unet = dict(block_out_channels=[4, 8], layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                cross_attention_dim=32, attention_head_dim=8)
+    ucfg, _ = diffusers_keys.unet_config(unet, "unet")
+    check_plausible(SDConfig(unet=ucfg), "diffusers' SD test UNet")
+
+
+def test_a_small_vocabulary_without_its_tokenizer_is_refused(sd2, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(sd2[1], copy, ignore=lambda d, names: [n for n in names if n == "tokenizer"])
+    with pytest.raises(BadConfig, match=r"vocabulary of 1000, not CLIP's 49408, and the folder holds no tokenizer/"):
+        load_checkpoint(copy)
+
+
+def test_an_sdxl_folder_with_a_small_vocabulary_is_named(tmp_path):
+    """StableDiffusionXLPipelineFastTests' text towers (a vocabulary of 1000): described, refused before any tensor."""
+    import sdxl_oracles as X
+    from weights_tools import CheckpointError, inspect_checkpoint
+
+    X.ref_pipeline().save_pretrained(tmp_path / "model")
+    for tower in ("text_encoder", "text_encoder_2"):
+        config = json.loads((tmp_path / "model" / tower / "config.json").read_text())
+        (tmp_path / "model" / tower / "config.json").write_text(json.dumps(config | {"vocab_size": VOCAB}))
+    with pytest.raises(CheckpointError, match=r"vocabulary of \[1000\], not CLIP's 49408 .* own tokenizers are not read"):
+        load_checkpoint(tmp_path / "model")
+    assert not inspect_checkpoint(tmp_path / "model")["loadable"]
