@@ -2,8 +2,8 @@
 tests' components (a UNet whose first level has no attention, heads (2, 4), linear projections; a 5-layer gelu
 CLIP text tower with a vocabulary of 1000; its own tokenizer) saved by diffusers load with the folder's own
 tokenizer (tokenizer.json as transformers saves it, or vocab.json + merges.txt) and generate as the pipeline
-does; the SD v1 fast tests' UNet config (widths 4 and 8, 8 heads, no attention at the first level) is
-plausible."""
+does; the SD v1 fast tests' components (widths 4 and 8 with 2 norm groups, 8 heads, no attention at the first
+level, a quick_gelu tower) likewise."""
 import gzip
 import json
 import shutil
@@ -71,6 +71,45 @@ def sd2_test_pipeline(tokenizer):
     return pipe
 
 
+def sd1_test_pipeline(tokenizer):
+    """StableDiffusionPipelineFastTests.get_dummy_components: widths 4 and 8 with 2 norm groups, 8 heads, the
+    first level without attention, a 5-layer quick_gelu CLIP text tower with a vocabulary of 1000."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, norm_num_groups=2)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+        num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=VOCAB))
+    pipe = StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                   tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd1_test_pipeline_loads_and_matches(tmp_path):
+    pipe = sd1_test_pipeline(tiny_bpe(tmp_path / "bpe", pad="<|endoftext|>"))
+    pipe.save_pretrained(tmp_path / "saved")
+    sd = load_checkpoint(tmp_path / "saved")
+    assert sd.cfg.family == "sd1" and sd.cfg.unet.norm_groups == 2 and sd.cfg.vae.norm_groups == 2
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(sd.tokenize(PROMPTS), ids)
+    diff, scale = O.z0_against_pipeline(sd, pipe, PROMPTS, STEPS, GUIDANCE, H, W)
+    assert diff <= 1e-4 * scale, (diff, scale)
+
+
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd2-test-pipeline")
@@ -97,7 +136,7 @@ def test_a_first_level_without_attention_is_plausible():
     """StableDiffusionPipelineFastTests' UNet: 8 heads over widths 4 and 8, the first level without attention."""
     unet = dict(block_out_channels=[4, 8], layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-                cross_attention_dim=32, attention_head_dim=8)
+                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=2)
     ucfg, _ = diffusers_keys.unet_config(unet, "unet")
     check_plausible(SDConfig(unet=ucfg), "diffusers' SD test UNet")
 
