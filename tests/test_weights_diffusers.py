@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from models import PREFIXES
-from weights_tools import convert_checkpoint, inspect_checkpoint, load_checkpoint
+from weights_tools import CheckpointError, convert_checkpoint, inspect_checkpoint, load_checkpoint
 from weights_tools.layouts import POSITION_IDS
 
 from conftest import GOLDEN_CKPT
@@ -108,3 +108,30 @@ def test_diffusers_folder_missing_part(diffusers_folder, tmp_path):
     from weights_tools import CheckpointError
     with pytest.raises(CheckpointError, match=r"diffusers folder without vae/ \(missing component\)"):
         load_checkpoint(partial)
+
+
+def config_only_copy(folder, tmp_path):
+    """The folder's config.json files alone: a refusal from them comes before any weight is read."""
+    copy = tmp_path / folder.name
+    for cfg in folder.glob("*/config.json"):
+        (copy / cfg.parent.name).mkdir(parents=True, exist_ok=True)
+        (copy / cfg.parent.name / "config.json").write_text(cfg.read_text())
+    for part in ("unet", "vae", "text_encoder"):   # weights that cannot be read, should anything try
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        (copy / part / name).write_bytes(b"not read")
+    return copy
+
+
+@pytest.mark.parametrize("key, value", [("scaling_factor", -0.18215), ("scaling_factor", 1e30),
+                                        ("scaling_factor", 0), ("scaling_factor", 1e-30), ("scaling_factor", "nan"),
+                                        ("scaling_factor", "0.18215"), ("shift_factor", 1e9)])
+def test_an_implausible_vae_scaling_factor_is_refused_before_any_weight(diffusers_folder, tmp_path, key, value):
+    # -0.18215 and 1e30 gave a picture and exit 0; nan, 0 and 1e-30 were found after the whole sampling loop
+    folder = config_only_copy(diffusers_folder, tmp_path)
+    path = folder / "vae" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg[key] = float(value) if value == "nan" else value
+    path.write_text(json.dumps(cfg))
+    for read in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"vae/config.json: {key} is .*not a finite number from"):
+            read(folder)
