@@ -304,3 +304,9 @@ def test_bad_output_paths_are_refused_before_the_model_loads(tmp_path, capsys, m
                        "--reconstruction", out, "-o", str(tmp_path / "x.inv")]}[command]
     assert p2p.cli.main(argv) == 2
     assert __import__("re").search(pattern, capsys.readouterr().err)
+
+
+def test_an_unknown_text_activation_in_ldm_config_is_refused_at_once(tmp_path):
+    path = with_ldm_config(tmp_path, lambda p: p["cond_stage_config"]["params"]["tiny_clip_text"].__setitem__(
+        "hidden_act", "foo"))  # it ran as GELU
+    refused_everywhere(path, r"ldm_config.*hidden_act 'foo' is not one this CLIP implements")

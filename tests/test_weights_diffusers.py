@@ -3,6 +3,7 @@ loaded back through weights_tools' reverse key map, and converted back to a sing
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -134,4 +135,43 @@ def test_an_implausible_vae_scaling_factor_is_refused_before_any_weight(diffuser
     path.write_text(json.dumps(cfg))
     for read in (load_checkpoint, inspect_checkpoint):
         with pytest.raises(CheckpointError, match=rf"vae/config.json: {key} is .*not a finite number from"):
+            read(folder)
+
+
+def with_text_act(folder, tmp_path, act):
+    copy = tmp_path / f"act-{act}"
+    shutil.copytree(folder, copy)
+    path = copy / "text_encoder" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_act": act}))
+    return copy
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "quick_gelu"])
+def test_text_encoder_hidden_act_is_the_one_transformers_runs(diffusers_folder, tmp_path, act):
+    # relu ran as GELU: the folder's own config names the activation
+    from transformers import CLIPTextModel
+    folder = with_text_act(diffusers_folder, tmp_path, act)
+    ours = load_checkpoint(folder)
+    theirs = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    ids = ours.tokenize(["a cat riding a bicycle"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_text(["a cat riding a bicycle"]),
+                                   theirs(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_every_activation_of_ours_is_transformers_own():
+    from transformers.activations import ACT2FN
+    from models.clip import ACTIVATIONS
+    from models.config import CLIP_ACTIVATIONS
+    assert tuple(ACTIVATIONS) == CLIP_ACTIVATIONS
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    for name, fn in ACTIVATIONS.items():
+        torch.testing.assert_close(fn(x), ACT2FN[name](x), rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("act", ["foo", "tanh", 3])
+def test_an_unknown_hidden_act_is_refused_by_name_before_any_weight(diffusers_folder, tmp_path, act):
+    folder = config_only_copy(with_text_act(diffusers_folder, tmp_path, act), tmp_path / "configs")
+    for read in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"hidden_act '?{act}'? is not one this CLIP implements"):
             read(folder)
