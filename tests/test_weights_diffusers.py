@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from models import PREFIXES
 from weights_tools import CheckpointError, convert_checkpoint, inspect_checkpoint, load_checkpoint
@@ -175,3 +175,22 @@ def test_an_unknown_hidden_act_is_refused_by_name_before_any_weight(diffusers_fo
     for read in (load_checkpoint, inspect_checkpoint):
         with pytest.raises(CheckpointError, match=rf"hidden_act '?{act}'? is not one this CLIP implements"):
             read(folder)
+
+
+def test_the_file_without_a_variant_is_taken_before_an_fp16_variant(diffusers_folder, golden, tmp_path):
+    # an fp32 .bin beside an .fp16.safetensors: the fp16 file was loaded and upcast, as diffusers does not
+    folder = tmp_path / "variant"
+    shutil.copytree(diffusers_folder, folder)
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        weights = load_file(str(folder / part / f"{name}.safetensors"))
+        torch.save(weights, folder / part / ("diffusion_pytorch_model.bin" if part == "unet" else "pytorch_model.bin"))
+        save_file({k: v.half() for k, v in weights.items()}, str(folder / part / f"{name}.fp16.safetensors"))
+        (folder / part / f"{name}.safetensors").unlink()
+    got = model_tensors(load_checkpoint(folder))
+    assert all(torch.equal(got[k], golden[k]) for k in got)      # fp32, not fp16 upcast
+    only_variant = tmp_path / "only-variant"
+    shutil.copytree(folder, only_variant)
+    (only_variant / "unet" / "diffusion_pytorch_model.bin").unlink()
+    got = model_tensors(load_checkpoint(only_variant))             # a part with the variant alone still loads
+    unet = [k for k in got if k.startswith(PREFIXES["unet"])]
+    assert all(torch.equal(got[k], golden[k].half().float()) for k in unet)
