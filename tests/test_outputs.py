@@ -2,6 +2,9 @@
 gives the same bytes. The CLI runs in-process on the golden tiny checkpoint with few steps."""
 import json
 import os
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -54,6 +57,31 @@ def test_a_failing_write_leaves_nothing(tmp_path):
 def test_two_outputs_of_one_path_are_refused(tmp_path):
     with pytest.raises(ValueError, match="two outputs share a path"):
         write_files_atomic({tmp_path / "a.png": b"a", str(tmp_path / "a.png"): b"b"})
+
+
+def test_two_runs_writing_one_output_group_do_not_mix(tmp_path, monkeypatch):
+    # run A is slow between its two renames; run B, started meanwhile, used to land between them:
+    # out.png from B, out.png.json from A
+    real = os.replace
+
+    def slow_for_a(src, dst):
+        if str(dst).endswith(".json") and Path(src).read_bytes().startswith(b"A"):
+            time.sleep(0.3)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_for_a)
+    out = tmp_path / "out.png"
+
+    def write(tag):
+        write_files_atomic({out: tag + b" picture", Path(f"{out}.json"): tag + b" record"})
+
+    a = threading.Thread(target=write, args=(b"A",))
+    a.start()
+    time.sleep(0.1)
+    write(b"B")
+    a.join()
+    assert out.read_bytes()[:1] == Path(f"{out}.json").read_bytes()[:1]      # one run's group, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "out.png.json"]   # no lock or temporary left
 
 
 # ------------------------------------------------------------------------------- the CLI
