@@ -125,6 +125,29 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], out, metadata: dic
     return Path(out)
 
 
+def file_signature(path) -> tuple:
+    """(name, size, mtime, inode) of a file, or of every file of a folder: what a rewrite, a replacement
+    or a move changes; None for a path that is gone."""
+    path = Path(path)
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return tuple((str(f), s.st_size, s.st_mtime_ns, s.st_ino) for f, s in ((f, f.stat()) for f in files))
+    except FileNotFoundError:
+        return None
+
+
+def hashed_read(path, read):
+    """(read(), the SHA-256 of the file or folder at `path` as read): hashed just before reading, and an
+    error if the file changed (rewritten, replaced, moved) meanwhile, so the hash names the bytes read."""
+    before = file_signature(path)
+    sha = file_sha256(path)
+    out = read()
+    if file_signature(path) != before:
+        raise OSError(f"{path} changed while it was being read (rewritten, replaced or moved); run again once "
+                      "it is complete")
+    return out, sha
+
+
 def file_sha256(path) -> str:
     """SHA-256 of a checkpoint file, or of the sorted (name, hash) list of a diffusers folder."""
     path = Path(path)
