@@ -201,16 +201,27 @@ class SelfAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, n, c))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# config.json's hidden_act -> the function, as transformers' ACT2FN computes it (CLIPTextConfig refuses others)
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_new": tanh_gelu, "gelu_pytorch_tanh": tanh_gelu,
+               "relu": F.relu, "silu": F.silu, "swish": F.silu}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, cfg.width)
-        self.act = cfg.hidden_act
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        x = self.fc1(x)
-        x = x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else F.gelu(x)
-        return self.fc2(x)
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):

@@ -157,6 +157,9 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         check_output_layer(self.output_layer, self.layers)
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"the text tower's hidden_act {str(self.hidden_act)[:40]!r} is not one this CLIP "
+                             f"implements ({', '.join(CLIP_ACTIVATIONS)}; CLIP-L: quick_gelu)")
 
     @classmethod
     def from_ldm(cls, params: dict) -> "CLIPTextConfig":
@@ -181,6 +184,8 @@ CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"  # SD v1's con
 TINY_CLIP_FIELDS = ("vocab_size", "max_position_embeddings", "width", "layers", "heads", "intermediate_size",
                     "hidden_act", "layer_norm_eps")
 OUTPUT_LAYERS = ("last", "penultimate")
+# transformers' names (ACT2FN) of the activations models.clip.ACTIVATIONS implements; any other is refused
+CLIP_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
 
 def check_output_layer(output_layer: str, layers: int) -> None:

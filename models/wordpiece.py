@@ -91,8 +91,8 @@ def read_vocab(path: str | Path) -> dict[str, int]:
         vocab = {}
         for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
             token = line.rstrip("\r")
-            if token and token not in vocab:
-                vocab[token] = i
+            if token:
+                vocab[token] = i  # a token listed twice has its last line's id, as transformers' BertTokenizer
     missing = [s for s in SPECIALS if s not in vocab]
     if missing:
         raise ValueError(f"{path} is not a BERT WordPiece vocabulary: it lacks {missing}")
@@ -105,8 +105,8 @@ def json_vocab(path: Path) -> dict[str, int]:
         vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a tokenizer.json with a WordPiece vocabulary (model.vocab): {e}") from e
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise ValueError(f"{path}: its model.vocab is not a mapping of tokens to ids")
+    if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):  # true is no id
+        raise ValueError(f"{path}: its model.vocab is not a mapping of tokens to (integer) ids")
     return vocab
 
 

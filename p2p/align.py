@@ -11,7 +11,9 @@ M_t (source) correspond to which columns of M*_t (edited prompt):
 * Reweighting and LocalBlend need the columns of a word: `word_token_indices` / `word_columns`.
 
 Semantics follow google/prompt-to-prompt's seq_aligner (a word is every space-separated piece
-exactly equal to it; the mapper values are the reference's), with two deliberate differences:
+exactly equal to it; the mapper values are the reference's), with three deliberate differences:
+a word owns the tokens it has on its own (the reference sums decoded lengths, which drifts when the
+tokenizer normalises a no-break space, a tab or an accent; see `_word_of_each_token`),
 a word that is not in the prompt is an error rather than an empty list, and the Replace tail
 after a swapped word with a different token count stays aligned (`reference_tail=True` restores
 the reference's misaligned tail).
@@ -33,28 +35,23 @@ def prompt_words(prompt: str) -> list[str]:
     return prompt.split(" ")
 
 
-def _token_texts(tokenizer, prompt: str) -> list[str]:
-    """Each content token decoded on its own, without the word-end space (and '#', as the reference)."""
-    return [tokenizer.decode([t]).strip().strip("#") for t in tokenizer.encode(prompt)]
-
-
 def _word_of_each_token(tokenizer, prompt: str) -> list[int]:
-    """For content token i (position i + 1), the index of the word it belongs to.
+    """For content token i (position i + 1), the index of the word it belongs to: each space-separated
+    word owns the tokens it has on its own, in order.
 
-    The reference's rule: walk the tokens, summing their decoded lengths, and move on to the next
-    word once the sum reaches the current word's length. Empty words (from double spaces) own no
-    token, so they are skipped rather than swallowing the next word's first token.
+    The reference walks the tokens summing their decoded lengths against each word's length; the
+    tokenizer's normalisation (a no-break space or tab collapsed into a word break, an accent or an
+    HTML entity dropped) then shifts every later word onto its neighbour's tokens. Tokenizing each word
+    on its own applies the same normalisation to the word as to the prompt; a prompt whose tokens are
+    not its words' tokens one after another is refused. Empty words (double spaces) own no token.
     """
     words = prompt_words(prompt)
-    owner, ptr, cur_len = [], 0, 0
-    for text in _token_texts(tokenizer, prompt):
-        while ptr < len(words) - 1 and len(words[ptr]) == 0:
-            ptr += 1
-        owner.append(ptr)
-        cur_len += len(text)
-        if cur_len >= len(words[ptr]) and ptr < len(words) - 1:
-            ptr, cur_len = ptr + 1, 0
-    return owner
+    per_word = [list(tokenizer.encode(w)) for w in words]
+    if [t for ids in per_word for t in ids] != list(tokenizer.encode(prompt)):
+        raise ValueError(f"prompt {prompt!r}: its tokens are not its space-separated words' tokens one after "
+                         "another (the tokenizer joins or splits text across a space), so words cannot be matched "
+                         "to token columns; write the prompt with single plain spaces between words")
+    return [i for i, ids in enumerate(per_word) for _ in ids]
 
 
 def _word_places(prompt: str, word: Word) -> list[int]:

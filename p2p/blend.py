@@ -18,6 +18,7 @@ one, discarding the pooling: `pool=False` does the same.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,16 @@ class LocalBlend:
     level: int | None = None
     pool: bool = True  # max-pool the map 3x3 before resizing it; False: the LDM notebook's unpooled map
 
+    def __post_init__(self):
+        # the map is max-normalised to [0, 1]: a threshold outside it (or nan) gives an empty or a full
+        # mask, i.e. an "edit" equal to the source or unblended, without a word
+        for name, value in (("threshold", self.threshold), ("start_blend", self.start_blend),
+                            *((f"th[{i}]", t) for i, t in enumerate(self.th or ()))):
+            if not fraction(value):
+                raise ValueError(f"LocalBlend {name} must be a finite number from 0 to 1, got {value!r}")
+        if self.th is not None and len(self.th) != 2:
+            raise ValueError(f"LocalBlend th must be [mask threshold, substruct threshold], got {self.th!r}")
+
     def thresholds(self) -> tuple[float, float]:
         return tuple(self.th) if self.th is not None else (self.threshold, self.threshold)
 
@@ -60,6 +71,11 @@ class LocalBlend:
         except ValueError as err:
             raise ValueError(f"LocalBlend {err}") from None
         return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds(), self.pool)
+
+
+def fraction(value) -> bool:
+    """A finite number from 0 to 1 (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
 
 
 def word_alpha(tokenizer, prompts, words, what: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
 from weights_tools.load import AssumedPrediction, IgnoredKeys
-from weights_tools.files import file_sha256, json_bytes, write_files_atomic
+from weights_tools.files import file_sha256, hashed_read, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
 
 from .config import EditConfig, GenerateConfig, InvertConfig, check_values, load_edit_config, to_dict
@@ -108,6 +108,11 @@ def write_outputs(files: dict) -> None:
     print("wrote " + ", ".join(map(str, write_files_atomic(files))))
 
 
+# a checkpoint's path -> the SHA-256 of the bytes load_model read from it: the sidecar's, taken as it was read
+# (a file replaced or moved during the run is recorded as the one that made the picture)
+READ_SHA256: dict = {}
+
+
 def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None,
                tokenizer=None, model_config=None, base=None):
     """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); --non-strict's ignored
@@ -115,9 +120,10 @@ def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IgnoredKeys)
         warnings.simplefilter("always", AssumedPrediction)
-        sd = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype],
-                             strict=not non_strict, vae=vae, prediction_type=prediction_type,
-                             tokenizer=tokenizer, config=model_config, base=base)
+        path = resolve_checkpoint(ckpt)
+        sd, READ_SHA256[path] = hashed_read(path, lambda: load_checkpoint(
+            ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype], strict=not non_strict,
+            vae=vae, prediction_type=prediction_type, tokenizer=tokenizer, config=model_config, base=base))
     for w in caught:
         if issubclass(w.category, (IgnoredKeys, AssumedPrediction)):
             print(f"p2p: warning: {w.message}", file=sys.stderr)
@@ -138,7 +144,8 @@ def settings_record(settings: dict, ckpt, args) -> dict:
     VAE and a --base model by their SHA-256 too), versions, and the command's own words."""
     path = resolve_checkpoint(ckpt)
     vae = {f"{flag}_sha256": file_sha256(getattr(args, flag)) for flag in ("vae", "base") if getattr(args, flag)}
-    return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "dtype": args.dtype,
+    sha = READ_SHA256.get(path) or file_sha256(path)
+    return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": sha, "dtype": args.dtype,
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv} | model_options(args) | vae
 
 

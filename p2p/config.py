@@ -257,7 +257,10 @@ def _local_blend(data: dict | None, where) -> LocalBlend | None:
     th = data.get("th")
     if th is not None and len(th) != 2:
         raise ValueError(f"{where}: 'local_blend.th' is a pair (mask threshold, substruct threshold), got {short(th)}")
-    return LocalBlend(**{k: tuples(v) for k, v in data.items() if v is not None})
+    try:
+        return LocalBlend(**{k: tuples(v) for k, v in data.items() if v is not None})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def edit_config(data: dict, where="settings") -> EditConfig:

@@ -31,7 +31,7 @@ ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
 def open_image(path_or_pil) -> Image.Image:
     """A PIL image from a path or a PIL image; a clear error naming the file otherwise."""
     if isinstance(path_or_pil, Image.Image):
-        return path_or_pil
+        return finite(path_or_pil, "the image given")
     path = Path(path_or_pil)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
@@ -44,6 +44,17 @@ def open_image(path_or_pil) -> Image.Image:
                          "`PIL.Image.MAX_IMAGE_PIXELS = N` before editing it") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
+    return finite(img, str(path))
+
+
+def finite(img: Image.Image, name: str) -> Image.Image:
+    """img, unless it is a float image holding nan or inf (no colour: a float TIFF of NaN is no photo)."""
+    if img.mode == "F":
+        a = np.asarray(img)
+        bad = int(a.size - np.isfinite(a).sum())
+        if bad:
+            raise ValueError(f"{name} holds {bad} non-finite pixel value(s) (nan or inf) of {a.size}: it is no "
+                             "photo; write it again with finite values (a float image is read as 0..1 or 0..255)")
     return img
 
 

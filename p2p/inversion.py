@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from safetensors.torch import save as safetensors_bytes
 
+from models import PREDICTION_TYPES
 from models.sampler import has_inverse_step
 from models.sd import SAMPLERS
 from weights_tools.files import write_bytes_atomic
@@ -93,6 +94,11 @@ class Inversion:
     info: dict = field(default_factory=dict)  # inner iterations and losses per step, inversion settings
     model: Fingerprint | None = None  # the weights it was made with (None: saved before inversions recorded it)
     sampler: str = "ddim"  # the one it retraces, with an inverse step (see require_inverse_step)
+    # how the model's numbers were read (READING; None: saved before inversions recorded it): the same weights
+    # read as another prediction type or VAE scale retrace another trajectory
+    prediction_type: str | None = None
+    scale_factor: float | None = None
+    shift_factor: float | None = None
 
     @property
     def image_latents(self) -> torch.Tensor:
@@ -136,7 +142,9 @@ class Inversion:
 
     def check_model(self, sd, allow_other_model: bool = False) -> None:
         """An error (a warning with allow_other_model) when `sd` holds other weights than the model this
-        inversion was made with: its x_T and embeddings reconstruct the photo with that model only."""
+        inversion was made with: its x_T and embeddings reconstruct the photo with that model only.
+        A model read otherwise (another prediction type or VAE scale) is always an error."""
+        self.check_reading(sd)
         if self.model is None:
             warnings.warn("this inversion was saved without the fingerprint of the model it was made with (an "
                           "older p2p): it cannot be checked against this model; invert the photo again to record it",
@@ -152,6 +160,22 @@ class Inversion:
                              "allow_other_model=True (p2p edit --allow-other-model)")
         warnings.warn(f"{what}; editing anyway (allow_other_model)", stacklevel=3)
 
+    def check_reading(self, sd) -> None:
+        """An error when `sd` reads its weights otherwise than the model this inversion was made with (a v model
+        loaded as epsilon reconstructs ~11x worse); a warning for an inversion saved before it was recorded."""
+        if self.prediction_type is None:
+            warnings.warn("this inversion was saved without the prediction type it was made under (an older p2p): "
+                          "it cannot be checked against this model's; invert the photo again to record it",
+                          stacklevel=4)
+            return
+        differ = [f"{k} {getattr(self, k)!r} (this model: {getattr(sd.cfg, k)!r})" for k in READING
+                  if getattr(self, k) is not None and getattr(self, k) != getattr(sd.cfg, k)]
+        if differ:
+            raise ValueError(f"this inversion was made under {', '.join(differ)}: it reconstructs the photo only with "
+                             f"the model read as it was then. Load the checkpoint the same way (p2p edit "
+                             f"--prediction-type {self.prediction_type}, and the same --vae; load_checkpoint(..., "
+                             f"prediction_type={self.prediction_type!r})), or invert the photo again")
+
     # ------------------------------------------------------------------ files
     def to_bytes(self) -> bytes:
         """One safetensors file: the tensors, and every setting as JSON in its metadata."""
@@ -161,6 +185,7 @@ class Inversion:
         if self.residuals is not None:
             tensors["residuals"] = torch.cat(list(self.residuals))
         meta = {k: getattr(self, k) for k in ("method", "prompt", "sampler", *SETTINGS)} | {"info": self.info}
+        meta |= {k: getattr(self, k) for k in READING if getattr(self, k) is not None}
         if self.model is not None:
             tensors["model_sample"] = self.model.sample
             meta["model"] = {"layout": self.model.layout, "dtype": self.model.dtype, "digest": self.model.digest}
@@ -195,7 +220,10 @@ class Inversion:
 
 SAVED_TYPES = {"method": str, "prompt": str, "num_steps": int, "guidance_scale": (int, float), "steps_offset": int,
                "height": int, "width": int, "info": dict}  # a saved Inversion's metadata (SETTINGS and the rest)
-OPTIONAL = {"model": dict, "sampler": str}  # absent from files saved before inversions recorded them (sampler: ddim)
+READING = ("prediction_type", "scale_factor", "shift_factor")  # SDConfig's fields an inversion records
+# absent from files saved before inversions recorded them (sampler: ddim)
+OPTIONAL = {"model": dict, "sampler": str, "prediction_type": str, "scale_factor": (int, float),
+            "shift_factor": (int, float)}
 
 
 def check_saved(path, text: str, tensors: dict) -> dict:
@@ -220,6 +248,8 @@ def check_saved(path, text: str, tensors: dict) -> dict:
     sampler = meta.get("sampler", "ddim")
     if not has_inverse_step(SAMPLERS.get(sampler)):
         raise bad(f"sampler {sampler[:40]!r} is not a known sampler with an inverse step")
+    if meta.get("prediction_type", PREDICTION_TYPES[0]) not in PREDICTION_TYPES:
+        raise bad(f"prediction_type {meta['prediction_type'][:40]!r} is not one of {', '.join(PREDICTION_TYPES)}")
     check_saved_tensors(tensors, meta["num_steps"], meta["method"], bad)
     check_saved_model(meta.get("model"), tensors.get("model_sample"), bad)
     return meta
@@ -413,7 +443,8 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
                                                low_memory)
     return Inversion(method, prompt, num_steps, float(guidance_scale), steps_offset, int(height), int(width),
                      x_T=trajectory[-1], trajectory=trajectory, uncond_embeddings=embeddings, residuals=residuals,
-                     info=info, model=fingerprint(sd), sampler=sampler)
+                     info=info, model=fingerprint(sd), sampler=sampler,
+                     **{k: getattr(sd.cfg, k) for k in READING})
 
 
 @torch.no_grad()

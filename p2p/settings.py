@@ -204,14 +204,15 @@ SETTINGS = (
             "words of one prompt; a number: a word's position)", "--blend", "local_blend", old=("blend",),
             cli={"nargs": "+", "metavar": "WORD"}, parse=parse_words),
     Setting("local_blend.threshold", LocalBlend.threshold, (float, int), "mask threshold on the max-normalised map",
-            "--blend-threshold", "local_blend", old=("blend_threshold",)),
+            "--blend-threshold", "local_blend", range=(0, 1), old=("blend_threshold",)),
     Setting("local_blend.start_blend", LocalBlend.start_blend, (float, int), "fraction of the steps before "
-            "blending starts (null-text notebook: 0.2)", "--blend-start", "local_blend", old=("blend_start",)),
+            "blending starts (null-text notebook: 0.2)", "--blend-start", "local_blend", range=(0, 1),
+            old=("blend_start",)),
     Setting("local_blend.substruct_words", LocalBlend.substruct_words, (list,), "words whose mask is removed from "
             "the blend mask, one per prompt", "--blend-substruct", "local_blend", old=("blend_substruct",),
             cli={"nargs": "+", "metavar": "WORD"}, parse=parse_words),
     Setting("local_blend.th", LocalBlend.th, (list,), "[mask threshold, substruct threshold] (overrides "
-            "threshold)", "--blend-th", "local_blend", old=("blend_th",),
+            "threshold)", "--blend-th", "local_blend", range=(0, 1), old=("blend_th",),
             cli={"nargs": 2, "type": float, "metavar": ("MASK", "SUBSTRUCT")}, parse=tuple),
     Setting("local_blend.level", LocalBlend.level, (int,), "resolution level of the maps the mask is made from "
             "(default: the deepest; 0 for the miniature's 16x16 maps)", "--blend-level", "local_blend",
@@ -308,7 +309,7 @@ def check_value(s: Setting, value, where) -> None:
             if not all(in_range(x, *s.range) for x in (v if isinstance(v, (list, tuple)) else [v])):
                 raise ValueError(f"{where}: {s.name!r} gives {short(key)} the {s.noun} {short(v)}; a {s.noun} is a "
                                  f"finite number {_range_text(*s.range)}")
-    elif not in_range(value, *s.range):
+    elif not all(in_range(x, *s.range) for x in (value if isinstance(value, (list, tuple)) else [value])):
         raise ValueError(f"{where}: {s.name!r} must be a finite number {_range_text(*s.range)}, got {short(value)}")
 
 

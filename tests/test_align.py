@@ -196,3 +196,38 @@ def test_global_alignment_ties_and_lcs():
     assert global_alignment([1, 5, 5, 3], [1, 5, 3]) == [0, 1, 3]         # first copy of 5 in P
     assert global_alignment([7], [1, 2]) == [-1, -1]
     assert global_alignment([], [1]) == [-1]
+
+
+def wordpiece():
+    import ldm_oracles as L
+    from models.wordpiece import WordPieceTokenizer
+    return WordPieceTokenizer(L.vocab_dir() / "vocab.txt")
+
+
+@pytest.mark.parametrize("make", [default_tokenizer, wordpiece], ids=["clip", "wordpiece"])
+@pytest.mark.parametrize("gap", ["\u00a0", "\t", "\u3000"])
+def test_a_space_the_tokenizer_normalises_does_not_shift_later_words(make, gap):
+    # "cat<gap>riding" is one word of the prompt but two tokens: every later word drifted onto its
+    # neighbour's tokens ("bicycle" onto nothing, the second "a" onto "riding")
+    tokenizer = make()
+    plain, odd = "a photo of a cat riding a bicycle", f"a photo of a cat{gap}riding a bicycle"
+    assert word_token_indices(tokenizer, odd, "bicycle") == word_token_indices(tokenizer, plain, "bicycle")
+    assert word_token_indices(tokenizer, odd, 6) == word_token_indices(tokenizer, plain, 7)   # "a", the 7th word
+    assert word_token_indices(tokenizer, odd, f"cat{gap}riding") == word_token_indices(tokenizer, plain, ["cat", "riding"])
+
+
+def test_byte_level_tokens_and_entities_keep_the_words_in_place(tok):
+    for odd in ("a photo of a 🚲 riding a bicycle", "a photo of a &amp; riding a bicycle",
+                "a photo of a cafe\u0301 riding a bicycle"):
+        assert word_token_indices(tok, odd, "bicycle") == [len(tok.encode(odd))]
+        assert word_token_indices(tok, odd, "riding") == [len(tok.encode(odd)) - 2]
+
+
+def test_a_prompt_whose_tokens_cross_its_spaces_is_refused():
+    class Joining:    # a tokenizer whose one token spans the words around a space
+        length = 77
+
+        def encode(self, text):
+            return [len(text)] if text else []
+    with pytest.raises(ValueError, match="not its space-separated words' tokens one after another"):
+        word_token_indices(Joining(), "a cat", "cat")

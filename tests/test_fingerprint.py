@@ -4,6 +4,7 @@ The same file in fp32, fp16 and bf16 is one model; another draw of the same shap
 tensor, is another; the fingerprint is cached and taken again after an in-place change; editing or
 reconstructing from another model's inversion is an error naming both, or with allow_other_model a
 warning; an .inv saved before fingerprints existed loads and warns; the CLI has --allow-other-model."""
+import dataclasses
 import json
 import warnings
 
@@ -115,3 +116,40 @@ def test_the_cli_refuses_another_models_inversion_unless_allowed(tmp_path, inv, 
 def test_sample_positions_span_the_tensor(n):
     pos = sample_positions(n)
     assert pos[0] == 0 and pos[-1] == n - 1 and len(pos) == min(n, SAMPLES) and bool((pos.diff() > 0).all())
+
+
+def test_an_inversion_records_how_the_model_was_read_and_refuses_another_prediction_type(tiny_sd, inv, tmp_path,
+                                                                                           capsys):
+    # the same weights read as v passed the fingerprint check and reconstructed ~11x worse
+    back = Inversion.load(inv.save(tmp_path / "x.inv"))
+    assert (back.prediction_type, back.scale_factor, back.shift_factor) == (
+        "epsilon", tiny_sd.cfg.scale_factor, tiny_sd.cfg.shift_factor)
+    as_v = load_checkpoint(GOLDEN_CKPT, prediction_type="v")
+    for use in (lambda: edit(as_v, [PROMPT, EDITED], Replace(), inversion=back, progress=False),
+                lambda: reconstruct(as_v, back, progress=False, allow_other_model=True)):
+        with pytest.raises(ValueError, match=r"made under prediction_type 'epsilon' \(this model: 'v'\).*"
+                                             r"--prediction-type epsilon"):
+            use()
+    argv = ["edit", "--ckpt", str(GOLDEN_CKPT), "--prediction-type", "v", "--inversion", str(tmp_path / "x.inv"),
+            "--prompt", PROMPT, "--edit", EDITED, "-o", str(tmp_path / "v.png")]
+    assert main(argv) == 2 and "prediction_type 'epsilon'" in capsys.readouterr().err
+    assert not (tmp_path / "v.png").exists()
+
+
+def test_an_inversion_made_under_another_vae_scale_is_refused(tiny_sd, inv):
+    other = load_checkpoint(GOLDEN_CKPT, config=dataclasses.replace(tiny_sd.cfg, scale_factor=tiny_sd.cfg.scale_factor * 2))
+    with pytest.raises(ValueError, match=r"made under scale_factor"):
+        edit(other, [PROMPT, EDITED], Replace(), inversion=inv, progress=False)
+
+
+def test_an_old_inversion_without_its_prediction_type_loads_and_warns(tiny_sd, inv, tmp_path):
+    path = inv.save(tmp_path / "new.inv")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = {k: v for k, v in json.loads(metadata["inversion"]).items()
+            if k not in ("prediction_type", "scale_factor", "shift_factor")}
+    save_file(tensors, str(tmp_path / "old.inv"), metadata={"format": metadata["format"], "inversion": json.dumps(meta)})
+    old = Inversion.load(tmp_path / "old.inv")
+    assert old.prediction_type is None
+    with pytest.warns(UserWarning, match="without the prediction type"):
+        edit(tiny_sd, [PROMPT, EDITED], Replace(), inversion=old, progress=False)

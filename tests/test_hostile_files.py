@@ -88,6 +88,12 @@ def test_implausible_architecture_metadata_is_refused_at_once(tmp_path, field, v
     refused_everywhere(path, pattern)  # before any model is built from it (200000 blocks took minutes)
 
 
+@pytest.mark.parametrize("value", [-0.18215, 1e30, 0, 1e-30, float("nan")])
+def test_an_implausible_vae_scale_in_ldm_config_is_refused_at_once(tmp_path, value):
+    path = with_ldm_config(tmp_path, lambda p: p.__setitem__("scale_factor", value))
+    refused_everywhere(path, r"ldm_config metadata\): its architecture has scale_factor = .*not a finite number")
+
+
 @pytest.mark.parametrize("content, pattern", [("{}", "lacks 'block_out_channels'"), ("[1, 2]", "mapping of settings"),
                                               ('{"block_out_channels": 3}', "wrong kind")])
 def test_diffusers_unet_config_of_the_wrong_shape(tmp_path, content, pattern):
@@ -298,3 +304,9 @@ def test_bad_output_paths_are_refused_before_the_model_loads(tmp_path, capsys, m
                        "--reconstruction", out, "-o", str(tmp_path / "x.inv")]}[command]
     assert p2p.cli.main(argv) == 2
     assert __import__("re").search(pattern, capsys.readouterr().err)
+
+
+def test_an_unknown_text_activation_in_ldm_config_is_refused_at_once(tmp_path):
+    path = with_ldm_config(tmp_path, lambda p: p["cond_stage_config"]["params"]["tiny_clip_text"].__setitem__(
+        "hidden_act", "foo"))  # it ran as GELU
+    refused_everywhere(path, r"ldm_config.*hidden_act 'foo' is not one this CLIP implements")

@@ -111,3 +111,18 @@ def test_bad_files_name_the_file(tmp_path):
         load_image(Image.new("RGB", (32, 32)), 40, 40, multiple=16)
     with pytest.raises(ValueError, match="offsets"):
         load_image(Image.new("RGB", (32, 32)), 32, 32, offsets=(0, 0, -1, 0))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_float_tiff_with_non_finite_pixels_is_refused_naming_the_file(tmp_path, value):
+    a = np.full((32, 32), 0.5, np.float32)
+    a[3:5, 7] = value                        # a few bad pixels are as wrong as a file full of them
+    path = tmp_path / "nan.tiff"
+    Image.fromarray(a, "F").save(path)
+    with pytest.raises(ValueError, match=r"nan\.tiff holds 2 non-finite pixel value"):
+        load_image(path, 32, 32)
+    with pytest.raises(ValueError, match="the image given holds 2 non-finite"):
+        load_image(Image.fromarray(a, "F"), 32, 32)
+    a[3:5, 7] = 0.25
+    Image.fromarray(a, "F").save(path)
+    assert load_image(path, 32, 32).isfinite().all()     # finite float pictures still load

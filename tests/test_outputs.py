@@ -2,12 +2,17 @@
 gives the same bytes. The CLI runs in-process on the golden tiny checkpoint with few steps."""
 import json
 import os
+import struct
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import p2p
 import p2p.cli
-from weights_tools.files import write_files_atomic
+from weights_tools.files import file_sha256, hashed_read, write_files_atomic
 
 from conftest import GOLDEN_CKPT
 
@@ -54,6 +59,31 @@ def test_a_failing_write_leaves_nothing(tmp_path):
 def test_two_outputs_of_one_path_are_refused(tmp_path):
     with pytest.raises(ValueError, match="two outputs share a path"):
         write_files_atomic({tmp_path / "a.png": b"a", str(tmp_path / "a.png"): b"b"})
+
+
+def test_two_runs_writing_one_output_group_do_not_mix(tmp_path, monkeypatch):
+    # run A is slow between its two renames; run B, started meanwhile, used to land between them:
+    # out.png from B, out.png.json from A
+    real = os.replace
+
+    def slow_for_a(src, dst):
+        if str(dst).endswith(".json") and Path(src).read_bytes().startswith(b"A"):
+            time.sleep(0.3)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_for_a)
+    out = tmp_path / "out.png"
+
+    def write(tag):
+        write_files_atomic({out: tag + b" picture", Path(f"{out}.json"): tag + b" record"})
+
+    a = threading.Thread(target=write, args=(b"A",))
+    a.start()
+    time.sleep(0.1)
+    write(b"B")
+    a.join()
+    assert out.read_bytes()[:1] == Path(f"{out}.json").read_bytes()[:1]      # one run's group, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "out.png.json"]   # no lock or temporary left
 
 
 # ------------------------------------------------------------------------------- the CLI
@@ -103,3 +133,49 @@ def test_the_same_command_twice_gives_the_same_bytes(tmp_path, argv):
         assert p2p.cli.main([*argv, "-o", str(tmp_path / "out.png")]) == 0
         runs.append(everything(tmp_path))
     assert runs[0] == runs[1] and len(runs[0]) >= 2
+
+
+def test_a_checkpoint_rewritten_or_moved_after_loading_changes_neither_picture_nor_record(tmp_path, monkeypatch):
+    # the weights were views of the file's memory map: rewritten in place (same size) the run mixed two
+    # models or died of SIGBUS; the sidecar's SHA-256 was taken after sampling (the new file's, or, the
+    # file moved, an error that threw the finished run away)
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(GOLDEN_CKPT.read_bytes())
+    original = file_sha256(ckpt)
+
+    def argv(out):
+        return ["generate", "--ckpt", str(ckpt), "--prompt", "a cat", "--steps", "2", "--height", "32",
+                "--width", "32", "-o", str(out)]
+
+    assert p2p.cli.main(argv(tmp_path / "clean.png")) == 0
+    real = p2p.generate
+
+    def rewritten(*a, **k):
+        start = 8 + struct.unpack("<Q", ckpt.read_bytes()[:8])[0]
+        with open(ckpt, "r+b") as f:                      # other weights, in place, the same size
+            f.seek(start)
+            f.write(bytes(ckpt.stat().st_size - start))
+        return real(*a, **k)
+
+    def moved(*a, **k):
+        ckpt.rename(tmp_path / "elsewhere.safetensors")
+        return real(*a, **k)
+
+    for name, during in (("rewritten", rewritten), ("moved", moved)):
+        ckpt.write_bytes(GOLDEN_CKPT.read_bytes())
+        monkeypatch.setattr(p2p, "generate", during)
+        assert p2p.cli.main(argv(tmp_path / f"{name}.png")) == 0, name
+        assert (tmp_path / f"{name}.png").read_bytes() == (tmp_path / "clean.png").read_bytes(), name
+        assert json.loads((tmp_path / f"{name}.png.json").read_text())["checkpoint_sha256"] == original, name
+
+
+def test_a_checkpoint_changed_while_it_is_read_is_an_error(tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(GOLDEN_CKPT.read_bytes())
+
+    def read():
+        ckpt.write_bytes(ckpt.read_bytes()[:-4] + b"\0\0\0\0")
+        return "read"
+    with pytest.raises(OSError, match="changed while it was being read"):
+        hashed_read(ckpt, read)
+    assert hashed_read(ckpt, lambda: "read") == ("read", file_sha256(ckpt))

@@ -271,3 +271,32 @@ def test_the_settings_page_holds_the_declarations_table():
     table = text.split(start, 1)[1].split(end, 1)[0]
     stale = "docs/settings.md is stale: rerun `p2p settings --write docs/settings.md`"
     assert table == p2p.settings.markdown_table(), stale
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--blend-threshold", "nan"], r"threshold'? must be a finite number from 0 to 1, got nan"),
+    (["--blend-threshold", "2"], r"threshold'? must be a finite number from 0 to 1, got 2"),
+    (["--blend-threshold", "inf"], r"threshold'? must be a finite number from 0 to 1, got inf"),
+    (["--blend-th", "0.3", "-1"], r"th(\[1\])?'? must be a finite number from 0 to 1, got .*-1"),
+    (["--blend-start", "1.5"], r"start_blend'? must be a finite number from 0 to 1, got 1.5"),
+])
+def test_a_blend_threshold_outside_0_1_is_refused_before_loading(tmp_path, capsys, flags, message):
+    # nan / 2 / inf gave an empty mask: an "edit" equal to its source, exit 0
+    rc = p2p.cli.main(["edit", "--ckpt", str(tmp_path / "not-read.safetensors"), "--prompt", "a cat",
+                       "--edit", "a dog", "--blend", "cat", "dog", *flags, "-o", str(tmp_path / "x.png")])
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fields", [{"threshold": float("nan")}, {"threshold": 2}, {"threshold": float("inf")},
+                                    {"threshold": -0.1}, {"start_blend": 1.2}, {"th": (0.3, float("nan"))},
+                                    {"threshold": True}])
+def test_local_blend_refuses_a_threshold_outside_0_1_in_the_api_and_files(tmp_path, fields):
+    key = next(iter(fields))
+    with pytest.raises(ValueError, match=rf"LocalBlend {key}.* must be a finite number from 0 to 1"):
+        p2p.LocalBlend(("cat", "dog"), **fields)
+    path = tmp_path / "e.yaml"
+    path.write_text(f"prompt: a cat\nedits: [a dog]\nlocal_blend: {{words: [cat, dog], {key}: {list(fields.values())[0]!r}}}\n"
+                    .replace("nan", ".nan").replace("inf", ".inf").replace("(", "[").replace(")", "]"))
+    with pytest.raises(ValueError, match=rf"{path}.*(must be a finite number from 0 to 1|has the wrong type)"):
+        load_edit_config(path).check(path)

@@ -12,6 +12,7 @@ import p2p.cli
 import p2p.sweep
 from p2p.sweep.report import METRIC_COLUMNS, caption, csv_bytes
 from p2p.cli import main
+from weights_tools import load_checkpoint
 
 # 4 cells in 2 batches (tau differs across batches; the edited prompt within one), with LocalBlend on
 # word position 4 (squirrel / its swap) so the mask metrics are exercised.
@@ -157,3 +158,36 @@ def test_a_second_sweep_in_the_same_folder_is_refused(run, tiny_sd):
         with pytest.raises(ValueError, match="another sweep is writing .* give another -o"):
             p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)
     p2p.sweep.run_sweep(cfg, out, sd=tiny_sd, progress=False, log=lambda *a: None)   # released: runs
+
+
+def test_cells_made_reading_the_checkpoint_otherwise_are_not_done(tmp_path, golden_dir, tiny_sd, monkeypatch):
+    """Another --prediction-type, --dtype, --vae (or the same VAE path with other bytes) or --non-strict
+    reruns every cell: they reported everything done and kept the old pictures."""
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
+    out = tmp_path / "runs"
+    monkeypatch.setattr(p2p.sweep.command, "load_checkpoint", lambda ckpt, device, dtype, **load: tiny_sd)
+    done = counting(monkeypatch)
+    vae = tmp_path / "vae.safetensors"
+    vae.write_bytes(b"one vae")
+    base = ["sweep", str(cfg), "-o", str(out), "--no-progress"]
+    for extra, runs in (([], 4), ([], 0), (["--prediction-type", "v"], 4), (["--prediction-type", "v"], 0),
+                        (["--dtype", "bfloat16"], 4), (["--vae", str(vae)], 4), (["--vae", str(vae)], 0),
+                        (["--non-strict"], 4), (["--non-strict"], 0)):
+        done.clear()
+        assert main(base + extra) == 0 and len(done) == runs, extra
+    vae.write_bytes(b"another vae")
+    done.clear()
+    assert main(base + ["--vae", str(vae)]) == 0 and len(done) == 4
+    record = json.loads(next((out / "cells").glob("*.json")).read_text())
+    assert record["reading"]["vae"] == str(vae) and record["reading"]["dtype"] == "float32"
+
+
+def test_a_given_model_read_otherwise_reruns_its_cells(tmp_path, golden_dir, tiny_sd, monkeypatch):
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text(ABLATION.format(ckpt=golden_dir / "tiny-sd-a.safetensors"))
+    p2p.sweep.run_sweep(cfg, tmp_path / "runs", sd=tiny_sd, progress=False, log=lambda *a: None)
+    done = counting(monkeypatch)
+    as_v = load_checkpoint(golden_dir / "tiny-sd-a.safetensors", prediction_type="v")
+    p2p.sweep.run_sweep(cfg, tmp_path / "runs", sd=as_v, progress=False, log=lambda *a: None)
+    assert len(done) == 4

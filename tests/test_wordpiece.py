@@ -1,5 +1,6 @@
 """BERT WordPiece (LDM-400M's tokenisation): ours against transformers' `BertTokenizer` reading the
 same made-up vocabulary file, and the layout LDM feeds its text tower ([CLS] ... [SEP] [PAD]...)."""
+import json
 import warnings
 
 import pytest
@@ -62,3 +63,18 @@ def test_bad_vocabulary_files(tmp_path):
     (tmp_path / "v.txt").write_text("hello\nworld\n")
     with pytest.raises(ValueError, match=r"not a BERT WordPiece vocabulary.*\[PAD\]"):
         read_vocab(tmp_path / "v.txt")
+
+
+def test_a_token_listed_twice_has_its_last_id_as_in_transformers(tmp_path):
+    from transformers import BertTokenizer
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\ncat\ndog\ncat\na\n")
+    hf = BertTokenizer.from_pretrained(str(tmp_path), local_files_only=True, do_lower_case=True)
+    ours = WordPieceTokenizer(tmp_path / "vocab.txt")
+    assert ours.encode("a cat dog") == hf.encode("a cat dog", add_special_tokens=False) == [8, 7, 6]
+
+
+def test_a_tokenizer_json_with_boolean_ids_is_refused(tmp_path):
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "cat": True}  # bool is an int in Python
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
+    with pytest.raises(ValueError, match=r"tokenizer.json: its model.vocab is not a mapping of tokens to \(integer\) ids"):
+        read_vocab(tmp_path / "tokenizer.json")

@@ -15,7 +15,7 @@ from models import FAMILIES, PREFIXES, CLIPTextConfig, LDMBertConfig, SDConfig, 
 from models.config import BETA_SCHEDULES, SPACINGS, NoiseSchedule
 from models.sdxl_text import SDXL_CLIP_L, SDXLTextConfig
 
-from .layout import BadConfig, CheckpointError
+from .layout import BadConfig, CheckpointError, factor_problem
 from .openclip_keys import openclip_config_from_hf
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -177,6 +177,19 @@ def vae_config(c: dict) -> VAEConfig:
                      resolution=int(c.get("sample_size", 256)), norm_groups=_groups(c, "vae/config.json"))
 
 
+def vae_factors(vae: dict, family: str, where: str) -> dict:
+    """scale_factor and shift_factor from vae/config.json's scaling_factor / shift_factor (the family's scale,
+    no shift, where it names none), refused unless finite and plausible: before any weight is read."""
+    out = dict(scale_factor=vae.get("scaling_factor", FAMILIES[family].scale_factor),
+               shift_factor=vae.get("shift_factor") or 0.0)
+    for (name, value), key in zip(out.items(), ("scaling_factor", "shift_factor")):
+        problem = factor_problem(name, value)
+        if problem:
+            raise BadConfig(f"{Path(where) / 'vae' / 'config.json'}: {key} is {problem}; the latents would be "
+                            "scaled wrongly (SD v1/2: 0.18215, SDXL: 0.13025); fix the file")
+    return {name: float(value) for name, value in out.items()}
+
+
 def text_config(c: dict) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
                           width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
@@ -192,8 +205,7 @@ def sd_config(unet: dict, vae: dict, text: dict, scheduler: dict | None, where: 
     try:
         ucfg, sample = unet_cfg(unet, where)
         kw = dict(unet=ucfg, vae=vae_config(vae), text=text_cfg(text), image_size=sample, family=family,
-                  scale_factor=float(vae.get("scaling_factor", FAMILIES[family].scale_factor)),
-                  shift_factor=float(vae.get("shift_factor") or 0.0))
+                  **vae_factors(vae, family, where))
     except CheckpointError:
         raise  # already names the file and the problem
     except KeyError as e:

@@ -8,6 +8,7 @@ and `load_checkpoint` share it and a full-size file can be checked from its head
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -380,6 +381,20 @@ BOUNDS = {"unet.model_channels": (1, 4096), "unet.num_res_blocks": (1, 16), "une
           "text.vocab_size": (1, 1_000_000), "text.max_position_embeddings": (1, 4096), "text.width": (1, 8192),
           "text.layers": (1, 128), "text.heads": (1, 256), "text.intermediate_size": (1, 65536)}
 MULT_BOUNDS = {"unet.channel_mult": (1, 16), "vae.ch_mult": (1, 16)}  # each entry; at most 8 levels
+# the VAE's latent scale and shift: released VAEs use 0.13025 (SDXL) to 1.5305 (SD3), shifts up to 0.16;
+# outside these a run gives a black, saturated or inverted picture, or nan after the whole sampling loop
+FACTOR_BOUNDS = {"scale_factor": (1e-3, 10.0), "shift_factor": (-10.0, 10.0)}
+
+
+def plausible_number(value, lo: float, hi: float) -> bool:
+    """A finite int or float (not a bool, not a string) from lo to hi."""
+    return type(value) in (int, float) and math.isfinite(value) and lo <= value <= hi
+
+
+def factor_problem(name: str, value) -> str | None:
+    """Why a VAE factor (`FACTOR_BOUNDS`' name) cannot be, or None."""
+    lo, hi = FACTOR_BOUNDS[name]
+    return None if plausible_number(value, lo, hi) else f"{str(value)[:40]}, not a finite number from {lo:g} to {hi:g}"
 
 
 def check_plausible(cfg: SDConfig, where: str) -> None:
@@ -398,6 +413,10 @@ def check_plausible(cfg: SDConfig, where: str) -> None:
         mults = getattr(getattr(cfg, part), field)
         if not 1 <= len(mults) <= 8 or not all(type(m) is int and lo <= m <= hi for m in mults):
             raise bad(name, mults, f"not 1 to 8 levels of {lo}..{hi}")
+    for name in FACTOR_BOUNDS:
+        problem = factor_problem(name, getattr(cfg, name))
+        if problem:
+            raise bad(name, getattr(cfg, name), problem.partition(", ")[2])
     u = cfg.unet
     divisor, name = (u.num_head_channels, "unet.num_head_channels") if u.num_head_channels > 0 else (u.num_heads, "unet.num_heads")
     last = len(u.channel_mult) - 1  # the levels with attention (diffusers' test UNets: not the first) and the middle

@@ -135,11 +135,12 @@ def warn_ignored(where: str, ignored: list[str]) -> None:
 
 
 def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tensor:
-    """One tensor, shim-reshaped to the model's shape, floats cast to `dtype`."""
+    """One tensor, shim-reshaped to the model's shape, floats cast to `dtype`, in memory of its own: never
+    a view of the file's memory map (a file rewritten in place during a run would crash it or mix two models)."""
     t = src.fetch(key)
     if tuple(t.shape) != tuple(want):
         t = t.reshape(want)  # validated: only the documented [C,C] <-> [C,C,1,1] shims get here
-    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,

@@ -259,8 +259,10 @@ def _summary(v, read) -> str:
 
 
 # -------------------------------------------------------------------------------------- diffusers
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
+# in the order taken: as diffusers, the files without a variant first (an fp32 .bin before an .fp16.safetensors,
+# which would be upcast); a variant's file only where a part has no other
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                "pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
                 "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin")
 
 

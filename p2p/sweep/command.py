@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def _run_batches(out_dir: Path, batches, ab: dict, sd, device, dtype, bar, ident
             model = models[checkpoint(batch)]
         results, images = run.run_batch(model, batch, ab["metrics"], model.tokenizer)
         for b, (cell, m) in enumerate(zip(batch, results), start=1):
-            run.save_cell(out_dir, cell, m, images[0], images[b], identity[checkpoint(batch)])
+            run.save_cell(out_dir, cell, m, images[0], images[b], identity[checkpoint(batch)] | model_identity(model))
         bar.update(len(batch))
 
 
@@ -105,14 +106,33 @@ def run_folder_lock(out_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def reading(dtype, load: dict) -> dict:
+    """How a checkpoint is loaded, beside its bytes (the files the options name hashed): a cell made
+    another way is not done."""
+    files = {k: load.get(k) and str(load[k]) for k in ("vae", "tokenizer")}
+    return {"dtype": str(dtype).removeprefix("torch."), "strict": load.get("strict", True),
+            "prediction_type": load.get("prediction_type"), **files,
+            **{f"{k}_sha256": v and file_sha256(v) for k, v in files.items()}}
+
+
+def model_identity(sd) -> dict:
+    """What a loaded model says of how it was read: its dtype and a digest of its resolved config
+    (prediction type, VAE scale, towers...). A cell's record holds it; a sweep given a model matches on it."""
+    return {"dtype": str(sd.dtype).removeprefix("torch."),
+            "model_config": hashlib.sha256(repr(sd.cfg).encode()).hexdigest()[:16]}
+
+
 def _run_cells(ab, cells, out_dir: Path, sd, progress, rank, world, barrier, device, dtype, log, load: dict):
-    identity = {c.settings["ckpt"]: file_sha256(resolve_checkpoint(c.settings["ckpt"])) for c in cells}
+    how = {"reading": reading(dtype, load)} if sd is None else model_identity(sd)
+    identity = {c.settings["ckpt"]: {"checkpoint_sha256": file_sha256(resolve_checkpoint(c.settings["ckpt"])), **how}
+                for c in cells}
     pending = [c for c in cells if not run.is_done(out_dir, c, identity[c.settings["ckpt"]])]
     if rank == 0:
         run.write_cell_configs(out_dir, cells)
-        stale = sum(run.is_done(out_dir, c) for c in pending)  # done, but on other weights at that path
+        stale = sum(run.is_done(out_dir, c) for c in pending)  # done, but on other weights or read otherwise
         log(f"{ab['name']}: {len(cells)} cells, {len(cells) - len(pending)} done, {len(pending)} to run"
-            + (f" ({stale} of them again: their checkpoint file changed since they ran)" if stale else "")
+            + (f" ({stale} of them again: their checkpoint file changed since they ran, or how it is read)"
+               if stale else "")
             + (f" on {world} ranks" if world > 1 else ""))
     if barrier:
         barrier()

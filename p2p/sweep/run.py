@@ -46,28 +46,30 @@ def cell_file(out_dir: Path, cell: Cell, suffix: str) -> Path:
     return Path(out_dir) / "cells" / f"{cell.name}{suffix}"
 
 
-def save_cell(out_dir: Path, cell: Cell, metrics: dict, source, image, checkpoint_sha256: str | None) -> None:
+def save_cell(out_dir: Path, cell: Cell, metrics: dict, source, image, identity: dict | None) -> None:
+    """The cell's pictures and JSON; `identity` ({"checkpoint_sha256", "reading"}): the weights it ran on."""
     save_image(source, cell_file(out_dir, cell, ".source.png"))
     save_image(image, cell_file(out_dir, cell, ".png"))
     write_json(cell_file(out_dir, cell, ".json"), {"cell": cell.name, "index": cell.index, "knobs": cell.knobs,
                                                    "row": cell.row, "col": cell.col, "config_hash": cell.hash,
-                                                   "checkpoint_sha256": checkpoint_sha256, "metrics": metrics})
+                                                   **(identity or {}), "metrics": metrics})
 
 
-def read_record(out_dir: Path, cell: Cell, checkpoint_sha256: str | None = None) -> dict | None:
-    """The cell's JSON if the cell is done with its current settings (and, when given, on the checkpoint
-    whose bytes hash to checkpoint_sha256), else None."""
+def read_record(out_dir: Path, cell: Cell, identity: dict | None = None) -> dict | None:
+    """The cell's JSON if the cell is done with its current settings (and, when given, on the weights
+    `identity` names: the checkpoint whose bytes hash to its checkpoint_sha256, read as its `reading`
+    says: dtype, prediction type, VAE, tokenizer, strictness), else None."""
     try:
         rec = json.loads(cell_file(out_dir, cell, ".json").read_text())
     except (OSError, ValueError):
         return None
     done = rec.get("config_hash") == cell.hash and cell_file(out_dir, cell, ".png").exists()
-    same_weights = checkpoint_sha256 is None or rec.get("checkpoint_sha256") == checkpoint_sha256
+    same_weights = identity is None or all(rec.get(k) == v for k, v in identity.items())
     return rec if done and same_weights else None
 
 
-def is_done(out_dir: Path, cell: Cell, checkpoint_sha256: str | None = None) -> bool:
-    return read_record(out_dir, cell, checkpoint_sha256) is not None
+def is_done(out_dir: Path, cell: Cell, identity: dict | None = None) -> bool:
+    return read_record(out_dir, cell, identity) is not None
 
 
 def write_cell_configs(out_dir: Path, cells: list[Cell]) -> None:
