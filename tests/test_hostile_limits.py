@@ -1,0 +1,30 @@
+"""Inputs that cost a traceback, gigabytes or hours before: each is refused (or made cheap) with a message
+naming the file or setting, the problem and the fix. Every bad file is built here, a few bytes."""
+import pytest
+
+from conftest import GOLDEN_CKPT
+
+
+# ------------------------------------------------------------------------------------ iteration counts
+@pytest.mark.parametrize("flags, pattern", [
+    (["--inner-steps", "1000000000"], r"'num_inner_steps' must be a finite number from 0 to 1000"),
+    (["--steps", "1000000000"], r"'num_steps' must be a finite number from 1 to 1000"),
+])
+def test_absurd_iteration_counts_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, pattern):
+    import p2p.cli
+
+    monkeypatch.setattr(p2p.cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    argv = ["invert", "--ckpt", str(GOLDEN_CKPT), "--image", str(tmp_path / "photo.png"), "--prompt", "a cat",
+            *flags, "-o", str(tmp_path / "x.inv")]
+    assert p2p.cli.main(argv) == 2
+    assert __import__("re").search(pattern, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+
+
+def test_the_api_refuses_absurd_inner_steps(tiny_sd):
+    from p2p import invert
+
+    with pytest.raises(ValueError, match="'num_inner_steps'"):
+        invert(tiny_sd, __import__("torch").zeros(1, 3, 32, 32), "a cat", num_inner_steps=10 ** 9, progress=False)
