@@ -28,3 +28,32 @@ def test_the_api_refuses_absurd_inner_steps(tiny_sd):
 
     with pytest.raises(ValueError, match="'num_inner_steps'"):
         invert(tiny_sd, __import__("torch").zeros(1, 3, 32, 32), "a cat", num_inner_steps=10 ** 9, progress=False)
+
+
+# ------------------------------------------------------------------------------------ caption wrap
+class CountingDraw:
+    """An ImageDraw that counts the characters it is asked to measure (the wrap's cost)."""
+
+    def __init__(self):
+        from PIL import Image, ImageDraw
+        self.draw, self.calls, self.chars = ImageDraw.Draw(Image.new("RGB", (1, 1))), 0, 0
+
+    def textlength(self, text, font=None):
+        self.calls, self.chars = self.calls + 1, self.chars + len(text)
+        return self.draw.textlength(text, font=font)
+
+
+@pytest.mark.parametrize("text", ["x" * 3000, "ab" * 1500, "a cat " + "W" * 3000 + " sat"])
+def test_a_long_word_wraps_in_linear_work(text):
+    from p2p.viz import _font, _wrap
+
+    draw, font, width = CountingDraw(), _font(), 62
+    lines = _wrap(draw, text, font, width)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+    fits = lambda t: draw.draw.textlength(t, font=font) <= width  # noqa: E731
+    assert all(fits(line) for line in lines)
+    if " " not in text:                                             # each line the longest that fits
+        assert not any(fits(line + nxt[0]) for line, nxt in zip(lines, lines[1:]))
+    # a few measurements per line, of strings at most about twice a line: work linear in the length
+    # (cutting by trying every prefix measured ~10**6 strings of ~10**9 characters here)
+    assert draw.calls <= 16 * len(lines) and draw.chars <= 40 * len(text)
