@@ -384,8 +384,8 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     method: "null-text" (default, the paper's), "ddim", "negative-prompt" or "direct" (see the module).
     The null-text notebook ran with steps_offset 0 (timesteps 980..0); the default here is 1 (981..1),
     as generate() and edit(); pass steps_offset=0 to match the notebook. low_memory: guided steps in
-    two halves (see pipeline.guided_step); DDIM inversion runs the conditional half alone anyway.
-    sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix."""
+    two halves (see pipeline.guided_step; DDIM inversion runs the conditional half alone anyway) and the
+    photo encoded in tiles (StableDiffusion.encode). sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix."""
     require_inverse_step(sampler, "invert()")
     sampler = InvertConfig.sampler if sampler is None else sampler
     if method not in METHODS:
@@ -398,7 +398,7 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     height, width = x.shape[2:]
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
     with torch.no_grad():
-        z0 = sd.encode(x)
+        z0 = sd.encode(x, low_memory=low_memory)
         cond = sd.encode_text([prompt])
         uncond = sd.encode_text([""])
     trajectory = ddim_inversion(sd, z0, cond, scheduler, progress)

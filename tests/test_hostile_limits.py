@@ -57,3 +57,47 @@ def test_a_long_word_wraps_in_linear_work(text):
     # a few measurements per line, of strings at most about twice a line: work linear in the length
     # (cutting by trying every prefix measured ~10**6 strings of ~10**9 characters here)
     assert draw.calls <= 16 * len(lines) and draw.chars <= 40 * len(text)
+
+
+# ------------------------------------------------------------------------------------ attention memory
+def spy_sdpa(monkeypatch, module):
+    """Record whether q, k, v reach `module`'s F.scaled_dot_product_attention contiguous: strided views
+    send the CPU kernel to its N x N fallback (benchmarks/vae_attention_memory.py: 750 MiB against 74 at
+    a 96x96 latent; 16 GiB at 256x256)."""
+    import torch.nn.functional as F
+    seen, real = [], F.scaled_dot_product_attention
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        @staticmethod
+        def scaled_dot_product_attention(q, k, v, *a, **kw):
+            seen.append(all(t.is_contiguous() for t in (q, k, v)))
+            return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(module, "F", Spy())
+    return seen
+
+
+def test_the_vae_attention_gets_contiguous_inputs(monkeypatch):
+    import torch
+    import models.vae
+    from models.vae import AttnBlock
+
+    seen = spy_sdpa(monkeypatch, models.vae)
+    block, x = AttnBlock(32), torch.randn(1, 32, 6, 5)
+    with torch.no_grad():
+        block(x)
+    assert seen == [True]
+
+
+def test_the_unet_attention_gets_contiguous_inputs(monkeypatch):
+    import torch
+    import models.attention
+    from einops import rearrange
+
+    q, k, v = (rearrange(torch.randn(2, n, 16), "b n (h d) -> b h n d", h=2) for n in (12, 7, 7))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # on the views: the same numbers
+    seen = spy_sdpa(monkeypatch, models.attention)
+    assert torch.equal(models.attention.attend(q, k, v), expected) and seen and all(seen)  # (and the probes)
