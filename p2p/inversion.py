@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from safetensors.torch import save as safetensors_bytes
 
 from models.sampler import has_inverse_step
+from models.textfile import BadTextFile, parse_json
 from models.sd import SAMPLERS
 from weights_tools.files import write_bytes_atomic
 
@@ -204,8 +205,8 @@ def check_saved(path, text: str, tensors: dict) -> dict:
         return ValueError(f"{path}: not a usable saved Inversion: {why}; make it again with `p2p invert`")
 
     try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
+        meta = parse_json(text, "metadata")
+    except BadTextFile as e:
         raise bad(f"its metadata is not JSON ({e})") from None
     if not isinstance(meta, dict) or not SAVED_TYPES.keys() <= meta.keys() <= SAVED_TYPES.keys() | OPTIONAL.keys():
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__

@@ -101,3 +101,140 @@ def test_the_unet_attention_gets_contiguous_inputs(monkeypatch):
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # on the views: the same numbers
     seen = spy_sdpa(monkeypatch, models.attention)
     assert torch.equal(models.attention.attend(q, k, v), expected) and seen and all(seen)  # (and the probes)
+
+
+# ------------------------------------------------------------------------------------ JSON and small files
+DEEP = "[" * 100_000 + "]" * 100_000           # a RecursionError in json.loads and in anything that walks it
+
+
+def deep_folder(tmp_path, where):
+    """A diffusers-like folder whose `where` JSON file is nested 100 000 levels."""
+    folder = tmp_path / "model"
+    for part in ("unet", "vae", "text_encoder"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text("{}")
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (folder / where).write_text(DEEP)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["unet/config.json", "model_index.json", "text_encoder/config.json"])
+def test_deep_json_in_a_folder_is_refused(tmp_path, where):
+    from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
+
+    folder = deep_folder(tmp_path, where)
+    for read in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"{where}: JSON nested too deeply"):
+            read(folder)
+
+
+def test_deep_json_in_a_safetensors_header_or_its_ldm_config_is_refused(tmp_path):
+    import struct
+    from safetensors.torch import save_file
+    import torch
+    from weights_tools import CheckpointError, load_checkpoint
+
+    text = ('{"a": ' + DEEP + "}").encode()
+    (tmp_path / "h.safetensors").write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(CheckpointError, match=r"h.safetensors: its safetensors header: JSON nested too deeply"):
+        load_checkpoint(tmp_path / "h.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata={"ldm_config": DEEP})
+    with pytest.raises(CheckpointError, match=r"m.safetensors: its `ldm_config` metadata .*JSON nested too deeply"):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_deep_json_in_an_inversion_or_a_tokenizer_json_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+    from models.wordpiece import read_vocab
+    from p2p.inversion import FORMAT, Inversion
+
+    save_file({"x_T": torch.zeros(1)}, str(tmp_path / "a.inv"), metadata={"format": FORMAT, "inversion": DEEP})
+    with pytest.raises(ValueError, match=r"a.inv: not a usable saved Inversion: .*JSON nested too deeply"):
+        Inversion.load(tmp_path / "a.inv")
+    (tmp_path / "tokenizer.json").write_text('{"model": {"vocab": ' + DEEP + "}}")
+    with pytest.raises(ValueError, match=r"tokenizer.json: JSON nested too deeply"):
+        read_vocab(tmp_path / "tokenizer.json")
+
+
+def test_json_just_deep_is_refused_after_parsing():
+    from models.textfile import MAX_DEPTH, BadTextFile, parse_json
+
+    assert parse_json("[" * MAX_DEPTH + "]" * MAX_DEPTH, "x") is not None
+    with pytest.raises(BadTextFile, match=f"x: JSON nested over {MAX_DEPTH} levels"):
+        parse_json("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "x")
+
+
+@pytest.mark.parametrize("name", ["unet/config.json", "model_index.json"])
+def test_a_config_linked_to_a_device_is_not_read(tmp_path, name):
+    from weights_tools import CheckpointError, load_checkpoint
+
+    folder = deep_folder(tmp_path, name)
+    (folder / name).unlink()
+    (folder / name).symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=rf"{name}: this config is a device, FIFO or socket"):
+        load_checkpoint(folder)
+
+
+def test_a_fifo_or_an_oversized_file_is_refused_before_reading(tmp_path):
+    import os
+    from models.textfile import MAX_TEXT
+    from models.wordpiece import read_vocab
+    from p2p.config import read_yaml
+
+    os.mkfifo(tmp_path / "vocab.txt")                 # reading it would block forever
+    with pytest.raises(ValueError, match=r"vocab.txt: this vocabulary is a device, FIFO or socket"):
+        read_vocab(tmp_path / "vocab.txt")
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:                        # sparse: no disk used
+        f.truncate(MAX_TEXT + 1)
+    pattern = rf"big.txt: this (vocabulary|config) is {MAX_TEXT + 1} bytes, over the {MAX_TEXT}"
+    with pytest.raises(ValueError, match=pattern):
+        read_vocab(big)
+    with pytest.raises(ValueError, match=pattern):
+        read_yaml(big)
+
+
+# ------------------------------------------------------------------------------------ config numbers
+def test_an_absurd_trained_size_in_a_files_config_is_refused(tmp_path):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from weights_tools import CheckpointError, load_checkpoint
+
+    with safe_open(str(GOLDEN_CKPT), "pt") as f:
+        meta = f.metadata()
+    ldm = json.loads(meta["ldm_config"])
+    ldm["model"]["params"]["image_size"] = 100000
+    save_file(load_file(str(GOLDEN_CKPT)), str(tmp_path / "big.safetensors"), metadata=meta | {"ldm_config": json.dumps(ldm)})
+    with pytest.raises(CheckpointError, match=r"big.safetensors \(ldm_config metadata\): its architecture has image_size "
+                                              r"\(the latent side; diffusers: unet/config.json sample_size\) = 100000, "
+                                              r"outside 1..512; .*pass config="):
+        load_checkpoint(tmp_path / "big.safetensors")
+
+
+@pytest.mark.parametrize("config, change, pattern", [
+    ("tiny-sdxl", lambda c, r: r(c, unet=r(c.unet, transformer_depth=(1, 1))),
+     r"unet.transformer_depth \(diffusers: transformer_layers_per_block\) = \[1, 1\], not one number per level \(3"),
+    ("ldm-400m", lambda c, r: r(c, text=r(c.text, head_dim=-16)), r"text.head_dim = -16, outside 1..1024"),
+    ("tiny", lambda c, r: r(c, image_size=0), r"image_size .* = 0, outside 1..512"),
+])
+def test_config_numbers_that_would_crash_or_allocate_are_refused(config, change, pattern):
+    import dataclasses
+    from models import load_config
+    from weights_tools import CheckpointError
+    from weights_tools.layout import check_plausible
+
+    cfg = change(load_config(config), dataclasses.replace)
+    with pytest.raises(CheckpointError, match="where: its architecture has " + pattern):
+        check_plausible(cfg, "where")
+
+
+def test_a_tokenizer_json_id_outside_the_vocabulary_is_refused(tmp_path):
+    import json
+    from models.wordpiece import SPECIALS, read_vocab
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)} | {"cat": -1}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
+    with pytest.raises(ValueError, match=r"tokenizer.json: its model.vocab gives 'cat' the id -1, outside 0..\d+"):
+        read_vocab(tmp_path / "tokenizer.json")

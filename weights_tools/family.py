@@ -6,8 +6,9 @@ about itself than its keys do, and its keys follow a layout that differs per fam
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from models.textfile import read_json
 
 from .layout import CHANNEL_KINDS, LAYOUTS, CheckpointError, family_code
 
@@ -64,8 +65,8 @@ def _by_text_encoder(folder: Path) -> tuple[str, str] | None:
     """SD 2.x's OpenCLIP tower uses exact gelu where SD v1's CLIP-L uses quick_gelu: the sign of SD 2.x
     in a folder whose UNet is not full size (cross_attention_dim 1024 says it otherwise)."""
     try:
-        act = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_act")
-    except (OSError, ValueError, AttributeError):
+        act = read_json(folder / "text_encoder" / "config.json", "config").get("hidden_act")
+    except (ValueError, AttributeError):
         return None  # an unreadable config is named by the config reader
     if act == "gelu":
         return "SD 2.x", "text_encoder/config.json has hidden_act gelu (OpenCLIP ViT-H; SD v1's CLIP-L: quick_gelu)"
