@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from safetensors.torch import save as safetensors_bytes
 
+from models import FAMILIES
 from models.sampler import has_inverse_step
 from models.textfile import BadTextFile, parse_json
 from models.sd import SAMPLERS
@@ -137,7 +138,9 @@ class Inversion:
 
     def check_model(self, sd, allow_other_model: bool = False) -> None:
         """An error (a warning with allow_other_model) when `sd` holds other weights than the model this
-        inversion was made with: its x_T and embeddings reconstruct the photo with that model only."""
+        inversion was made with: its x_T and embeddings reconstruct the photo with that model only. Its
+        shapes must fit `sd` either way (check_shapes)."""
+        self.check_shapes(sd)
         if self.model is None:
             warnings.warn("this inversion was saved without the fingerprint of the model it was made with (an "
                           "older p2p): it cannot be checked against this model; invert the photo again to record it",
@@ -152,6 +155,26 @@ class Inversion:
             raise ValueError(f"{what}. Invert the photo again with this model, or edit anyway with "
                              "allow_other_model=True (p2p edit --allow-other-model)")
         warnings.warn(f"{what}; editing anyway (allow_other_model)", stacklevel=3)
+
+    def check_shapes(self, sd) -> None:
+        """An error, before anything runs, when x_T or null-text's embeddings do not have the shapes `sd`
+        samples with (latent channels and side, text context): allow_other_model waives other weights of one
+        architecture, not a model of another kind (an SD v1 inversion on SDXL would fail inside the loop)."""
+        f, problems = sd.latent_downsample, []
+        latent = (1, sd.cfg.unet.in_channels, self.height // f, self.width // f)
+        if tuple(self.x_T.shape) != latent:
+            problems.append(f"its x_T is {tuple(self.x_T.shape)}, where this model samples {latent} at "
+                            f"{self.height}x{self.width} px")
+        if self.uncond_embeddings is not None:
+            with torch.no_grad():
+                context = tuple(sd.encode_text([""]).shape[1:])
+            if tuple(self.uncond_embeddings[0].shape) != context:
+                problems.append(f"its null-text embeddings are {tuple(self.uncond_embeddings[0].shape)}, where this "
+                                f"model's text context is {context}")
+        if problems:
+            raise ValueError(f"this inversion does not fit this {FAMILIES[sd.cfg.family].name} model: "
+                             f"{'; '.join(problems)}. It was made with a model of another kind: invert the photo "
+                             "again with this one (allow_other_model waives other weights, not other shapes)")
 
     # ------------------------------------------------------------------ files
     def to_bytes(self) -> bytes:

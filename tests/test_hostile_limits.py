@@ -238,3 +238,70 @@ def test_a_tokenizer_json_id_outside_the_vocabulary_is_refused(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
     with pytest.raises(ValueError, match=r"tokenizer.json: its model.vocab gives 'cat' the id -1, outside 0..\d+"):
         read_vocab(tmp_path / "tokenizer.json")
+
+
+# ------------------------------------------------------------------------------------ inversions on other models
+@pytest.mark.parametrize("method", ["null-text", "ddim"])
+def test_an_inversion_of_another_kind_of_model_is_refused_before_the_loop(tiny_sd, method):
+    import dataclasses
+    import torch
+    from p2p import edit, invert
+    from sdxl_oracles import ours
+
+    inv = invert(tiny_sd, torch.zeros(1, 3, 32, 32), "a cat", method=method, num_steps=2, num_inner_steps=1,
+                 progress=False)
+    if method == "ddim":  # the latent of a model with other channels
+        inv = dataclasses.replace(inv, x_T=torch.zeros(1, 8, *inv.x_T.shape[2:]))
+    sdxl = ours()
+    pattern = (r"null-text embeddings are \(77, \d+\), where this model's text context is \(78, \d+\)"
+               if method == "null-text" else r"its x_T is \(1, 8, \d+, \d+\), where this model samples \(1, 4,")
+    sdxl.unet.register_forward_pre_hook(lambda *a: pytest.fail("the loop ran"))
+    with pytest.raises(ValueError, match=r"this inversion does not fit this SDXL model: .*" + pattern
+                       + r".*allow_other_model waives other weights, not other shapes"):
+        edit(sdxl, ["a cat", "a dog"], None, inversion=inv, allow_other_model=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------ false refusals
+def test_an_ldm_prompt_long_only_in_clips_tokens_is_not_refused(tmp_path):
+    """Words are checked with the checkpoint's own tokenizer: 30 x 猫 are 30 WordPiece tokens (one each in
+    this vocabulary) but 90 CLIP tokens, so under CLIP's count the blend word would lie past the limit."""
+    from safetensors.torch import save_file
+    import ldm_oracles as L
+    from models.clip import default_tokenizer
+    from p2p.cli import main
+
+    sd = L.tiny_ldm()
+    ckpt = tmp_path / "tiny-ldm.safetensors"
+    save_file(L.single_file_state(sd), str(ckpt), {"ldm_config": sd.cfg.to_json()})
+    filler = " ".join(["猫"] * 30)
+    prompt, edited = f"a {filler} squirrel", f"a {filler} lion"
+    assert len(default_tokenizer().encode(prompt)) > 75
+    out = tmp_path / "edit.png"
+    assert main(["edit", "--ckpt", str(ckpt), "--tokenizer", str(L.vocab_dir() / "vocab.txt"), "--prompt", prompt,
+                 "--edit", edited, "--blend", "squirrel", "lion", "--steps", "2", "--height", "64", "--width", "64",
+                 "-o", str(out)]) == 0
+    assert out.exists()
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory):
+    from safetensors.torch import load_file
+    from test_weights_diffusers import build_diffusers_folder
+
+    return build_diffusers_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd", load_file(str(GOLDEN_CKPT)))
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_an_sd1_folder_with_a_stray_empty_text_encoder_2_is_sd1(sd1_folder, index, tmp_path):
+    import json
+    import shutil
+    from weights_tools import load_checkpoint
+    from weights_tools.family import folder_family
+
+    folder = shutil.copytree(sd1_folder, tmp_path / "tiny-sd")
+    (folder / "text_encoder_2").mkdir()
+    if index:
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert folder_family(folder, {}, unet)[0] == "SD v1"
+    assert load_checkpoint(folder).cfg.family == "sd1"
