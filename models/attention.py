@@ -79,8 +79,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The attention output attention_probs(q, k) @ v: (B, heads, N, d). The fused kernel where it equals
     the current definition (checked once per definition), else the explicit form."""
-    if fused_matches():
-        return F.scaled_dot_product_attention(q, k, v)
+    if fused_matches():  # contiguous: strided views send the CPU kernel to its N x N fallback (same numbers)
+        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     return _module.attention_probs(q, k) @ v
 
 

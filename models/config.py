@@ -17,6 +17,8 @@ from typing import Callable
 
 import yaml
 
+from .textfile import parse_json, read_text
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -494,8 +496,8 @@ def load_config(path_or_name) -> SDConfig:
         path = CONFIG_DIR / f"{path_or_name}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"config {path_or_name!r} not found (looked for a file and for {path})")
-    with open(path) as f:
-        d = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
+    text = read_text(path, "model config")
+    d = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else parse_json(text, str(path))
     if not isinstance(d, dict) or not ("model" in d or "params" in d):
         raise ValueError(f"{path}: not a CompVis-style model config (expected a top-level 'model:' key)")
     return SDConfig.from_ldm(d)

@@ -50,21 +50,34 @@ def decode_tiled(decode, z: torch.Tensor, tile: int, overlap: int, f: int) -> to
     Exact when z fits one tile. Otherwise not: each tile's GroupNorm statistics and the mid-block
     attention see that tile only, not the whole picture (as diffusers' tiled VAE); the pictures
     differ most near the seams (tests/test_low_memory.py measures and bounds it)."""
-    h, w = z.shape[-2:]
+    return run_tiled(decode, z, tile, overlap, 1, f)
+
+
+def encode_tiled(encode, x: torch.Tensor, tile: int, overlap: int, f: int) -> torch.Tensor:
+    """encode(x) for one image x (1, 3, H, W), H and W multiples of f, in tiles of tile x tile latents
+    (tile * f pixels) overlapping by `overlap` latents, blended as decode_tiled blends, and as it is
+    exact only when the image fits one tile."""
+    return run_tiled(encode, x, tile, overlap, f, 1)
+
+
+def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, f_in: int, f_out: int) -> torch.Tensor:
+    """fn(x) in tiles laid out on the latent grid: a tile at latent (y, x) of side `tile` reads
+    x[..., y * f_in : (y + tile) * f_in, ...] and its output lands at y * f_out."""
+    h, w = x.shape[-2] // f_in, x.shape[-1] // f_in
     if h <= tile and w <= tile:
-        return decode(z)
+        return fn(x)
     out = weight = None
     for y in tile_starts(h, tile, overlap):
-        for x in tile_starts(w, tile, overlap):
-            img = decode(z[..., y:y + tile, x:x + tile]).float()
-            th, tw = img.shape[-2:]
+        for c in tile_starts(w, tile, overlap):
+            part = fn(x[..., y * f_in:(y + tile) * f_in, c * f_in:(c + tile) * f_in]).float()
+            th, tw = part.shape[-2:]
             if out is None:
-                out = img.new_zeros(*img.shape[:2], h * f, w * f)
-                weight = img.new_zeros(h * f, w * f)
-            ramp = (seam_ramp(th, overlap * f)[:, None] * seam_ramp(tw, overlap * f)[None]).to(img.device)
-            out[..., y * f:y * f + th, x * f:x * f + tw] += img * ramp
-            weight[y * f:y * f + th, x * f:x * f + tw] += ramp
-    return (out / weight).to(z.dtype)
+                out = part.new_zeros(*part.shape[:2], h * f_out, w * f_out)
+                weight = part.new_zeros(h * f_out, w * f_out)
+            ramp = (seam_ramp(th, overlap * f_out)[:, None] * seam_ramp(tw, overlap * f_out)[None]).to(part.device)
+            out[..., y * f_out:y * f_out + th, c * f_out:c * f_out + tw] += part * ramp
+            weight[y * f_out:y * f_out + th, c * f_out:c * f_out + tw] += ramp
+    return (out / weight).to(x.dtype)
 
 
 class StableDiffusion(nn.Module):
@@ -132,12 +145,20 @@ class StableDiffusion(nn.Module):
         upcast = self.dtype == torch.float16 if upcast is None else upcast
         return torch.float32 if upcast else self.dtype
 
-    def encode(self, images: torch.Tensor, upcast: bool | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, upcast: bool | None = None, low_memory: bool = False,
+               tile: int | None = None) -> torch.Tensor:
         """Images in [-1, 1], (N, 3, H, W) -> posterior mean * scale factor (no sampling), in the
-        model's dtype. `upcast`: run the VAE in fp32 (see `vae_dtype`)."""
+        model's dtype. `upcast`: run the VAE in fp32 (see `vae_dtype`). low_memory, tile: as decode's
+        (one image at a time, in overlapping tiles of `tile` latents: encode_tiled)."""
         dtype = self.vae_dtype(upcast)
+        x = images.to(self.device, dtype)
         with as_dtype(self.vae, dtype):
-            mean, _ = self.vae.encode_moments(images.to(self.device, dtype))
+            if low_memory:
+                f, tile = self.latent_downsample, tile or relative_side(TILE, self.cfg.image_size)
+                mean_of = lambda p: self.vae.encode_moments(p)[0]  # noqa: E731
+                mean = torch.cat([encode_tiled(mean_of, x[i:i + 1], tile, tile // 4, f) for i in range(len(x))])
+            else:
+                mean, _ = self.vae.encode_moments(x)
         return ((mean - self.cfg.shift_factor) * self.cfg.scale_factor).to(self.dtype)
 
     def decode(self, latents: torch.Tensor, upcast: bool | None = None, low_memory: bool = False,

@@ -46,7 +46,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (rearrange(f(y), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        # contiguous: on the CPU, strided views send the fused kernel to its N x N fallback (16 GiB at a 256 latent)
+        q, k, v = (rearrange(f(y), "b c h w -> b 1 (h w) c").contiguous() for f in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v)  # scale c^-0.5, as CompVis
         return x + self.proj_out(rearrange(y, "b 1 (h w) c -> b c h w", h=h, w=w))
 

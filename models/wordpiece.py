@@ -12,12 +12,12 @@ never downloaded or shipped.
 """
 from __future__ import annotations
 
-import json
 import unicodedata
 from pathlib import Path
 
 import torch
 
+from .textfile import BadTextFile, read_json, read_text
 from .tokens import token_rows
 
 CONTEXT_LENGTH = 77
@@ -82,14 +82,14 @@ def read_vocab(path: str | Path) -> dict[str, int]:
     """{token: id} from a BERT `vocab.txt` (or the `tokenizer.json` transformers writes beside or instead
     of it), with a clear error for a missing file or missing specials."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"BERT vocabulary {path} not found: pass the `vocab.txt` of the model's "
                                 f"tokenizer (the diffusers folder's tokenizer/vocab.txt)")
     if path.suffix == ".json":
         vocab = json_vocab(path)
     else:
         vocab = {}
-        for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+        for i, line in enumerate(read_text(path, "vocabulary").split("\n")):
             token = line.rstrip("\r")
             if token:
                 vocab[token] = i  # a token listed twice has its last line's id, as transformers' BertTokenizer
@@ -102,11 +102,17 @@ def read_vocab(path: str | Path) -> dict[str, int]:
 def json_vocab(path: Path) -> dict[str, int]:
     """The WordPiece vocabulary inside a `tokenizer.json` (its model.vocab)."""
     try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+        vocab = read_json(path, "tokenizer.json")["model"]["vocab"]
+    except BadTextFile:
+        raise
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a tokenizer.json with a WordPiece vocabulary (model.vocab): {e}") from e
     if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):  # true is no id
         raise ValueError(f"{path}: its model.vocab is not a mapping of tokens to (integer) ids")
+    outside = next((t for t, i in vocab.items() if not 0 <= i < len(vocab)), None)
+    if outside is not None:  # an id is a row of the embedding: -1 or 10**9 would index past it
+        raise ValueError(f"{path}: its model.vocab gives {outside!r} the id {vocab[outside]}, outside 0..{len(vocab) - 1} "
+                         "(ids number the vocabulary's tokens): pass the tokenizer.json the model was trained with")
     return vocab
 
 

@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import yaml
 
+from models.textfile import read_text
 from weights_tools import tokenizer_for
 from weights_tools.registry import CHECKPOINTS
 
@@ -230,7 +231,7 @@ def read_yaml(path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        text = path.read_text()
+        text = read_text(path, "config")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None and expanded_size(node, {}) > MAX_YAML_VALUES:
             raise ValueError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_VALUES} values; a config "

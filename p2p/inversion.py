@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 
 from safetensors.torch import save as safetensors_bytes
 
-from models import PREDICTION_TYPES
+from models import FAMILIES, PREDICTION_TYPES
 from models.sampler import has_inverse_step
+from models.textfile import BadTextFile, parse_json
 from models.sd import SAMPLERS
 from weights_tools.files import write_bytes_atomic
 
@@ -143,7 +144,9 @@ class Inversion:
     def check_model(self, sd, allow_other_model: bool = False) -> None:
         """An error (a warning with allow_other_model) when `sd` holds other weights than the model this
         inversion was made with: its x_T and embeddings reconstruct the photo with that model only.
-        A model read otherwise (another prediction type or VAE scale) is always an error."""
+        A model read otherwise (another prediction type or VAE scale) is always an error, and its shapes must
+        fit `sd` either way (check_shapes)."""
+        self.check_shapes(sd)
         self.check_reading(sd)
         if self.model is None:
             warnings.warn("this inversion was saved without the fingerprint of the model it was made with (an "
@@ -175,6 +178,26 @@ class Inversion:
                              f"the model read as it was then. Load the checkpoint the same way (p2p edit "
                              f"--prediction-type {self.prediction_type}, and the same --vae; load_checkpoint(..., "
                              f"prediction_type={self.prediction_type!r})), or invert the photo again")
+
+    def check_shapes(self, sd) -> None:
+        """An error, before anything runs, when x_T or null-text's embeddings do not have the shapes `sd`
+        samples with (latent channels and side, text context): allow_other_model waives other weights of one
+        architecture, not a model of another kind (an SD v1 inversion on SDXL would fail inside the loop)."""
+        f, problems = sd.latent_downsample, []
+        latent = (1, sd.cfg.unet.in_channels, self.height // f, self.width // f)
+        if tuple(self.x_T.shape) != latent:
+            problems.append(f"its x_T is {tuple(self.x_T.shape)}, where this model samples {latent} at "
+                            f"{self.height}x{self.width} px")
+        if self.uncond_embeddings is not None:
+            with torch.no_grad():
+                context = tuple(sd.encode_text([""]).shape[1:])
+            if tuple(self.uncond_embeddings[0].shape) != context:
+                problems.append(f"its null-text embeddings are {tuple(self.uncond_embeddings[0].shape)}, where this "
+                                f"model's text context is {context}")
+        if problems:
+            raise ValueError(f"this inversion does not fit this {FAMILIES[sd.cfg.family].name} model: "
+                             f"{'; '.join(problems)}. It was made with a model of another kind: invert the photo "
+                             "again with this one (allow_other_model waives other weights, not other shapes)")
 
     # ------------------------------------------------------------------ files
     def to_bytes(self) -> bytes:
@@ -232,8 +255,8 @@ def check_saved(path, text: str, tensors: dict) -> dict:
         return ValueError(f"{path}: not a usable saved Inversion: {why}; make it again with `p2p invert`")
 
     try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
+        meta = parse_json(text, "metadata")
+    except BadTextFile as e:
         raise bad(f"its metadata is not JSON ({e})") from None
     if not isinstance(meta, dict) or not SAVED_TYPES.keys() <= meta.keys() <= SAVED_TYPES.keys() | OPTIONAL.keys():
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
@@ -414,8 +437,8 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     method: "null-text" (default, the paper's), "ddim", "negative-prompt" or "direct" (see the module).
     The null-text notebook ran with steps_offset 0 (timesteps 980..0); the default here is 1 (981..1),
     as generate() and edit(); pass steps_offset=0 to match the notebook. low_memory: guided steps in
-    two halves (see pipeline.guided_step); DDIM inversion runs the conditional half alone anyway.
-    sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix."""
+    two halves (see pipeline.guided_step; DDIM inversion runs the conditional half alone anyway) and the
+    photo encoded in tiles (StableDiffusion.encode). sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix."""
     require_inverse_step(sampler, "invert()")
     sampler = InvertConfig.sampler if sampler is None else sampler
     if method not in METHODS:
@@ -428,7 +451,7 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     height, width = x.shape[2:]
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
     with torch.no_grad():
-        z0 = sd.encode(x)
+        z0 = sd.encode(x, low_memory=low_memory)
         cond = sd.encode_text([prompt])
         uncond = sd.encode_text([""])
     trajectory = ddim_inversion(sd, z0, cond, scheduler, progress)

@@ -227,7 +227,7 @@ SETTINGS = (
     Setting("method", "null-text", (str,), "how the photo is inverted (see docs: inversion)", "--method",
             "invert", choices=METHODS),
     Setting("num_inner_steps", 10, (int,), "null-text: Adam iterations per step at most", "--inner-steps",
-            "invert", range=(0, math.inf)),
+            "invert", range=(0, 1000)),
     Setting("early_stop_epsilon", 1e-5, (float, int), "null-text: stop a step's iterations when the loss < this "
             "+ 2e-5 i", "--early-stop", "invert"),
     Setting("offsets", (0, 0, 0, 0), (list,), "pixels cut from the left, right, top and bottom before the centre "

@@ -6,8 +6,9 @@ about itself than its keys do, and its keys follow a layout that differs per fam
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from models.textfile import read_json
 
 from .layout import CHANNEL_KINDS, LAYOUTS, CheckpointError, family_code
 
@@ -34,14 +35,14 @@ def folder_family(folder: Path, index: dict, unet: dict) -> tuple[str, str]:
             return "SDXL refiner", f"model_index.json names {name}, with text_encoder_2/ alone"
         if variant is not None:
             return variant, f"model_index.json names {name}"
-    return _by_channels(unet) or _by_components(folder) or _by_unet(unet) or _by_text_encoder(folder) or (
+    return _by_channels(unet) or _by_components(folder, unet) or _by_unet(unet) or _by_text_encoder(folder) or (
         "SD v1", "unet/, vae/, text_encoder/; no other family's pipeline class, component or UNet setting")
 
 
 def _json(path: Path) -> dict:
     """A config.json as a dict, or {} (an unreadable or malformed one is named by the config reader)."""
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, "config")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -58,10 +59,13 @@ def _by_edm(folder: Path) -> tuple[str, str] | None:
     return None
 
 
-def _by_components(folder: Path) -> tuple[str, str] | None:
+def _by_components(folder: Path, unet: dict) -> tuple[str, str] | None:
+    """From the component folders: a second text encoder counts when it has a config.json and the UNet's
+    config (when there is one) takes a vector conditioning, as SDXL's does (a stray empty text_encoder_2/
+    beside an SD v1 UNet is not SDXL)."""
     if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
         return "DiT", "a transformer/ folder and no unet/ (a diffusion transformer such as SD3, Flux or PixArt)"
-    if (folder / "text_encoder_2").is_dir():
+    if (folder / "text_encoder_2" / "config.json").is_file() and (not unet or "addition_embed_type" in unet):
         return "SDXL", "a text_encoder_2/ folder (SDXL's second text encoder)"
     if (folder / "bert").is_dir():
         return "LDM-400M", "a bert/ folder (LDMBert text encoder)"

@@ -427,6 +427,21 @@ def check_plausible(cfg: SDConfig, where: str) -> None:
     for tower in text_configs(cfg):
         if tower.width % tower.heads:
             raise bad("text.heads", tower.heads, f"which does not divide the width {tower.width}")
+    for label, value, (lo, hi) in extra_numbers(cfg):
+        if type(value) is not int or not lo <= value <= hi:
+            raise bad(label, value, f"outside {lo}..{hi}")
+    depth = u.transformer_depth
+    if isinstance(depth, tuple) and len(depth) != len(u.channel_mult):
+        raise bad("unet.transformer_depth (diffusers: transformer_layers_per_block)", list(depth),
+                  f"not one number per level ({len(u.channel_mult)} levels)")
+
+
+def extra_numbers(cfg: SDConfig) -> list[tuple[str, object, tuple[int, int]]]:
+    """(label, value, bounds) of the numbers BOUNDS does not hold: the latent side the model was trained at
+    (its default picture size: 100000 would ask for 160 GB) and an LDMBert tower's head width."""
+    out = [("image_size (the latent side; diffusers: unet/config.json sample_size)", cfg.image_size, (1, 512))]
+    out += [("text.head_dim", t.head_dim, (1, 1024)) for t in text_configs(cfg) if hasattr(t, "head_dim")]
+    return out
 
 
 # OpenCLIP's names for BOUNDS' text.* numbers (SDXL's second tower)

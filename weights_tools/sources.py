@@ -7,7 +7,6 @@ length then JSON), torch zip (`.ckpt`, `.pt`, `.bin`), or a diffusers folder.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from models import SDConfig
+from models.textfile import BadTextFile, parse_json, read_json as read_json_file
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, read_markers, said_in_metadata
@@ -142,9 +142,11 @@ def read_safetensors_header(path: Path, size: int) -> tuple[dict, dict]:
                                   f"the {MAX_HEADER} safetensors allows; {SUPPORTED}")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); {SUPPORTED}") from e
+        header = parse_json(raw, f"{path}: its safetensors header", limit=MAX_HEADER)
+    except BadTextFile as e:
+        raise CheckpointError(f"corrupt safetensors file: {e}; {SUPPORTED}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: a {type(header).__name__}, not a mapping")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
@@ -202,7 +204,7 @@ def open_safetensors(path: Path, size: int) -> Source:
                  prediction=said_in_metadata(metadata, str(path)))
     if "ldm_config" in metadata:
         try:
-            src.config = SDConfig.from_ldm(json.loads(metadata["ldm_config"]))
+            src.config = SDConfig.from_ldm(parse_json(metadata["ldm_config"], "ldm_config"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: its `ldm_config` metadata is not a usable CompVis config ({e}); "
                                   "pass config= to override it") from e
@@ -319,9 +321,9 @@ def open_sharded(index_path: Path) -> Source:
 
 def read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadConfig(f"{path}: unreadable config ({e})") from e
+        data = read_json_file(path, "config")
+    except BadTextFile as e:
+        raise BadConfig(f"unreadable config: {e}") from e
     if not isinstance(data, dict):
         raise BadConfig(f"{path}: a config.json is a mapping of settings, got a {type(data).__name__}")
     return data

@@ -6,7 +6,6 @@ and its image is there.
 """
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from models.textfile import read_json
 from weights_tools.files import write_bytes_atomic, write_json_atomic
 
 from .. import metrics as M
@@ -60,7 +60,7 @@ def read_record(out_dir: Path, cell: Cell, identity: dict | None = None) -> dict
     `identity` names: the checkpoint whose bytes hash to its checkpoint_sha256, read as its `reading`
     says: dtype, prediction type, VAE, tokenizer, strictness), else None."""
     try:
-        rec = json.loads(cell_file(out_dir, cell, ".json").read_text())
+        rec = read_json(cell_file(out_dir, cell, ".json"))
     except (OSError, ValueError):
         return None
     done = rec.get("config_hash") == cell.hash and cell_file(out_dir, cell, ".png").exists()
