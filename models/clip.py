@@ -11,7 +11,6 @@ import functools
 import gzip
 import html
 import importlib.util
-import json
 from pathlib import Path
 
 import regex
@@ -25,6 +24,7 @@ except ImportError:  # ftfy only repairs mojibake; ASCII prompts are unaffected 
     ftfy = None
 
 from .config import CLIPTextConfig, context_layers
+from .textfile import read_json, read_text
 from .tokens import token_rows
 
 BOS, EOS, CONTEXT_LENGTH = 49406, 49407, 77
@@ -149,19 +149,26 @@ class Tokenizer:
 
 
 def read_bpe_folder(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], str]:
-    """(vocabulary, merges in rank order, pad token) of a transformers CLIP tokenizer folder."""
-    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-    pad = config.get("pad_token") or "<|endoftext|>"
+    """(vocabulary, merges in rank order, pad token) of a transformers CLIP tokenizer folder, read through the
+    one reader of small files (size- and depth-checked)."""
+    config_file = folder / "tokenizer_config.json"
+    config = read_json(config_file, "tokenizer config") if config_file.exists() else {}
+    pad = (config.get("pad_token") if isinstance(config, dict) else None) or "<|endoftext|>"
     pad = pad.get("content") if isinstance(pad, dict) else pad
-    if (folder / "tokenizer.json").exists():
-        model = json.loads((folder / "tokenizer.json").read_text())["model"]
-        vocab, merges = model["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
-    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        vocab = json.loads((folder / "vocab.json").read_text())
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-    else:
-        raise ValueError(f"{folder}: no tokenizer.json, nor vocab.json with merges.txt")
+    try:
+        if (folder / "tokenizer.json").exists():
+            model = read_json(folder / "tokenizer.json", "tokenizer.json")["model"]
+            vocab, merges = model["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            vocab = read_json(folder / "vocab.json", "vocab.json")
+            lines = read_text(folder / "merges.txt", "merges.txt").split("\n")
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        else:
+            raise ValueError(f"{folder}: no tokenizer.json, nor vocab.json with merges.txt")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{folder}: not a CLIP BPE tokenizer (vocab and merges): {e!r}") from None
+    if not isinstance(vocab, dict) or not all(type(i) is int and 0 <= i < len(vocab) for i in vocab.values()):
+        raise ValueError(f"{folder}: its vocabulary is not a mapping of tokens to ids 0..{len(vocab) - 1}")
     return vocab, merges, pad
 
 
