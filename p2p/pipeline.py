@@ -170,7 +170,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
          num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = EditConfig.height,
          width: int | None = EditConfig.width, steps_offset: int | None = None, sampler: str | None = None, store=None,
          fast: bool = True, progress: bool = True, inversion=None, low_memory: bool = False,
-         offload: bool = False, allow_other_model: bool = False) -> Output:
+         offload: bool = False, allow_other_model: bool = False,
+         source_row: str | None = EditConfig.source_row) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's
@@ -187,8 +188,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     per-step correction come from it, prompts[0] must be its prompt, and steps / guidance / offset / size
     are its own (passing a different value is an error; `seed` is unused); it samples with the inversion's
     sampler (one with an inverse step: DDIM).
-    An inversion made with other weights than `sd`'s is an error, a warning with allow_other_model
-    (see Inversion.check_model)."""
+    Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
+    source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if inversion is not None:
         inversion.check_model(sd, allow_other_model)
@@ -200,7 +201,9 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     steps_offset = EditConfig.steps_offset if steps_offset is None else steps_offset
     sampler = EditConfig.sampler if sampler is None else sampler
     check_values(EditConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
-                            steps_offset=steps_offset, sampler=sampler), "edit()")
+                            steps_offset=steps_offset, sampler=sampler, source_row=source_row), "edit()")
+    if source_row is not None and inversion is None:
+        raise ValueError(f"source_row={source_row!r} says how the source row follows an inversion: pass inversion=")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
@@ -208,7 +211,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
                             calls=scheduler.calls, default_side=sd.cfg.image_size)
     with visiting(sd, "text_encoder", offload):
         cond = sd.encode_text(prompts)
-        uncond, correction = (inversion.guidance_inputs(sd, cond) if inversion is not None
+        uncond, correction = (inversion.guidance_inputs(sd, cond, scheduler, source_row) if inversion is not None
                               else (sd.encode_text([""]), None))
     z0 = denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller, progress=progress,
                  desc="Prompt-to-Prompt", correction=correction, low_memory=low_memory)
