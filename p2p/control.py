@@ -117,9 +117,11 @@ class AttentionRule:
     """An edit on q, k, v: attend(call, q, k, v) -> the attention output of every row (rows of q, (rows, heads,
     N, d), through models.attention.attend), or None for this layer's ordinary path (the Prompt-to-Prompt
     edit, if any, else plain attention). keeps(call) -> whether the rule reads this cross-attention call's
-    maps later in the same UNet call (`AttentionCall.maps`)."""
+    maps later in the same UNet call (`AttentionCall.maps`). check(sites) raises a ValueError where the rule
+    cannot run on a UNet with these sites (a block it names that the model does not have)."""
     attend: Callable
     keeps: Callable = field(default=lambda call: False)
+    check: Callable = field(default=lambda sites: None)
 
 
 @dataclass(frozen=True)
@@ -288,8 +290,10 @@ class Controller:
         self.default_side = default_side
         self.rule = spec.attention(tokenizer, prompts) if spec is not None else None
         self._maps = (None, [])  # (UNet call, the maps the rule keeps in it)
-        if self.rule is not None and self.B < 2:
-            raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
+        if self.rule is not None:
+            if self.B < 2:
+                raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
+            self.rule.check(sites)
         spec = spec.map_edit() if spec is not None else None
         self.spec = spec
         self.store = store if store is not None else AttentionStore()
@@ -435,6 +439,13 @@ class Controller:
         as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass). The
         override sees the call's schedule row as its step."""
         return partial(self.attend_cond if cond_only else self.attend, self.row(i), call=i)
+
+    def override_uncond(self, i: int):
+        """The low-memory mode's unconditional call's override: the attention rule's alone (halves
+        ("uncond",)), or None without one (Prompt-to-Prompt never edits that half)."""
+        if self.rule is None:
+            return None
+        return lambda site, q, k, v: self.by_rule(self.row(i), i, site, q, k, v, ("uncond",))
 
     def attend(self, i: int, site: Site, q, k, v, call: int | None = None):
         """Attention of one layer at step (schedule row) i of UNet call `call` (None: i), or None for plain

@@ -19,7 +19,8 @@ foreground keys for its foreground queries and to its background keys for the ot
 
 with M_fg = +1 on the source's foreground keys and float32's min elsewhere, M_bg = 0 / min (their code's
 additive masks: the +1 changes nothing but rounding; min, not -inf: a row with every key shut is a
-uniform average). The masks come from the conditional rows and serve both guidance halves. A block
+uniform average). The masks come from the conditional rows and serve both guidance halves (in the
+low-memory mode, whose halves are two UNet calls, each half's masks come from its own rows). A block
 before the first 16x16 map of its call gets the unmasked mutual attention. docs/masactrl.md maps the
 knobs onto their code and lists the quirks reproduced.
 """
@@ -65,7 +66,7 @@ class MutualSelfAttention(Spec):
             raise ValueError(f"MutualSelfAttention: start_step and start_layer must be integers >= 0, got "
                              f"{self.start_step!r} and {self.start_layer!r}")
         if self.mask_words is None:
-            return AttentionRule(self.attend_fn(None))
+            return AttentionRule(self.attend_fn(None), check=self.check)
         if len(self.mask_words) != 2:
             raise ValueError(f"mask_words must be (source word, target word), got {self.mask_words!r}")
         if not 0 <= self.mask_threshold <= 1:
@@ -75,7 +76,15 @@ class MutualSelfAttention(Spec):
         columns = [word_token_indices(tokenizer, prompts[0], src)]
         columns += [word_token_indices(tokenizer, p, tgt) for p in prompts[1:]]
         side = self.mask_side
-        return AttentionRule(self.attend_fn(columns), keeps=lambda call: call.site.pixels == _side(call, side) ** 2)
+        return AttentionRule(self.attend_fn(columns), keeps=lambda call: call.site.pixels == _side(call, side) ** 2,
+                             check=self.check)
+
+    def check(self, sites) -> None:
+        """start_layer within the model's transformer blocks (SD v1: 16; SDXL base: 70)."""
+        blocks = len({s.block for s in sites})
+        if self.start_layer >= blocks:
+            raise ValueError(f"start_layer {self.start_layer} is past the model's {blocks} transformer blocks "
+                             f"(0..{blocks - 1} in call order): MasaCtrl would edit nothing; pick a smaller one")
 
     def attend_fn(self, columns):
         """f(call, q, k, v): the mutual (and, with token columns, masked) self-attention of the edited blocks."""
@@ -109,7 +118,7 @@ def mutual_attention(q, k, v, prompts: int):
 def masks(call: AttentionCall, columns, threshold: float):
     """(source key mask (N,), target query masks (B-1, N)), binary, at this block's side, from the kept maps of
     the conditional rows: mean over layers, the word's columns summed, min-max normalised, nearest-resized."""
-    cond = call.rows("cond")
+    cond = call.rows("cond" if "cond" in call.halves else call.halves[0])  # low memory: each half's own call
     maps = torch.stack([m[cond].reshape(call.prompts, s.h, s.w, -1) for s, m in call.maps]).mean(0)
     words = torch.stack([maps[b, ..., columns[b]].sum(-1) for b in range(call.prompts)])   # (B, h, w)
     lo = words.flatten(1).min(1).values[:, None, None]

@@ -62,15 +62,16 @@ def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) ->
 
 
 def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None,
-                low_memory: bool = False) -> torch.Tensor:
+                low_memory: bool = False, uncond_override=None) -> torch.Tensor:
     """One guided sampler step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
     methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference; low_memory:
     two calls of B rows, the unconditional one with no override (attn_override must then take the
-    conditional rows alone: `Controller.override(i, cond_only=True)`).
+    conditional rows alone: `Controller.override(i, cond_only=True)`; uncond_override, if given, steers the
+    unconditional call: an attention rule's, `Controller.override_uncond(i)`).
     cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
     uncond = uncond.expand(x.shape[0], -1, -1)
     if low_memory:  # the reference's LOW_RESOURCE: half the UNet's activations at a time
-        eps_u = sd.eps(x, t, uncond)
+        eps_u = sd.eps(x, t, uncond, attn_override=uncond_override)
         eps_c = sd.eps(x, t, cond, attn_override=attn_override)
     else:
         eps_u, eps_c = sd.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override).chunk(2)
@@ -104,10 +105,12 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
     timesteps = [c.timestep for c in scheduler.calls]
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-        override = None
+        override = uncond_override = None
         if controller is not None:  # (a controller without the low-memory mode need not take cond_only)
             override = controller.override(i, cond_only=True) if low_memory else controller.override(i)
-        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override, low_memory)
+            if low_memory and hasattr(controller, "override_uncond"):
+                uncond_override = controller.override_uncond(i)
+        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override, low_memory, uncond_override)
         if correction is not None:
             x = correction(i, x)
         if controller is not None:
