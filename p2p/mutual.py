@@ -17,7 +17,7 @@ foreground keys for its foreground queries and to its background keys for the ot
 
     out = softmax(s + M_fg) v_src * m_tgt + softmax(s + M_bg) v_src * (1 - m_tgt)
 
-with M_fg = +1 on the source's foreground keys and float32's min elsewhere, M_bg = 0 / min (their code's
+with M_fg = +1 on the source's foreground keys and the dtype's min (float32's) elsewhere, M_bg = 0 / min (their code's
 additive masks: the +1 changes nothing but rounding; min, not -inf: a row with every key shut is a
 uniform average). The masks come from the conditional rows and serve both guidance halves (in the
 low-memory mode, whose halves are two UNet calls, each half's masks come from its own rows). A block
@@ -133,7 +133,7 @@ def masks(call: AttentionCall, columns, threshold: float):
 def masked_mutual_attention(call: AttentionCall, q, k, v, key_mask, query_masks):
     """The mask-guided mutual attention: the sources plain, each target's foreground queries on the source's
     foreground keys and its background queries on the background keys (see the module)."""
-    B, low = call.prompts, torch.finfo(torch.float32).min
+    B, low = call.prompts, torch.finfo(q.dtype).min          # their sim's dtype's min: never -inf (a NaN row)
     fg = torch.where(key_mask == 1, 1.0, low).to(q.device)[None, None, None]
     bg = torch.where(key_mask == 0, 0.0, low).to(q.device)[None, None, None]
     out = []
