@@ -438,7 +438,9 @@ class Controller:
         rows alone (the low-memory mode's second call; its unconditional call runs with no override,
         as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass). The
         override sees the call's schedule row as its step."""
-        return partial(self.attend_cond if cond_only else self.attend, self.row(i), call=i)
+        fn = self.attend_cond if cond_only else self.attend
+        # the call index too where an attention rule reads it (a subclass's attend(i, site, q, k, v) keeps working)
+        return partial(fn, self.row(i), call=i) if self.rule is not None else partial(fn, self.row(i))
 
     def override_uncond(self, i: int):
         """The low-memory mode's unconditional call's override: the attention rule's alone (halves
