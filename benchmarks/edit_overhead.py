@@ -13,6 +13,9 @@ interleaved (a, b, c, d, a, b, ...), medians over the repeats:
   (e) edit + show-attention  (b) with the store `p2p edit --show-attention` keeps (cross and
                  self-attention maps of the layers up to 32x32 latents)
   (l) edit, low memory  (b) in the low-memory mode (the guidance batch as two UNet calls)
+  (m) MasaCtrl   p2p.edit(MutualSelfAttention(start_step=0, start_layer=10)): mutual self-attention in
+                 blocks 10-15 at every step (their default start_step 4 of 50 steps is active in 92% of them)
+  (k) MasaCtrl, mask-guided  (m) with mask_words=("squirrel", "lion") (MaskAuto's masks from the 16x16 maps)
 
 "loop" times the denoising loop only (`p2p.pipeline.denoise`, text encoded once beforehand, the
 controller built inside the timed region as `edit` does); "end to end" times the whole call
@@ -50,7 +53,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import SDConfig, StableDiffusion, attention_probs  # noqa: E402
-from p2p import AttentionStore, LocalBlend, Replace, edit, generate  # noqa: E402
+from p2p import AttentionStore, LocalBlend, MutualSelfAttention, Replace, edit, generate  # noqa: E402
 from p2p.control import Controller  # noqa: E402
 from p2p.pipeline import denoise, initial_latent, to_uint8  # noqa: E402
 
@@ -66,7 +69,10 @@ VARIANTS = {
     "d": "reference-style: explicit maps everywhere",
     "e": "edit + LocalBlend + show-attention store",
     "l": "edit + LocalBlend, low-memory mode",
+    "m": "MasaCtrl: MutualSelfAttention(0, 10)",
+    "k": "MasaCtrl mask-guided (MaskAuto)",
 }
+MASACTRL = {"m": MutualSelfAttention(0, 10), "k": MutualSelfAttention(0, 10, mask_words=("squirrel", "lion"))}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -120,6 +126,9 @@ class Setup:
             return None
         if v == "d":
             return ReferenceStyle()
+        if v in MASACTRL:
+            return Controller(self.sd.tokenizer, PROMPTS, MASACTRL[v], self.steps, self.sd.unet.sites,
+                              calls=self.sd.scheduler(self.steps).calls, default_side=self.sd.cfg.image_size)
         store = AttentionStore(self_attention=True) if v == "e" else None
         return Controller(self.sd.tokenizer, PROMPTS, SPEC, self.steps, self.sd.unet.sites, BLEND, store,
                           fast=(v != "c"), default_side=self.sd.cfg.image_size)
@@ -138,6 +147,8 @@ class Setup:
                   progress=False)
         if v == "a":
             return generate(self.sd, PROMPTS, **kw).images
+        if v in MASACTRL:
+            return edit(self.sd, PROMPTS, MASACTRL[v], **kw).images
         if v in "bcel":
             store = AttentionStore(self_attention=True) if v == "e" else None
             return edit(self.sd, PROMPTS, SPEC, local_blend=BLEND, fast=(v != "c"), store=store,

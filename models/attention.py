@@ -20,6 +20,7 @@ It returns the attention output (B, heads, N, d), usually `M @ v` with `M` forme
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Site:
     h: int = 0     # latent height and width at this layer (filled in at run time)
     w: int = 0
     heads: int = 0  # attention heads of the layer (0: not known)
+    block: int = -1  # its transformer block's position in call order (SD v1: 0-5 down, 6 mid, 7-15 up; -1: not known)
 
     @property
     def pixels(self) -> int:
@@ -52,7 +54,7 @@ class Site:
 
     def at(self, h: int, w: int) -> "Site":
         """This site at a latent of h x w at this layer."""
-        return Site(self.place, self.level, self.index, self.is_cross, h, w, self.heads)
+        return Site(self.place, self.level, self.index, self.is_cross, h, w, self.heads, self.block)
 
 
 REFERENCE_SIDE = 64  # SD v1's default latent side (512 px / 8): the side the reference's pixel numbers are for
@@ -66,22 +68,30 @@ def relative_side(side: int, default_side: int | None) -> int:
     return max(side, side * (default_side or REFERENCE_SIDE) // REFERENCE_SIDE)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """M = softmax(q k^T / sqrt(d)): (B, heads, N, K). The explicit map the paper edits.
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """M = softmax(q k^T / sqrt(d) + mask): (B, heads, N, K). The explicit map the paper edits; mask (optional)
+    is an additive pre-softmax term broadcastable to (B, heads, N, K) (a large negative number shuts a key).
 
     q k^T and the softmax run in fp32 whatever the model's dtype (in fp16 the logits overflow, and
     a half softmax rounds small weights to 0); M comes back in q's dtype, to multiply v. For an
     fp32 model the casts are no-ops and the result is bit-identical."""
     sim = torch.einsum("bhnd,bhkd->bhnk", q.float(), k.float()) * q.shape[-1] ** -0.5
+    if mask is not None:
+        sim = sim + mask.float()
     return sim.softmax(dim=-1).to(q.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The attention output attention_probs(q, k) @ v: (B, heads, N, d). The fused kernel where it equals
-    the current definition (checked once per definition), else the explicit form."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention output attention_probs(q, k, mask) @ v: (B, heads, N, d). The fused kernel where it equals
+    the current definition (checked once per definition), else the explicit form. mask: see attention_probs."""
     if fused_matches():  # contiguous: strided views send the CPU kernel to its N x N fallback (same numbers)
-        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
-    return _module.attention_probs(q, k) @ v
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    if mask is None:  # a researcher's own definition need not take a mask until an edit passes one
+        return _module.attention_probs(q, k) @ v
+    return _module.attention_probs(q, k, mask) @ v
 
 
 _module = sys.modules[__name__]  # the definition is looked up here at call time: an edited or patched one counts
@@ -109,6 +119,10 @@ def _check_fused(fn) -> bool:
                    for m, s in ((n, 2.0), (kk, 2.0), (kk, 1.0)))
         with torch.no_grad(), torch.autocast("cpu", enabled=False):   # the definition itself, in fp32
             diff = (fn(q, k) @ v - F.scaled_dot_product_attention(q, k, v)).abs().max()
+            if "mask" in inspect.signature(fn).parameters:            # and with an additive mask
+                mask = torch.randn(1, 1, n, kk, generator=g) * 3
+                diff = torch.maximum(diff, (fn(q, k, mask) @ v - F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask)).abs().max())
         worst = max(worst, float(diff.nan_to_num(float("inf"))))
     if worst <= 1e-5:
         return True

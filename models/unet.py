@@ -225,8 +225,9 @@ class UNetModel(nn.Module):
                         level += 1
                     if isinstance(layer, SpatialTransformer):
                         for tb in layer.transformer_blocks:
+                            block = len({s.block for s in sites})  # transformer blocks so far, in call order
                             for attn, is_cross in ((tb.attn1, False), (tb.attn2, True)):
-                                attn.site = Site(place, level, len(sites), is_cross, heads=attn.heads)
+                                attn.site = Site(place, level, len(sites), is_cross, heads=attn.heads, block=block)
                                 sites.append(attn.site)
                     if isinstance(layer, Upsample):
                         level -= 1

@@ -2,9 +2,10 @@
 from .blend import LocalBlend
 from .control import Edit, Refine, Replace, Reweight
 from .inversion import Inversion, invert
+from .mutual import MutualSelfAttention
 from .pipeline import Output, edit, generate
 from .store import AttentionStore
 
 __version__ = "0.1.0"
-__all__ = ["AttentionStore", "Edit", "Inversion", "LocalBlend", "Output", "Refine", "Replace", "Reweight", "edit",
-           "generate", "invert"]
+__all__ = ["AttentionStore", "Edit", "Inversion", "LocalBlend", "MutualSelfAttention", "Output", "Refine", "Replace",
+           "Reweight", "edit", "generate", "invert"]

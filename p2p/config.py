@@ -25,11 +25,13 @@ from weights_tools import tokenizer_for
 from weights_tools.registry import CHECKPOINTS
 
 from .blend import LocalBlend, word_alpha
-from .control import Edit, Refine, Replace, Reweight, self_window, time_word_alpha
+from .control import Edit, Refine, Replace, Reweight, Spec, self_window, time_word_alpha
+from .mutual import MutualSelfAttention
 from .settings import (SETTINGS, check_values, config_settings, new_name, refuse_old_names, renamed, setting,
                        settings_of, short, tuples)
 
-BUILT_IN = {"replace": Replace, "refine": Refine, "reweight": Reweight}
+BUILT_IN = {"replace": Replace, "refine": Refine, "reweight": Reweight, "masactrl": MutualSelfAttention}
+MUTUAL = ("start_step", "start_layer", "mask_words", "mask_threshold")  # MasaCtrl's knobs (mode: masactrl)
 
 
 # ------------------------------------------------------------------------------- custom edit specs
@@ -54,7 +56,7 @@ def spec_class(path: str) -> type:
     if cls is None:
         raise ValueError(f"mode {path!r}: module {module_name!r} has no {name!r}; the p2p.Edit subclasses it "
                          f"defines are {_edit_classes(module)}: name one of them after the colon")
-    if not (isinstance(cls, type) and issubclass(cls, Edit)):
+    if not (isinstance(cls, type) and issubclass(cls, Spec)):
         what = "a class" if isinstance(cls, type) else f"a {type(cls).__name__}"
         raise ValueError(f"mode {path!r}: {name!r} is {what} that does not subclass p2p.Edit; an edit spec is a "
                          f"frozen dataclass subclassing p2p.Edit (see docs/settings.md)")
@@ -90,6 +92,15 @@ class EditMethods:
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(Edit)}
         if self.reference_tail and self.mode != "replace":
             raise ValueError("reference_tail applies to mode: replace only")
+        mutual = {k: getattr(self, k) for k in MUTUAL if getattr(self, k) is not None}
+        if self.mode == "masactrl":
+            if self.equalizer or self.spec_args:
+                raise ValueError("mode 'masactrl' takes start_step, start_layer, mask_words and mask_threshold; "
+                                 "equalizer and spec_args belong to other modes")
+            return MutualSelfAttention(**{k: tuple(v) if k == "mask_words" else v for k, v in mutual.items()}), \
+                self.local_blend
+        if mutual:
+            raise ValueError(f"{', '.join(mutual)} are MasaCtrl's knobs: they apply to mode: masactrl only")
         if self.spec_args and self.mode in BUILT_IN:
             raise ValueError(f"spec_args are the fields of your own Edit subclass (mode: module:Class); mode "
                              f"{self.mode!r} takes its knobs as keys of their own")
@@ -119,11 +130,14 @@ class EditMethods:
 
         spec_key = "equalizer" if self.equalizer else "spec_args" if self.spec_args else "mode"
         spec, blend = attempt(spec_key, self.build)
-        attempt("equalizer" if self.equalizer else "edits", lambda: spec.cross_edit(tok, self.prompts),
-                " (fix: a word-swap edit keeps the word count; a reweighted word must be in the edited prompt)")
-        attempt("cross_replace_steps", lambda: time_word_alpha(tok, self.prompts, self.num_steps,
-                                                               spec.cross_replace_steps))
-        attempt("self_replace_steps", lambda: self_window(self.num_steps, spec.self_replace_steps))
+        attempt("mask_words" if self.mask_words else "mode", lambda: spec.attention(tok, self.prompts))
+        edit = spec.map_edit()
+        if edit is not None:
+            attempt("equalizer" if self.equalizer else "edits", lambda: edit.cross_edit(tok, self.prompts),
+                    " (fix: a word-swap edit keeps the word count; a reweighted word must be in the edited prompt)")
+            attempt("cross_replace_steps", lambda: time_word_alpha(tok, self.prompts, self.num_steps,
+                                                                   edit.cross_replace_steps))
+            attempt("self_replace_steps", lambda: self_window(self.num_steps, edit.self_replace_steps))
         if blend is not None:
             attempt("local_blend.words", lambda: word_alpha(tok, self.prompts, blend.words, "LocalBlend words"),
                     " (fix: local_blend.words takes one word of each prompt, source first)")

@@ -31,8 +31,23 @@ Steps = Union[float, tuple, dict]
 EditFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # f(i, M_src, M_edit) -> M_hat
 
 
+class Spec:
+    """The base of every spec: `Edit` (Prompt-to-Prompt's, on the maps) and the specs that act on q, k, v
+    (p2p.mutual.MutualSelfAttention). A spec gives the controller two parts, either of which may be None:
+    `map_edit()`, the Edit whose functions of the step and the maps run (docs/write-your-own-edit.md), and
+    `attention(tokenizer, prompts)`, an AttentionRule on q, k, v, asked first at every attention call."""
+
+    def attention(self, tokenizer, prompts) -> "AttentionRule | None":
+        """This spec's edit on q, k, v rather than on the maps (an `AttentionRule`), or None."""
+        return None
+
+    def map_edit(self) -> "Edit | None":
+        """The part of this spec edited on the maps, or None."""
+        return None
+
+
 @dataclass(frozen=True)
-class Edit:
+class Edit(Spec):
     """The base of every edit spec: Replace, Refine, Reweight and a researcher's own (docs/write-your-own-edit.md).
 
     A spec is a frozen dataclass of its knobs. Two methods resolve it against the prompts, once, into
@@ -63,6 +78,49 @@ class Edit:
     def self_edit(self, tokenizer, prompts) -> EditFn:
         """This spec's self-attention edit; by default every edited prompt takes the source's map (inject_self)."""
         return lambda i, M_src, M_edit: edits.inject_self(M_src, M_edit.shape[0])
+
+    def map_edit(self) -> "Edit | None":
+        """The part of this spec edited on the maps (cross_edit / self_edit and the shared knobs): itself."""
+        return self
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What an attention-level edit (`AttentionRule`) is told about one attention call, as explicit data.
+
+    The batch is `halves` guidance halves of `prompts` rows each, in order (("uncond", "cond"): the rows
+    [uncond x B, cond x B]; the low-memory mode's conditional call: ("cond",)); in each half row 0 is the
+    source and rows 1..B-1 the targets. `step` is the sampler's UNet call index (0 first), `row` the
+    schedule row it reads, `timestep` its timestep (None if the controller was built without the
+    sampler's calls). `site.block` is the transformer block's position in call order (SD v1: 0-5 down,
+    6 mid, 7-15 up) of the `blocks` the model has. `maps`: the head-averaged cross-attention maps
+    (site, (rows, N, K)) of the sites the rule `keeps`, formed earlier in this same UNet call."""
+    step: int
+    row: int
+    timestep: Union[int, None]
+    site: Site
+    blocks: int
+    prompts: int
+    halves: tuple = ("uncond", "cond")
+    maps: tuple = ()
+    default_side: Union[int, None] = None  # the model's default latent side (models.attention.relative_side)
+
+    def rows(self, half: str) -> slice:
+        """The rows of one guidance half in the call's batch: [source, targets...]."""
+        h = self.halves.index(half)
+        return slice(h * self.prompts, (h + 1) * self.prompts)
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """An edit on q, k, v: attend(call, q, k, v) -> the attention output of every row (rows of q, (rows, heads,
+    N, d), through models.attention.attend), or None for this layer's ordinary path (the Prompt-to-Prompt
+    edit, if any, else plain attention). keeps(call) -> whether the rule reads this cross-attention call's
+    maps later in the same UNet call (`AttentionCall.maps`). check(sites) raises a ValueError where the rule
+    cannot run on a UNet with these sites (a block it names that the model does not have)."""
+    attend: Callable
+    keeps: Callable = field(default=lambda call: False)
+    check: Callable = field(default=lambda sites: None)
 
 
 @dataclass(frozen=True)
@@ -226,6 +284,16 @@ class Controller:
         UNet calls (models/sampler.py), each naming the row it reads; None: call i reads row i."""
         self.B = len(prompts)
         self.rows = call_rows(calls, num_steps)
+        self.timesteps = None if calls is None else tuple(int(c.timestep) for c in calls)
+        self.blocks = len({s.block for s in sites})
+        self.default_side = default_side
+        self.rule = spec.attention(tokenizer, prompts) if spec is not None else None
+        self._maps = (None, [])  # (UNet call, the maps the rule keeps in it)
+        if self.rule is not None:
+            if self.B < 2:
+                raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
+            self.rule.check(sites)
+        spec = spec.map_edit() if spec is not None else None
         self.spec = spec
         self.store = store if store is not None else AttentionStore()
         if default_side is not None:
@@ -369,19 +437,51 @@ class Controller:
         rows alone (the low-memory mode's second call; its unconditional call runs with no override,
         as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass). The
         override sees the call's schedule row as its step."""
-        return partial(self.attend_cond if cond_only else self.attend, self.row(i))
+        fn = self.attend_cond if cond_only else self.attend
+        # the call index too where an attention rule reads it (a subclass's attend(i, site, q, k, v) keeps working)
+        return partial(fn, self.row(i), call=i) if self.rule is not None else partial(fn, self.row(i))
 
-    def attend(self, i: int, site: Site, q, k, v):
-        """Attention of one layer at step i, or None for plain attention. Rows: [uncond x B, cond x B];
-        the unconditional half is never edited or stored."""
+    def override_uncond(self, i: int):
+        """The low-memory mode's unconditional call's override: the attention rule's alone (halves
+        ("uncond",)), or None without one (Prompt-to-Prompt never edits that half)."""
+        if self.rule is None:
+            return None
+        return lambda site, q, k, v: self.by_rule(self.row(i), i, site, q, k, v, ("uncond",))
+
+    def attend(self, i: int, site: Site, q, k, v, call: int | None = None):
+        """Attention of one layer at step (schedule row) i of UNet call `call` (None: i), or None for plain
+        attention. Rows: [uncond x B, cond x B]; the unconditional half is edited by an attention rule only,
+        and never stored."""
+        out = self.by_rule(i, i if call is None else call, site, q, k, v, ("uncond", "cond"))
+        if out is not None:
+            return out
         B = self.B
-        out_c = self.attend_cond(i, site, q[B:], k[B:], v[B:])
+        out_c = self.map_edit_cond(i, site, q[B:], k[B:], v[B:])
         if out_c is None:
             return None
         return torch.cat([attention.attend(q[:B], k[:B], v[:B]), out_c])
 
-    def attend_cond(self, i: int, site: Site, qc, kc, vc):
-        """The conditional rows (source, then edits) of one layer at step i, or None for plain attention."""
+    def attend_cond(self, i: int, site: Site, qc, kc, vc, call: int | None = None):
+        """The conditional rows alone (the low-memory mode's conditional call) of one layer at step i."""
+        out = self.by_rule(i, i if call is None else call, site, qc, kc, vc, ("cond",))
+        return out if out is not None else self.map_edit_cond(i, site, qc, kc, vc)
+
+    def by_rule(self, row: int, i: int, site: Site, q, k, v, halves):
+        """The attention rule's output for this layer of UNet call i (None: it leaves it to the map edit),
+        after keeping the maps it reads later in this UNet call."""
+        if self.rule is None:
+            return None
+        if self._maps[0] != (i, halves) or site.index == 0:
+            self._maps = ((i, halves), [])
+        call = AttentionCall(i, row, None if self.timesteps is None else self.timesteps[i], site,
+                             self.blocks, self.B, halves, tuple(self._maps[1]), self.default_side)
+        if site.is_cross and self.rule.keeps(call):
+            self._maps[1].append((site, attention.attention_probs(q, k).float().mean(1)))
+        return self.rule.attend(call, q, k, v)
+
+    def map_edit_cond(self, i: int, site: Site, qc, kc, vc):
+        """The conditional rows (source, then edits) of one layer at step i under the map edit, or None for
+        plain attention."""
         active = self.cross_active(i) if site.is_cross else self.self_active(i, site)
         keep = self.store.wants(site)
         if not (active or keep):

@@ -20,9 +20,11 @@ Four methods; `invert()` runs one, `edit(sd, prompts, spec, inversion=inv)` edit
 - "direct": Direct Inversion (Ju, Zhang, Liu, Wu, Xu, "PnP Inversion: Boosting Diffusion-based
   Editing with 3 Lines of Code" (Direct Inversion), ICLR 2024): DDIM inversion, then one guided
   pass along the inversion trajectory storing each step's residual r_t = z*_{t-1} - step(z_t). While
-  editing, the source row's latent gets r_t added after each step (before LocalBlend, as their
-  code), so the source branch reproduces the inversion trajectory exactly; the edited rows do
-  not. Cost: DDIM inversion plus one guided pass.
+  editing, the source row is the inversion latent itself after each step (before LocalBlend), so it
+  follows the inversion trajectory exactly and ends on the photo's latents; the edited rows do not.
+  Their code adds r_t instead (`source_row="residual"`): exact only while the edit's UNet calls round
+  as the inversion's pass did, which explicit maps kept for LocalBlend or another batch size break,
+  and the sampling dynamics amplify any difference. Cost: DDIM inversion plus one guided pass.
 
 Memory (null-text): the UNet's parameters never require grad during the optimisation (restored
 afterwards); the unconditional embedding is the only leaf, and grad is enabled only around the
@@ -50,7 +52,7 @@ from models.sd import SAMPLERS
 from weights_tools.files import write_bytes_atomic
 
 from .config import InvertConfig
-from .settings import METHODS, check_values, refuse_old_names
+from .settings import METHODS, SOURCE_ROWS, check_values, refuse_old_names
 from .fingerprint import DTYPES, Fingerprint, fingerprint
 from .images import load_image
 from .pipeline import denoise, guidance, guided_step, picture_size
@@ -126,20 +128,65 @@ class Inversion:
                                  f"an edit from an inversion uses the inversion's settings (leave {key} out)")
         return mine | {"latents": self.x_T, "sampler": self.sampler}
 
-    def guidance_inputs(self, sd, cond: torch.Tensor):
+    def guidance_inputs(self, sd, cond: torch.Tensor, scheduler=None, source_row: str | None = None):
         """(uncond, correction) for `pipeline.denoise`: the unconditional embedding(s) every row gets,
-        and the per-step latent correction (Direct Inversion) or None. cond: (B, 77, d), row 0 the source."""
+        and the per-step correction of the source row (`source_correction`) or None. cond: (B, 77, d), row 0
+        the source; scheduler: the edit's sampler (None: this inversion's own)."""
         dev = dict(device=sd.device, dtype=sd.dtype)
+        scheduler = scheduler if scheduler is not None else sd.scheduler(self.num_steps, self.steps_offset,
+                                                                         self.sampler)
+        correction = self.source_correction(sd, scheduler, source_row)
         if self.method == "null-text":  # the same {empty}_t for the source and the edited rows, as the reference
-            return [u.to(**dev)[None] for u in self.uncond_embeddings], None
+            return [u.to(**dev)[None] for u in self.uncond_embeddings], correction
         if self.method == "negative-prompt":  # the source prompt's embedding as the unconditional one
-            return cond[:1], None
-        uncond = sd.encode_text([""])
-        if self.method == "direct":
+            return cond[:1], correction
+        return sd.encode_text([""]), correction
+
+    def source_row_mode(self, source_row: str | None) -> str:
+        """The source row's rule (SOURCE_ROWS): the one given, else "trajectory" for Direct Inversion, "free"
+        for the others."""
+        mode = source_row if source_row is not None else "trajectory" if self.method == "direct" else "free"
+        if mode not in SOURCE_ROWS:
+            raise ValueError(f"source_row must be one of {', '.join(SOURCE_ROWS)}, got {mode!r}")
+        if mode == "residual" and self.residuals is None:
+            raise ValueError(f"source_row='residual' adds Direct Inversion's residuals, which a {self.method!r} "
+                             f"inversion has none of: invert with method='direct', or use source_row='trajectory'")
+        return mode
+
+    def latents_at(self, sd, timesteps) -> list:
+        """The inversion's latent at each of these timesteps, each one of the inversion's own (trajectory[k] is
+        the latent after k inversion steps, at the k-th smallest timestep)."""
+        own = [c.timestep for c in step_calls(sd.scheduler(self.num_steps, self.steps_offset, self.sampler))]
+        where = {t: len(own) - k for k, t in enumerate(own)}  # own is descending: own[0] is trajectory[-1]
+        missing = [int(t) for t in timesteps if int(t) not in where]
+        if missing:
+            raise ValueError(f"the edit's timesteps {missing} are not among the inversion's ({own[::-1]}): the "
+                             f"source row can follow the inversion only at timesteps it visited; edit with the "
+                             f"inversion's steps and offset, or invert with steps that contain the edit's")
+        return [self.trajectory[where[int(t)]] for t in timesteps]
+
+    def source_correction(self, sd, scheduler, source_row: str | None = None):
+        """correction(i, x) -> x after UNet call i of the edit (pipeline.denoise), for the source row's rule:
+
+        - "trajectory" (Direct Inversion's default): the source row is set to the inversion's latent at the
+          next call's timestep, and after the last call to the photo's latents trajectory[0]: it follows the
+          inversion exactly, so its picture is the photo's (up to the VAE), whatever else the edit changes;
+        - "inputs": the same before every call, but the last call's output is kept (MasaCtrl's
+          `ref_intermediate_latents`: the source's final latent is one step from the last inversion latent);
+        - "residual": Direct Inversion's additive form, x_src + r_i (PnPInversion's code): exact only where
+          the edit's UNet calls round as the inversion's pass did;
+        - "free": no correction (DDIM, null-text and negative-prompt inversions' default)."""
+        mode = self.source_row_mode(source_row)
+        dev = dict(device=sd.device, dtype=sd.dtype)
+        if mode == "free":
+            return None
+        if mode == "residual":
             residuals = [r.to(**dev) for r in self.residuals]
-            # only the source row is corrected: it then retraces the inversion trajectory
-            return uncond, lambda i, x: torch.cat([x[:1] + residuals[i], x[1:]])
-        return uncond, None
+            return lambda i, x: torch.cat([x[:1] + residuals[i], x[1:]])
+        calls = step_calls(scheduler)
+        nxt = [z.to(**dev) for z in self.latents_at(sd, [c.timestep for c in calls[1:]])]
+        nxt.append(self.trajectory[0].to(**dev) if mode == "trajectory" else None)
+        return lambda i, x: x if nxt[i] is None else torch.cat([nxt[i].expand(1, *x.shape[1:]), x[1:]])
 
     def check_model(self, sd, allow_other_model: bool = False) -> None:
         """An error (a warning with allow_other_model) when `sd` holds other weights than the model this
@@ -328,14 +375,19 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def step_timesteps(scheduler) -> list[int]:
-    """The timesteps of the sampler's calls, which the inversions retrace one per step (call i reading row i)."""
+def step_calls(scheduler) -> tuple:
+    """The sampler's calls, which the inversions retrace one per step (call i reading row i)."""
     calls = scheduler.calls
     if [c.row for c in calls] != list(range(scheduler.num_steps)):
         raise ValueError(f"the inversions retrace one UNet call per step, but {type(scheduler).__name__} makes "
                          f"{len(calls)} calls for {scheduler.num_steps} steps (reading the rows "
                          f"{[c.row for c in calls]}); invert with a sampler of one call per step, such as 'ddim'")
-    return [c.timestep for c in calls]
+    return calls
+
+
+def step_timesteps(scheduler) -> list[int]:
+    """The timesteps of the sampler's calls, which the inversions retrace one per step."""
+    return [c.timestep for c in step_calls(scheduler)]
 
 
 @torch.no_grad()
@@ -472,13 +524,14 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
 
 @torch.no_grad()
 def reconstruct(sd, inversion: Inversion, progress: bool = True, low_memory: bool = False,
-                allow_other_model: bool = False) -> torch.Tensor:
-    """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets).
+                allow_other_model: bool = False, source_row: str | None = None) -> torch.Tensor:
+    """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets,
+    under the same `source_row` rule, see Inversion.source_correction).
     An inversion made with other weights than `sd`'s is refused (warned of with allow_other_model)."""
     inversion.check_model(sd, allow_other_model)
     cond = sd.encode_text([inversion.prompt])
-    uncond, correction = inversion.guidance_inputs(sd, cond)
     scheduler = sd.scheduler(inversion.num_steps, inversion.steps_offset, inversion.sampler)
+    uncond, correction = inversion.guidance_inputs(sd, cond, scheduler, source_row)
     return denoise(sd, cond, uncond, inversion.x_T, scheduler,
                    inversion.guidance_scale, progress=progress, desc="reconstruction", correction=correction,
                    low_memory=low_memory)

@@ -62,15 +62,16 @@ def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) ->
 
 
 def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None,
-                low_memory: bool = False) -> torch.Tensor:
+                low_memory: bool = False, uncond_override=None) -> torch.Tensor:
     """One guided sampler step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
     methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference; low_memory:
     two calls of B rows, the unconditional one with no override (attn_override must then take the
-    conditional rows alone: `Controller.override(i, cond_only=True)`).
+    conditional rows alone: `Controller.override(i, cond_only=True)`; uncond_override, if given, steers the
+    unconditional call: an attention rule's, `Controller.override_uncond(i)`).
     cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
     uncond = uncond.expand(x.shape[0], -1, -1)
     if low_memory:  # the reference's LOW_RESOURCE: half the UNet's activations at a time
-        eps_u = sd.eps(x, t, uncond)
+        eps_u = sd.eps(x, t, uncond, attn_override=uncond_override)
         eps_c = sd.eps(x, t, cond, attn_override=attn_override)
     else:
         eps_u, eps_c = sd.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override).chunk(2)
@@ -104,10 +105,12 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
     timesteps = [c.timestep for c in scheduler.calls]
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-        override = None
+        override = uncond_override = None
         if controller is not None:  # (a controller without the low-memory mode need not take cond_only)
             override = controller.override(i, cond_only=True) if low_memory else controller.override(i)
-        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override, low_memory)
+            if low_memory and hasattr(controller, "override_uncond"):
+                uncond_override = controller.override_uncond(i)
+        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override, low_memory, uncond_override)
         if correction is not None:
             x = correction(i, x)
         if controller is not None:
@@ -170,7 +173,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
          num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = EditConfig.height,
          width: int | None = EditConfig.width, steps_offset: int | None = None, sampler: str | None = None, store=None,
          fast: bool = True, progress: bool = True, inversion=None, low_memory: bool = False,
-         offload: bool = False, allow_other_model: bool = False) -> Output:
+         offload: bool = False, allow_other_model: bool = False,
+         source_row: str | None = EditConfig.source_row) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's
@@ -187,8 +191,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     per-step correction come from it, prompts[0] must be its prompt, and steps / guidance / offset / size
     are its own (passing a different value is an error; `seed` is unused); it samples with the inversion's
     sampler (one with an inverse step: DDIM).
-    An inversion made with other weights than `sd`'s is an error, a warning with allow_other_model
-    (see Inversion.check_model)."""
+    Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
+    source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if inversion is not None:
         inversion.check_model(sd, allow_other_model)
@@ -200,7 +204,9 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     steps_offset = EditConfig.steps_offset if steps_offset is None else steps_offset
     sampler = EditConfig.sampler if sampler is None else sampler
     check_values(EditConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
-                            steps_offset=steps_offset, sampler=sampler), "edit()")
+                            steps_offset=steps_offset, sampler=sampler, source_row=source_row), "edit()")
+    if source_row is not None and inversion is None:
+        raise ValueError(f"source_row={source_row!r} says how the source row follows an inversion: pass inversion=")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
@@ -208,7 +214,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
                             calls=scheduler.calls, default_side=sd.cfg.image_size)
     with visiting(sd, "text_encoder", offload):
         cond = sd.encode_text(prompts)
-        uncond, correction = (inversion.guidance_inputs(sd, cond) if inversion is not None
+        uncond, correction = (inversion.guidance_inputs(sd, cond, scheduler, source_row) if inversion is not None
                               else (sd.encode_text([""]), None))
     z0 = denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller, progress=progress,
                  desc="Prompt-to-Prompt", correction=correction, low_memory=low_memory)

@@ -40,9 +40,11 @@ from .control import Edit, Replace
 # "spec": the edit spec's knobs (fields of p2p.Edit and the built-in specs)
 GROUPS = {"sampling": ("GenerateConfig", "EditConfig", "InvertConfig"), "model": ("GenerateConfig", "EditConfig"),
           "seed": ("GenerateConfig", "EditConfig"), "generate": ("GenerateConfig",), "edit": ("EditConfig",),
-          "spec": ("EditConfig",), "local_blend": (), "invert": ("InvertConfig",)}
-KEYWORD_GROUPS = ("sampling", "seed", "invert")  # the API functions take these settings as keyword arguments
+          "spec": ("EditConfig",), "local_blend": (), "invert": ("InvertConfig",), "photo": ("EditConfig",),
+          "mutual": ("EditConfig",)}
+KEYWORD_GROUPS = ("sampling", "seed", "invert", "photo")  # the API functions take these settings as keyword arguments
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")  # inversion methods (see p2p.inversion)
+SOURCE_ROWS = ("trajectory", "inputs", "residual", "free")  # an edit's source row from an inversion (see there)
 WEIGHT_RANGE = (-10000, 10000)  # a reweighting c; the reference's examples use -5 to 10
 CKPT_HELP = ("an SD / SDXL / LDM .safetensors, .ckpt or diffusers folder, or a name of weights_tools.registry "
              "('miniature': the miniature SD that ships with the project)")
@@ -177,7 +179,8 @@ SETTINGS = (
     Setting("edits", (), (list,), "the edited prompts P* (the flag once per prompt)", "--edit",
             cli={"action": "append"}),
     Setting("mode", "replace", (str,), "replace | refine | reweight (a Reweight on top of replace / refine when "
-            "an equalizer is given), or module:Class: your own p2p.Edit subclass", "--mode"),
+            "an equalizer is given), masactrl (MasaCtrl's mutual self-attention, docs/masactrl.md), or "
+            "module:Class: your own p2p.Edit subclass", "--mode"),
     Setting("spec_args", None, (dict,), "mode module:Class: its own fields, {FIELD: VALUE}", "--spec-arg",
             entries=(object,), cli={"action": "append", "metavar": "FIELD=VALUE"}, parse=parse_spec_args),
     # the edit spec's knobs
@@ -198,6 +201,16 @@ SETTINGS = (
             cli={"action": "append", "metavar": "WORD=C"}, parse=parse_weights),
     Setting("reference_tail", Replace.reference_tail, (bool,), "replace: keep the reference's misaligned tail "
             "after a swapped word of another token count", "--reference-tail", "spec"),
+    # MasaCtrl (mode: masactrl; None: MutualSelfAttention's defaults)
+    Setting("start_step", None, (int,), "masactrl: the first UNet call (0-based) with mutual self-attention "
+            "(default 4)", "--start-step", "mutual", range=(0, 1000)),
+    Setting("start_layer", None, (int,), "masactrl: the first transformer block, in call order (SD v1: 0-5 down, "
+            "6 mid, 7-15 up; default 10)", "--start-layer", "mutual", range=(0, 10000)),
+    Setting("mask_words", None, (list,), "masactrl: (source word, target word): the mask-guided variant "
+            "(MaskAuto), masks from their 16x16 cross-attention maps", "--mask-words", "mutual", sweep=False,
+            cli={"nargs": 2, "metavar": ("SOURCE", "TARGET")}, parse=tuple),
+    Setting("mask_threshold", None, (float, int), "masactrl: the mask threshold on the min-max normalised maps "
+            "(default 0.1)", "--mask-threshold", "mutual", range=(0, 1)),
     # LocalBlend
     Setting("local_blend", None, (dict,), "LocalBlend: outside the blend words' mask the edit keeps the source"),
     Setting("local_blend.words", None, (list,), "one word per prompt, source first ([a, b] or a,b: several "
@@ -219,6 +232,12 @@ SETTINGS = (
             old=("blend_level",)),
     Setting("local_blend.pool", LocalBlend.pool, (bool,), "max-pool the map 3x3 before resizing it (false: the "
             "LDM notebook's unpooled map)", "--blend-pool", "local_blend"),
+    # editing a photo
+    Setting("source_row", None, (str,), "editing from an inversion: trajectory (the source row is the inversion "
+            "latent at every step and ends on the photo's), inputs (the inversion latent before every step, the "
+            "last step's output kept: MasaCtrl's ref_intermediate_latents), residual (Direct Inversion's additive "
+            "form, as PnPInversion), free (no correction); default: trajectory for direct, free otherwise",
+            "--source-row", "photo", choices=SOURCE_ROWS, source=True, sweep=False),
     # what the run records
     Setting("show_attention", False, (bool,), "also write per-token attention pictures of every prompt",
             "--show-attention", sweep=False),

@@ -156,6 +156,11 @@ local_blend: {{words: [bicycle, [car, dog], 5], threshold: 0.4, start_blend: 0.2
               th: [0.3, 0.5], level: 1, pool: false}}
 show_attention: true
 description: everything at once
+source_row: inputs
+start_step: null
+start_layer: null
+mask_words: null
+mask_threshold: null
 """
 EVERYTHING_FLAGS = ["--steps", "3", "--guidance", "5", "--steps-offset", "0", "--height", "64", "--width", "96",
                     "--sampler", "ddim", "--seed", "8888", "--ckpt", str(CKPT), "--prompt", "a cat riding a bicycle",
@@ -165,7 +170,8 @@ EVERYTHING_FLAGS = ["--steps", "3", "--guidance", "5", "--steps-offset", "0", "-
                     "--self-max-res", "32", "--weight", "car=2,1", "--weight", "cat=3", "--no-reference-tail",
                     "--blend", "bicycle", "car,dog", "5", "--blend-threshold", "0.4", "--blend-start", "0.2",
                     "--blend-substruct", "cat", "cat", "dog", "--blend-th", "0.3", "0.5", "--blend-level", "1",
-                    "--no-blend-pool", "--show-attention", "--description", "everything at once"]
+                    "--no-blend-pool", "--show-attention", "--description", "everything at once",
+                    "--source-row", "inputs"]
 
 
 def test_the_command_line_says_everything_a_file_can(tmp_path):
