@@ -255,10 +255,13 @@ def test_an_inversion_of_another_kind_of_model_is_refused_before_the_loop(tiny_s
     sdxl = ours()
     pattern = (r"null-text embeddings are \(77, \d+\), where this model's text context is \(78, \d+\)"
                if method == "null-text" else r"its x_T is \(1, 8, \d+, \d+\), where this model samples \(1, 4,")
-    sdxl.unet.register_forward_pre_hook(lambda *a: pytest.fail("the loop ran"))
-    with pytest.raises(ValueError, match=r"this inversion does not fit this SDXL model: .*" + pattern
-                       + r".*allow_other_model waives other weights, not other shapes"):
-        edit(sdxl, ["a cat", "a dog"], None, inversion=inv, allow_other_model=True, progress=False)
+    hook = sdxl.unet.register_forward_pre_hook(lambda *a: pytest.fail("the loop ran"))  # (a shared model)
+    try:
+        with pytest.raises(ValueError, match=r"this inversion does not fit this SDXL model: .*" + pattern
+                           + r".*allow_other_model waives other weights, not other shapes"):
+            edit(sdxl, ["a cat", "a dog"], None, inversion=inv, allow_other_model=True, progress=False)
+    finally:
+        hook.remove()
 
 
 # ------------------------------------------------------------------------------------ false refusals

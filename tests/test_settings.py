@@ -127,7 +127,7 @@ def test_declared_ranges_and_choices():
         check_values(EditConfig(self_replace_max_res=0), "x")
     with pytest.raises(ValueError, match=r"x: 'method' must be one of null-text, ddim"):
         check_values(InvertConfig(method="dmd"), "x")
-    with pytest.raises(ValueError, match=r"x: 'num_inner_steps' must be a finite number at least 0, got -1"):
+    with pytest.raises(ValueError, match=r"x: 'num_inner_steps' must be a finite number from 0 to 1000, got -1"):
         check_values(InvertConfig(num_inner_steps=-1), "x")
     with pytest.raises(ValueError, match=r"'sampler' must be one of " + ", ".join(p2p.settings.SAMPLERS)):
         check_values(GenerateConfig(sampler="euler"), "x")
