@@ -18,6 +18,7 @@ one, discarding the pooling: `pool=False` does the same.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,19 @@ class LocalBlend:
         except ValueError as err:
             raise ValueError(f"LocalBlend {err}") from None
         return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds(), self.pool)
+
+
+def for_model(blend: LocalBlend | None, sd) -> LocalBlend | None:
+    """`blend` with the model's recommended level (`sd.blend_level`, a named checkpoint's) where it gives none:
+    the one rule for which maps a mask, and the pictures of it, are made from."""
+    if blend is None or blend.level is not None:
+        return blend
+    return dataclasses.replace(blend, level=model_level(sd))
+
+
+def model_level(sd) -> int | None:
+    """The level a model's masks and attention pictures read by default (None: the deepest)."""
+    return getattr(sd, "blend_level", None)
 
 
 def word_alpha(tokenizer, prompts, words, what: str) -> torch.Tensor:

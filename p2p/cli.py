@@ -23,9 +23,10 @@ import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
 from weights_tools.load import IgnoredKeys
 from weights_tools.files import file_sha256, json_bytes, write_files_atomic
-from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
+from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
 
-from .config import EditConfig, GenerateConfig, InvertConfig, check_values, load_edit_config, to_dict
+from .blend import model_level
+from .config import EditConfig, GenerateConfig, InvertConfig, check_config_ckpt, check_values, load_edit_config, to_dict
 from .images import open_image
 from .inversion import reconstruct, require_inverse_step
 from .pipeline import to_uint8
@@ -61,6 +62,8 @@ def edit_config(args) -> EditConfig:
     """The edit's settings: the defaults, then --config FILE, then the flags given (a flag replaces its key's
     value)."""
     cfg = load_edit_config(args.config) if args.config else EditConfig()
+    if args.config and args.ckpt is None:  # the file's checkpoint, relative to the file
+        check_config_ckpt(cfg.ckpt, args.config)
     cfg = dataclasses.replace(cfg, **given(args, EditConfig), local_blend=local_blend_flags(args, cfg.local_blend))
     for key, flag in (("prompt", "--prompt"), ("edits", "--edit")):
         if not getattr(cfg, key):
@@ -169,8 +172,8 @@ def cmd_edit(args) -> int:
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, store=store, **api_keywords(cfg, "EditConfig"),
                    inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
-    if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
-        level = blend.level if blend is not None and blend.level is not None else named_blend_level(cfg.ckpt)
+    if cfg.show_attention:  # the maps LocalBlend reads: its level, else the model's recommended one, else the deepest
+        level = blend.level if blend is not None and blend.level is not None else model_level(sd)
         pics = attention_pictures(out.attention, out.images, cfg.prompts, sd.tokenizer, level)
         outputs |= {attention_path(output, kind, i): pic for kind, row in pics.items() for i, pic in enumerate(row)}
     record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args) | memory_options(args)

@@ -214,7 +214,8 @@ SETTINGS = (
             "threshold)", "--blend-th", "local_blend", old=("blend_th",),
             cli={"nargs": 2, "type": float, "metavar": ("MASK", "SUBSTRUCT")}, parse=tuple),
     Setting("local_blend.level", LocalBlend.level, (int,), "resolution level of the maps the mask is made from "
-            "(default: the deepest; 0 for the miniature's 16x16 maps)", "--blend-level", "local_blend",
+            "(default: the named checkpoint's recommended level, the miniature's 0: its 16x16 maps; else the "
+            "deepest)", "--blend-level", "local_blend",
             old=("blend_level",)),
     Setting("local_blend.pool", LocalBlend.pool, (bool,), "max-pool the map 3x3 before resizing it (false: the "
             "LDM notebook's unpooled map)", "--blend-pool", "local_blend"),

@@ -1,0 +1,59 @@
+"""What a newcomer meets first: one rule for which attention maps a mask and its pictures read, defaults
+that follow the named checkpoint, files and messages that behave like the rest of the tools."""
+import pytest
+import torch
+
+import p2p
+from p2p import LocalBlend, Replace
+from p2p.miniature.demo import ROWS
+from weights_tools import load_checkpoint
+
+SRC, DST, WORDS, SEED = ROWS[1][1:]
+KW = dict(num_steps=4, guidance_scale=5.0, progress=False, seed=SEED)
+
+
+def test_named_checkpoint_recommends_its_blend_level_to_the_api(tmp_path):
+    """load_checkpoint("miniature") carries its recommended level; LocalBlend without a level reads it in
+    edit(), so the API, the command line and a sweep (all through edit()) make one mask."""
+    sd = load_checkpoint("miniature")
+    assert sd.blend_level == 0
+    blend = lambda lv: LocalBlend(WORDS, threshold=0.5, level=lv)  # noqa: E731
+    default, zero, deep = (p2p.edit(sd, [SRC, DST], Replace(), local_blend=blend(lv), **KW).latents
+                           for lv in (None, 0, 1))
+    assert torch.equal(default, zero) and not torch.equal(default, deep)
+
+
+def test_loaded_parameters_need_no_grad(golden_dir):
+    """The weights come back frozen: sd.decode() outside torch.no_grad() gives a picture to_uint8 takes."""
+    sd = load_checkpoint(golden_dir / "tiny-sd-a.safetensors")
+    assert sd.blend_level is None  # a path: the deepest level
+    assert not any(p.requires_grad for p in sd.parameters())
+    z = torch.zeros(1, 4, sd.cfg.image_size, sd.cfg.image_size)
+    assert p2p.pipeline.to_uint8(sd.decode(z)).dtype == "uint8"
+
+
+def test_a_config_s_checkpoint_path_is_relative_to_the_config(tmp_path, monkeypatch, golden_dir, capsys):
+    """`ckpt:` in an edit or ablation file means the file beside it from any working directory (not a
+    same-named file in the working directory); a missing one is an error naming the config file."""
+    from p2p.cli import main
+    from p2p.config import load_ablation, load_edit_config
+
+    folder, elsewhere = tmp_path / "configs", tmp_path / "work"
+    folder.mkdir(), elsewhere.mkdir()
+    (folder / "m.safetensors").symlink_to(golden_dir / "tiny-sd-a.safetensors")
+    (elsewhere / "m.safetensors").write_bytes(b"not this one")
+    edit = folder / "e.yaml"
+    edit.write_text("ckpt: m.safetensors\nprompt: a cat riding a bicycle\nedits: [a cat riding a car]\n")
+    abl = folder / "a.yaml"
+    abl.write_text("base: e.yaml\ngrid: {cross_replace_steps: [0.2, 0.8]}\n")
+    monkeypatch.chdir(elsewhere)
+    assert load_edit_config(edit).ckpt == str(folder / "m.safetensors")
+    assert load_ablation(abl)["base"]["ckpt"] == str(folder / "m.safetensors")
+    assert load_ablation(abl, {"ckpt": "m.safetensors"})["base"]["ckpt"] == str(elsewhere / "m.safetensors")
+    edit.write_text("ckpt: gone.safetensors\nprompt: a cat riding a bicycle\nedits: [a cat riding a car]\n")
+    assert main(["edit", "--config", str(edit), "-o", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert str(edit) in err and "relative to the file's folder" in err and str(folder / "gone.safetensors") in err
+    with pytest.raises(FileNotFoundError, match=r"a\.yaml.*relative to the file's folder"):
+        abl.write_text("ckpt: gone.safetensors\nbase: e.yaml\ngrid: {cross_replace_steps: [0.2, 0.8]}\n")
+        load_ablation(abl)
