@@ -1,5 +1,7 @@
 """What a newcomer meets first: one rule for which attention maps a mask and its pictures read, defaults
 that follow the named checkpoint, files and messages that behave like the rest of the tools."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,3 +59,21 @@ def test_a_config_s_checkpoint_path_is_relative_to_the_config(tmp_path, monkeypa
     with pytest.raises(FileNotFoundError, match=r"a\.yaml.*relative to the file's folder"):
         abl.write_text("ckpt: gone.safetensors\nbase: e.yaml\ngrid: {cross_replace_steps: [0.2, 0.8]}\n")
         load_ablation(abl)
+
+
+def test_shipped_pictures_come_from_a_trained_model():
+    """The shipped ablations and the notebooks draw with the miniature (a trained model: pictures of its
+    prompts), not the random tiny checkpoint whose pictures are noise."""
+    import json
+
+    from p2p.config import load_ablation
+    from weights_tools.registry import CHECKPOINTS
+
+    root = Path(__file__).parent.parent
+    for path in sorted((root / "configs" / "ablations").glob("*.yaml")):
+        assert load_ablation(path)["base"]["ckpt"] in CHECKPOINTS, path.name
+    for path in sorted((root / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        if any("display(" in "".join(c["source"]) and "image" in "".join(c["source"]) for c in cells):
+            params = "".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"])
+            assert 'os.environ.get("P2P_CKPT", "miniature")' in params, path.name
