@@ -77,3 +77,26 @@ def test_shipped_pictures_come_from_a_trained_model():
         if any("display(" in "".join(c["source"]) and "image" in "".join(c["source"]) for c in cells):
             params = "".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"])
             assert 'os.environ.get("P2P_CKPT", "miniature")' in params, path.name
+
+
+def test_make_tiny_ships_a_tiny_ldm_and_refuses_a_full_size_model(tmp_path, monkeypatch, capsys):
+    """`--config tiny-ldm` writes a small LDM-400M-shaped file that loads with a BERT-sized vocabulary;
+    `--config ldm-400m` is refused from its shapes, before anything is allocated; a path from another
+    folder is not turned into configs/configs/X.yaml.yaml but answered with the shipped name."""
+    import ldm_oracles as L
+    from weights_tools.make_tiny import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["t.safetensors", "--config", "tiny-ldm"]) == 0
+    vocab = tmp_path / "vocab.txt"  # 30522 ids, as BERT's uncased vocabulary
+    vocab.write_text("\n".join(L.VOCAB + [f"[unused{i}]" for i in range(30522 - len(L.VOCAB))]) + "\n")
+    sd = load_checkpoint(tmp_path / "t.safetensors", tokenizer=vocab)
+    assert sd.cfg.family == "ldm" and sum(p.numel() for p in sd.parameters()) < 10_000_000
+    monkeypatch.setattr("weights_tools.tiny.tiny_state_dict", lambda *a: pytest.fail("allocated a full-size model"))
+    assert main(["big.safetensors", "--config", "ldm-400m"]) == 2
+    err = capsys.readouterr().err
+    assert "full-size model" in err and "billion parameters" in err and "--full-size" in err
+    assert main(["x.safetensors", "--config", "configs/tiny.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "configs/configs" not in err and "did you mean the shipped 'tiny'" in err
+    assert not list(tmp_path.glob("big*")) and not list(tmp_path.glob("x.*"))
