@@ -1,5 +1,10 @@
 """What a newcomer meets first: one rule for which attention maps a mask and its pictures read, defaults
 that follow the named checkpoint, files and messages that behave like the rest of the tools."""
+import json
+import os
+import subprocess
+import sys
+import stat
 from pathlib import Path
 
 import pytest
@@ -100,3 +105,67 @@ def test_make_tiny_ships_a_tiny_ldm_and_refuses_a_full_size_model(tmp_path, monk
     err = capsys.readouterr().err
     assert "configs/configs" not in err and "did you mean the shipped 'tiny'" in err
     assert not list(tmp_path.glob("big*")) and not list(tmp_path.glob("x.*"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_get_the_mode_pictures_get(tmp_path, umask):
+    """A written checkpoint's permissions are a picture's: 0666 less the umask (0644 under 022), not 0600."""
+    from weights_tools.files import write_bytes_atomic
+    from weights_tools.tiny import make_tiny
+
+    old = os.umask(umask)
+    try:
+        ckpt = make_tiny(tmp_path / "t.safetensors")
+        picture = write_bytes_atomic(tmp_path / "p.png", b"png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(ckpt.stat().st_mode) == stat.S_IMODE(picture.stat().st_mode) == 0o666 & ~umask
+
+
+def test_the_commands_take_the_miniature_by_name(tmp_path, capsys):
+    """`p2p inspect miniature` describes it; `p2p invert` without --ckpt inverts with it, as generate and
+    edit do; `p2p edit --inversion F` without --prompt edits from the prompt F holds."""
+    from PIL import Image
+
+    from p2p.cli import main
+
+    assert main(["inspect", "miniature"]) == 0
+    assert "miniature.safetensors" in capsys.readouterr().out
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (30, 60, 230)).save(photo)
+    inv = tmp_path / "c.inv"
+    assert main(["invert", "--image", str(photo), "--prompt", SRC, "--method", "ddim", "--steps", "2",
+                 "-o", str(inv)]) == 0
+    assert p2p.Inversion.load(inv).prompt == SRC
+    assert main(["edit", "--inversion", str(inv), "--edit", DST, "-o", str(tmp_path / "e.png")]) == 0
+    record = json.loads((tmp_path / "e.png.json").read_text())
+    assert record["settings"]["prompt"] == SRC and record["settings"]["edits"] == [DST]
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`p2p inspect X | head -1`: one line, no "Broken pipe" and no traceback on stderr."""
+    cmd = f"{sys.executable} -m p2p.cli inspect miniature | head -1"
+    run = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert len(run.stdout.splitlines()) == 1 and run.stderr == "", run.stderr
+
+
+def test_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """The CPU allocator's RuntimeError reaches the command line as one line with what to try; any other
+    RuntimeError stays an exception (a bug is not hidden)."""
+    from p2p.cli import main
+
+    def alloc(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 171798691840 bytes.")
+    monkeypatch.setattr(p2p, "generate", alloc)
+    argv = ["generate", "--prompt", SRC, "--steps", "1", "-o", str(tmp_path / "g.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--low-memory" in err and "Traceback" not in err
+    def bug(*a, **k):
+        raise RuntimeError("bug")
+    monkeypatch.setattr(p2p, "generate", bug)
+    with pytest.raises(RuntimeError, match="bug"):
+        main(argv)
+    assert not list(tmp_path.iterdir())
