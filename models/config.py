@@ -390,10 +390,11 @@ def load_config(path_or_name) -> SDConfig:
         path = CONFIG_DIR / f"{path_or_name}.yaml"
     if not path.exists():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        near = Path(path_or_name).stem if Path(path_or_name).stem in names else None
+        stem = Path(path_or_name).stem
+        near = f"; did you mean the shipped {stem!r}?" if stem in names else ""
         raise FileNotFoundError(f"config {str(path_or_name)!r} not found: no such file from {Path.cwd()}, and no "
-                                f"shipped config of that name" + (f"; did you mean the shipped {near!r}?" if near else "")
-                                + f" (the shipped configs: {', '.join(names)}; give a name or a path to a YAML file)")
+                                f"shipped config of that name{near} (the shipped configs: {', '.join(names)}; give a "
+                                f"name or a path to a YAML file)")
     with open(path) as f:
         d = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
     if not isinstance(d, dict) or not ("model" in d or "params" in d):

@@ -30,7 +30,8 @@ from .config import EditConfig, GenerateConfig, InvertConfig, check_config_ckpt,
 from .images import open_image
 from .inversion import reconstruct, require_inverse_step
 from .pipeline import to_uint8
-from .settings import add_flags, flag_values, keywords, markdown_table, setting, settings_of, write_table
+from .settings import (add_flags, flag_values, keywords, markdown_table, setting, settings_of, use_threads,
+                       write_table)
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option, model_option_flags
 from .viz import attention_pictures, image_bytes, image_format, image_grid
@@ -340,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=20)
     dtype_option(d)
     d.set_defaults(func=cmd_demo)
+    for name, q in sub.choices.items():
+        if name != "sweep":  # the sweep's parser has it (p2p.sweep.command.add_arguments)
+            add_flags(q, settings_of("run"))
     return p
 
 
@@ -355,6 +359,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv  # the sidecar's record of the command (main() runs in-process too: `p2p demo`, tests)
     try:
+        use_threads(flag_values(args, ["threads"]).get("threads"))
         rc = args.func(args)
         sys.stdout.flush()  # a closed pipe (`p2p inspect X | head`) shows here, inside the handler
         return rc

@@ -1,5 +1,6 @@
 """What a newcomer meets first: one rule for which attention maps a mask and its pictures read, defaults
 that follow the named checkpoint, files and messages that behave like the rest of the tools."""
+import argparse
 import json
 import os
 import subprocess
@@ -169,3 +170,46 @@ def test_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys, tmp_pat
     with pytest.raises(RuntimeError, match="bug"):
         main(argv)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def threads_kept():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_every_command_takes_threads(threads_kept, monkeypatch, capsys):
+    """--threads N on every command sets torch's CPU threads; auto (the default) is torch's count where the
+    cores are idle and one thread where other processes keep them busy; a bad value is a clear error."""
+    from p2p import settings
+    from p2p.cli import main, parser
+    from p2p.sweep.command import add_arguments
+
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    for name, q in sub.choices.items():
+        assert "--threads" in q.format_help(), name
+    assert "--threads" in add_arguments(argparse.ArgumentParser()).format_help()
+    assert main(["inspect", "miniature", "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    monkeypatch.setattr(settings.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    torch.set_num_threads(settings.cpu_cores())
+    assert settings.auto_threads() == settings.cpu_cores()
+    assert main(["inspect", "miniature"]) == 0 and torch.get_num_threads() == settings.cpu_cores()
+    monkeypatch.setattr(settings.os, "getloadavg", lambda: (8.0, 8.0, 8.0))  # every core busy
+    assert settings.auto_threads() == 1 and main(["inspect", "miniature", "--threads", "auto"]) == 0
+    assert torch.get_num_threads() == 1
+    capsys.readouterr()
+    for bad in ("0", "two", "1.5"):
+        assert main(["inspect", "miniature", "--threads", bad]) == 2
+        assert "threads" in capsys.readouterr().err
+
+
+def test_the_shipped_sidecar_holds_only_current_keys():
+    """docs/edit.png.json, the example of a run's record, uses the names a config file takes today (an old
+    name there is one the README calls an error)."""
+    from p2p.config import EDIT_KEYS
+    from p2p.settings import renamed
+
+    record = json.loads((Path(__file__).parent.parent / "docs" / "edit.png.json").read_text())
+    keys = set(record["settings"])
+    assert keys <= set(EDIT_KEYS) and not keys & set(renamed()), keys - set(EDIT_KEYS)

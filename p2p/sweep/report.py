@@ -60,7 +60,8 @@ def legend(ab: dict) -> list[str]:
     """What the caption lines' numbers are, printed under the figure."""
     th = ab["metrics"]["iou_threshold"]
     return ["PSNR (dB) / SSIM: the edit against the source outside the LocalBlend mask (the whole picture without one)",
-            f"IoU: overlap of the replaced word's and the new word's attention maps, each thresholded at {th} of its max",
+            f"IoU: overlap of the replaced word's and the new word's attention maps, each thresholded at {th} "
+            "of its max",
             "dz: L2 distance between the edit's final latent and the source's",
             "mask: share of the picture inside the LocalBlend mask;  in: mean absolute change inside it (0-1 pixels)"]
 
