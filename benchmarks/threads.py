@@ -76,6 +76,8 @@ def main(argv=None) -> int:
             r = run_variant(a, v)
             seconds[v] += r["seconds"]
             threads[v] = r["threads"]
+            print(f"{v} ({r['threads']} threads): {', '.join(f'{t:.2f}' for t in r['seconds'])} s, load average "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     print(f"{a.ckpt}, {a.steps} steps, size {a.size or 'default'}; {cpu_cores()} cores, torch's default "
           f"{torch.get_num_threads()} threads; load average (1, 5, 15 min) {load0[0]:.1f} {load0[1]:.1f} "

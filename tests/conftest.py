@@ -37,3 +37,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The quick subset, `python -m pytest -q -m "not slow"`, leaves these modules out: the parity tests against
+# diffusers / transformers / open_clip, the golden outputs, the notebooks and the precision tests
+# (registered in setup.cfg; CI runs everything).
+SLOW = ("test_parity_", "test_golden", "test_notebooks", "test_precision", "test_sweep_dist", "test_miniature_claims")
+
+
+def is_slow(path) -> bool:
+    return Path(path).name.startswith(SLOW)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if is_slow(item.path):
+            item.add_marker(pytest.mark.slow)

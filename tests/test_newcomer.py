@@ -213,3 +213,20 @@ def test_the_shipped_sidecar_holds_only_current_keys():
     record = json.loads((Path(__file__).parent.parent / "docs" / "edit.png.json").read_text())
     keys = set(record["settings"])
     assert keys <= set(EDIT_KEYS) and not keys & set(renamed()), keys - set(EDIT_KEYS)
+
+
+def test_the_quick_subset_leaves_the_slow_modules_out():
+    """`-m "not slow"`: the marker is registered (no warning), and every parity, golden, notebook and
+    precision module carries it."""
+    import configparser
+
+    from conftest import is_slow
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parent.parent / "setup.cfg")
+    assert cfg["tool:pytest"]["markers"].strip().startswith("slow:")
+    tests = sorted(Path(__file__).parent.glob("test_*.py"))
+    slow = {p.name for p in tests if is_slow(p)}
+    wanted = {p.name for p in tests if p.name.startswith(("test_parity_", "test_golden", "test_notebooks",
+                                                            "test_precision"))}
+    assert len(wanted) >= 10 and wanted <= slow and len(slow) < len(tests) / 2
