@@ -168,6 +168,9 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+TORCH_THREADS = torch.get_num_threads()  # torch's own count before any --threads: OMP_NUM_THREADS, else one per core
+
+
 def auto_threads(share: int = 1) -> int:
     """The CPU threads a run uses by default: torch's own count (a thread per core) where the cores are
     idle, fewer where other processes keep them busy (the last minute's load average): a thread pool
@@ -176,7 +179,7 @@ def auto_threads(share: int = 1) -> int:
     on this machine (a sweep's ranks), which split the idle cores."""
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     idle = max(1, int(cpu_cores() - busy + 0.5))
-    return max(1, min(torch.get_num_threads(), idle // max(1, share)))
+    return max(1, min(TORCH_THREADS, idle // max(1, share)))
 
 
 def use_threads(value, share: int = 1) -> int:

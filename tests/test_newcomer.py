@@ -192,7 +192,7 @@ def test_every_command_takes_threads(threads_kept, monkeypatch, capsys):
     assert "--threads" in add_arguments(argparse.ArgumentParser()).format_help()
     assert main(["inspect", "miniature", "--threads", "1"]) == 0 and torch.get_num_threads() == 1
     monkeypatch.setattr(settings.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    torch.set_num_threads(settings.cpu_cores())
+    monkeypatch.setattr(settings, "TORCH_THREADS", settings.cpu_cores())  # as without OMP_NUM_THREADS
     assert settings.auto_threads() == settings.cpu_cores()
     assert main(["inspect", "miniature"]) == 0 and torch.get_num_threads() == settings.cpu_cores()
     monkeypatch.setattr(settings.os, "getloadavg", lambda: (8.0, 8.0, 8.0))  # every core busy
