@@ -495,7 +495,12 @@ def load_config(path_or_name) -> SDConfig:
     if not path.exists():
         path = CONFIG_DIR / f"{path_or_name}.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"config {path_or_name!r} not found (looked for a file and for {path})")
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        stem = Path(path_or_name).stem
+        near = f"; did you mean the shipped {stem!r}?" if stem in names else ""
+        raise FileNotFoundError(f"config {str(path_or_name)!r} not found: no such file from {Path.cwd()}, and no "
+                                f"shipped config of that name{near} (the shipped configs: {', '.join(names)}; give a "
+                                f"name or a path to a YAML file)")
     text = read_text(path, "model config")
     d = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else parse_json(text, str(path))
     if not isinstance(d, dict) or not ("model" in d or "params" in d):

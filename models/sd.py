@@ -81,6 +81,9 @@ def run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, f_in: int, f_out: in
 
 
 class StableDiffusion(nn.Module):
+    blend_level: int | None = None  # the attention level a word mask should be read at (None: the deepest);
+    #                                  a loader sets it for a checkpoint that recommends one
+
     def __init__(self, cfg: SDConfig = SDConfig(), tokenizer=None):
         """tokenizer: the one the text tower reads (default: the tower's own, built from the config).
         Every tokenizer has encode(text) (content ids), decode(ids), __call__(prompts, length) and the

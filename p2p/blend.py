@@ -19,6 +19,7 @@ one, discarding the pooling: `pool=False` does the same.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,19 @@ class LocalBlend:
 def fraction(value) -> bool:
     """A finite number from 0 to 1 (a bool is not a number here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+def for_model(blend: LocalBlend | None, sd) -> LocalBlend | None:
+    """`blend` with the model's recommended level (`sd.blend_level`, a named checkpoint's) where it gives none:
+    the one rule for which maps a mask, and the pictures of it, are made from."""
+    if blend is None or blend.level is not None:
+        return blend
+    return dataclasses.replace(blend, level=model_level(sd))
+
+
+def model_level(sd) -> int | None:
+    """The level a model's masks and attention pictures read by default (None: the deepest)."""
+    return getattr(sd, "blend_level", None)
 
 
 def word_alpha(tokenizer, prompts, words, what: str) -> torch.Tensor:

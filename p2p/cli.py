@@ -23,13 +23,15 @@ import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
 from weights_tools.load import AssumedPrediction, IgnoredKeys
 from weights_tools.files import file_sha256, hashed_read, json_bytes, write_files_atomic
-from weights_tools.registry import DEFAULT as DEFAULT_CKPT, named_blend_level, resolve_checkpoint
+from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
 
-from .config import EditConfig, GenerateConfig, InvertConfig, check_values, load_edit_config, to_dict
+from .blend import model_level
+from .config import EditConfig, GenerateConfig, InvertConfig, check_config_ckpt, check_values, load_edit_config, to_dict
 from .images import open_image
 from .inversion import reconstruct, require_inverse_step
 from .pipeline import to_uint8
-from .settings import add_flags, flag_values, keywords, markdown_table, setting, settings_of, write_table
+from .settings import (add_flags, flag_values, keywords, markdown_table, setting, settings_of, use_threads,
+                       write_table)
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option, model_option_flags
 from .viz import attention_pictures, image_bytes, image_format, image_grid
@@ -61,7 +63,11 @@ def edit_config(args) -> EditConfig:
     """The edit's settings: the defaults, then --config FILE, then the flags given (a flag replaces its key's
     value)."""
     cfg = load_edit_config(args.config) if args.config else EditConfig()
+    if args.config and args.ckpt is None:  # the file's checkpoint, relative to the file
+        check_config_ckpt(cfg.ckpt, args.config)
     cfg = dataclasses.replace(cfg, **given(args, EditConfig), local_blend=local_blend_flags(args, cfg.local_blend))
+    if not cfg.prompt and args.inversion:  # the prompt the photo was inverted with, as the .inv holds it
+        cfg = dataclasses.replace(cfg, prompt=p2p.Inversion.load(args.inversion).prompt)
     for key, flag in (("prompt", "--prompt"), ("edits", "--edit")):
         if not getattr(cfg, key):
             raise ValueError(f"missing {key}: give {flag} or set it in --config")
@@ -178,8 +184,8 @@ def cmd_edit(args) -> int:
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, store=store, **api_keywords(cfg, "EditConfig"),
                    inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
-    if cfg.show_attention:  # the maps LocalBlend reads: its level, else the checkpoint's, else the deepest
-        level = blend.level if blend is not None and blend.level is not None else named_blend_level(cfg.ckpt)
+    if cfg.show_attention:  # the maps LocalBlend reads: its level, else the model's recommended one, else the deepest
+        level = blend.level if blend is not None and blend.level is not None else model_level(sd)
         pics = attention_pictures(out.attention, out.images, cfg.prompts, sd.tokenizer, level)
         outputs |= {attention_path(output, kind, i): pic for kind, row in pics.items() for i, pic in enumerate(row)}
     record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args) | memory_options(args)
@@ -225,7 +231,8 @@ def cmd_invert(args) -> int:
     open_image(args.image)  # a missing or unreadable picture fails before the model loads
     output = Path(args.output)
     check_outputs([args.reconstruction] if args.reconstruction else [], [output, sidecar(output)])
-    sd = load_model(args.ckpt, args.dtype, **model_options(args))
+    ckpt = args.ckpt or DEFAULT_CKPT
+    sd = load_model(ckpt, args.dtype, **model_options(args))
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
     rec = None
     if args.reconstruction:
@@ -233,7 +240,7 @@ def cmd_invert(args) -> int:
             low = memory_options(args)["low_memory"]
             rec = to_uint8(sd.decode(reconstruct(sd, inv, low_memory=low), low_memory=low))[0]
     settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
-    record = (settings_record(settings, args.ckpt, args) | memory_options(args)
+    record = (settings_record(settings, ckpt, args) | memory_options(args)
               | {"inversion": inv.info, "model": str(inv.model)})
     files = {output: inv.to_bytes()} | ({args.reconstruction: image_bytes(rec, args.reconstruction)} if rec is not None
                                         else {})
@@ -242,7 +249,7 @@ def cmd_invert(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    print(format_inspection(inspect_checkpoint(args.path)))
+    print(format_inspection(inspect_checkpoint(resolve_checkpoint(args.path))))  # a path, or a name: miniature
     return 0
 
 
@@ -317,7 +324,7 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     edit_parser(sub.add_parser("edit", help="Prompt-to-Prompt: source prompt and edited prompts in one batch"))
     v = sub.add_parser("invert", help="invert a photo for editing (DDIM, null-text, negative-prompt, direct)")
-    v.add_argument("--ckpt", required=True)
+    add_flags(v, [setting("ckpt")])
     model_option_flags(v)
     v.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
     v.add_argument("--prompt", required=True, help="a caption of the photo: the source prompt of later edits")
@@ -329,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", required=True, help="the inversion file (safetensors), e.g. cat.inv")
     v.set_defaults(func=cmd_invert)
     i = sub.add_parser("inspect", help="what a checkpoint holds")
-    i.add_argument("path")
+    i.add_argument("path", help="a checkpoint file or folder, or a name (miniature)")
     i.set_defaults(func=cmd_inspect)
     w = sweep_arguments(sub.add_parser("sweep", help="an ablation grid (configs/ablations/NAME.yaml): "
                                        "figure, metrics CSV/JSON, per-cell configs; resumable"))
@@ -343,7 +350,17 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=20)
     dtype_option(d)
     d.set_defaults(func=cmd_demo)
+    for name, q in sub.choices.items():
+        if name != "sweep":  # the sweep's parser has it (p2p.sweep.command.add_arguments)
+            add_flags(q, settings_of("run"))
     return p
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text)
 
 
 def main(argv=None) -> int:
@@ -351,9 +368,22 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv  # the sidecar's record of the command (main() runs in-process too: `p2p demo`, tests)
     try:
-        return args.func(args)
+        use_threads(flag_values(args, ["threads"]).get("threads"))
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe (`p2p inspect X | head`) shows here, inside the handler
+        return rc
+    except BrokenPipeError:  # the reader went away: stop quietly, as a command killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"p2p {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as err:
+        if not out_of_memory(err):
+            raise
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        print(f"p2p {args.command}: error: out of memory ({first}); try --low-memory, a smaller --height / "
+              f"--width, fewer prompts, or --dtype float16 on a GPU", file=sys.stderr)
         return 2
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -306,8 +307,33 @@ def to_dict(cfg) -> dict:
 
 
 def load_edit_config(path) -> EditConfig:
-    """configs/edits/NAME.yaml as an EditConfig; unknown keys and wrong types fail before any computation."""
-    return edit_config(read_yaml(path), path)
+    """configs/edits/NAME.yaml as an EditConfig; unknown keys and wrong types fail before any computation.
+    A relative `ckpt:` is relative to the file's folder (see `config_ckpt`)."""
+    return edit_config(config_ckpt(read_yaml(path), path), path)
+
+
+def config_ckpt(data: dict, path) -> dict:
+    """A config file's mapping with its relative `ckpt:` made relative to the file's folder, so that the
+    file means one checkpoint from any working directory (a name of weights_tools.registry stays)."""
+    ckpt = data.get("ckpt") if isinstance(data, dict) else None
+    if not isinstance(ckpt, str) or not ckpt or ckpt in CHECKPOINTS or Path(ckpt).is_absolute():
+        return data
+    return data | {"ckpt": absolute(Path(path).parent / ckpt)}
+
+
+def absolute(path) -> str:
+    """An absolute path, `..` removed, links kept (the path the user named, from any working directory)."""
+    return os.path.normpath(Path(path).absolute())
+
+
+def check_config_ckpt(ckpt, path) -> None:
+    """The checkpoint a config file names exists (a name, or a path relative to the file's folder); else an
+    error saying the path came from the file."""
+    if ckpt in CHECKPOINTS or not ckpt or Path(ckpt).exists():
+        return
+    raise FileNotFoundError(f"{path}: ckpt: no checkpoint at {ckpt} (a relative path in a config file is "
+                            f"relative to the file's folder, {Path(path).parent.resolve()}); fix the path in the "
+                            f"file, or pass --ckpt (relative to the working directory)")
 
 
 def check_settings(s, where="settings", tokenizer=None) -> tuple:
@@ -378,6 +404,7 @@ def _ablation_base(data: dict, path: Path, overrides: dict | None) -> dict:
     """The base settings of an ablation: the defaults, its base file or mapping, its own edit keys, then
     `overrides` (CLI flags: ckpt, num_steps, ...). An ablation names its checkpoint: no default one."""
     base = {k: v for k, v in DEFAULTS.items() if k != "ckpt"}
+    origin = path
     if data.get("base") is not None:
         b = data["base"]
         if isinstance(b, str):
@@ -385,17 +412,20 @@ def _ablation_base(data: dict, path: Path, overrides: dict | None) -> dict:
             if not bpath.exists():
                 raise ValueError(f"{path}: 'base': no edit config {short(b)} (looked in the working directory and "
                                  f"{path.parent}); give a path to a configs/edits/*.yaml or a mapping of edit keys")
-            b, where = read_yaml(bpath), bpath
+            b, where = config_ckpt(read_yaml(bpath), bpath), bpath
+            origin = path if data.get("ckpt") else bpath  # the file the checkpoint's path comes from
         else:
             where = f"{path}: base"
         edit_config(b, where)  # its keys and types checked, naming its file
         base.update(b)
-    base.update({k: v for k, v in data.items() if k in EDIT_KEYS})
+    base.update(config_ckpt({k: v for k, v in data.items() if k in EDIT_KEYS}, path))
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None and k != "batch_size"}
     check_types(overrides, EDIT_KEYS, f"{path}: overrides")
+    if overrides.get("ckpt") and overrides["ckpt"] not in CHECKPOINTS:  # --ckpt: the working directory's
+        overrides["ckpt"] = absolute(overrides["ckpt"])  # cells rerun from anywhere
+    elif base.get("ckpt"):
+        check_config_ckpt(base["ckpt"], origin)
     base.update(overrides)
-    if base.get("ckpt") and base["ckpt"] not in CHECKPOINTS:  # a named checkpoint, resolved when loaded
-        base["ckpt"] = str(_resolve_path(base["ckpt"], path.parent).resolve())  # cells rerun from anywhere
     return base
 
 

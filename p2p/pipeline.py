@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .blend import for_model
 from .config import EditConfig, GenerateConfig
 from .control import Controller
 from .settings import check_values, refuse_old_names
@@ -210,6 +211,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
+    local_blend = for_model(local_blend, sd)  # LocalBlend(level=None): the model's recommended level
     controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast,
                             calls=scheduler.calls, default_side=sd.cfg.image_size)
     with visiting(sd, "text_encoder", offload):

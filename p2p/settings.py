@@ -24,10 +24,12 @@ import argparse
 import functools
 import inspect
 import math
+import os
 import reprlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import yaml
 
 from models.sd import SAMPLERS
@@ -37,11 +39,12 @@ from .blend import LocalBlend
 from .control import Edit, Replace
 
 # group -> the configs whose fields its settings are. "local_blend": the fields of EditConfig.local_blend;
-# "spec": the edit spec's knobs (fields of p2p.Edit and the built-in specs)
+# "spec": the edit spec's knobs (fields of p2p.Edit and the built-in specs); "run": how a command runs on this
+# machine (every command's flag, in no config: the same settings give the same pictures whatever they are)
 GROUPS = {"sampling": ("GenerateConfig", "EditConfig", "InvertConfig"), "model": ("GenerateConfig", "EditConfig"),
           "seed": ("GenerateConfig", "EditConfig"), "generate": ("GenerateConfig",), "edit": ("EditConfig",),
           "spec": ("EditConfig",), "local_blend": (), "invert": ("InvertConfig",), "photo": ("EditConfig",),
-          "mutual": ("EditConfig",)}
+          "mutual": ("EditConfig",), "run": ()}
 KEYWORD_GROUPS = ("sampling", "seed", "invert", "photo")  # the API functions take these settings as keyword arguments
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")  # inversion methods (see p2p.inversion)
 SOURCE_ROWS = ("trajectory", "inputs", "residual", "free")  # an edit's source row from an inversion (see there)
@@ -152,6 +155,44 @@ def sampler_names() -> tuple:
     return tuple(SAMPLERS)
 
 
+def parse_threads(value: str):
+    """--threads N or auto -> N or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--threads takes a number of threads (at least 1) or auto, got {value!r}") from None
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+TORCH_THREADS = torch.get_num_threads()  # torch's own count before any --threads: OMP_NUM_THREADS, else one per core
+
+
+def auto_threads(share: int = 1) -> int:
+    """The CPU threads a run uses by default: torch's own count (a thread per core) where the cores are
+    idle, fewer where other processes keep them busy (the last minute's load average): a thread pool
+    larger than the idle cores spins against the other processes, 25-40 times slower than one thread
+    on a loaded 2-core machine (docs/benchmarks.md, benchmarks/threads.py). `share`: processes of one run
+    on this machine (a sweep's ranks), which split the idle cores."""
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = max(1, int(cpu_cores() - busy + 0.5))
+    return max(1, min(TORCH_THREADS, idle // max(1, share)))
+
+
+def use_threads(value, share: int = 1) -> int:
+    """Set torch's intra-op CPU threads from a --threads value (None or "auto": `auto_threads(share)`); the count."""
+    n = auto_threads(share) if value in (None, "auto") else value
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4096:
+        raise ValueError(f"threads must be a whole number from 1 to 4096 or auto, got {short(value)}")
+    torch.set_num_threads(n)
+    return n
+
+
 # ------------------------------------------------------------------------------- the table
 SETTINGS = (
     # the sampler: generate(), edit() and invert()
@@ -228,7 +269,8 @@ SETTINGS = (
             "threshold)", "--blend-th", "local_blend", range=(0, 1), old=("blend_th",),
             cli={"nargs": 2, "type": float, "metavar": ("MASK", "SUBSTRUCT")}, parse=tuple),
     Setting("local_blend.level", LocalBlend.level, (int,), "resolution level of the maps the mask is made from "
-            "(default: the deepest; 0 for the miniature's 16x16 maps)", "--blend-level", "local_blend",
+            "(default: the named checkpoint's recommended level, the miniature's 0: its 16x16 maps; else the "
+            "deepest)", "--blend-level", "local_blend",
             old=("blend_level",)),
     Setting("local_blend.pool", LocalBlend.pool, (bool,), "max-pool the map 3x3 before resizing it (false: the "
             "LDM notebook's unpooled map)", "--blend-pool", "local_blend"),
@@ -239,6 +281,10 @@ SETTINGS = (
             "form, as PnPInversion), free (no correction); default: trajectory for direct, free otherwise",
             "--source-row", "photo", choices=SOURCE_ROWS, source=True, sweep=False),
     # what the run records
+    # how a command runs on this machine
+    Setting("threads", "auto", (int, str), "CPU threads torch uses: N, or auto (torch's count, one per core, "
+            "less the cores other processes keep busy; see docs/benchmarks.md)", "--threads", "run",
+            sweep=False, parse=parse_threads),
     Setting("show_attention", False, (bool,), "also write per-token attention pictures of every prompt",
             "--show-attention", sweep=False),
     Setting("description", "", (str,), "what the run is, kept in its sidecar", "--description", sweep=False),
@@ -417,13 +463,16 @@ def _takes(s: Setting) -> str:
     return takes
 
 
+GROUPLESS = {"local_blend": "EditConfig.local_blend", "run": "every command (a flag, no YAML key)"}
+
+
 def markdown_table() -> str:
     """docs/settings.md's table of every setting: the YAML key, the flag, the default, what it takes."""
     rows = ["| YAML key | flag | default | takes | in | former names | what it is |",
             "|---|---|---|---|---|---|---|"]
     for s in SETTINGS:
         cells = [f"`{s.name}`", f"`{s.flag}`" if s.flag else "", f"`{_yaml(s.default)}`", _takes(s),
-                 ", ".join(GROUPS[s.group]) or "EditConfig.local_blend", ", ".join(f"`{o}`" for o in s.old), s.help]
+                 ", ".join(GROUPS[s.group]) or GROUPLESS[s.group], ", ".join(f"`{o}`" for o in s.old), s.help]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
 

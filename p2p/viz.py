@@ -143,13 +143,15 @@ def _draw_tile(fig, d, x: int, y: int, tile, caption: list[str], L: dict, font, 
         d.text((x, y + size + 2 + 13 * n), line, fill="black", font=small)
 
 
-def sweep_figure(title: str, tiles, captions, sources, row_labels, col_labels, min_size: int = 128) -> Image.Image:
+def sweep_figure(title: str, tiles, captions, sources, row_labels, col_labels, min_size: int = 128,
+                 legend: Sequence[str] = ()) -> Image.Image:
     """A labelled table of pictures: `title` on top, a "source" column, then one column per swept value.
 
     tiles: rows of PIL images, None where a cell did not run (drawn as an empty frame); captions: the
     same rows of caption lines (small type); sources: one image (or None) per row, for the left
     column; row_labels / col_labels: lines of text per row / per column (column labels wrap to the
-    tile width). Tiles are resized (nearest) to the widest tile, at least `min_size`.
+    tile width); legend: lines under the table saying what the captions' numbers are. Tiles are
+    resized (nearest) to the widest tile, at least `min_size`.
     """
     images = [t for row in tiles for t in row if t is not None]
     font, small = _font(13), _font(11)
@@ -157,9 +159,13 @@ def sweep_figure(title: str, tiles, captions, sources, row_labels, col_labels, m
     L = _table_layout(probe, font, max(min_size, max((t.size[0] for t in images), default=min_size)),
                       captions, row_labels, col_labels)
     pad, size, top = L["pad"], L["size"], L["title_h"] + L["head_h"]
-    fig = Image.new("RGB", (L["label_w"] + (len(col_labels) + 1) * (size + pad) + pad,
-                            top + len(row_labels) * (size + L["cap_h"] + pad) + pad), "white")
+    table_h = top + len(row_labels) * (size + L["cap_h"] + pad)
+    width = max([L["label_w"] + (len(col_labels) + 1) * (size + pad) + pad]
+                + [int(probe.textlength(t, font=small)) + 2 * pad for t in legend])
+    fig = Image.new("RGB", (width, table_h + pad + 13 * len(legend) + (pad if legend else 0)), "white")
     d = ImageDraw.Draw(fig)
+    for n, line in enumerate(legend):
+        d.text((pad, table_h + pad + 13 * n), line, fill=(60, 60, 60), font=small)
     d.text((pad, 4), title, fill="black", font=font)
     d.text((L["label_w"] + 2, top - 18), "source", fill="black", font=font)
     for c, texts in enumerate(col_labels):

@@ -7,6 +7,7 @@ import p2p.cli
 import p2p.config
 import p2p.sweep
 from p2p.config import load_ablation, load_edit_config
+from weights_tools.registry import resolve_checkpoint
 
 ROOT = Path(__file__).parent.parent
 ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
@@ -39,7 +40,7 @@ num_steps: 2
 def test_every_ablation_config_expands(path):
     ab, cells, _ = p2p.sweep.prepare(path)
     assert len(cells) == len({c.name for c in cells}) > 1
-    assert Path(ab["base"]["ckpt"]).exists()
+    assert resolve_checkpoint(ab["base"]["ckpt"]).exists()
     assert set(ab["rows"]) | set(ab["cols"]) == set(ab["grid"])
 
 

@@ -203,3 +203,19 @@ def test_save_image_failure_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_image(np.zeros((4, 4, 3), np.uint8), target)
     assert target.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_sweep_figure_has_a_legend_under_the_table():
+    """The captions' abbreviations (IoU, dz, mask, in) are explained in lines under the table."""
+    from p2p.sweep.report import caption, legend
+
+    red = Image.new("RGB", (16, 16), (255, 0, 0))
+    args = ("title", [[red]], [[["PSNR 1.0"]]], [red], [["row=0"]], [["col=0"]])
+    plain = sweep_figure(*args, min_size=64)
+    lines = legend({"metrics": {"iou_threshold": 0.3}})
+    fig = sweep_figure(*args, min_size=64, legend=lines)
+    assert fig.size[1] == plain.size[1] + 13 * len(lines) + 6 and fig.size[0] >= plain.size[0]
+    below = np.asarray(fig)[plain.size[1]:]
+    assert (below < 128).any()                                   # the legend's text is drawn there
+    words = {w for line in caption({"psnr_bg": 1.0, "mask_fraction": 0.5}) for w in line.split() if w.isalpha()}
+    assert all(any(line.startswith(w) or f" {w}:" in line or f"{w} (" in line for line in lines) for w in words)

@@ -122,6 +122,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], out, metadata: dic
     """`safetensors.torch.save_file` into a temporary file beside `out`, then the atomic rename."""
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())  # safetensors creates its file 0600: give it a picture's mode
     return Path(out)
 
 
@@ -146,6 +147,13 @@ def hashed_read(path, read):
         raise OSError(f"{path} changed while it was being read (rewritten, replaced or moved); run again once "
                       "it is complete")
     return out, sha
+
+
+def file_mode() -> int:
+    """The mode a new file gets from open(): 0666 less the process's umask (0644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def file_sha256(path) -> str:

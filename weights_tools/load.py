@@ -18,7 +18,7 @@ from models import FAMILIES, SDConfig, StableDiffusion, load_config, prefixes
 from .family import resolve_prediction
 from .layout import CheckpointError, family_code, leftover_keys, model_keys, model_shapes, validate_shapes
 from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
-from .registry import resolve_checkpoint
+from .registry import named_blend_level, resolve_checkpoint
 from .sources import Source, open_source
 from .unet_swap import open_unet
 from .vae_swap import open_vae, with_part, with_vae
@@ -158,7 +158,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     `prediction_type` ("epsilon" or "v") overrides what the file says (its metadata's
     `modelspec.prediction_type`, a config's `parameterization: "v"`, a folder's scheduler_config.json),
     which overrides SD 2.x's rule; the default is epsilon.
-    EMA weights, DDPM schedule buffers and `position_ids` are never read.
+    EMA weights, DDPM schedule buffers and `position_ids` are never read. The parameters come back with
+    requires_grad=False (call `requires_grad_()` to train); `sd.blend_level` is a named checkpoint's
+    recommended LocalBlend level (the level `edit()` reads when LocalBlend gives none).
     `tokenizer`: LDM-400M's BERT vocab.txt (needed for its single file; a diffusers folder has its own).
     `base`: `path` is a UNet alone (SDXL-Lightning's, Hyper-SD's `*_unet.safetensors`, in diffusers' names or
     the single-file layout, or a diffusers unet/ folder); the VAE, the text towers and the config come from
@@ -177,7 +179,8 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:  # a buffer the checkpoint does not hold would stay unmaterialised
         raise CheckpointError(f"{src.where}: internal error, still on the meta device after loading: {on_meta[:5]}")
-    return model.eval()
+    model.blend_level = named_blend_level(path)  # a named checkpoint's recommended LocalBlend level
+    return model.requires_grad_(False).eval()  # weights to sample with: sd.decode(...) runs outside no_grad too
 
 
 def read_state_dict(path, config=None, strict: bool = True, vae=None,

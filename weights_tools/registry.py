@@ -58,8 +58,12 @@ def resolve_checkpoint(ckpt) -> Path:
 
 
 def named_blend_level(ckpt) -> int | None:
-    """The LocalBlend level a named checkpoint recommends; None for paths (the deepest level)."""
+    """The LocalBlend level a named checkpoint recommends, by its name or its file's path; None for any other
+    path (the deepest level)."""
     entry = named(ckpt)
+    if entry is None and isinstance(ckpt, (str, Path)):
+        path = Path(ckpt).resolve()
+        entry = next((e for e in CHECKPOINTS.values() if e.path.resolve() == path), None)
     return entry.blend_level if entry is not None else None
 
 

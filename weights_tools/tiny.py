@@ -52,11 +52,28 @@ def tiny_state_dict(cfg: SDConfig, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def make_tiny(out_path, seed: int = 0, config=None):
-    """Write a tiny random checkpoint; `config` is an SDConfig, a YAML path or a configs/ name.
+TINY_LIMIT = 100_000_000  # parameters; the tiny configs hold a few million, full-size models 0.9 to 3.5 billion
+
+
+def check_tiny(cfg: SDConfig, where, full_size: bool = False) -> int:
+    """The parameter count of `cfg`, counted from its shapes before anything is allocated; a full-size
+    model (over TINY_LIMIT) is refused unless `full_size`: drawing it takes twice its fp32 weights."""
+    n = sum(math.prod(s) for s in model_shapes(cfg).values())
+    if n > TINY_LIMIT and not full_size:
+        raise ValueError(f"{where} is a full-size model: {n / 1e9:.2f} billion parameters, about "
+                         f"{8 * n / 2**30:.0f} GiB of memory to draw and a {4 * n / 2**30:.1f} GiB file; make_tiny "
+                         f"writes tiny models (configs/tiny.yaml, tiny-ldm.yaml, tiny-sd2.yaml, tiny-sdxl.yaml): "
+                         f"give one of those, or pass full_size=True (--full-size) to write it anyway")
+    return n
+
+
+def make_tiny(out_path, seed: int = 0, config=None, full_size: bool = False):
+    """Write a tiny random checkpoint; `config` is an SDConfig, a YAML path or a configs/ name. A config of
+    more than TINY_LIMIT parameters (a full-size one) is refused unless `full_size` (see `check_tiny`).
 
     The metadata holds one key: safetensors writes metadata in hash order, so a second key would
     make the bytes differ between runs.
     """
     cfg = config if isinstance(config, SDConfig) else load_config(config or "tiny")
+    check_tiny(cfg, "the config" if isinstance(config, SDConfig) else f"config {str(config or 'tiny')!r}", full_size)
     return save_safetensors_atomic(tiny_state_dict(cfg, seed), out_path, {"ldm_config": cfg.to_json()})

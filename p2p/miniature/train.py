@@ -105,7 +105,7 @@ def build_model(config, init_from=None, fresh_unet=False) -> StableDiffusion:
         sd = StableDiffusion(load_config(config))
         init_weights(sd)
         return sd
-    sd = load_checkpoint(init_from).train()
+    sd = load_checkpoint(init_from).requires_grad_(True).train()  # loaded frozen: train it again
     if fresh_unet:  # the UNet and text encoder start again from scratch on this VAE
         fresh = StableDiffusion(sd.cfg)
         init_weights(fresh)

@@ -18,7 +18,7 @@ from weights_tools import load_checkpoint
 from weights_tools.files import file_sha256
 from weights_tools.registry import resolve_checkpoint
 
-from ..settings import add_flags, flag_values, settings_of
+from ..settings import add_flags, flag_values, settings_of, use_threads
 from . import run
 from .plan import checkpoint, plan_batches, prepare, shard
 from .report import merge
@@ -161,6 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     dtype_option(p)
     model_option_flags(p)
+    add_flags(p, settings_of("run"))
     return p
 
 
@@ -182,6 +183,8 @@ def _run_distributed(args, overrides: dict) -> None:
 
 
 def run_from_args(args) -> int:
+    # --threads; auto splits the idle cores between this machine's ranks
+    use_threads(flag_values(args, ["threads"]).get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     overrides = flag_values(args, [s.name for s in OVERRIDES]) | {"batch_size": args.batch_size}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         run_sweep(args.config, args.output, overrides, progress=args.progress, dtype=DTYPES[args.dtype],

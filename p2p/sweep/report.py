@@ -56,6 +56,16 @@ def caption(m: dict) -> list[str]:
     return lines
 
 
+def legend(ab: dict) -> list[str]:
+    """What the caption lines' numbers are, printed under the figure."""
+    th = ab["metrics"]["iou_threshold"]
+    return ["PSNR (dB) / SSIM: the edit against the source outside the LocalBlend mask (the whole picture without one)",
+            f"IoU: overlap of the replaced word's and the new word's attention maps, each thresholded at {th} "
+            "of its max",
+            "dz: L2 distance between the edit's final latent and the source's",
+            "mask: share of the picture inside the LocalBlend mask;  in: mean absolute change inside it (0-1 pixels)"]
+
+
 def figure(out_dir: Path, ab: dict, cells: list[Cell], records: dict) -> Image.Image:
     """Rows and columns are the swept values (labelled); the source of each row on the left; each
     edit captioned with its background PSNR / SSIM and attention IoU."""
@@ -72,4 +82,5 @@ def figure(out_dir: Path, ab: dict, cells: list[Cell], records: dict) -> Image.I
         captions[c.row][c.col] = caption(records[c.name]["metrics"])
         if sources[c.row] is None:          # drawn on the left: the source of the row's first finished cell
             sources[c.row] = Image.open(cell_file(out_dir, c, ".source.png")).convert("RGB")
-    return sweep_figure(f"{ab['name']}: {ab['base']['prompt']!r}", tiles, captions, sources, row_labels, col_labels)
+    return sweep_figure(f"{ab['name']}: {ab['base']['prompt']!r}", tiles, captions, sources, row_labels, col_labels,
+                        legend=legend(ab))

@@ -18,6 +18,7 @@ from models.textfile import read_json
 from weights_tools.files import write_bytes_atomic, write_json_atomic
 
 from .. import metrics as M
+from ..blend import for_model, model_level
 from ..pipeline import edit
 from ..viz import save_image
 from .plan import Cell, batch_edit, iou_words
@@ -111,17 +112,18 @@ def run_batch(sd, cells: list[Cell], metrics_cfg: dict, tokenizer) -> tuple[list
     """Edit [source, cell 1, cell 2, ...] in one call; each cell's metrics, and the batch's images."""
     job = batch_edit(cells, tokenizer)
     out, seconds = _timed_edit(sd, job)
-    mask = None
-    if job.blend is not None:
-        mask = M.blend_mask(job.blend, out.attention, tokenizer, job.prompts, job.kwargs["num_steps"],
+    mask, blend = None, for_model(job.blend, sd)  # the level edit() made its mask at
+    if blend is not None:
+        mask = M.blend_mask(blend, out.attention, tokenizer, job.prompts, job.kwargs["num_steps"],
                             sd.unet.sites, out.latents.shape[2:])
+    level = blend.level if blend is not None else model_level(sd)  # the IoU reads the maps the mask does
     src = out.images[0]
     th = float(metrics_cfg.get("iou_threshold", 0.3))
     results = []
     for b, cell in enumerate(cells, start=1):
         inside = M.upsample_mask(mask[b], src.shape[:2]) if mask is not None else None
         words = iou_words(cell.settings, metrics_cfg)
-        att_iou = (M.attention_iou(out.attention, tokenizer, job.prompts, b, words[0], words[1], th)
+        att_iou = (M.attention_iou(out.attention, tokenizer, job.prompts, b, words[0], words[1], th, level)
                    if words is not None else float("nan"))
         results.append(_image_metrics(src, out.images[b], inside) | {
             "latent_l2": M.latent_l2(out.latents[0], out.latents[b]),
