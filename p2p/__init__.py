@@ -3,8 +3,9 @@ from .blend import LocalBlend
 from .control import Edit, Refine, Replace, Reweight
 from .inversion import Inversion, invert
 from .pipeline import Output, edit, generate
+from .pnp import PlugAndPlay
 from .store import AttentionStore
 
 __version__ = "0.1.0"
-__all__ = ["AttentionStore", "Edit", "Inversion", "LocalBlend", "Output", "Refine", "Replace", "Reweight", "edit",
+__all__ = ["AttentionStore", "Edit", "Inversion", "LocalBlend", "Output", "PlugAndPlay", "Refine", "Replace", "Reweight", "edit",
            "generate", "invert"]

@@ -280,7 +280,7 @@ def inversion_options(q):
 
 def edit_parser(e) -> None:
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
-    add_flags(e, settings_of("model", "edit", "spec", "local_blend"))
+    add_flags(e, settings_of("model", "edit", "guidance", "spec", "pnp", "local_blend"))
     model_option_flags(e)
     sampling_options(e)
     low_memory_option(e)

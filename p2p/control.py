@@ -16,7 +16,7 @@ import inspect
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Union
+from typing import Callable, ClassVar, Union
 
 import torch
 
@@ -55,6 +55,20 @@ class Edit:
     cross_replace_steps: Steps = 0.8
     self_replace_steps: Union[float, tuple] = 0.4
     self_replace_max_res: Union[int, None] = None
+
+    follows_inversion: ClassVar[bool] = False  # True: from an inversion, its source row is the stored latent
+    #                                            at each of the edit's timesteps (Inversion.source_path)
+
+    def row_prompts(self, prompts, negative_prompt: str, inverted: bool = False) -> tuple[list, list]:
+        """(conditional, unconditional) prompts of the batch rows: the prompts, and the negative prompt for all.
+        inverted: the source row follows an inversion (follows_inversion)."""
+        return list(prompts), [negative_prompt]
+
+    def injection(self, num_steps: int, sites, feature_sites):
+        """What the spec injects beyond the maps' edit, or None: an object with attention(B, i, site, q, k, v)
+        and feature(B, i, feature_site, h), each returning the new tensor or None, on calls whose rows come
+        in groups of B prompts, the source first (p2p.pnp.Injection)."""
+        return None
 
     def cross_edit(self, tokenizer, prompts) -> EditFn:
         """This spec's cross-attention edit for these prompts: f(i, M_src (H, N, K), M_edit (B', H, N, K)) -> M_hat."""
@@ -222,9 +236,10 @@ class Controller:
 
     def __init__(self, tokenizer, prompts, spec, num_steps, sites, local_blend=None,
                  store: AttentionStore | None = None, fast: bool = True, calls=None,
-                 default_side: int | None = None):
+                 default_side: int | None = None, feature_sites=None):
         """num_steps: the sampler's steps T, which size the (T + 1)-row schedules. calls: the sampler's
-        UNet calls (models/sampler.py), each naming the row it reads; None: call i reads row i."""
+        UNet calls (models/sampler.py), each naming the row it reads; None: call i reads row i.
+        feature_sites: the UNet's ResBlock sites (None: those the sites carry, models.unet.Sites.features)."""
         self.B = len(prompts)
         self.rows = call_rows(calls, num_steps)
         self.spec = spec
@@ -235,6 +250,8 @@ class Controller:
         if self.blend is not None:
             self.store.extra |= set(self.blend.layers)
         self.fast_cross = self.fast_self = False
+        feature_sites = getattr(sites, "features", ()) if feature_sites is None else feature_sites
+        self.injection = None if spec is None else spec.injection(num_steps, sites, feature_sites)
         if spec is not None:
             if self.B < 2:
                 raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
@@ -370,7 +387,28 @@ class Controller:
         rows alone (the low-memory mode's second call; its unconditional call runs with no override,
         as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass). The
         override sees the call's schedule row as its step."""
+        if self.injection is not None:
+            return partial(self.attend_injected, self.row(i), cond_only)
         return partial(self.attend_cond if cond_only else self.attend, self.row(i))
+
+    def feature_override(self, i: int):
+        """UNet call i's ResBlock override (models/unet.py), or None: the spec's injection, if it has one."""
+        if self.injection is None:
+            return None
+        return partial(self.injection.feature, self.B, self.row(i))
+
+    def uncond_override(self, i: int):
+        """The low-memory mode's unconditional call's override: the spec's injection alone, or None."""
+        if self.injection is None:
+            return None
+        return partial(self.injection.attention, self.B, self.row(i))
+
+    def attend_injected(self, i: int, cond_only: bool, site: Site, q, k, v):
+        """The spec's injection where it acts (on every group of B rows), else the edit's attention."""
+        out = self.injection.attention(self.B, i, site, q, k, v)
+        if out is not None:
+            return out
+        return self.attend_cond(i, site, q, k, v) if cond_only else self.attend(i, site, q, k, v)
 
     def attend(self, i: int, site: Site, q, k, v):
         """Attention of one layer at step i, or None for plain attention. Rows: [uncond x B, cond x B];

@@ -35,13 +35,15 @@ from weights_tools.registry import DEFAULT as DEFAULT_CKPT
 
 from .blend import LocalBlend
 from .control import Edit, Replace
+from .pnp import SOURCE_TEXTS, PlugAndPlay
 
 # group -> the configs whose fields its settings are. "local_blend": the fields of EditConfig.local_blend;
 # "spec": the edit spec's knobs (fields of p2p.Edit and the built-in specs)
 GROUPS = {"sampling": ("GenerateConfig", "EditConfig", "InvertConfig"), "model": ("GenerateConfig", "EditConfig"),
           "seed": ("GenerateConfig", "EditConfig"), "generate": ("GenerateConfig",), "edit": ("EditConfig",),
-          "spec": ("EditConfig",), "local_blend": (), "invert": ("InvertConfig",)}
-KEYWORD_GROUPS = ("sampling", "seed", "invert")  # the API functions take these settings as keyword arguments
+          "spec": ("EditConfig",), "local_blend": (), "invert": ("InvertConfig",), "guidance": ("EditConfig",),
+          "pnp": ("EditConfig",)}  # "pnp": Plug-and-Play's knobs (p2p.pnp.PlugAndPlay, mode: pnp)
+KEYWORD_GROUPS = ("sampling", "seed", "invert", "guidance")  # the API functions take these settings as keyword arguments
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")  # inversion methods (see p2p.inversion)
 WEIGHT_RANGE = (-10000, 10000)  # a reweighting c; the reference's examples use -5 to 10
 CKPT_HELP = ("an SD / SDXL / LDM .safetensors, .ckpt or diffusers folder, or a name of weights_tools.registry "
@@ -177,9 +179,13 @@ SETTINGS = (
     Setting("edits", (), (list,), "the edited prompts P* (the flag once per prompt)", "--edit",
             cli={"action": "append"}),
     Setting("mode", "replace", (str,), "replace | refine | reweight (a Reweight on top of replace / refine when "
-            "an equalizer is given), or module:Class: your own p2p.Edit subclass", "--mode"),
+            "an equalizer is given) | pnp (Plug-and-Play, from a ddim inversion: docs/pnp.md), or module:Class: your "
+            "own p2p.Edit subclass", "--mode"),
     Setting("spec_args", None, (dict,), "mode module:Class: its own fields, {FIELD: VALUE}", "--spec-arg",
             entries=(object,), cli={"action": "append", "metavar": "FIELD=VALUE"}, parse=parse_spec_args),
+    Setting("negative_prompt", "", (str,), "the prompt of the edited prompts' unconditional guidance row (\"\": the "
+            "empty prompt, as Prompt-to-Prompt; Plug-and-Play's authors: \"ugly, blurry, black, low res, "
+            "unrealistic\")", "--negative-prompt", "guidance"),
     # the edit spec's knobs
     Setting("cross_replace_steps", Edit.cross_replace_steps, (float, int, list, dict),
             "steps with the source's cross-attention injected: F (the first F of them), [START, END], or "
@@ -198,6 +204,13 @@ SETTINGS = (
             cli={"action": "append", "metavar": "WORD=C"}, parse=parse_weights),
     Setting("reference_tail", Replace.reference_tail, (bool,), "replace: keep the reference's misaligned tail "
             "after a swapped word of another token count", "--reference-tail", "spec"),
+    Setting("feature_steps", PlugAndPlay.feature_steps, (float, int), "pnp: the first int(n F) steps take the "
+            "source's decoder ResBlock features (the authors' pnp_f_t)", "--feature-steps", "pnp", range=(0, 1)),
+    Setting("attention_steps", PlugAndPlay.attention_steps, (float, int), "pnp: the first int(n F) steps take the "
+            "source's decoder self-attention q and k (the authors' pnp_attn_t)", "--attention-steps", "pnp",
+            range=(0, 1)),
+    Setting("source_text", PlugAndPlay.source_text, (str,), "pnp: the source row reads the empty prompt (\"empty\", "
+            "the authors' code) or the inverted prompt (\"prompt\")", "--source-text", "pnp", choices=SOURCE_TEXTS),
     # LocalBlend
     Setting("local_blend", None, (dict,), "LocalBlend: outside the blend words' mask the edit keeps the source"),
     Setting("local_blend.words", None, (list,), "one word per prompt, source first ([a, b] or a,b: several "
