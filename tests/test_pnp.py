@@ -197,6 +197,14 @@ def test_command_line_config_and_sweep(tmp_path, golden_dir, tiny_sd, monkeypatc
     record = json.loads((tmp_path / "pnp.png.json").read_text())
     assert "PlugAndPlay(" in record["spec"] and "feature_steps=0.5" in record["spec"]
     assert record["settings"]["negative_prompt"] == "ugly, blurry, black, low res, unrealistic"
+    assert (record["settings"]["num_steps"], record["settings"]["guidance_scale"]) == (4, 7.5)
+    inv = tmp_path / "photo.inv"                       # a saved inversion: the edit keeps its own steps and guidance
+    assert main(["invert", "--ckpt", ckpt, "--image", str(photo), "--prompt", "a photo of a red house", "--method",
+                 "ddim", "--steps", "4", "--guidance", "1", "--height", "32", "--width", "32", "-o", str(inv)]) == 0
+    assert main(["edit", "--config", str(config), "--ckpt", ckpt, "--inversion", str(inv), "--steps", "2", "-o",
+                 str(tmp_path / "pnp2.png")]) == 0
+    record = json.loads((tmp_path / "pnp2.png.json").read_text())
+    assert (record["settings"]["num_steps"], record["settings"]["guidance_scale"]) == (2, 7.5)
     sweep = tmp_path / "pnp_sweep.yaml"
     sweep.write_text(f"ckpt: {ckpt}\nprompt: a cat riding a bicycle\nedits: [a dog riding a bicycle]\nmode: pnp\n"
                      f"negative_prompt: blurry\nnum_steps: 2\nheight: 32\nwidth: 32\n"
