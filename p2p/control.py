@@ -65,9 +65,9 @@ class Edit:
         return list(prompts), [negative_prompt]
 
     def injection(self, num_steps: int, sites, feature_sites):
-        """What the spec injects beyond the maps' edit, or None: an object with attention(B, i, site, q, k, v)
-        and feature(B, i, feature_site, h), each returning the new tensor or None, on calls whose rows come
-        in groups of B prompts, the source first (p2p.pnp.Injection)."""
+        """What the spec injects beyond the maps' edit, or None: an object with qk(B, i, site, q, k) -> (q, k),
+        attention(B, i, site, q, k, v) -> out and feature(B, i, feature_site, h) -> h, each None where it does
+        not act, on calls whose rows come in groups of B prompts, the source first (p2p.pnp.Injection)."""
         return None
 
     def cross_edit(self, tokenizer, prompts) -> EditFn:
@@ -404,11 +404,16 @@ class Controller:
         return partial(self.injection.attention, self.B, self.row(i))
 
     def attend_injected(self, i: int, cond_only: bool, site: Site, q, k, v):
-        """The spec's injection where it acts (on every group of B rows), else the edit's attention."""
-        out = self.injection.attention(self.B, i, site, q, k, v)
-        if out is not None:
-            return out
-        return self.attend_cond(i, site, q, k, v) if cond_only else self.attend(i, site, q, k, v)
+        """The spec's injected q, k where it acts (on every group of B rows; the map of the conditional rows
+        kept if the store wants it), else the edit's attention."""
+        qk = self.injection.qk(self.B, i, site, q, k)
+        if qk is None:
+            return self.attend_cond(i, site, q, k, v) if cond_only else self.attend(i, site, q, k, v)
+        if not self.store.wants(site):
+            return attention.attend(*qk, v)
+        M = attention.attention_probs(*qk)
+        self.store.add(site, M[-self.B:])
+        return M @ v
 
     def attend(self, i: int, site: Site, q, k, v):
         """Attention of one layer at step i, or None for plain attention. Rows: [uncond x B, cond x B];

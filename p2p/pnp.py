@@ -104,10 +104,15 @@ class Injection:
     feature_index: int
     attention_sites: frozenset
 
-    def attention(self, B: int, i: int, site: Site, q, k, v):
+    def qk(self, B: int, i: int, site: Site, q, k):
+        """(q, k) with every row's the source's where step i injects at this site, else None."""
         if i >= self.attention_steps or site.index not in self.attention_sites:
             return None
-        return attention.attend(from_source(q, B), from_source(k, B), v)
+        return from_source(q, B), from_source(k, B)
+
+    def attention(self, B: int, i: int, site: Site, q, k, v):
+        qk = self.qk(B, i, site, q, k)
+        return None if qk is None else attention.attend(*qk, v)
 
     def feature(self, B: int, i: int, site, h):
         if i >= self.feature_steps or site.index != self.feature_index:

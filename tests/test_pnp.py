@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import p2p.sweep
 from models import load_config
-from p2p import edit, generate, invert
+from p2p import AttentionStore, edit, generate, invert
 from p2p.cli import main
 from p2p.control import Controller
 from p2p.pipeline import edit_texts, guided_step, step_overrides
@@ -214,3 +214,17 @@ def test_command_line_config_and_sweep(tmp_path, golden_dir, tiny_sd, monkeypatc
     cells = sorted((tmp_path / "runs" / "cells").glob("*.json"))
     assert len(cells) == 4
     assert len({json.loads(c.read_text())["metrics"]["latent_l2"] for c in cells}) == 4   # every knob acts
+
+
+def test_kept_self_attention_maps_are_the_injected_ones(tiny_sd):
+    """With a store that keeps self-attention (--show-attention), an injected layer's kept map of the edited
+    row is the source's (the same q and k), at every step it injects, and its own after."""
+    prompts, kw = ["a cat riding a bicycle", "a dog riding a bicycle"], dict(num_steps=2, seed=4, progress=False)
+    runs = {a: edit(tiny_sd, prompts, PlugAndPlay(attention_steps=a), store=AttentionStore(self_attention=True),
+                    negative_prompt="blurry", **kw).attention for a in (1.0, 0.0)}
+    inj = PlugAndPlay().injection(2, tiny_sd.unet.sites, tiny_sd.unet.feature_sites)
+    kept = [i for i in inj.attention_sites if i in runs[1.0].sums]
+    assert kept and runs[1.0].num_steps == 2
+    for i in kept:
+        assert torch.allclose(runs[1.0].sums[i][1], runs[1.0].sums[i][0], atol=1e-6)
+        assert not torch.allclose(runs[0.0].sums[i][1], runs[0.0].sums[i][0], atol=1e-4)
