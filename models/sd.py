@@ -132,13 +132,13 @@ class StableDiffusion(nn.Module):
         f = self.latent_downsample
         return FAMILIES[self.cfg.family].conditioning(self.cfg, context, x.shape[-2] * f, x.shape[-1] * f)
 
-    def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None, feature_override=None) -> torch.Tensor:
         """The UNet's noise prediction eps(x_t, t, context): its output turned into eps at x_t and t from
         what the model predicts (cfg.prediction_type; models/prediction.py, the one place eps and v meet:
         an epsilon model's output as it is). context: what encode_text gives (SDXL: with its pooled row,
-        see `conditioning`)."""
+        see `conditioning`). attn_override / feature_override: passed to the UNet (models/unet.py)."""
         context, y = self.conditioning(x, context)
-        out = self.unet(x, t, context, attn_override=attn_override, y=y)
+        out = self.unet(x, t, context, attn_override=attn_override, y=y, feature_override=feature_override)
         a = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long).cpu()].reshape(-1, 1, 1, 1).to(x.device)
         return as_eps(self.cfg.prediction_type, out, x, a)
 

@@ -10,6 +10,7 @@ where the checkpoint has no tensors (`out_layers.2`, `ff.net.1`, `to_out.1`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,33 @@ from torch import nn
 
 from .attention import CrossAttention, Site
 from .config import UNetConfig
+
+
+@dataclass(frozen=True)
+class FeatureSite:
+    """Where one ResBlock runs. `index` is its position among the ResBlocks of one UNet forward (SD v1:
+    0..21), `block` its position among its level's ResBlocks of that part (the decoder has
+    num_res_blocks + 1 a level), `attn_index` the number of attention calls made before it (so the
+    attention sites from this block on have Site.index >= attn_index)."""
+    place: str     # "down", "mid" or "up"
+    level: int     # resolution level: the latent is downsampled by 2**level here
+    index: int
+    block: int
+    attn_index: int
+    h: int = 0     # latent height and width at this block (filled in at run time)
+    w: int = 0
+
+    def at(self, h: int, w: int) -> "FeatureSite":
+        return FeatureSite(self.place, self.level, self.index, self.block, self.attn_index, h, w)
+
+
+class Sites(list):
+    """The attention Sites of a UNet in call order, with `features`: its ResBlocks' FeatureSites (a caller
+    handed the sites has both)."""
+
+    def __init__(self, sites, features=()):
+        super().__init__(sites)
+        self.features = list(features)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -60,11 +88,17 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(normalization(out_ch, groups), nn.SiLU(), nn.Dropout(0.0),
                                         Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Identity() if ch == out_ch else Conv2d(ch, out_ch, 1)
+        self.site: FeatureSite | None = None  # set by the UNet once its layers are built
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, feature_override=None):
+        """skip(x) + h, h the residual branch; feature_override(site, h) -> h' or None replaces h."""
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h = self.out_layers(h)
+        if feature_override is not None:
+            new = feature_override(self.site.at(*h.shape[-2:]), h)
+            h = h if new is None else new
+        return self.skip_connection(x) + h
 
 
 class GEGLU(nn.Module):
@@ -149,10 +183,10 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    def forward(self, x, emb, context, attn_override=None):
+    def forward(self, x, emb, context, attn_override=None, feature_override=None):
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, feature_override)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, attn_override)
             else:
@@ -210,19 +244,26 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
-        self.sites = self._assign_sites()
+        sites, self.feature_sites = self._assign_sites()
+        self.sites = Sites(sites, self.feature_sites)
 
-    def _assign_sites(self) -> list[Site]:
-        """Give every attention module its Site, in the order one forward pass calls them."""
-        sites = []
+    def _assign_sites(self) -> tuple[list[Site], list[FeatureSite]]:
+        """Give every attention module its Site and every ResBlock its FeatureSite, in the order one
+        forward pass calls them."""
+        sites, features = [], []
         parts = [("down", self.input_blocks), ("mid", [self.middle_block]), ("up", self.output_blocks)]
         n_levels = len(self.cfg.channel_mult)
         for place, blocks in parts:
             level = 0 if place == "down" else n_levels - 1
+            in_level = 0
             for block in blocks:
                 for layer in block:
                     if isinstance(layer, Downsample):
-                        level += 1
+                        level, in_level = level + 1, 0
+                    if isinstance(layer, ResBlock):
+                        layer.site = FeatureSite(place, level, len(features), in_level, len(sites))
+                        features.append(layer.site)
+                        in_level += 1
                     if isinstance(layer, SpatialTransformer):
                         for tb in layer.transformer_blocks:
                             block = len({s.block for s in sites})  # transformer blocks so far, in call order
@@ -230,24 +271,27 @@ class UNetModel(nn.Module):
                                 attn.site = Site(place, level, len(sites), is_cross, heads=attn.heads, block=block)
                                 sites.append(attn.site)
                     if isinstance(layer, Upsample):
-                        level -= 1
-        return sites
+                        level, in_level = level - 1, 0
+        return sites, features
 
-    def forward(self, x, t, context, attn_override=None, y=None):
+    def forward(self, x, t, context, attn_override=None, y=None, feature_override=None):
         """eps (v for a v-model) = unet(x (B, 4, h, w), t (int, () or (B,)), context (B, 77, d)); h, w multiples of
         cfg.downsample. y (B, cfg.adm_in_channels): the vector conditioning of an SDXL-style UNet
-        (models.sdxl.vector_conditioning builds it), required there and refused elsewhere."""
+        (models.sdxl.vector_conditioning builds it), required there and refused elsewhere.
+        attn_override(site, q, k, v) steers every attention call (models/attention.py);
+        feature_override(feature_site, h) -> h' or None every ResBlock's residual branch h (B, C, h, w),
+        the block's output being skip(x) + h'."""
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         emb = self._add_label_embedding(emb, y)
         hs, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb, context, attn_override)
+            h = block(h, emb, context, attn_override, feature_override)
             hs.append(h)
-        h = self.middle_block(h, emb, context, attn_override)
+        h = self.middle_block(h, emb, context, attn_override, feature_override)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, attn_override)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, attn_override, feature_override)
         return self.out(h)
 
     def _add_label_embedding(self, emb, y):

@@ -4,8 +4,9 @@ from .control import Edit, Refine, Replace, Reweight
 from .inversion import Inversion, invert
 from .mutual import MutualSelfAttention
 from .pipeline import Output, edit, generate
+from .pnp import PlugAndPlay
 from .store import AttentionStore
 
 __version__ = "0.1.0"
-__all__ = ["AttentionStore", "Edit", "Inversion", "LocalBlend", "MutualSelfAttention", "Output", "Refine", "Replace",
-           "Reweight", "edit", "generate", "invert"]
+__all__ = ["AttentionStore", "Edit", "Inversion", "LocalBlend", "MutualSelfAttention", "Output", "PlugAndPlay",
+           "Refine", "Replace", "Reweight", "edit", "generate", "invert"]

@@ -179,7 +179,7 @@ def cmd_edit(args) -> int:
     shown = [attention_path(output, k, i) for k in ATTENTION_KINDS for i in range(len(cfg.prompts))]
     check_outputs([output, *(shown if cfg.show_attention else [])], [sidecar(output)])
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
-    cfg, inv, photo = prepare_inversion(args, cfg, sd)  # --image / --inversion: edit a real photo
+    cfg, inv, photo = prepare_inversion(args, cfg, sd, spec)  # --image / --inversion: edit a real photo
     store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, store=store, **api_keywords(cfg, "EditConfig"),
                    inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
@@ -205,10 +205,11 @@ def run_inversion(sd, image, prompt, cfg: InvertConfig, args):
     return p2p.invert(sd, image, prompt, **api_keywords(cfg, "InvertConfig"), low_memory=low)
 
 
-def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
+def prepare_inversion(args, cfg: EditConfig, sd, spec=None) -> tuple:
     """For `p2p edit --image` (invert now) or `--inversion` (a saved one): (cfg with the sampling settings
     the inversion fixes, the Inversion, what the sidecar records of it); (cfg, None, {}) otherwise.
-    A sampling flag given explicitly stays (edit() says if it conflicts); file or default values give way."""
+    A sampling flag given explicitly stays (edit() says if it conflicts); file or default values give way.
+    A spec that follows the inversion (PlugAndPlay) keeps its own steps and guidance."""
     if not args.image and not args.inversion:
         return cfg, None, {}
     if args.inversion:
@@ -217,6 +218,8 @@ def prepare_inversion(args, cfg: EditConfig, sd) -> tuple:
         sampling = {k: getattr(cfg, k) for k in SAMPLING}
         inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling), args)
     explicit = flag_values(args, SAMPLING)
+    if getattr(spec, "follows_inversion", False):
+        explicit = {**explicit, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale}
     cfg = dataclasses.replace(cfg, **{k: getattr(inv, k) for k in SAMPLING if k not in explicit})
     return cfg, inv, dict(image=args.image, inversion=args.inversion, method=inv.method, inversion_info=inv.info,
                           inversion_model=None if inv.model is None else str(inv.model))
@@ -296,7 +299,7 @@ def inversion_options(q):
 
 def edit_parser(e) -> None:
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
-    add_flags(e, settings_of("model", "edit", "spec", "mutual", "local_blend", "photo"))
+    add_flags(e, settings_of("model", "edit", "guidance", "spec", "mutual", "pnp", "local_blend", "photo"))
     model_option_flags(e)
     sampling_options(e)
     low_memory_option(e)

@@ -28,10 +28,12 @@ from weights_tools.registry import CHECKPOINTS
 from .blend import LocalBlend, word_alpha
 from .control import Edit, Refine, Replace, Reweight, Spec, self_window, time_word_alpha
 from .mutual import MutualSelfAttention
+from .pnp import PlugAndPlay
 from .settings import (SETTINGS, check_values, config_settings, new_name, refuse_old_names, renamed, setting,
                        settings_of, short, tuples)
 
-BUILT_IN = {"replace": Replace, "refine": Refine, "reweight": Reweight, "masactrl": MutualSelfAttention}
+BUILT_IN = {"replace": Replace, "refine": Refine, "reweight": Reweight, "masactrl": MutualSelfAttention,
+            "pnp": PlugAndPlay}
 MUTUAL = ("start_step", "start_layer", "mask_words", "mask_threshold")  # MasaCtrl's knobs (mode: masactrl)
 
 
@@ -41,13 +43,13 @@ def _edit_classes(module) -> list:
 
 
 def spec_class(path: str) -> type:
-    """The p2p.Edit subclass a mode names: replace / refine / reweight, or `package.module:Class`."""
+    """The p2p.Edit subclass a mode names: replace / refine / reweight / pnp, or `package.module:Class`."""
     if path in BUILT_IN:
         return BUILT_IN[path]
     module_name, colon, name = str(path).partition(":")
     if not (colon and module_name and name):
         raise ValueError(f"mode must be replace, refine or reweight, or your own edit spec as module:Class "
-                         f"(e.g. mypackage.edits:WeightedMix), got {short(path)}")
+                         f"(e.g. mypackage.edits:WeightedMix), or pnp (Plug-and-Play), got {short(path)}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -105,6 +107,11 @@ class EditMethods:
         if self.spec_args and self.mode in BUILT_IN:
             raise ValueError(f"spec_args are the fields of your own Edit subclass (mode: module:Class); mode "
                              f"{self.mode!r} takes its knobs as keys of their own")
+        if self.mode == "pnp":  # Plug-and-Play: its own knobs; Prompt-to-Prompt's do not apply
+            if self.equalizer or self.local_blend is not None:
+                raise ValueError("mode 'pnp' (Plug-and-Play) takes no equalizer or local_blend")
+            return PlugAndPlay(feature_steps=self.feature_steps, attention_steps=self.attention_steps,
+                               source_text=self.source_text), None
         if self.mode == "reweight":
             if not self.equalizer:
                 raise ValueError("mode 'reweight' needs an equalizer: {WORD: C} (--weight WORD=C)")

@@ -16,7 +16,7 @@ import inspect
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Union
+from typing import Callable, ClassVar, Union
 
 import torch
 
@@ -69,6 +69,20 @@ class Edit(Spec):
     cross_replace_steps: Steps = 0.8
     self_replace_steps: Union[float, tuple] = 0.4
     self_replace_max_res: Union[int, None] = None
+
+    follows_inversion: ClassVar[bool] = False  # True: from an inversion, its source row is the stored latent
+    #                                            at each of the edit's timesteps (Inversion.source_path)
+
+    def row_prompts(self, prompts, negative_prompt: str, inverted: bool = False) -> tuple[list, list]:
+        """(conditional, unconditional) prompts of the batch rows: the prompts, and the negative prompt for all.
+        inverted: the source row follows an inversion (follows_inversion)."""
+        return list(prompts), [negative_prompt]
+
+    def injection(self, num_steps: int, sites, feature_sites):
+        """What the spec injects beyond the maps' edit, or None: an object with qk(B, i, site, q, k) -> (q, k),
+        attention(B, i, site, q, k, v) -> out and feature(B, i, feature_site, h) -> h, each None where it does
+        not act, on calls whose rows come in groups of B prompts, the source first (p2p.pnp.Injection)."""
+        return None
 
     def cross_edit(self, tokenizer, prompts) -> EditFn:
         """This spec's cross-attention edit for these prompts: f(i, M_src (H, N, K), M_edit (B', H, N, K)) -> M_hat."""
@@ -279,9 +293,10 @@ class Controller:
 
     def __init__(self, tokenizer, prompts, spec, num_steps, sites, local_blend=None,
                  store: AttentionStore | None = None, fast: bool = True, calls=None,
-                 default_side: int | None = None):
+                 default_side: int | None = None, feature_sites=None):
         """num_steps: the sampler's steps T, which size the (T + 1)-row schedules. calls: the sampler's
-        UNet calls (models/sampler.py), each naming the row it reads; None: call i reads row i."""
+        UNet calls (models/sampler.py), each naming the row it reads; None: call i reads row i.
+        feature_sites: the UNet's ResBlock sites (None: those the sites carry, models.unet.Sites.features)."""
         self.B = len(prompts)
         self.rows = call_rows(calls, num_steps)
         self.timesteps = None if calls is None else tuple(int(c.timestep) for c in calls)
@@ -302,6 +317,8 @@ class Controller:
         if self.blend is not None:
             self.store.extra |= set(self.blend.layers)
         self.fast_cross = self.fast_self = False
+        feature_sites = getattr(sites, "features", ()) if feature_sites is None else feature_sites
+        self.injection = None if spec is None else spec.injection(num_steps, sites, feature_sites)
         if spec is not None:
             if self.B < 2:
                 raise ValueError(f"{type(spec).__name__} needs a source prompt and at least one edited prompt")
@@ -437,16 +454,39 @@ class Controller:
         rows alone (the low-memory mode's second call; its unconditional call runs with no override,
         as the reference's LOW_RESOURCE, whose controller never sees the unconditional pass). The
         override sees the call's schedule row as its step."""
+        if self.injection is not None:
+            return partial(self.attend_injected, self.row(i), cond_only)
         fn = self.attend_cond if cond_only else self.attend
         # the call index too where an attention rule reads it (a subclass's attend(i, site, q, k, v) keeps working)
         return partial(fn, self.row(i), call=i) if self.rule is not None else partial(fn, self.row(i))
 
     def override_uncond(self, i: int):
         """The low-memory mode's unconditional call's override: the attention rule's alone (halves
-        ("uncond",)), or None without one (Prompt-to-Prompt never edits that half)."""
+        ("uncond",)) or the spec's injection alone, or None without either (Prompt-to-Prompt never edits
+        that half)."""
+        if self.injection is not None:
+            return partial(self.injection.attention, self.B, self.row(i))
         if self.rule is None:
             return None
         return lambda site, q, k, v: self.by_rule(self.row(i), i, site, q, k, v, ("uncond",))
+
+    def feature_override(self, i: int):
+        """UNet call i's ResBlock override (models/unet.py), or None: the spec's injection, if it has one."""
+        if self.injection is None:
+            return None
+        return partial(self.injection.feature, self.B, self.row(i))
+
+    def attend_injected(self, i: int, cond_only: bool, site: Site, q, k, v):
+        """The spec's injected q, k where it acts (on every group of B rows; the map of the conditional rows
+        kept if the store wants it), else the edit's attention."""
+        qk = self.injection.qk(self.B, i, site, q, k)
+        if qk is None:
+            return self.attend_cond(i, site, q, k, v) if cond_only else self.attend(i, site, q, k, v)
+        if not self.store.wants(site):
+            return attention.attend(*qk, v)
+        M = attention.attention_probs(*qk)
+        self.store.add(site, M[-self.B:])
+        return M @ v
 
     def attend(self, i: int, site: Site, q, k, v, call: int | None = None):
         """Attention of one layer at step (schedule row) i of UNet call `call` (None: i), or None for plain

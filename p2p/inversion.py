@@ -128,6 +128,39 @@ class Inversion:
                                  f"an edit from an inversion uses the inversion's settings (leave {key} out)")
         return mine | {"latents": self.x_T, "sampler": self.sampler}
 
+    def follow_settings(self, prompts, num_steps=None, guidance_scale=None, steps_offset=None, height=None,
+                        width=None, latents=None, sampler=None) -> dict:
+        """The settings of an edit whose source row follows this inversion (Edit.follows_inversion): its own
+        steps and guidance, this inversion's size, offset and sampler (a conflict is an error)."""
+        mine = self.edit_settings(prompts, self.num_steps, self.guidance_scale, steps_offset, height, width,
+                                  latents, sampler)
+        return mine | {"num_steps": num_steps, "guidance_scale": guidance_scale, "latents": None}
+
+    def source_path(self, sd, scheduler):
+        """(x_T, correction) of an edit whose source row is this inversion's stored latent at each of the edit's
+        timesteps (scheduler.calls): x_T is the latent at the first, and correction(i, x) sets the source row
+        after step i to the latent at the next (after the last, the image's latents). The edit's timesteps must
+        be among this inversion's; an error lists the step counts whose are."""
+        ours = step_timesteps(sd.scheduler(self.num_steps, self.steps_offset, self.sampler))[::-1]
+        at = {int(t): z for t, z in zip(ours, self.trajectory[1:])}
+        wanted = [int(t) for t in step_timesteps(scheduler)]
+        missing = [t for t in wanted if t not in at]
+        if missing:
+            fits = [n for n in range(1, self.num_steps + 1) if self._serves(sd, n, at)]
+            raise ValueError(f"the edit's timesteps {missing[:8]} are not among the {self.num_steps}-step inversion's "
+                             f"({ours[0]}, {ours[1] if len(ours) > 1 else ''}..., {ours[-1]}), whose stored latents "
+                             f"drive the source row: edit with num_steps one of {fits}, or invert with more steps")
+        dev = dict(device=sd.device, dtype=sd.dtype)
+        path = [at[t].to(**dev) for t in wanted[1:]] + [self.trajectory[0].to(**dev)]
+        return at[wanted[0]], lambda i, x: torch.cat([path[i], x[1:]])
+
+    def _serves(self, sd, n: int, at: dict) -> bool:
+        """Whether an n-step edit's timesteps are all among this inversion's (`at`)."""
+        try:
+            return all(int(t) in at for t in step_timesteps(sd.scheduler(n, self.steps_offset, self.sampler)))
+        except ValueError:  # an offset n steps cannot take
+            return False
+
     def guidance_inputs(self, sd, cond: torch.Tensor, scheduler=None, source_row: str | None = None):
         """(uncond, correction) for `pipeline.denoise`: the unconditional embedding(s) every row gets,
         and the per-step correction of the source row (`source_correction`) or None. cond: (B, 77, d), row 0

@@ -63,19 +63,21 @@ def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) ->
 
 
 def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override=None,
-                low_memory: bool = False, uncond_override=None) -> torch.Tensor:
+                low_memory: bool = False, feature_override=None, uncond_override=None) -> torch.Tensor:
     """One guided sampler step of latents x (B, 4, h, w): the sampling loop's, and the one the inversion
     methods retrace. ONE UNet call on the batch [uncond..., cond...], as the reference; low_memory:
-    two calls of B rows, the unconditional one with no override (attn_override must then take the
-    conditional rows alone: `Controller.override(i, cond_only=True)`; uncond_override, if given, steers the
-    unconditional call: an attention rule's, `Controller.override_uncond(i)`).
-    cond (B, 77, d); uncond (1 or B, 77, d), shared by the rows."""
+    two calls of B rows, the unconditional one with uncond_override (None: plain, as the reference;
+    attn_override must then take the conditional rows alone: `Controller.override(i, cond_only=True)`;
+    an attention rule or an injection steers the unconditional call through `Controller.override_uncond(i)`).
+    feature_override: the ResBlocks' (models/unet.py), on every call. cond (B, 77, d); uncond (1 or B, 77, d),
+    shared by the rows."""
     uncond = uncond.expand(x.shape[0], -1, -1)
     if low_memory:  # the reference's LOW_RESOURCE: half the UNet's activations at a time
-        eps_u = sd.eps(x, t, uncond, attn_override=uncond_override)
-        eps_c = sd.eps(x, t, cond, attn_override=attn_override)
+        eps_u = sd.eps(x, t, uncond, attn_override=uncond_override, feature_override=feature_override)
+        eps_c = sd.eps(x, t, cond, attn_override=attn_override, feature_override=feature_override)
     else:
-        eps_u, eps_c = sd.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override).chunk(2)
+        eps_u, eps_c = sd.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override,
+                              feature_override=feature_override).chunk(2)
     return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
 
 
@@ -106,18 +108,28 @@ def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, p
     timesteps = [c.timestep for c in scheduler.calls]
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
-        override = uncond_override = None
-        if controller is not None:  # (a controller without the low-memory mode need not take cond_only)
-            override = controller.override(i, cond_only=True) if low_memory else controller.override(i)
-            if low_memory and hasattr(controller, "override_uncond"):
-                uncond_override = controller.override_uncond(i)
-        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, override, low_memory, uncond_override)
+        x = guided_step(sd, x, t, u, cond, guidance_scale, scheduler, low_memory=low_memory,
+                        **step_overrides(controller, i, low_memory))
         if correction is not None:
             x = correction(i, x)
         if controller is not None:
             x = controller.step_callback(i, x)
         check_finite(x, f"the latents after UNet step {i} (t={t})")
     return x
+
+
+def step_overrides(controller, i: int, low_memory: bool) -> dict:
+    """guided_step's overrides for UNet call i: the controller's attention override (the conditional half's
+    alone in the low-memory mode: a controller without that mode need not take cond_only) and, where the
+    controller has them, its ResBlock override and the unconditional half's."""
+    if controller is None:
+        return {}
+    out = {"attn_override": controller.override(i, cond_only=True) if low_memory else controller.override(i)}
+    if hasattr(controller, "feature_override"):
+        out["feature_override"] = controller.feature_override(i)
+    if low_memory and hasattr(controller, "override_uncond"):
+        out["uncond_override"] = controller.override_uncond(i)
+    return out
 
 
 @contextlib.contextmanager
@@ -175,7 +187,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
          width: int | None = EditConfig.width, steps_offset: int | None = None, sampler: str | None = None, store=None,
          fast: bool = True, progress: bool = True, inversion=None, low_memory: bool = False,
          offload: bool = False, allow_other_model: bool = False,
-         source_row: str | None = EditConfig.source_row) -> Output:
+         source_row: str | None = EditConfig.source_row,
+         negative_prompt: str = EditConfig.negative_prompt) -> Output:
     """Prompt-to-Prompt (Algorithm 1): prompts[0] is the source P, prompts[1:] the edited prompts P*.
 
     All prompts run in one batch from the same x_T; at step t the controller injects the source's
@@ -187,37 +200,66 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
 
     Defaults (None): EditConfig's, num_steps 50, guidance_scale 7.5, steps_offset 1, sampler "ddim".
     sampler "plms" (also "pndm"): PLMS, N + 1 UNet calls for N steps; the controller reads the schedule
-    row of each call the sampler makes (see the module).
+    row of each call the sampler makes (see the module). negative_prompt: the unconditional rows' prompt.
     `inversion` (p2p.invert's result) edits a real image: x_T, the unconditional embedding(s) and any
     per-step correction come from it, prompts[0] must be its prompt, and steps / guidance / offset / size
     are its own (passing a different value is an error; `seed` is unused); it samples with the inversion's
-    sampler (one with an inverse step: DDIM).
+    sampler (one with an inverse step: DDIM). A spec that follows the inversion (PlugAndPlay) takes its own
+    steps and guidance instead, and its source row is the inversion's latent at each of its timesteps.
     Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
     source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if inversion is not None:
-        inversion.check_model(sd, allow_other_model)
-        s = inversion.edit_settings(prompts, num_steps, guidance_scale, steps_offset, height, width, latents, sampler)
-        num_steps, guidance_scale, steps_offset, height, width, latents, sampler = (
-            s[k] for k in ("num_steps", "guidance_scale", "steps_offset", "height", "width", "latents", "sampler"))
-    num_steps = EditConfig.num_steps if num_steps is None else num_steps  # None: the inversion's, else these
-    guidance_scale = EditConfig.guidance_scale if guidance_scale is None else guidance_scale
-    steps_offset = EditConfig.steps_offset if steps_offset is None else steps_offset
-    sampler = EditConfig.sampler if sampler is None else sampler
+    follow = inversion is not None and getattr(spec, "follows_inversion", False)
+    num_steps, guidance_scale, steps_offset, height, width, latents, sampler = edit_settings(
+        sd, prompts, spec, inversion, allow_other_model, num_steps, guidance_scale, steps_offset, height, width,
+        latents, sampler)
     check_values(EditConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
-                            steps_offset=steps_offset, sampler=sampler, source_row=source_row), "edit()")
+                            steps_offset=steps_offset, sampler=sampler, negative_prompt=negative_prompt,
+                            source_row=source_row), "edit()")
     if source_row is not None and inversion is None:
         raise ValueError(f"source_row={source_row!r} says how the source row follows an inversion: pass inversion=")
     height, width = picture_size(sd, height, width)
-    x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
+    correction = None
+    if follow:
+        latents, correction = inversion.source_path(sd, scheduler)
+    x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     local_blend = for_model(local_blend, sd)  # LocalBlend(level=None): the model's recommended level
     controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast,
-                            calls=scheduler.calls, default_side=sd.cfg.image_size)
+                            calls=scheduler.calls, default_side=sd.cfg.image_size, feature_sites=sd.unet.feature_sites)
     with visiting(sd, "text_encoder", offload):
-        cond = sd.encode_text(prompts)
-        uncond, correction = (inversion.guidance_inputs(sd, cond, scheduler, source_row) if inversion is not None
-                              else (sd.encode_text([""]), None))
+        cond, uncond, own = edit_texts(sd, prompts, spec, negative_prompt, None if follow else inversion, follow,
+                                       scheduler, source_row)
     z0 = denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller, progress=progress,
-                 desc="Prompt-to-Prompt", correction=correction, low_memory=low_memory)
+                 desc="Prompt-to-Prompt", correction=correction or own, low_memory=low_memory)
     return decoded(sd, z0, x_T, low_memory, offload, controller.store)
+
+
+def edit_settings(sd, prompts, spec, inversion, allow_other_model: bool, *given) -> tuple:
+    """edit()'s (num_steps, guidance_scale, steps_offset, height, width, latents, sampler): those `given`, with
+    an inversion's own (Inversion.edit_settings, or .follow_settings for a spec that follows it), then
+    EditConfig's defaults for those still None."""
+    names = ("num_steps", "guidance_scale", "steps_offset", "height", "width", "latents", "sampler")
+    values = dict(zip(names, given))
+    if inversion is not None:
+        inversion.check_model(sd, allow_other_model)
+        follow = getattr(spec, "follows_inversion", False)
+        values = (inversion.follow_settings if follow else inversion.edit_settings)(prompts, *given)
+    for key in ("num_steps", "guidance_scale", "steps_offset", "sampler"):  # None: the inversion's, else these
+        values[key] = getattr(EditConfig, key) if values[key] is None else values[key]
+    return tuple(values[k] for k in names)
+
+
+def edit_texts(sd, prompts, spec, negative_prompt: str, inversion=None, inverted: bool = False, scheduler=None,
+               source_row=None):
+    """(cond, uncond, correction) of an edit: the inversion's unconditional embedding(s) and correction if it
+    has them, else the rows' prompts as the spec gives them (Edit.row_prompts; inverted: its source row
+    follows an inversion) and no correction."""
+    if inversion is not None:
+        if negative_prompt:
+            raise ValueError(f"negative_prompt={negative_prompt!r} with a {inversion.method!r} inversion: an edit "
+                             f"from an inversion uses the inversion's unconditional embedding (leave it out)")
+        cond = sd.encode_text(prompts)
+        return (cond, *inversion.guidance_inputs(sd, cond, scheduler, source_row))
+    rows = spec.row_prompts(prompts, negative_prompt, inverted) if spec is not None else (prompts, [negative_prompt])
+    return sd.encode_text(rows[0]), sd.encode_text(rows[1]), None

@@ -37,6 +37,7 @@ from weights_tools.registry import DEFAULT as DEFAULT_CKPT
 
 from .blend import LocalBlend
 from .control import Edit, Replace
+from .pnp import SOURCE_TEXTS, PlugAndPlay
 
 # group -> the configs whose fields its settings are. "local_blend": the fields of EditConfig.local_blend;
 # "spec": the edit spec's knobs (fields of p2p.Edit and the built-in specs); "run": how a command runs on this
@@ -44,8 +45,9 @@ from .control import Edit, Replace
 GROUPS = {"sampling": ("GenerateConfig", "EditConfig", "InvertConfig"), "model": ("GenerateConfig", "EditConfig"),
           "seed": ("GenerateConfig", "EditConfig"), "generate": ("GenerateConfig",), "edit": ("EditConfig",),
           "spec": ("EditConfig",), "local_blend": (), "invert": ("InvertConfig",), "photo": ("EditConfig",),
-          "mutual": ("EditConfig",), "run": ()}
-KEYWORD_GROUPS = ("sampling", "seed", "invert", "photo")  # the API functions take these settings as keyword arguments
+          "mutual": ("EditConfig",), "run": (), "guidance": ("EditConfig",),
+          "pnp": ("EditConfig",)}  # "pnp": Plug-and-Play's knobs (p2p.pnp.PlugAndPlay, mode: pnp)
+KEYWORD_GROUPS = ("sampling", "seed", "invert", "photo", "guidance")  # the API functions take these as keyword arguments
 METHODS = ("null-text", "ddim", "negative-prompt", "direct")  # inversion methods (see p2p.inversion)
 SOURCE_ROWS = ("trajectory", "inputs", "residual", "free")  # an edit's source row from an inversion (see there)
 WEIGHT_RANGE = (-10000, 10000)  # a reweighting c; the reference's examples use -5 to 10
@@ -220,10 +222,14 @@ SETTINGS = (
     Setting("edits", (), (list,), "the edited prompts P* (the flag once per prompt)", "--edit",
             cli={"action": "append"}),
     Setting("mode", "replace", (str,), "replace | refine | reweight (a Reweight on top of replace / refine when "
-            "an equalizer is given), masactrl (MasaCtrl's mutual self-attention, docs/masactrl.md), or "
-            "module:Class: your own p2p.Edit subclass", "--mode"),
+            "an equalizer is given), masactrl (MasaCtrl's mutual self-attention, docs/masactrl.md), pnp "
+            "(Plug-and-Play, from a ddim inversion: docs/pnp.md), or module:Class: your own p2p.Edit subclass",
+            "--mode"),
     Setting("spec_args", None, (dict,), "mode module:Class: its own fields, {FIELD: VALUE}", "--spec-arg",
             entries=(object,), cli={"action": "append", "metavar": "FIELD=VALUE"}, parse=parse_spec_args),
+    Setting("negative_prompt", "", (str,), "the prompt of the edited prompts' unconditional guidance row (\"\": the "
+            "empty prompt, as Prompt-to-Prompt; Plug-and-Play's authors: \"ugly, blurry, black, low res, "
+            "unrealistic\")", "--negative-prompt", "guidance"),
     # the edit spec's knobs
     Setting("cross_replace_steps", Edit.cross_replace_steps, (float, int, list, dict),
             "steps with the source's cross-attention injected: F (the first F of them), [START, END], or "
@@ -252,6 +258,13 @@ SETTINGS = (
             cli={"nargs": 2, "metavar": ("SOURCE", "TARGET")}, parse=tuple),
     Setting("mask_threshold", None, (float, int), "masactrl: the mask threshold on the min-max normalised maps "
             "(default 0.1)", "--mask-threshold", "mutual", range=(0, 1)),
+    Setting("feature_steps", PlugAndPlay.feature_steps, (float, int), "pnp: the first int(n F) steps take the "
+            "source's decoder ResBlock features (the authors' pnp_f_t)", "--feature-steps", "pnp", range=(0, 1)),
+    Setting("attention_steps", PlugAndPlay.attention_steps, (float, int), "pnp: the first int(n F) steps take the "
+            "source's decoder self-attention q and k (the authors' pnp_attn_t)", "--attention-steps", "pnp",
+            range=(0, 1)),
+    Setting("source_text", PlugAndPlay.source_text, (str,), "pnp: the source row reads the empty prompt (\"empty\", "
+            "the authors' code) or the inverted prompt (\"prompt\")", "--source-text", "pnp", choices=SOURCE_TEXTS),
     # LocalBlend
     Setting("local_blend", None, (dict,), "LocalBlend: outside the blend words' mask the edit keeps the source"),
     Setting("local_blend.words", None, (list,), "one word per prompt, source first ([a, b] or a,b: several "

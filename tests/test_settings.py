@@ -152,6 +152,10 @@ self_replace_steps: [0.1, 0.5]
 self_replace_max_res: 32
 equalizer: {{car: [2.0, 1.0], cat: 3}}
 reference_tail: false
+negative_prompt: ugly, blurry
+feature_steps: 0.7
+attention_steps: 0.4
+source_text: prompt
 local_blend: {{words: [bicycle, [car, dog], 5], threshold: 0.4, start_blend: 0.2, substruct_words: [cat, cat, dog],
               th: [0.3, 0.5], level: 1, pool: false}}
 show_attention: true
@@ -168,6 +172,8 @@ EVERYTHING_FLAGS = ["--steps", "3", "--guidance", "5", "--steps-offset", "0", "-
                     "--mode", "custom_edits:WeightedMix",
                     "--spec-arg", "weight=0.25", "--cross-steps", "0.8", "car=0.1,0.4", "--self-steps", "0.1", "0.5",
                     "--self-max-res", "32", "--weight", "car=2,1", "--weight", "cat=3", "--no-reference-tail",
+                    "--negative-prompt", "ugly, blurry", "--feature-steps", "0.7", "--attention-steps", "0.4",
+                    "--source-text", "prompt",
                     "--blend", "bicycle", "car,dog", "5", "--blend-threshold", "0.4", "--blend-start", "0.2",
                     "--blend-substruct", "cat", "cat", "dog", "--blend-th", "0.3", "0.5", "--blend-level", "1",
                     "--no-blend-pool", "--show-attention", "--description", "everything at once",
