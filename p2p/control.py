@@ -33,9 +33,18 @@ EditFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # f(i, M_src
 
 class Spec:
     """The base of every spec: `Edit` (Prompt-to-Prompt's, on the maps) and the specs that act on q, k, v
-    (p2p.mutual.MutualSelfAttention). A spec gives the controller two parts, either of which may be None:
+    (p2p.mutual.MutualSelfAttention); an Edit may also inject q, k and ResBlock features (`Edit.injection`,
+    p2p.pnp.PlugAndPlay). A spec gives the controller two parts, either of which may be None:
     `map_edit()`, the Edit whose functions of the step and the maps run (docs/write-your-own-edit.md), and
     `attention(tokenizer, prompts)`, an AttentionRule on q, k, v, asked first at every attention call."""
+
+    follows_inversion: ClassVar[bool] = False  # True: from an inversion, its source row is the stored latent
+    #                                            at each of the edit's timesteps (Inversion.source_path)
+
+    def row_prompts(self, prompts, negative_prompt: str, inverted: bool = False) -> tuple[list, list]:
+        """(conditional, unconditional) prompts of the batch rows: the prompts, and the negative prompt for all.
+        inverted: the source row follows an inversion (follows_inversion)."""
+        return list(prompts), [negative_prompt]
 
     def attention(self, tokenizer, prompts) -> "AttentionRule | None":
         """This spec's edit on q, k, v rather than on the maps (an `AttentionRule`), or None."""
@@ -69,14 +78,6 @@ class Edit(Spec):
     cross_replace_steps: Steps = 0.8
     self_replace_steps: Union[float, tuple] = 0.4
     self_replace_max_res: Union[int, None] = None
-
-    follows_inversion: ClassVar[bool] = False  # True: from an inversion, its source row is the stored latent
-    #                                            at each of the edit's timesteps (Inversion.source_path)
-
-    def row_prompts(self, prompts, negative_prompt: str, inverted: bool = False) -> tuple[list, list]:
-        """(conditional, unconditional) prompts of the batch rows: the prompts, and the negative prompt for all.
-        inverted: the source row follows an inversion (follows_inversion)."""
-        return list(prompts), [negative_prompt]
 
     def injection(self, num_steps: int, sites, feature_sites):
         """What the spec injects beyond the maps' edit, or None: an object with qk(B, i, site, q, k) -> (q, k),

@@ -220,9 +220,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
         raise ValueError(f"source_row={source_row!r} says how the source row follows an inversion: pass inversion=")
     height, width = picture_size(sd, height, width)
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
-    correction = None
-    if follow:
-        latents, correction = inversion.source_path(sd, scheduler)
+    latents, correction = inversion.source_path(sd, scheduler) if follow else (latents, None)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     local_blend = for_model(local_blend, sd)  # LocalBlend(level=None): the model's recommended level
     controller = Controller(sd.tokenizer, prompts, spec, num_steps, sd.unet.sites, local_blend, store, fast,
