@@ -43,27 +43,26 @@ def tiny_bpe(folder, pad: str):
     return tok
 
 
-def sd2_test_pipeline(tokenizer):
-    """StableDiffusion2PipelineFastTests.get_dummy_components."""
+def fast_test_pipeline(tokenizer, unet: dict, vae: dict, text: dict):
+    """A StableDiffusionPipeline as diffusers' fast tests assemble one (get_dummy_components): seeded parts with
+    these settings beside the shared ones, DDIM, no safety checker."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=(2, 4), use_linear_projection=True)
+    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, cross_attention_dim=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **unet)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False)
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128)
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], **vae)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-        num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=VOCAB, hidden_act="gelu",
-        projection_dim=512))
+        num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=VOCAB, **text))
     pipe = StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                                    tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -72,31 +71,16 @@ def sd2_test_pipeline(tokenizer):
 
 
 def sd1_test_pipeline(tokenizer):
-    """StableDiffusionPipelineFastTests.get_dummy_components: widths 4 and 8 with 2 norm groups, 8 heads, the
-    first level without attention, a 5-layer quick_gelu CLIP text tower with a vocabulary of 1000."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """StableDiffusionPipelineFastTests: widths 4 and 8 with 2 norm groups, 8 heads, a quick_gelu tower."""
+    return fast_test_pipeline(tokenizer, dict(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2),
+                         dict(block_out_channels=[4, 8], norm_num_groups=2), {})
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, norm_num_groups=2)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-        num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=VOCAB))
-    pipe = StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                                   tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+def sd2_test_pipeline(tokenizer):
+    """StableDiffusion2PipelineFastTests: widths 32 and 64, heads (2, 4), linear projections, a gelu tower."""
+    return fast_test_pipeline(tokenizer, dict(block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=(2, 4),
+                                         use_linear_projection=True),
+                         dict(block_out_channels=[32, 64], sample_size=128), dict(hidden_act="gelu", projection_dim=512))
 
 
 def test_sd1_test_pipeline_loads_and_matches(tmp_path):
