@@ -127,6 +127,9 @@ def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None,
         warnings.simplefilter("always", IgnoredKeys)
         warnings.simplefilter("always", AssumedPrediction)
         path = resolve_checkpoint(ckpt)
+        for extra in (vae, base):  # hashed before reading too: the record names the files the model was read from
+            if extra is not None:
+                READ_SHA256[Path(extra)] = file_sha256(extra)
         sd, READ_SHA256[path] = hashed_read(path, lambda: load_checkpoint(
             ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype], strict=not non_strict,
             vae=vae, prediction_type=prediction_type, tokenizer=tokenizer, config=model_config, base=base))
@@ -149,7 +152,8 @@ def settings_record(settings: dict, ckpt, args) -> dict:
     """What a sidecar holds: the settings, the checkpoint and its SHA-256, how it was read (a swapped-in
     VAE and a --base model by their SHA-256 too), versions, and the command's own words."""
     path = resolve_checkpoint(ckpt)
-    vae = {f"{flag}_sha256": file_sha256(getattr(args, flag)) for flag in ("vae", "base") if getattr(args, flag)}
+    vae = {f"{flag}_sha256": READ_SHA256.get(Path(getattr(args, flag))) or file_sha256(getattr(args, flag))
+           for flag in ("vae", "base") if getattr(args, flag)}
     sha = READ_SHA256.get(path) or file_sha256(path)
     return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": sha, "dtype": args.dtype,
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv} | model_options(args) | vae

@@ -179,3 +179,25 @@ def test_a_checkpoint_changed_while_it_is_read_is_an_error(tmp_path):
     with pytest.raises(OSError, match="changed while it was being read"):
         hashed_read(ckpt, read)
     assert hashed_read(ckpt, lambda: "read") == ("read", file_sha256(ckpt))
+
+
+def test_a_vae_moved_during_a_run_is_recorded_as_the_one_read(tmp_path, monkeypatch, tiny_sd):
+    """--vae's SHA-256 is taken when the VAE is read, as the checkpoint's: a file moved or replaced during the
+    run neither throws the finished run away nor names other bytes in the record."""
+    from safetensors.torch import save_file
+
+    vae = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_sd.vae.state_dict().items()}, str(vae))
+    original = file_sha256(vae)
+    real = p2p.generate
+
+    def replaced(*a, **k):
+        vae.rename(tmp_path / "elsewhere.safetensors")
+        vae.write_bytes(b"another file")
+        return real(*a, **k)
+
+    monkeypatch.setattr(p2p, "generate", replaced)
+    out = tmp_path / "out.png"
+    assert p2p.cli.main(["generate", "--ckpt", str(GOLDEN_CKPT), "--vae", str(vae), "--prompt", "a cat", "--steps",
+                         "2", "--height", "32", "--width", "32", "-o", str(out)]) == 0
+    assert json.loads((tmp_path / "out.png.json").read_text())["vae_sha256"] == original
