@@ -81,3 +81,31 @@ def test_groups_that_cannot_split_the_channels_are_refused(folder, tmp_path, par
     (bad / part / "config.json").write_text(json.dumps({**config, "norm_num_groups": value}))
     with pytest.raises(BadConfig, match=f"{part}/config.json has `norm_num_groups`"):
         load_checkpoint(bad)
+
+
+UNET = dict(block_out_channels=[32, 64], layers_per_block=1, sample_size=16, cross_attention_dim=32,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            attention_head_dim=8)
+
+
+@pytest.mark.parametrize("key, value", [("norm_eps", 1e-6), ("act_fn", "gelu"), ("time_cond_proj_dim", 256),
+                                        ("resnet_time_scale_shift", "scale_shift"), ("conv_in_kernel", 1),
+                                        ("only_cross_attention", [False, True]), ("flip_sin_to_cos", False)])
+def test_a_unet_setting_this_unet_does_not_model_is_refused_by_name(key, value):
+    """A diffusers UNet config that sets what this UNet does not model (a GroupNorm eps, an activation, LCM's
+    guidance embedding, ...) loaded and gave wrong pictures: it is refused, naming the key."""
+    from weights_tools import BadConfig, diffusers_keys
+
+    diffusers_keys.unet_config(dict(UNET, **{key: diffusers_keys.UNMODELLED.get(key, False)}), "unet")  # the default
+    with pytest.raises(BadConfig, match=rf"sets {key}=.*runs only the values in brackets"):
+        diffusers_keys.unet_config(dict(UNET, **{key: value}), "unet")
+
+
+def test_stock_values_of_those_settings_load():
+    from weights_tools import diffusers_keys
+
+    stock = dict(UNET, act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
+                 freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-05, only_cross_attention=False,
+                 upcast_attention=True, dual_cross_attention=False, resnet_time_scale_shift="default",
+                 num_class_embeds=None)  # SD 2.1's unet/config.json spells these so
+    diffusers_keys.unet_config(stock, "unet")

@@ -97,12 +97,39 @@ def to_ldm_key(part: str, key: str, cfg: dict, where: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- configs
+# UNet2DConditionModel settings this UNet does not model, with diffusers' defaults (the only values it runs):
+# a config that sets another value is refused by name, not run as the default (upcast_attention is not here:
+# attention_probs always forms its softmax in fp32, as upcast_attention=True asks)
+UNMODELLED = {"norm_eps": 1e-5, "act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": True,
+              "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1, "dual_cross_attention": False,
+              "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "timestep_post_act": None,
+              "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+              "class_embeddings_concat": False, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+              "cross_attention_norm": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+              "num_class_embeds": None, "time_embedding_dim": None, "time_embedding_act_fn": None}
+
+
+def check_modelled(c: dict, where: str) -> None:
+    """Refuse a UNet config that sets what this UNet does not model (UNMODELLED) to another value than the
+    one it runs: such a file would load and give wrong pictures."""
+    only_cross = c.get("only_cross_attention", False)
+    off = {k: c[k] for k, default in UNMODELLED.items() if k in c and c[k] != default}
+    if only_cross not in (False, None) and (not isinstance(only_cross, list) or any(only_cross)):
+        off["only_cross_attention"] = only_cross
+    if off:
+        said = ", ".join(f"{k}={str(v)[:40]!r} (runs: {UNMODELLED.get(k, False)!r})" for k, v in off.items())
+        raise BadConfig(f"{where}: unet/config.json sets {said}: this package's UNet runs only the values in "
+                        "brackets, so the model would load and give wrong pictures; it is not supported here "
+                        "(if the file is a stock SD / SDXL model, fix these keys)")
+
+
 def unet_config(c: dict, where: str) -> tuple[UNetConfig, int]:
     """UNetConfig from a diffusers UNet2DConditionModel config.json, and its sample_size.
 
     diffusers' SD v1 configs put the number of heads in `attention_head_dim` (its own loader reads
     it as `num_attention_heads` when that is unset), so heads are read, never inferred from shapes.
     """
+    check_modelled(c, where)
     for field in ("class_embed_type", "addition_embed_type"):
         if c.get(field):
             raise CheckpointError(f"{where}: UNet has {field}={c[field]!r}, a conditioning the SD v1.x / 2.x UNet "
