@@ -34,12 +34,11 @@ def load_sd3_text(folder, dtype=torch.float32, device="cpu") -> SD3Text:
     text_encoder_3/ (T5) and tokenizer/, tokenizer_2/, tokenizer_3/. Eval mode, no gradients."""
     folder = Path(folder)
     parts = require(folder, ("text_encoder", "text_encoder_2", "text_encoder_3"), "SD3")
+    with torch.device("meta"):  # the configs first: a bad one is refused before any large file is read
+        towers = clip_tower(parts[0], projection=True), clip_tower(parts[1], projection=True), t5_encoder(parts[2])
     tokenizers = {"clip": read_tokenizer(folder / "tokenizer"), "clip_g": read_tokenizer(folder / "tokenizer_2"),
                   "t5": read_tokenizer(folder / "tokenizer_3")}
-    with torch.device("meta"):
-        model = SD3Text(clip_tower(parts[0], projection=True), clip_tower(parts[1], projection=True),
-                        t5_encoder(parts[2]), tokenizers)
-    return load_parts(model, folder, dtype, device)
+    return load_parts(SD3Text(*towers, tokenizers), folder, dtype, device)
 
 
 def load_flux_text(folder, dtype=torch.float32, device="cpu") -> FluxText:
@@ -47,10 +46,10 @@ def load_flux_text(folder, dtype=torch.float32, device="cpu") -> FluxText:
     (T5) and tokenizer/, tokenizer_2/. Eval mode, no gradients."""
     folder = Path(folder)
     parts = require(folder, ("text_encoder", "text_encoder_2"), "Flux")
+    with torch.device("meta"):  # the configs first: a bad one is refused before any large file is read
+        towers = clip_tower(parts[0], projection=False), t5_encoder(parts[1])
     tokenizers = {"clip": read_tokenizer(folder / "tokenizer"), "t5": read_tokenizer(folder / "tokenizer_2")}
-    with torch.device("meta"):
-        model = FluxText(clip_tower(parts[0], projection=False), t5_encoder(parts[1]), tokenizers)
-    return load_parts(model, folder, dtype, device)
+    return load_parts(FluxText(*towers, tokenizers), folder, dtype, device)
 
 
 def require(folder: Path, parts: tuple[str, ...], family: str) -> list[Path]:
