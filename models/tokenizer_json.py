@@ -23,6 +23,7 @@ import regex
 import torch
 
 from .clip import Tokenizer
+from .spm_charsmap import PrecompiledCharsmap
 from .textfile import read_json
 from .tokens import token_rows
 
@@ -197,17 +198,16 @@ def metaspace_of(spec, where) -> dict:
 
 
 def normalizer_steps(spec, where) -> list:
-    """tokenizer.json's normalizer as a list of str -> str functions (none: the golden tiny T5 has none).
-    T5's real `Precompiled` charsmap is SentencePiece's nmt_nfkc: NFKC plus a few control and space rules;
-    it is applied here to printable ASCII only (which nmt_nfkc leaves unchanged) and any other character is
-    refused by name, rather than normalised by a guess."""
+    """tokenizer.json's normalizer as a list of str -> str functions (none: the tiny test T5 has none). T5's
+    real one is `Precompiled`: SentencePiece's compiled nmt_nfkc table (NFKC plus its control and space
+    rules), read and applied as the `tokenizers` library does (models/spm_charsmap.py)."""
     if spec is None:
         return []
     kind = spec.get("type") if isinstance(spec, dict) else None
     if kind == "Sequence":
         return [f for s in spec.get("normalizers", []) for f in normalizer_steps(s, where)]
     if kind == "Precompiled":
-        return [lambda t: ascii_only(t, where)]
+        return [PrecompiledCharsmap(spec.get("precompiled_charsmap") or "", f"{where}: precompiled_charsmap")]
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return [lambda t: unicodedata.normalize(kind, t)]
     if kind == "Lowercase":
@@ -219,19 +219,9 @@ def normalizer_steps(spec, where) -> list:
         found = regex.compile(pattern["Regex"]) if "Regex" in pattern else regex.compile(regex.escape(pattern["String"]))
         return [lambda t: found.sub(lambda _: content, t)]
     raise ValueError(f"{where}: normalizer {kind!r} is not one this reader implements "
-                     "(Sequence, Precompiled on ASCII, NFC/NFD/NFKC/NFKD, Lowercase, Strip, Replace)")
+                     "(Sequence, Precompiled, NFC/NFD/NFKC/NFKD, Lowercase, Strip, Replace)")
 
 
 def strip(text: str, left: bool, right: bool) -> str:
     text = text.lstrip() if left else text
     return text.rstrip() if right else text
-
-
-def ascii_only(text: str, where) -> str:
-    """The text itself when it is printable ASCII and spaces; T5's precompiled NFKC map is not reimplemented."""
-    bad = sorted({c for c in text if not (" " <= c <= "~")})
-    if bad:
-        raise ValueError(f"{where}: T5's precompiled (SentencePiece nmt_nfkc) normaliser is implemented for printable "
-                         f"ASCII only; the prompt holds {''.join(bad)[:20]!r} ({', '.join(f'U+{ord(c):04X}' for c in bad[:5])}): "
-                         "write it in ASCII (straight quotes, no accents, spaces for tabs and newlines)")
-    return text

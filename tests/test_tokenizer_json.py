@@ -1,9 +1,11 @@
 """Tokenizers read from tokenizer.json (models/tokenizer_json.py) against transformers' fast tokenizers built
 from the same file: the golden tiny-sd3 folders' CLIP BPE (both paddings) and T5 Unigram, and random Unigram
-vocabularies (ties included) against the `tokenizers` library itself."""
+vocabularies (ties included) against the `tokenizers` library itself; T5's precompiled nmt_nfkc normaliser
+(a tokenizer.json converted by transformers from a SentencePiece model trained with it) on Unicode text."""
+import base64
 import json
-from pathlib import Path
 import random
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -11,8 +13,8 @@ import torch
 import transformers
 
 from models.clip import Tokenizer
+from models.spm_charsmap import PrecompiledCharsmap
 from models.tokenizer_json import UnigramTokenizer, read_tokenizer
-
 
 SD3 = Path(__file__).parent / "fixtures" / "mmdit" / "tiny-sd3"
 WORDS = ("a watercolor painting of a cat sitting on a red car. capybara photo fox, inside is smaller bear. "
@@ -106,14 +108,46 @@ def test_unigram_normalizers_and_first_prefix(tmp_path):
         assert ours.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
 
 
-def test_t5_precompiled_normaliser_refuses_non_ascii(tmp_path, t5):
-    data = json.loads((SD3 / "tokenizer_3" / "tokenizer.json").read_text())
-    data["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": "AAAA"}
+NFKC = Path(__file__).parent / "fixtures" / "t5-nfkc"  # a T5 tokenizer.json with SentencePiece's nmt_nfkc table
+UNICODE = ["na\u00efve caf\u00e9 r\u00e9sum\u00e9", "cafe\u0301 (combining accent)", "\uff21\uff42\uff43\uff11\uff12 fullwidth",
+           "\ufb01ne \ufb02ower ligatures", "\u201cquoted\u201d \u2018x\u2019 \u2014 \u2026", "tab\tnew\nline\r end",
+           "\u00a0nbsp\u3000ideographic", "\u2460 \u00bd \u338f \u2122 \u2103", "\uff76\uff80\uff76\uff85",
+           "\ud55c\uad6d\uc5b4", "\U0001f44d\U0001f3fd emoji", "x\u200by\u200dz\ufeff", "\u00c5ngstr\u00f6m stra\u00dfe \u2126"]
+
+
+def random_text(rng: random.Random) -> str:
+    """Printable ASCII, Latin-1 and beyond, CJK, fullwidth forms and combining marks, mixed."""
+    ranges = [(0x20, 0x7E), (0xA0, 0x2FFF), (0x3000, 0xD7FF), (0xE000, 0xFFEF), (0x300, 0x36F)]  # no surrogates
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(1, 10)))
+
+
+def test_precompiled_charsmap_matches_tokenizers():
+    data = json.loads((NFKC / "tokenizer.json").read_text())["normalizer"]["precompiled_charsmap"]
+    ours, ref = PrecompiledCharsmap(data), tokenizers.normalizers.Precompiled(base64.b64decode(data))
+    rng = random.Random(0)
+    for text in UNICODE + [random_text(rng) for _ in range(2000)]:
+        assert ours(text) == ref.normalize_str(text), text
+    assert ours("\ufb01ne \uff21") == "fine A"
+
+
+def test_t5_with_nfkc_matches_transformers():
+    ours = read_tokenizer(NFKC)
+    ref = transformers.T5TokenizerFast(tokenizer_file=str(NFKC / "tokenizer.json"))
+    for text in UNICODE + prompts(20):
+        assert ours.encode(text) == ref(text, add_special_tokens=False).input_ids, text
+
+
+def test_t5_layout_of_older_conversions(tmp_path):
+    """Precompiled then Replace(" {2,}", "\u2581") and Metaspace alone, as older converters wrote T5's file:
+    the same ids as `tokenizers` reading that file."""
+    data = json.loads((NFKC / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        data["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"}]}
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    real_like = read_tokenizer(tmp_path)
-    assert real_like.encode("a cat, sitting!") == t5.encode("a cat, sitting!")
-    with pytest.raises(ValueError, match=r"printable ASCII only.*U\+00E9"):
-        real_like.encode("caf\u00e9")
+    ours, ref = read_tokenizer(tmp_path), tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in UNICODE + prompts(20):
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
 
 
 def test_refusals_name_the_fix(tmp_path):
