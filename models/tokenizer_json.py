@@ -3,8 +3,9 @@
 SD3 / SD3.5 / Flux folders carry their tokenizers as `tokenizer*/tokenizer.json`:
 - model "BPE" with the `</w>` end-of-word suffix: CLIP's byte-level BPE. It is this library's CLIP tokenizer
   (models/clip.py, `Tokenizer.from_folder`) with the folder's vocabulary, merges and padding
-  (tokenizer_config.json's `pad_token`: `<|endoftext|>` for CLIP-L, `!` for SD3's CLIP-G; a pad token other
-  than end-of-text is also split out of the prompt's text, as transformers does: `PadSplitTokenizer`).
+  (tokenizer_config.json's `pad_token`: `<|endoftext|>` for CLIP-L, `!` for SD3's CLIP-G), normalised as the
+  file says and with a pad token other than end-of-text split out of the text, as transformers does
+  (`CLIPFileTokenizer`).
 - model "Unigram": T5's SentencePiece vocabulary (`UnigramTokenizer` below): the text is split on the added
   special tokens, normalised, split into words (WhitespaceSplit, then Metaspace: "▁" before each word), and
   each word segmented by Viterbi over the pieces' log-probabilities, exactly as the `tokenizers` library's
@@ -34,8 +35,8 @@ SPIECE_FIX = ("convert it once with transformers: T5TokenizerFast.from_pretraine
               "writes tokenizer.json beside it")
 
 
-def read_tokenizer(folder) -> Tokenizer | UnigramTokenizer:
-    """The tokenizer of a transformers tokenizer folder holding `tokenizer.json`: CLIP's BPE (models.clip.Tokenizer)
+def read_tokenizer(folder) -> CLIPFileTokenizer | UnigramTokenizer:
+    """The tokenizer of a transformers tokenizer folder holding `tokenizer.json`: CLIP's BPE (CLIPFileTokenizer)
     or T5's Unigram (UnigramTokenizer), chosen by the file's `model.type`."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
@@ -48,20 +49,38 @@ def read_tokenizer(folder) -> Tokenizer | UnigramTokenizer:
     model = data.get("model") if isinstance(data, dict) else None
     kind = model.get("type") if isinstance(model, dict) else None
     if kind == "BPE" and model.get("end_of_word_suffix") == "</w>":
-        tok = Tokenizer.from_folder(folder)
-        return tok if tok.pad == tok.eos else PadSplitTokenizer.from_folder(folder)
+        return CLIPFileTokenizer.from_file(folder, data)
     if kind == "Unigram":
         return UnigramTokenizer.from_json(data, path)
     raise ValueError(f"{path}: a {kind!r} tokenizer model; supported: CLIP's BPE (with the '</w>' end-of-word "
                      "suffix) and T5's Unigram")
 
 
-class PadSplitTokenizer(Tokenizer):
-    """CLIP's BPE padding with a token other than end-of-text (SD3's CLIP-G: "!" = 0). transformers registers
-    the folder's pad token as a special token, so where a prompt writes it, it is cut out of the text and is
-    the pad id: "wow!!" is wow</w>, 0, 0 (not wow</w>, !!</w>), as the diffusers pipelines tokenize it."""
+class CLIPFileTokenizer(Tokenizer):
+    """CLIP's BPE as its tokenizer.json defines it, which is how transformers' CLIPTokenizer (the one the
+    diffusers SD3 / Flux pipelines run) tokenizes; the vocabulary, merges and BPE are models/clip.py's. Two
+    differences from SD v1's tokenizer there:
+    - the text is normalised by the file's normalizer (CLIP's: NFC, whitespace runs to one space, lowercase),
+      not by ftfy and HTML unescaping: "&amp;" stays "&amp;", "\ufb01" stays "\ufb01";
+    - a pad token other than end-of-text (SD3's CLIP-G: "!" = 0) is a special token to transformers, so where
+      a prompt writes it, it is cut out of the text and is the pad id: "wow!!" is wow</w>, 0, 0 (CLIP-L:
+      wow</w>, !!</w>)."""
+
+    @classmethod
+    def from_file(cls, folder: Path, data: dict) -> "CLIPFileTokenizer":
+        """From the folder and its parsed tokenizer.json `data` (whose normalizer it applies)."""
+        tok = cls.from_folder(folder)
+        tok.steps = normalizer_steps(data.get("normalizer"), folder / "tokenizer.json")
+        return tok
+
+    def normalize(self, text: str) -> str:
+        for step in self.steps:
+            text = step(text)
+        return text
 
     def encode(self, text: str) -> list[int]:
+        if self.pad == self.eos:
+            return super().encode(text)
         ids = []
         for i, part in enumerate(text.split(self.decoder[self.pad])):
             ids += ([self.pad] if i else []) + super().encode(part)

@@ -14,7 +14,7 @@ import transformers
 
 from models.clip import Tokenizer
 from models.spm_charsmap import PrecompiledCharsmap
-from models.tokenizer_json import UnigramTokenizer, read_tokenizer
+from models.tokenizer_json import CLIPFileTokenizer, UnigramTokenizer, read_tokenizer
 
 SD3 = Path(__file__).parent / "fixtures" / "mmdit" / "tiny-sd3"
 WORDS = ("a watercolor painting of a cat sitting on a red car. capybara photo fox, inside is smaller bear. "
@@ -63,8 +63,8 @@ def test_capybara_is_three_t5_pieces(t5):
 def test_clip_bpe_matches_transformers_with_its_padding(sub, pad):
     ours = read_tokenizer(SD3 / sub)
     ref = transformers.CLIPTokenizerFast.from_pretrained(str(SD3 / sub))  # its tokenizer_config.json's padding
-    assert isinstance(ours, Tokenizer) and (ours.bos, ours.eos, ours.pad) == (49406, 49407, pad)
-    batch = prompts(30, seed=2)
+    assert isinstance(ours, CLIPFileTokenizer) and (ours.bos, ours.eos, ours.pad) == (49406, 49407, pad)
+    batch = prompts(30, seed=2) + UNICODE  # Unicode and HTML entities: the file's normaliser, not ftfy + ["a &amp; b", "mojibake \u00c3\u00a9", "\u00c0\u00c9\u00ce CAF\u00c9"]
     want = ref(batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ours(batch, 77), want)
     assert ours.encode("capybara") == Tokenizer().encode("capybara")  # the same BPE as open_clip's vocabulary
