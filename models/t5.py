@@ -61,7 +61,7 @@ class T5Config:
         if not str(proj).startswith("gated-"):
             raise ValueError(f"T5 config says feed_forward_proj {proj!r}: only T5 v1.1's gated feed-forward "
                              "('gated-gelu', wi_0 / wi_1 / wo) is implemented, the one SD3 and Flux use")
-        act = "gelu_new" if proj == "gated-gelu" else config.get("dense_act_fn", proj.split("-", 1)[1])
+        act = "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1]  # as transformers' T5Config derives it
         try:
             return cls(vocab_size=int(config["vocab_size"]), d_model=int(config["d_model"]), d_kv=int(config["d_kv"]),
                        d_ff=int(config["d_ff"]), num_layers=int(config["num_layers"]), num_heads=int(config["num_heads"]),

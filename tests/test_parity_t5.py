@@ -9,19 +9,21 @@ from models.t5 import T5Config, T5EncoderModel, relative_position_bucket
 
 TOL = 1e-5
 
-# the golden tiny config (tiny-sd3's text_encoder_3, tiny-flux's text_encoder_2) and a wider one whose
-# sequences reach past max_distance (the logarithmic buckets and their cap)
+# the golden tiny config (tiny-sd3's text_encoder_3, tiny-flux's text_encoder_2), a wider one whose
+# sequences reach past max_distance (the logarithmic buckets and their cap), and another gated activation
 CONFIGS = {
     "tiny-golden": dict(vocab_size=288, d_model=96, d_kv=8, d_ff=128, num_layers=2, num_heads=4,
                         relative_attention_num_buckets=32, relative_attention_max_distance=128),
     "wider": dict(vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=6,
                   relative_attention_num_buckets=16, relative_attention_max_distance=20, layer_norm_epsilon=1e-5),
+    "gated-silu": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                       feed_forward_proj="gated-silu"),
 }
 
 
 def reference(sizes: dict, seed: int = 0) -> transformers.T5EncoderModel:
-    cfg = transformers.T5Config(**sizes, feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
-                                use_cache=False)
+    cfg = transformers.T5Config(**{"feed_forward_proj": "gated-gelu", **sizes}, dropout_rate=0.0,
+                                is_encoder_decoder=False, use_cache=False)
     model = transformers.T5EncoderModel(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
