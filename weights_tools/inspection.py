@@ -50,12 +50,18 @@ def inspect_checkpoint(path) -> dict:
 
 
 def mmdit_loadability(row, path) -> dict:
-    """What an MM-DiT folder is (SD3 or SD3.5, by its transformer's config) and that it loads."""
+    """What an MM-DiT folder is (SD3 or SD3.5, by its transformer's config) and whether it loads (its
+    headers checked against its configs, no tensor read)."""
     variant, evidence = row.variant(Path(path))
+    try:
+        row.check(Path(path))
+        problem = None
+    except CheckpointError as e:
+        problem = str(e)
     return {"variant": variant, "variant_evidence": evidence, "model": variant, "family": None,
             "config_source": "the folder's transformer/, vae/ and scheduler/ config.json files",
             "prediction_type": "flow", "prediction_source": "velocity of flow matching (FlowMatchEulerDiscreteScheduler)",
-            "loadable": True, "problem": None}
+            "loadable": problem is None, "problem": problem}
 
 
 def model_name(variant: str, prediction: str | None) -> str:
