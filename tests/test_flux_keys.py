@@ -3,20 +3,23 @@ key layout: 2-D weights on the meta device (names and shapes), every 1-D tensor 
 bias and norm scale must land, split and swapped, exactly where diffusers puts it)."""
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models.flux import FluxTransformer
 from weights_tools import CheckpointError
-from weights_tools.flux_keys import bfl_config, bfl_to_diffusers, is_bfl_flux
+from weights_tools.flux_keys import SWAPPED, bfl_config, bfl_to_diffusers, is_bfl_flux, load_bfl_transformer, targets
 
-W, MLP, HEAD, T5, POOLED, IN = 3072, 12288, 128, 4096, 768, 64
+W, HEAD, T5, POOLED, IN = 3072, 128, 4096, 768, 64
 
 
 def linear(name: str, rows: int, cols: int) -> dict:
     return {f"{name}.weight": (rows, cols), f"{name}.bias": (rows,)}
 
 
-def bfl_shapes(double: int = 19, single: int = 38, guidance: bool = True) -> dict:
-    """FLUX.1-dev's transformer keys and shapes as BFL ships them (schnell: no guidance_in)."""
+def bfl_shapes(double: int = 19, single: int = 38, guidance: bool = True, heads: int = 24) -> dict:
+    """FLUX.1-dev's transformer keys and shapes as BFL ships them (schnell: no guidance_in); fewer heads of
+    the same width make a small file of the same layout."""
+    W, MLP = heads * HEAD, 4 * heads * HEAD  # noqa: N806
     s = {**linear("img_in", W, IN), **linear("txt_in", W, T5), **linear("time_in.in_layer", W, 256),
          **linear("time_in.out_layer", W, W), **linear("vector_in.in_layer", W, POOLED),
          **linear("vector_in.out_layer", W, W), **linear("final_layer.linear", IN, W),
@@ -79,3 +82,35 @@ def test_a_key_outside_the_transformer_is_refused_by_name():
     bad = dict(tensors(bfl_shapes(double=1, single=1)), **{"double_blocks.0.img_attn.lora_A.weight": torch.zeros(4, 4)})
     with pytest.raises(CheckpointError, match="lora_A"):
         bfl_to_diffusers(bad)
+
+
+def as_bfl(model: FluxTransformer, shapes: dict) -> dict:
+    """A model's weights written in BFL's layout: each BFL tensor the row-concatenation of its targets."""
+    ours = model.state_dict()
+    out = {}
+    for key in shapes:
+        names, module = targets(key)
+        parts = [ours[n] for n in names]
+        if module == SWAPPED:
+            parts = list(reversed(parts[0].chunk(2, dim=0)))
+        out[key] = torch.cat(parts, dim=0).contiguous()
+    return out
+
+
+def test_a_small_bfl_file_loads_as_the_model_it_was_written_from(tmp_path):
+    shapes = bfl_shapes(double=1, single=1, heads=1)
+    torch.manual_seed(0)
+    model = FluxTransformer(bfl_config(shapes)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_file(as_bfl(model, shapes), tmp_path / "flux1-tiny.safetensors")
+    loaded = load_bfl_transformer(tmp_path / "flux1-tiny.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+
+def test_a_file_of_another_layout_is_refused_by_name(tmp_path):
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 4)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not a BFL Flux transformer file"):
+        load_bfl_transformer(tmp_path / "other.safetensors")

@@ -12,12 +12,14 @@ The qk-norm weights are called `scale` there, `weight` here. diffusers' own conv
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
-from models.flux import FluxConfig
+from models.flux import FluxConfig, FluxTransformer
 
 from .layout import CheckpointError
+from .sources import open_file, sniff
 
 COMFY_PREFIX = "model.diffusion_model."
 # BFL module -> ours, one target per row block of a fused tensor
@@ -107,3 +109,19 @@ def bfl_config(shapes: dict[str, tuple]) -> FluxConfig:
                       attention_head_dim=head_dim, num_attention_heads=width // head_dim,
                       joint_attention_dim=s["txt_in.weight"][1], pooled_projection_dim=s["vector_in.in_layer.weight"][1],
                       guidance_embeds="guidance_in.in_layer.weight" in s, axes_dims_rope=(16, 56, 56))
+
+
+def load_bfl_transformer(path, device="cpu", dtype=torch.float32) -> FluxTransformer:
+    """A BFL single file (`flux1-dev.safetensors`, `flux1-schnell.safetensors`) as a FluxTransformer: its config
+    read from its shapes, its tensors renamed and split, every key of the model filled (strict)."""
+    path = Path(path)
+    src = open_file(path, path.stat().st_size, sniff(path))
+    if not is_bfl_flux(src.shapes):
+        raise CheckpointError(f"{path}: not a BFL Flux transformer file (no `img_in.weight` / `double_blocks.*`); "
+                              "a diffusers Flux folder loads as a folder")
+    with torch.device("meta"):
+        model = FluxTransformer(bfl_config(src.shapes))
+    state = bfl_to_diffusers({k: src.fetch(k) for k in src.shapes})
+    state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
