@@ -41,10 +41,6 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD v1: proj_in / proj_out are 1x1 convs; SD 2 / SDXL: Linear
     adm_in_channels: int = 0      # > 0: the `label_emb` vector conditioning (SDXL base: 2816); 0: none
     norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
-    # the 1x1 convs between the encoder and the latent, the latent and the decoder; SD3's and Flux's 16-channel
-    # VAEs have neither (diffusers' use_quant_conv / use_post_quant_conv False)
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
     # distilled SDXL (SSD-1B, Segmind-Vega): a depth per output block (None: its level's), a middle block of
     # one resnet ("resnet"; "attention": resnet, transformer, resnet)
     transformer_depth_output: tuple | None = None
@@ -141,6 +137,10 @@ class VAEConfig:
     resolution: int = 256
     attn_resolutions: tuple = ()  # SD v1 has attention only in the mid block
     norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
+    # the 1x1 convs between the encoder and the latent, the latent and the decoder; SD3's and Flux's 16-channel
+    # VAEs have neither (diffusers' use_quant_conv / use_post_quant_conv False)
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     @property
     def downsample(self) -> int:
