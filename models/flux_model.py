@@ -20,13 +20,15 @@ from .joint import JointSite
 from .mmdit_model import MMDiTModel
 from .vae import AutoencoderKL
 
-T5_LENGTH = 512  # FluxPipeline's max_sequence_length
+T5_LENGTH = 512      # FluxPipeline's max_sequence_length
+DEFAULT_SIZE = 1024  # FluxPipeline's default_sample_size 128 x the VAE's 8
 
 
 class Flux(MMDiTModel):
     """FLUX.1: the Flux transformer, distilled guidance where it embeds one, text = T5's t5_length positions."""
     uses_cfg = False
     family = "Flux"
+    default_size = DEFAULT_SIZE
 
     def __init__(self, transformer: FluxTransformer, vae: AutoencoderKL, flow: FlowConfig, scaling_factor: float,
                  shift_factor: float, text: nn.Module | None = None, t5_length: int = T5_LENGTH):
