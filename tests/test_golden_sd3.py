@@ -2,7 +2,9 @@
 case: diffusers' StableDiffusion3Pipeline on the tiny SD3 folder, fp32 on the CPU (tests/fixtures/mmdit,
 README there). The text encoders are not this test's subject: the case's own prompt embeddings stand in
 for them (a text module that returns them), so the transformer, the schedule, guidance and the VAE are
-held to the case: the same x_T gives z0 within 1e-4 relative, the pictures within one level."""
+held to the case: the same x_T gives z0 within 1e-4 relative, the pictures within one level. Then the whole
+folder, its own text encoders included (weights_tools.mmdit_text), end to end, and StableDiffusion3Pipeline
+itself on the folder with other prompts, sizes and steps."""
 from __future__ import annotations
 
 import json
@@ -42,10 +44,17 @@ class CaseText(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def sd3(one_thread):
-    m = load_checkpoint(FIXTURES / "tiny-sd3")
-    m.text = CaseText()
-    return m
+def full(one_thread):
+    """The folder as load_checkpoint opens it, text encoders included."""
+    return load_checkpoint(FIXTURES / "tiny-sd3")
+
+
+@pytest.fixture
+def sd3(full):
+    """The folder's model with the case's embeddings in place of its text encoders."""
+    own, full.text = full.text, CaseText()
+    yield full
+    full.text = own
 
 
 def rel(a, b):
@@ -111,3 +120,27 @@ def test_controller_hooks_are_called_per_step(sd3):
     assert calls == [("attn", 0, b, 4) for b in range(3)] + [("after", 0)] + \
         [("attn", 1, b, 4) for b in range(3)] + [("after", 1)]
     assert out.latents.shape == (2, 16, 12, 16)
+
+
+def test_end_to_end_with_the_folders_text(full):
+    assert full.family == "SD3" and full.tokenizers.keys() == {"clip", "clip_g", "t5"}
+    out = run(full)
+    assert rel(out.latents, T["z0"]) <= 1e-4
+    want = np.round(T["images"].numpy() * 255).astype(np.int16)
+    assert np.abs(out.images.astype(np.int16) - want).max() <= 1
+
+
+@pytest.mark.parametrize("steps,size,guidance", [(4, (64, 96), 5.0), (7, (128, 64), 3.0)])
+def test_equals_stable_diffusion_3_pipeline(full, steps, size, guidance):
+    """StableDiffusion3Pipeline (the test oracle) on the same folder, other prompts, sizes, steps, guidance."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(FIXTURES / "tiny-sd3", dtype=torch.float32)
+    prompts = ["a red house by the sea.", "a photo of a dog."]
+    h, w = size
+    x_T = torch.randn((1, 16, h // 8, w // 8), generator=torch.Generator().manual_seed(5))
+    theirs = pipe(prompt=prompts, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
+                  latents=x_T.expand(2, -1, -1, -1), output_type="latent").images
+    ours = generate(full, prompts, latents=x_T, num_steps=steps, guidance_scale=guidance, height=h, width=w,
+                    progress=False)
+    assert rel(ours.latents, theirs) <= 1e-4

@@ -20,7 +20,7 @@ from .layout import CheckpointError, family_code, leftover_keys, model_keys, mod
 from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
 from .mmdit import load_mmdit, mmdit_pipeline
 from .registry import named_blend_level, resolve_checkpoint
-from .sources import Source, open_source
+from .sources import Source, open_source, read_tensor
 from .unet_swap import open_unet
 from .vae_swap import open_vae, with_part, with_vae
 
@@ -133,15 +133,6 @@ def warn_ignored(where: str, ignored: list[str]) -> None:
         more = f" ... ({len(ignored)} in all)" if len(ignored) > 20 else ""
         warnings.warn(f"{where}: ignored {len(ignored)} key(s) the model does not have (non-strict): "
                       f"{', '.join(ignored[:20])}{more}", IgnoredKeys, stacklevel=4)
-
-
-def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tensor:
-    """One tensor, shim-reshaped to the model's shape, floats cast to `dtype`, in memory of its own: never
-    a view of the file's memory map (a file rewritten in place during a run would crash it or mix two models)."""
-    t = src.fetch(key)
-    if tuple(t.shape) != tuple(want):
-        t = t.reshape(want)  # validated: only the documented [C,C] <-> [C,C,1,1] shims get here
-    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,

@@ -22,12 +22,13 @@ from models.vae import AutoencoderKL
 
 from .diffusers_keys import vae_config
 from .layout import CheckpointError, factor_problem
+from .mmdit_text import load_sd3_text
 from .sources import Source, open_weights, read_json
 from .vae_swap import VAE, open_vae
 
 
 class Pipeline(NamedTuple):
-    """One MM-DiT pipeline class: `load(folder, device, dtype, text)` and `variant(folder) -> (name, evidence)`."""
+    """One MM-DiT pipeline class: `load(folder, device, dtype, text: bool)` and `variant(folder) -> (name, evidence)`."""
     load: Callable
     variant: Callable
 
@@ -98,10 +99,13 @@ def load_transformer(folder: Path, device, dtype) -> SD3Transformer:
     return load_part(model, open_weights(folder / "transformer"), device, dtype, str(folder / "transformer"))
 
 
-def load_sd3(folder: Path, device="cpu", dtype=torch.float32, text: nn.Module | None = None) -> SD3:
-    """An SD3 / SD3.5 diffusers folder: transformer/, vae/, scheduler/ (and the text module given)."""
+def load_sd3(folder: Path, device="cpu", dtype=torch.float32, text: bool = True) -> SD3:
+    """An SD3 / SD3.5 diffusers folder: transformer/, vae/, scheduler/ and, with text, the three text encoders
+    and their tokenizers (weights_tools.mmdit_text)."""
     vae, scaling, shift = load_vae(folder, device, dtype)
-    model = SD3(load_transformer(folder, device, dtype), vae, load_flow(folder), scaling, shift, text)
+    encoders = load_sd3_text(folder, dtype, device) if text else None
+    model = SD3(load_transformer(folder, device, dtype), vae, load_flow(folder), scaling, shift, encoders,
+                encoders.t5_length if encoders is not None else 256)
     return model.requires_grad_(False).eval()
 
 
@@ -143,8 +147,9 @@ PIPELINES: dict[str, Pipeline] = {"StableDiffusion3Pipeline": Pipeline(load_sd3,
                                   "FluxPipeline": Pipeline(load_flux, flux_variant)}
 
 
-def load_mmdit(path, device="cpu", dtype=torch.float32, text: nn.Module | None = None) -> MMDiTModel:
-    """A diffusers MM-DiT folder (PIPELINES' pipeline classes) as its model, in eval mode."""
+def load_mmdit(path, device="cpu", dtype=torch.float32, text: bool = True) -> MMDiTModel:
+    """A diffusers MM-DiT folder (PIPELINES' pipeline classes) as its model, in eval mode; text=False leaves
+    the text encoders out (the prompts are then given as TextCond)."""
     row = mmdit_pipeline(path)
     if row is None:
         raise CheckpointError(f"{path}: not a diffusers MM-DiT folder (its model_index.json must name one of "
