@@ -15,8 +15,7 @@ from models.flux import FluxConfig, FluxTransformer, pack, unpack
 from models.flux_model import Flux
 from models.mmdit_text import TextCond
 from p2p import generate
-from weights_tools.mmdit import load_mmdit
-from weights_tools.mmdit_text import load_flux_text
+from weights_tools import load_checkpoint
 
 MMDIT = Path(__file__).parent / "fixtures" / "mmdit"
 
@@ -78,9 +77,8 @@ def test_denoising_reproduces_the_pipelines_latents(case, transformer, one_threa
 # ------------------------------------------------------------------------------------- the whole model
 @pytest.fixture(scope="module")
 def flux(one_thread):
-    """The tiny folder through the library's loader, with its text encoders."""
-    folder = MMDIT / "tiny-flux"
-    return load_mmdit(folder, text=load_flux_text(folder))
+    """The tiny folder through the library's loader (load_checkpoint), with its text encoders."""
+    return load_checkpoint(MMDIT / "tiny-flux")
 
 
 def generated(flux, meta, g, prompts):

@@ -15,14 +15,14 @@ from torch import nn
 
 from models.flow import FlowConfig
 from models.flux import FluxConfig, FluxTransformer
-from models.flux_model import Flux
+from models.flux_model import T5_LENGTH, Flux
 from models.mmdit import SD3Config, SD3Transformer
 from models.mmdit_model import SD3, MMDiTModel
 from models.vae import AutoencoderKL
 
 from .diffusers_keys import vae_config
 from .layout import CheckpointError, factor_problem
-from .mmdit_text import load_sd3_text
+from .mmdit_text import load_flux_text, load_sd3_text
 from .sources import Source, open_weights, read_json
 from .vae_swap import VAE, open_vae
 
@@ -129,10 +129,13 @@ def load_flux_transformer(folder: Path, device, dtype) -> FluxTransformer:
     return load_part(model, open_weights(folder / "transformer"), device, dtype, str(folder / "transformer"))
 
 
-def load_flux(folder: Path, device="cpu", dtype=torch.float32, text: nn.Module | None = None) -> Flux:
-    """A FLUX.1 (dev / schnell) diffusers folder: transformer/, vae/, scheduler/ (and the text module given)."""
+def load_flux(folder: Path, device="cpu", dtype=torch.float32, text: bool = True) -> Flux:
+    """A FLUX.1 (dev / schnell) diffusers folder: transformer/, vae/, scheduler/ and, with text, CLIP-L and T5
+    and their tokenizers (weights_tools.mmdit_text)."""
     vae, scaling, shift = load_vae(folder, device, dtype)
-    model = Flux(load_flux_transformer(folder, device, dtype), vae, load_flow(folder), scaling, shift, text)
+    encoders = load_flux_text(folder, dtype, device) if text else None
+    model = Flux(load_flux_transformer(folder, device, dtype), vae, load_flow(folder), scaling, shift, encoders,
+                 encoders.t5_length if encoders is not None else T5_LENGTH)
     return model.requires_grad_(False).eval()
 
 
