@@ -3,12 +3,13 @@ MM-DiT golden data, tests/fixtures/mmdit): the transformer alone with the case's
 and timesteps gives the recorded step-0 output and every step's latents; the folder loaded as a model and
 run through p2p.generate gives the case's z0 and pictures."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from models.flow import FlowConfig, FlowMatchEuler
 from models.flux import FluxConfig, FluxTransformer, pack, unpack
@@ -120,3 +121,47 @@ def test_generation_from_the_prompts_gives_the_cases_z0_and_pictures(case, flux)
     want = np.round(g["images"].numpy() * 255).astype(np.int16)
     assert out.images.shape == (2, 96, 128, 3)
     assert np.abs(out.images.astype(np.int16) - want).max() <= 1
+
+
+PROMPTS = ["a red house by the sea.", "a photo of a dog."]
+
+
+def pipeline_latents(folder, steps, size, guidance, x_T):
+    """FluxPipeline (the test oracle) from the folder: its z0, packed."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+    return pipe(prompt=PROMPTS, height=size[0], width=size[1], num_inference_steps=steps, guidance_scale=guidance,
+                latents=pack(x_T.expand(2, -1, -1, -1)), output_type="latent").images
+
+
+@pytest.mark.parametrize("steps, size, guidance", [(4, (64, 96), 5.0), (7, (128, 64), 2.0)])
+def test_equals_flux_pipeline(flux, steps, size, guidance):
+    """Other prompts, sizes (so other dynamic shifts and RoPE grids), steps and guidance."""
+    x_T = torch.randn((1, 16, size[0] // 8, size[1] // 8), generator=torch.Generator().manual_seed(5))
+    ours = generate(flux, PROMPTS, latents=x_T, num_steps=steps, guidance_scale=guidance, height=size[0],
+                    width=size[1], progress=False)
+    assert relative(pack(ours.latents), pipeline_latents(MMDIT / "tiny-flux", steps, size, guidance, x_T)) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def schnell_folder(tmp_path_factory):
+    """The tiny folder made schnell-like: its transformer without the guidance embedding."""
+    folder = tmp_path_factory.mktemp("flux") / "tiny-schnell"
+    shutil.copytree(MMDIT / "tiny-flux", folder)
+    config_path = folder / "transformer" / "config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), guidance_embeds=False)))
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if ".guidance_embedder." not in k}, weights)
+    return folder
+
+
+def test_a_schnell_folder_loads_as_schnell_and_equals_flux_pipeline(schnell_folder, one_thread):
+    """No guidance embedding: the guidance scale changes nothing, as in FluxPipeline."""
+    schnell = load_checkpoint(schnell_folder)
+    assert isinstance(schnell, Flux) and schnell.variant == "FLUX.1-schnell" and not schnell.guidance_embeds
+    x_T = torch.randn((1, 16, 8, 12), generator=torch.Generator().manual_seed(6))
+    runs = [generate(schnell, PROMPTS, latents=x_T, num_steps=4, guidance_scale=g, height=64, width=96,
+                     progress=False).latents for g in (0.0, 3.5)]
+    assert torch.equal(runs[0], runs[1])
+    assert relative(pack(runs[0]), pipeline_latents(schnell_folder, 4, (64, 96), 0.0, x_T)) <= 1e-4
