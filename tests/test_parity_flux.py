@@ -118,3 +118,15 @@ def test_an_edit_of_the_target_rows_image_queries_moves_only_the_target(one_thre
         plain, edited = ours(*args), ours(*args, attn_override=image_qk_from_row_0)
     assert torch.equal(edited[0], plain[0])
     assert relative(edited[1], plain[1]) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_matches_diffusers_bit_for_bit(dtype, one_thread):
+    """Half precision: the same roundings in the same places (timestep in the activations' dtype, RoPE in
+    fp32, fp16's clipped residuals)."""
+    ref, ours = pair(GOLDEN_CONFIG)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x, t, context, pooled, grid, guidance = inputs(ours.cfg)
+    args = (x.to(dtype), t, context.to(dtype), pooled.to(dtype), grid, guidance)
+    with torch.no_grad():
+        assert torch.equal(ours(*args), reference(ref, *args))
