@@ -236,12 +236,11 @@ class JointTransformerBlock(nn.Module):
         mods = self.norm1(temb)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         normed = layer_norm(x)
-        if self.context_pre_only:
+        if self.context_pre_only:  # AdaLayerNormContinuous: (scale, shift)
             c_scale, c_shift = self.norm1_context(temb)
-            c_in = modulate(layer_norm(c), c_shift, c_scale)
         else:
             c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-            c_in = modulate(layer_norm(c), c_shift, c_scale)
+        c_in = modulate(layer_norm(c), c_shift, c_scale)
         attn, c_attn = self.attn(modulate(normed, shift, scale), c_in, site, attn_override)
         x = x + gate.unsqueeze(1) * attn
         if self.dual:  # SD3.5: image-only self-attention on the same norm, its own shift / scale / gate
