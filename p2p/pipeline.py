@@ -158,13 +158,13 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     the CPU and visit the UNet's device only while they run (see `visiting`).
     An MM-DiT model (SD3 / SD3.5 / Flux) samples with p2p.joint_pipeline.joint_generate: flow matching on its
     folder's schedule, guidance as its pipeline (sampler, steps_offset, low_memory and offload are the UNet's)."""
+    check_values(GenerateConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height,
+                                width=width, steps_offset=steps_offset, sampler=sampler), "generate()")
     if is_mmdit(sd):
         unet_only(sampler=sampler, steps_offset=steps_offset, low_memory=low_memory, offload=offload)
         return joint_generate(sd, prompts, seed=seed, latents=latents, num_steps=num_steps,
                               guidance_scale=guidance_scale, height=height, width=width, progress=progress)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    check_values(GenerateConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height,
-                                width=width, steps_offset=steps_offset, sampler=sampler), "generate()")
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     with visiting(sd, "text_encoder", offload):
