@@ -111,6 +111,9 @@ KIND_NOTES = {DISTILLED_SDXL: ": SDXL with transformer blocks removed (a per-blo
                                  "(the VAE's latents_mean / latents_std), neither of which this package's samplers "
                                  "model; loaded as SDXL it would give wrong pictures: use diffusers' "
                                  "StableDiffusionXLPipeline with its own scheduler",
+              "Flux": " as a single file: BFL's `flux1-*.safetensors` holds the transformer alone (no VAE, no "
+                      "text encoders); load the FLUX.1 diffusers folder (model_index.json names FluxPipeline), or "
+                      "read this transformer with weights_tools.flux_keys.load_bfl_transformer",
               "CosXL-style EDM v-prediction": ": its sampling follows a continuous EDM sigma range "
                                               "(edm_vpred.sigma_min / sigma_max), which this package's DDIM / PLMS "
                                               "samplers do not model"}

@@ -20,8 +20,7 @@ from models.tokenizer_json import read_tokenizer
 
 from .diffusers_keys import text_config
 from .layout import BadConfig, CheckpointError
-from .load import read_tensor
-from .sources import Source, open_weights, read_json
+from .sources import Source, open_weights, read_json, read_tensor
 
 # keys a transformers text-encoder file may hold that the modules do not read (no weight: position indices)
 IGNORED = ("text_model.embeddings.position_ids",)

@@ -319,6 +319,15 @@ def open_sharded(index_path: Path) -> Source:
                   lambda key: fetchers[key](key))
 
 
+def read_tensor(src: Source, key: str, want: tuple, device, dtype) -> torch.Tensor:
+    """One tensor, shim-reshaped to the model's shape, floats cast to `dtype`, in memory of its own: never
+    a view of the file's memory map (a file rewritten in place during a run would crash it or mix two models)."""
+    t = src.fetch(key)
+    if tuple(t.shape) != tuple(want):
+        t = t.reshape(want)  # validated: only the documented [C,C] <-> [C,C,1,1] shims get here
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+
+
 def read_json(path: Path) -> dict:
     try:
         data = read_json_file(path, "config")
