@@ -250,8 +250,10 @@ class JointBlender:
         self.grid, self.pool = site.grid, site.kind in POOLED_KINDS
 
     def aggregate(self) -> torch.Tensor:
-        """(P, S_img): the mean of every stored (block, step) entry, blocks in the order first stored."""
-        return torch.cat([torch.stack(e) for e in self.entries.values()]).mean(0)
+        """(P, S_img): the mean of every stored (block, step) entry, blocks in the order first stored, one row at
+        a time (each row's entries contiguous, so that the sum runs in the official order: bit-equal maps)."""
+        stacked = [torch.stack(e) for e in self.entries.values()]    # per block: (steps, P, S_img)
+        return torch.stack([torch.cat([e[:, r] for e in stacked]).mean(0) for r in range(stacked[0].shape[1])])
 
     def __call__(self, step: int, x: torch.Tensor) -> torch.Tensor:
         if step not in self.steps or not self.entries:
