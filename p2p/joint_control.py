@@ -17,7 +17,7 @@ OR-ed; the edited rows keep their latents inside and take the source's outside: 
 
 Word columns follow the official code: a word is a whitespace piece of the prompt matched exactly
 (punctuation included), and the prompt's tokens, decoded one at a time, are counted in characters against
-each piece's length. The text sequence is laid out as the model says (`text_layout`): SD3's 77 CLIP
+each piece's length. The text sequence is laid out as the model says (`model_layout`): SD3's 77 CLIP
 positions (BOS at 0, so content from 1) then T5's (no BOS; the final </s> is not a word's), Flux's T5 alone.
 """
 from __future__ import annotations
@@ -162,20 +162,26 @@ def word_positions(tokenizer, prompt: str, word, first: int) -> list[int]:
     return out
 
 
+def model_layout(m) -> list:
+    """An MM-DiT model's text layout, (tokenizer, slice of the text sequence) in sequence order, from its
+    `text_positions` (tokenizer key -> slice: SD3 {"clip": 0:77, "t5": 77:333}; Flux {"t5": 0:512}) and
+    `tokenizers`. SD3's CLIP positions are CLIP-L's tokens (CLIP-G's share the positions)."""
+    return [(m.tokenizers[key], where) for key, where in sorted(m.text_positions.items(), key=lambda kv: kv[1].start)]
+
+
 def text_columns(layout, prompt: str, words) -> list[int]:
     """Columns of the joint text sequence holding `words` (a word or a tuple of words) of `prompt`.
-    layout: (tokenizer, length) segments in sequence order; a tokenizer with a `bos` skips it."""
+    layout: (tokenizer, slice) segments; a tokenizer with a `bos` has its content from position 1."""
     words = (words,) if isinstance(words, (str, int)) else tuple(words)
-    cols, offset = [], 0
-    for tokenizer, length in layout:
+    cols = []
+    for tokenizer, where in layout:
         first = 0 if getattr(tokenizer, "bos", None) is None else 1
         for w in words:
             pos = word_positions(tokenizer, prompt, w, first)
-            if any(p >= length for p in pos):
-                raise ValueError(f"word {w!r} of prompt {prompt!r} lies past the {length} text positions of "
-                                 f"its encoder")
-            cols += [offset + p for p in pos]
-        offset += length
+            if any(p >= where.stop - where.start for p in pos):
+                raise ValueError(f"word {w!r} of prompt {prompt!r} lies past the {where.stop - where.start} text "
+                                 f"positions of its encoder")
+            cols += [where.start + p for p in pos]
     return sorted(set(cols))
 
 
@@ -184,7 +190,7 @@ def blend_alpha(layout, prompts, words) -> torch.Tensor:
     if isinstance(words, str) or len(words) != len(prompts):
         raise ValueError(f"LocalBlend words must give one word (or tuple of words) per prompt, source first: "
                          f"{len(prompts)} prompts, got {words!r}")
-    alpha = torch.zeros(len(prompts), sum(length for _, length in layout))
+    alpha = torch.zeros(len(prompts), max(where.stop for _, where in layout))
     for i, (prompt, ws) in enumerate(zip(prompts, words)):
         alpha[i, text_columns(layout, prompt, ws)] = 1
     return alpha

@@ -4,12 +4,14 @@ to the rules of its qiki replacement on synthetic projections."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from models.clip import Tokenizer
 from models.joint import JointSite
+import p2p.viz
 from p2p import LocalBlend
 from p2p.blend import Blender
 from p2p.joint_control import (METHODS, JointAttentionStore, JointBlender, JointController, JointReplace,
@@ -44,9 +46,9 @@ class T5Words:
 def layout(model):
     """The text sequence of the tiny models: SD3 77 CLIP-L positions then 256 T5 ones; Flux 512 T5 ones."""
     if model == "sd3":
-        return [(Tokenizer.from_folder(FIX / "tiny-sd3" / "tokenizer"), 77),
-                (T5Words(FIX / "tiny-sd3" / "tokenizer_3"), 256)]
-    return [(T5Words(FIX / "tiny-flux" / "tokenizer_2"), 512)]
+        return [(Tokenizer.from_folder(FIX / "tiny-sd3" / "tokenizer"), slice(0, 77)),
+                (T5Words(FIX / "tiny-sd3" / "tokenizer_3"), slice(77, 333))]
+    return [(T5Words(FIX / "tiny-flux" / "tokenizer_2"), slice(0, 512))]
 
 
 def pack(x):
@@ -212,3 +214,23 @@ def test_a_unet_localblend_refuses_blocks_and_stops_at_end_blend(tiny_sd):
     assert isinstance(blender, Blender) and blender.end == 5
     x = torch.randn(2, 4, 8, 8)
     assert blender(5, x, store=None) is x
+
+
+def test_the_store_pictures_each_word_on_the_token_grid():
+    sd3 = layout("sd3")
+    prompts = ["a cat", "a dog"]
+    q, k, v = synthetic(4, 48 + 333, seed=5)
+    store = JointAttentionStore(blocks=(1,))
+    ctrl = JointController(prompts, None, 10, sd3, store=store)
+    for i in range(2):
+        for s in (site(0, "transformer_blocks.0", "joint"), site(1, "transformer_blocks.1", "joint")):
+            ctrl.override(i)(s, q, k, v)
+    assert list(store.sums) == [1] and store.counts[1] == 2                   # only the kept block, both steps
+    words, maps = store.word_maps(sd3, "a cat", 0)
+    cols = text_columns(sd3, "a cat", "cat")
+    assert words == ["a", "cat"] and maps.shape == (6, 8, 2)
+    assert torch.allclose(maps[..., 1].flatten(), store.sums[1][0][:, cols].mean(-1) / 2)
+    pics = p2p.viz.joint_attention_pictures(store, np.zeros((2, 96, 128, 3), np.uint8), prompts, sd3)
+    assert len(pics["attention"]) == 2 and pics["attention"][0].size[0] > 2 * 256
+    with pytest.raises(ValueError, match=r"no stored maps for blocks \[0\]; kept: \[1\]"):
+        store.maps(0, blocks=(0,))
