@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.clip import Tokenizer
 from models.joint import JointSite
+from models.tokenizer_json import read_tokenizer
 import p2p.viz
 from p2p import LocalBlend
 from p2p.blend import Blender
@@ -25,30 +25,12 @@ def case(name):
     return load_file(FIX / f"{name}.safetensors"), json.loads((FIX / f"{name}.json").read_text())
 
 
-class T5Words:
-    """A stand-in for the library's T5 tokenizer protocol (content ids without </s>, decode, no BOS), built
-    by transformers from the fixture's tokenizer.json."""
-    bos = None
-
-    def __init__(self, folder):
-        from transformers import PreTrainedTokenizerFast
-        self.tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-
-    def encode(self, text):
-        ids = self.tok.encode(text)
-        assert ids[-1] == 1  # </s>
-        return ids[:-1]
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-
 def layout(model):
     """The text sequence of the tiny models: SD3 77 CLIP-L positions then 256 T5 ones; Flux 512 T5 ones."""
     if model == "sd3":
-        return [(Tokenizer.from_folder(FIX / "tiny-sd3" / "tokenizer"), slice(0, 77)),
-                (T5Words(FIX / "tiny-sd3" / "tokenizer_3"), slice(77, 333))]
-    return [(T5Words(FIX / "tiny-flux" / "tokenizer_2"), slice(0, 512))]
+        return [(read_tokenizer(FIX / "tiny-sd3" / "tokenizer"), slice(0, 77)),
+                (read_tokenizer(FIX / "tiny-sd3" / "tokenizer_3"), slice(77, 333))]
+    return [(read_tokenizer(FIX / "tiny-flux" / "tokenizer_2"), slice(0, 512))]
 
 
 def pack(x):
