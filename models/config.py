@@ -137,6 +137,10 @@ class VAEConfig:
     resolution: int = 256
     attn_resolutions: tuple = ()  # SD v1 has attention only in the mid block
     norm_groups: int = 32         # groups of every GroupNorm (diffusers' norm_num_groups; CompVis: always 32)
+    # the 1x1 convs between the encoder and the latent, the latent and the decoder; SD3's and Flux's 16-channel
+    # VAEs have neither (diffusers' use_quant_conv / use_post_quant_conv False)
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     @property
     def downsample(self) -> int:

@@ -12,7 +12,6 @@ reference's counter for DDIM (call i, row i) and PLMS (N steps are N + 1 calls, 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,15 +20,9 @@ from tqdm.auto import tqdm
 from .blend import for_model
 from .config import EditConfig, GenerateConfig
 from .control import Controller
+from .joint_pipeline import is_mmdit, joint_generate
+from .outputs import NonFiniteError, Output, check_finite  # noqa: F401  (NonFiniteError: named here too)
 from .settings import check_values, refuse_old_names
-
-
-@dataclass
-class Output:
-    images: np.ndarray            # uint8 (N, H, W, 3)
-    latents: torch.Tensor         # z_0 (N, 4, h, w), before decoding
-    x_T: torch.Tensor             # the initial latent (1 or N, 4, h, w)
-    attention: object = None      # stored attention maps (p2p.store.AttentionStore), when kept
 
 
 def picture_size(sd, height: int | None, width: int | None) -> tuple[int, int]:
@@ -79,18 +72,6 @@ def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override
         eps_u, eps_c = sd.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override,
                               feature_override=feature_override).chunk(2)
     return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
-
-
-class NonFiniteError(ValueError):
-    """A run produced nan or inf: raised where it first appears, so that nothing is written from it."""
-
-
-def check_finite(x: torch.Tensor, where: str) -> torch.Tensor:
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"{where} holds nan or inf: the checkpoint's weights may hold nan/inf (check them with "
-                             "`p2p inspect` and the file's source), or the numbers overflowed (in fp16, decode the "
-                             "VAE in fp32; a huge guidance_scale); nothing was written")
-    return x
 
 
 def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="sampling",
@@ -166,7 +147,12 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     one of models.sd.SAMPLERS.
     low_memory: the guidance batch in two halves and the VAE one image at a time (tiled above
     models.sd.TILE latents a side); the same pictures. offload: the text encoder and the VAE stay on
-    the CPU and visit the UNet's device only while they run (see `visiting`)."""
+    the CPU and visit the UNet's device only while they run (see `visiting`).
+    An MM-DiT model (SD3 / SD3.5 / Flux) samples with p2p.joint_pipeline.joint_generate: flow matching on its
+    folder's schedule, guidance as its pipeline (sampler, steps_offset, low_memory and offload are the UNet's)."""
+    if is_mmdit(sd):
+        return joint_generate(sd, prompts, seed=seed, latents=latents, num_steps=num_steps,
+                              guidance_scale=guidance_scale, height=height, width=width, progress=progress)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_values(GenerateConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height,
                                 width=width, steps_offset=steps_offset, sampler=sampler), "generate()")

@@ -201,7 +201,9 @@ def vae_config(c: dict) -> VAEConfig:
     return VAEConfig(in_channels=c.get("in_channels", 3), out_ch=c.get("out_channels", 3), ch=boc[0],
                      ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=int(c.get("layers_per_block", 2)),
                      z_channels=c.get("latent_channels", 4), embed_dim=c.get("latent_channels", 4),
-                     resolution=int(c.get("sample_size", 256)), norm_groups=_groups(c, "vae/config.json"))
+                     resolution=int(c.get("sample_size", 256)), norm_groups=_groups(c, "vae/config.json"),
+                     use_quant_conv=bool(c.get("use_quant_conv", True)),
+                     use_post_quant_conv=bool(c.get("use_post_quant_conv", True)))
 
 
 def vae_factors(vae: dict, family: str, where: str) -> dict:

@@ -18,6 +18,7 @@ from models import FAMILIES, SDConfig, StableDiffusion, load_config, prefixes
 from .family import resolve_prediction
 from .layout import CheckpointError, family_code, leftover_keys, model_keys, model_shapes, validate_shapes
 from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
+from .mmdit import load_mmdit, mmdit_pipeline
 from .registry import named_blend_level, resolve_checkpoint
 from .sources import Source, open_source
 from .unet_swap import open_unet
@@ -162,10 +163,15 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     requires_grad=False (call `requires_grad_()` to train); `sd.blend_level` is a named checkpoint's
     recommended LocalBlend level (the level `edit()` reads when LocalBlend gives none).
     `tokenizer`: LDM-400M's BERT vocab.txt (needed for its single file; a diffusers folder has its own).
+    An MM-DiT diffusers folder (SD3 / SD3.5: model_index.json names StableDiffusion3Pipeline) loads as its
+    models.mmdit_model class through weights_tools.mmdit (the options above are the UNet families').
     `base`: `path` is a UNet alone (SDXL-Lightning's, Hyper-SD's `*_unet.safetensors`, in diffusers' names or
     the single-file layout, or a diffusers unet/ folder); the VAE, the text towers and the config come from
     `base` (a single file or a diffusers folder of the model it was trained from).
     """
+    if mmdit_pipeline(resolve_checkpoint(path)) is not None:
+        return load_mmdit_checked(resolve_checkpoint(path), device, dtype, config=config, vae=vae, base=base,
+                                  prediction_type=prediction_type, tokenizer=tokenizer, strict=strict)
     src, cfg, _ = open_checked(path, config, strict, vae, prediction_type, base)
     cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
@@ -181,6 +187,15 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
         raise CheckpointError(f"{src.where}: internal error, still on the meta device after loading: {on_meta[:5]}")
     model.blend_level = named_blend_level(path)  # a named checkpoint's recommended LocalBlend level
     return model.requires_grad_(False).eval()  # weights to sample with: sd.decode(...) runs outside no_grad too
+
+
+def load_mmdit_checked(path, device, dtype, **given):
+    """An MM-DiT folder, refusing the options that only the UNet families take (with their values given)."""
+    said = [k for k, v in given.items() if v is not None and not (k == "strict" and v)]
+    if said:
+        raise CheckpointError(f"{path}: {', '.join(said)} cannot be given for an MM-DiT folder (its transformer, VAE, "
+                              "schedule and text come from the folder itself); leave them out")
+    return load_mmdit(path, device, dtype)
 
 
 def read_state_dict(path, config=None, strict: bool = True, vae=None,
