@@ -22,6 +22,7 @@ positions (BOS at 0, so content from 1) then T5's (no BOS; the final </s> is not
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from models.joint import JointSite
+
+from .joint_pipeline import joint_generate
+from .outputs import Output
 
 # what the target row takes from the source row in each official projection-replacement method
 # (SNU-VGILab/exploring-mmdit, utils/dit_utils.py PROJECTION_METHODS): (tensor, tokens) pairs
@@ -377,3 +381,31 @@ class JointController:
 
     def after_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.blend(i, x) if self.blend is not None else x
+
+
+# ----------------------------------------------------------------------------- p2p.edit on an MM-DiT model
+JOINT_DEFAULTS = {k: p.default for k, p in inspect.signature(joint_generate).parameters.items()
+                  if k in ("num_steps", "guidance_scale")}
+
+
+def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None, store=None, seed: int = 0,
+               latents=None, num_steps: int | None = None, guidance_scale: float | None = None,
+               height: int | None = None, width: int | None = None, negative_prompt="", progress: bool = True,
+               unet_only: dict | None = None) -> Output:
+    """Prompt-to-Prompt on an MM-DiT model (what p2p.edit runs for one): all prompts from the same x_T,
+    `spec` (JointReplace) replacing the edited rows' projections, `local_blend` (p2p.LocalBlend) blending
+    their latents, `store` (JointAttentionStore; None: every block's) keeping the image-to-text maps
+    (`out.attention`). num_steps / guidance_scale None: joint_generate's defaults. unet_only: p2p.edit's
+    options that only a UNet takes, refused here when given."""
+    said = sorted(k for k, v in (unet_only or {}).items() if v is not None)
+    if said:
+        raise ValueError(f"{', '.join(said)}: UNet-only option(s) of p2p.edit; an MM-DiT model samples with flow "
+                         f"matching on its folder's schedule (leave them out)")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    num_steps = JOINT_DEFAULTS["num_steps"] if num_steps is None else num_steps
+    guidance_scale = JOINT_DEFAULTS["guidance_scale"] if guidance_scale is None else guidance_scale
+    store = JointAttentionStore() if store is None else store
+    controller = JointController(prompts, spec, num_steps, model_layout(m), local_blend, store)
+    return joint_generate(m, prompts, seed=seed, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
+                          height=height, width=width, negative_prompt=negative_prompt, controller=controller,
+                          progress=progress)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .blend import for_model
 from .config import EditConfig, GenerateConfig
 from .control import Controller
+from .joint_control import joint_edit
 from .joint_pipeline import is_mmdit, joint_generate
 from .outputs import NonFiniteError, Output, check_finite  # noqa: F401  (NonFiniteError: named here too)
 from .settings import check_values, refuse_old_names
@@ -193,7 +194,16 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     sampler (one with an inverse step: DDIM). A spec that follows the inversion (PlugAndPlay) takes its own
     steps and guidance instead, and its source row is the inversion's latent at each of its timesteps.
     Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
-    source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's)."""
+    source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's).
+    An MM-DiT model (SD3 / SD3.5 / Flux) is edited by p2p.joint_control.joint_edit: spec is a JointReplace,
+    local_blend reads the joint attention (docs/mmdit-p2p.md); the sampler, inversion and memory options are
+    the UNet's."""
+    if is_mmdit(sd):
+        unet_only = dict(steps_offset=steps_offset, sampler=sampler, inversion=inversion, source_row=source_row,
+                         low_memory=low_memory or None, offload=offload or None, fast=None if fast else False)
+        return joint_edit(sd, prompts, spec, local_blend=local_blend, store=store, seed=seed, latents=latents,
+                          num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
+                          negative_prompt=negative_prompt, progress=progress, unet_only=unet_only)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     follow = inversion is not None and getattr(spec, "follows_inversion", False)
     num_steps, guidance_scale, steps_offset, height, width, latents, sampler = edit_settings(
