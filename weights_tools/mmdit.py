@@ -1,4 +1,4 @@
-"""Diffusers folders of MM-DiT models (SD3, SD3.5) -> models.mmdit_model, beside the UNet families' path.
+"""Diffusers folders of MM-DiT models (SD3, SD3.5, Flux) -> models.mmdit_model / models.flux_model, beside the UNet families' path.
 
 An MM-DiT folder is told by its model_index.json pipeline class (`PIPELINES`, one row per pipeline: the
 loader and the detection of its variant). Its parts keep diffusers' names (the transformer's modules are
@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from models.flow import FlowConfig
+from models.flux import FluxConfig, FluxTransformer
+from models.flux_model import Flux
 from models.mmdit import SD3Config, SD3Transformer
 from models.mmdit_model import SD3, MMDiTModel
 from models.vae import AutoencoderKL
@@ -113,7 +115,32 @@ def sd3_variant(folder: Path) -> tuple[str, str]:
     return "SD3", "model_index.json names StableDiffusion3Pipeline; transformer/config.json: no qk_norm, no dual attention"
 
 
-PIPELINES: dict[str, Pipeline] = {"StableDiffusion3Pipeline": Pipeline(load_sd3, sd3_variant)}
+def load_flux_transformer(folder: Path, device, dtype) -> FluxTransformer:
+    try:
+        cfg = FluxConfig.from_diffusers(read_json(folder / "transformer" / "config.json"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'transformer' / 'config.json'}: {e}") from e
+    with torch.device("meta"):
+        model = FluxTransformer(cfg)
+    return load_part(model, open_weights(folder / "transformer"), device, dtype, str(folder / "transformer"))
+
+
+def load_flux(folder: Path, device="cpu", dtype=torch.float32, text: nn.Module | None = None) -> Flux:
+    """A FLUX.1 (dev / schnell) diffusers folder: transformer/, vae/, scheduler/ (and the text module given)."""
+    vae, scaling, shift = load_vae(folder, device, dtype)
+    model = Flux(load_flux_transformer(folder, device, dtype), vae, load_flow(folder), scaling, shift, text)
+    return model.requires_grad_(False).eval()
+
+
+def flux_variant(folder: Path) -> tuple[str, str]:
+    """FLUX.1-dev where the transformer embeds the guidance scale (guidance_embeds), else FLUX.1-schnell."""
+    if read_json(folder / "transformer" / "config.json").get("guidance_embeds"):
+        return "FLUX.1-dev", "model_index.json names FluxPipeline; transformer/config.json has guidance_embeds true"
+    return "FLUX.1-schnell", "model_index.json names FluxPipeline; transformer/config.json: no guidance_embeds"
+
+
+PIPELINES: dict[str, Pipeline] = {"StableDiffusion3Pipeline": Pipeline(load_sd3, sd3_variant),
+                                  "FluxPipeline": Pipeline(load_flux, flux_variant)}
 
 
 def load_mmdit(path, device="cpu", dtype=torch.float32, text: nn.Module | None = None) -> MMDiTModel:
