@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from models.joint import JointSite
 
+from .config import EditConfig
 from .joint_pipeline import joint_generate
 from .outputs import Output
 
@@ -386,18 +387,24 @@ class JointController:
 # ----------------------------------------------------------------------------- p2p.edit on an MM-DiT model
 JOINT_DEFAULTS = {k: p.default for k, p in inspect.signature(joint_generate).parameters.items()
                   if k in ("num_steps", "guidance_scale")}
+# p2p.edit's options that only a UNet takes, with their defaults (an MM-DiT edit refuses any other value)
+UNET_ONLY = {"steps_offset": None, "sampler": None, "inversion": None, "source_row": None, "low_memory": False,
+             "offload": False, "fast": True, "allow_other_model": False}
 
 
-def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None, store=None, seed: int = 0,
-               latents=None, num_steps: int | None = None, guidance_scale: float | None = None,
-               height: int | None = None, width: int | None = None, negative_prompt="", progress: bool = True,
-               unet_only: dict | None = None) -> Output:
+def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None, store=None,
+               seed: int = EditConfig.seed, latents=None, num_steps: int | None = None,
+               guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+               negative_prompt: str = EditConfig.negative_prompt, progress: bool = True, **unet_only) -> Output:
     """Prompt-to-Prompt on an MM-DiT model (what p2p.edit runs for one): all prompts from the same x_T,
     `spec` (JointReplace) replacing the edited rows' projections, `local_blend` (p2p.LocalBlend) blending
     their latents, `store` (JointAttentionStore; None: every block's) keeping the image-to-text maps
     (`out.attention`). num_steps / guidance_scale None: joint_generate's defaults. unet_only: p2p.edit's
-    options that only a UNet takes, refused here when given."""
-    said = sorted(k for k, v in (unet_only or {}).items() if v is not None)
+    options that only a UNet takes (UNET_ONLY), refused unless left at their defaults."""
+    unknown = sorted(set(unet_only) - set(UNET_ONLY))
+    if unknown:
+        raise TypeError(f"joint_edit() got unexpected keyword arguments {unknown}")
+    said = sorted(k for k, v in unet_only.items() if v is not UNET_ONLY[k] and v != UNET_ONLY[k])
     if said:
         raise ValueError(f"{', '.join(said)}: UNet-only option(s) of p2p.edit; an MM-DiT model samples with flow "
                          f"matching on its folder's schedule (leave them out)")

@@ -12,6 +12,7 @@ reference's counter for DDIM (call i, row i) and PLMS (N steps are N + 1 calls, 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -167,7 +168,19 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     return decoded(sd, z0, x_T, low_memory, offload)
 
 
+def mmdit_to(joint_fn):
+    """A decorator: the UNet entry point it wraps hands an MM-DiT model (SD3 / SD3.5 / Flux) to `joint_fn`, with
+    the same arguments."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(sd, *args, **kwargs):
+            return (joint_fn if is_mmdit(sd) else fn)(sd, *args, **kwargs)
+        return call
+    return wrap
+
+
 @refuse_old_names
+@mmdit_to(joint_edit)
 @torch.no_grad()
 def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
          num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = EditConfig.height,
@@ -195,15 +208,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     steps and guidance instead, and its source row is the inversion's latent at each of its timesteps.
     Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
     source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's).
-    An MM-DiT model (SD3 / SD3.5 / Flux) is edited by p2p.joint_control.joint_edit: spec is a JointReplace,
-    local_blend reads the joint attention (docs/mmdit-p2p.md); the sampler, inversion and memory options are
-    the UNet's."""
-    if is_mmdit(sd):
-        unet_only = dict(steps_offset=steps_offset, sampler=sampler, inversion=inversion, source_row=source_row,
-                         low_memory=low_memory or None, offload=offload or None, fast=None if fast else False)
-        return joint_edit(sd, prompts, spec, local_blend=local_blend, store=store, seed=seed, latents=latents,
-                          num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
-                          negative_prompt=negative_prompt, progress=progress, unet_only=unet_only)
+    An MM-DiT model (SD3 / SD3.5 / Flux) goes to p2p.joint_control.joint_edit (docs/mmdit-p2p.md)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     follow = inversion is not None and getattr(spec, "follows_inversion", False)
     num_steps, guidance_scale, steps_offset, height, width, latents, sampler = edit_settings(
