@@ -171,6 +171,10 @@ def model_layout(m) -> list:
     """An MM-DiT model's text layout, (tokenizer, slice of the text sequence) in sequence order, from its
     `text_positions` (tokenizer key -> slice: SD3 {"clip": 0:77, "t5": 77:333}; Flux {"t5": 0:512}) and
     `tokenizers`. SD3's CLIP positions are CLIP-L's tokens (CLIP-G's share the positions)."""
+    missing = [key for key in m.text_positions if key not in m.tokenizers]
+    if missing:
+        raise ValueError(f"the model's text module has no tokenizer {missing} for its text positions "
+                         f"{sorted(m.text_positions)}: words cannot be found (load the folder's text encoders)")
     return [(m.tokenizers[key], where) for key, where in sorted(m.text_positions.items(), key=lambda kv: kv[1].start)]
 
 
@@ -412,7 +416,8 @@ def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None
     num_steps = JOINT_DEFAULTS["num_steps"] if num_steps is None else num_steps
     guidance_scale = JOINT_DEFAULTS["guidance_scale"] if guidance_scale is None else guidance_scale
     store = JointAttentionStore() if store is None else store
-    controller = JointController(prompts, spec, num_steps, model_layout(m), local_blend, store)
+    layout = model_layout(m) if local_blend is not None else ()
+    controller = JointController(prompts, spec, num_steps, layout, local_blend, store)
     return joint_generate(m, prompts, seed=seed, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
                           height=height, width=width, negative_prompt=negative_prompt, controller=controller,
                           progress=progress)

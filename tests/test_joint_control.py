@@ -15,7 +15,7 @@ import p2p.viz
 from p2p import LocalBlend
 from p2p.blend import Blender
 from p2p.joint_control import (METHODS, JointAttentionStore, JointBlender, JointController, JointReplace,
-                               blend_alpha, blend_mask, image_text_probs, smooth, text_columns)
+                               blend_alpha, blend_mask, image_text_probs, model_layout, smooth, text_columns)
 
 FIX = Path(__file__).parent / "fixtures" / "mmdit"
 GRID, LATENT = (6, 8), (12, 16)
@@ -216,3 +216,11 @@ def test_the_store_pictures_each_word_on_the_token_grid():
     assert len(pics["attention"]) == 2 and pics["attention"][0].size[0] > 2 * 256
     with pytest.raises(ValueError, match=r"no stored maps for blocks \[0\]; kept: \[1\]"):
         store.maps(0, blocks=(0,))
+
+
+def test_a_model_without_its_tokenizers_cannot_find_words():
+    class NoText:
+        text_positions, tokenizers = {"clip": slice(0, 77), "t5": slice(77, 333)}, {"t5": None}
+
+    with pytest.raises(ValueError, match=r"no tokenizer \['clip'\].*load the folder's text encoders"):
+        model_layout(NoText())
