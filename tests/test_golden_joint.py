@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import p2p
+import p2p.viz
 from p2p.joint_control import JointController, JointReplace, blend_mask, model_layout, smooth
 from p2p.joint_pipeline import joint_generate
 from weights_tools import load_checkpoint
@@ -36,7 +37,7 @@ def case(name):
     t, meta = load_file(FIX / f"{name}.safetensors"), json.loads((FIX / f"{name}.json").read_text())
     c = meta["controller"]
     blend = None if c["local_blend_words"] is None else p2p.LocalBlend(
-        tuple(map(tuple, c["local_blend_words"])), threshold=c["local_blend_threshold"],
+        c["local_blend_words"], threshold=c["local_blend_threshold"],
         end_blend=c["local_blend_steps"], blocks=tuple(c["aggregate_blocks"]))
     return t, meta, JointReplace(c["replace_steps"], c["method"], c["replace_blocks"]), blend
 
@@ -94,3 +95,14 @@ def test_no_replaced_step_is_the_plain_run(models):
     assert torch.equal(out.latents, p2p.generate(m, meta["prompts"], **settings(t, meta)).latents)
     with pytest.raises(ValueError, match="sampler, steps_offset: UNet-only"):
         p2p.edit(m, meta["prompts"], JointReplace(), sampler="ddim", steps_offset=1, **settings(t, meta))
+
+
+def test_the_runs_maps_picture_each_word(models):
+    t, meta, spec, _ = case("flux_qiki_localblend_th")
+    m = models["flux"]
+    out = p2p.edit(m, meta["prompts"], spec, store=p2p.JointAttentionStore(blocks=(1, 2)), **settings(t, meta))
+    assert sorted(out.attention.sums) == [1, 2] and out.attention.counts == {1: 10, 2: 10}
+    words, maps = out.attention.word_maps(model_layout(m), meta["prompts"][1], 1)
+    assert words == meta["prompts"][1].split() and maps.shape == (6, 8, len(words))
+    pics = p2p.viz.joint_attention_pictures(out.attention, out.images, meta["prompts"], model_layout(m))
+    assert len(pics["attention"]) == 2 and pics["attention"][0].size == pics["attention"][1].size
