@@ -384,6 +384,16 @@ class JointController:
             q, k, v = replace_projections(self.spec.method, site, q, k, v, B - P, range(B - P + 1, B))
         return q, k, v
 
+    def check_blocks(self, sites) -> None:
+        """Refuse block indices that name no joint attention call of the model (`sites`: its JointSites)."""
+        known = sorted(s.index for s in sites)
+        for what, blocks in (("JointReplace", self.spec and self.spec.blocks), ("LocalBlend", self.blend and
+                             self.blend.blocks), ("JointAttentionStore", self.store and self.store.blocks)):
+            unknown = sorted(set(blocks or ()) - set(known))
+            if unknown:
+                raise ValueError(f"{what} blocks {unknown} name no joint block of this model; its blocks are {known} "
+                                 f"(official counting: image-only attn2 layers take an index but are never edited)")
+
     def after_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.blend(i, x) if self.blend is not None else x
 
@@ -418,6 +428,7 @@ def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None
     store = JointAttentionStore() if store is None else store
     layout = model_layout(m) if local_blend is not None else ()
     controller = JointController(prompts, spec, num_steps, layout, local_blend, store)
+    controller.check_blocks(m.joint_sites(height or m.default_size, width or m.default_size))
     return joint_generate(m, prompts, seed=seed, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
                           height=height, width=width, negative_prompt=negative_prompt, controller=controller,
                           progress=progress)

@@ -93,6 +93,9 @@ def test_no_replaced_step_is_the_plain_run(models):
     m = models["sd3"]
     out = p2p.edit(m, meta["prompts"], JointReplace(0.0), **settings(t, meta))
     assert torch.equal(out.latents, p2p.generate(m, meta["prompts"], **settings(t, meta)).latents)
+    with pytest.raises(ValueError, match=r"JointReplace blocks \[3\] name no joint block of this model; its blocks "
+                                         r"are \[0, 1, 2\]"):
+        p2p.edit(m, meta["prompts"], JointReplace(blocks=(2, 3)), **settings(t, meta))
     with pytest.raises(ValueError, match="sampler, steps_offset: UNet-only"):
         p2p.edit(m, meta["prompts"], JointReplace(), sampler="ddim", steps_offset=1, **settings(t, meta))
 
