@@ -106,13 +106,15 @@ def lpips_package(monkeypatch):
     return package, squeezenet
 
 
-def random_squeezenet_state(squeezenet_module, seed: int) -> dict[str, torch.Tensor]:
-    """torchvision's SqueezeNet 1.1 with every weight and bias random (its own init leaves biases at 0): the
-    state dict as torchvision's squeezenet1_1-b8a52dc0.pth lays it out, `classifier.*` included."""
+def random_squeezenet_state(squeezenet_module, seed: int, last_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """torchvision's SqueezeNet 1.1 with every weight and bias random (its own init leaves biases at 0), the last
+    Fire block's expand layers multiplied by `last_scale` (small: its map, lpips' relu7, becomes small, where
+    LPIPS' two normalisations part): the state dict as torchvision's squeezenet1_1-b8a52dc0.pth lays it out,
+    `classifier.*` included."""
     torch.manual_seed(seed)
-    model = squeezenet_module.squeezenet1_1(weights=None)
-    state = model.state_dict()
-    return {k: (v + 0.05 * torch.randn_like(v)) if k.endswith("bias") else v for k, v in state.items()}
+    state = squeezenet_module.squeezenet1_1(weights=None).state_dict()
+    state = {k: (v + 0.05 * torch.randn_like(v)) if k.endswith("bias") else v for k, v in state.items()}
+    return {k: v * last_scale if k.startswith("features.12.expand") else v for k, v in state.items()}
 
 
 def random_linear_state(seed: int) -> dict[str, torch.Tensor]:

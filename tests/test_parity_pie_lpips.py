@@ -71,16 +71,23 @@ def test_lpips_unedit_part_matches_the_lpips_package(reference, files, seed):
         assert got == pytest.approx(want, rel=1e-5), name
 
 
-def test_torchmetrics_later_normalisation_matches_its_formula(reference, files, monkeypatch):
-    """norm="torchmetrics": the lpips package with torchmetrics >= 1.2.1's `_normalize_tensor` put in its place."""
-    lpips, _ = reference
-    ref = package_lpips(lpips, *files)
-    monkeypatch.setattr(lpips, "normalize_tensor", _normalize_tensor)
+def test_torchmetrics_later_normalisation_matches_its_formula(reference, tmp_path, monkeypatch):
+    """norm="torchmetrics": the lpips package with torchmetrics >= 1.2.1's `_normalize_tensor` in place of its own,
+    on a backbone whose last map is small, where the two normalisations differ."""
+    lpips, squeezenet = reference
+    torch.save(random_squeezenet_state(squeezenet, seed=4, last_scale=1e-5), tmp_path / "small.pth")
+    torch.save(random_linear_state(seed=5), tmp_path / "squeeze.pth")
+    files = tmp_path / "small.pth", tmp_path / "squeeze.pth"
     ours = load_lpips(*files)
     source, edited, box = picture_pair(2, size=96)
+    x, y = official_input(source, box), official_input(edited, box)
     with torch.no_grad():
-        want = float(ref(official_input(source, box), official_input(edited, box)))
-    assert lpips_unedited(ours, source, edited, box, norm="torchmetrics") == pytest.approx(want, rel=1e-5)
+        want_lpips = float(package_lpips(lpips, *files)(x, y))
+        monkeypatch.setattr(lpips, "normalize_tensor", _normalize_tensor)
+        want_torchmetrics = float(package_lpips(lpips, *files)(x, y))
+    assert abs(want_torchmetrics - want_lpips) > 1e-3 * want_lpips       # the switch matters here
+    assert lpips_unedited(ours, source, edited, box) == pytest.approx(want_lpips, rel=1e-5)
+    assert lpips_unedited(ours, source, edited, box, norm="torchmetrics") == pytest.approx(want_torchmetrics, rel=1e-5)
 
 
 def test_every_feature_map_matches_torchvision_squeezenet(reference, files):
