@@ -134,12 +134,12 @@ def part(want: dict[str, torch.Tensor], state: dict, path, what: str) -> dict[st
     file lacks or holds instead. The file's other tensors are not read."""
     missing = [k for k in want if k not in state]
     if missing:
-        raise CheckpointError(f"{path}: lacks {len(missing)} of the {len(want)} tensors of {what} (first: "
-                              f"{missing[:3]}); it holds {list(state)[:4]}...; get {what}")
+        raise CheckpointError(f"{path}: lacks {len(missing)} of the {len(want)} tensors needed (first: "
+                              f"{missing[:3]}); it holds {list(state)[:4]}...: get {what}")
     wrong = [f"{k} {tuple(state[k].shape)} (want {tuple(t.shape)})" for k, t in want.items()
              if state[k].shape != t.shape]
     if wrong:
-        raise CheckpointError(f"{path}: shapes differ from {what}: {'; '.join(wrong[:3])}; get {what}")
+        raise CheckpointError(f"{path}: shapes differ from the ones needed: {'; '.join(wrong[:3])}: get {what}")
     return {k: state[k].to(torch.float32) for k in want}
 
 

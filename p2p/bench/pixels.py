@@ -22,19 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics import gaussian_window
+from .inputs import rgb_picture
 
 AVERAGES = ("frame", "region")
 SSIM_BORDERS = ("valid", "reflect")
 SSIM_SIZE, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
-
-
-def rgb_picture(picture, name: str) -> np.ndarray:
-    """picture as a uint8 (H, W, 3) array, or a ValueError naming what it is instead."""
-    array = np.asarray(picture)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"{name}: a uint8 (H, W, 3) RGB picture is expected, got {array.dtype} {array.shape} "
-                         "(np.asarray(Image.open(path).convert('RGB')) gives one)")
-    return array
 
 
 def edit_mask(mask, shape: tuple) -> np.ndarray:
