@@ -1,5 +1,5 @@
 """DINO's Vision Transformer (Caron et al. 2021), with the module names of its released backbone files
-(`dino_vitb8_pretrain.pth`: `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj,
+(`dino_vitbase8_pretrain.pth`: `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj,
 norm2, mlp.fc1, mlp.fc2}`, `norm`).
 
 Pre-LN blocks, LayerNorm eps 1e-6, exact GELU, one fused qkv projection laid out (3, heads, head_dim). The

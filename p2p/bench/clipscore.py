@@ -81,8 +81,8 @@ def clip_configs(shapes: dict, config: dict) -> tuple[CLIPTextConfig, CLIPVision
 
     def extra(part, width):
         c = config.get(part) or {}
-        return dict(heads=c.get("num_attention_heads", max(width // 64, 1)), hidden_act=c.get("hidden_act", "quick_gelu"),
-                    layer_norm_eps=c.get("layer_norm_eps", 1e-5))
+        return dict(heads=c.get("num_attention_heads", max(width // 64, 1)),
+                    hidden_act=c.get("hidden_act", "quick_gelu"), layer_norm_eps=c.get("layer_norm_eps", 1e-5))
 
     vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
     text = CLIPTextConfig(vocab_size=vocab, width=width, layers=count("text_model.encoder.layers."),
