@@ -69,7 +69,8 @@ def load_clip(path, device="cpu", tokenizer=None) -> ClipScorer:
     folder = path if path.is_dir() else path.parent
     config = read_json(folder / "config.json", "config") if (folder / "config.json").is_file() else {}
     text, vision = clip_configs(src.shapes, config if isinstance(config, dict) else {})
-    model = CLIPPair(text, vision, src.shapes["visual_projection.weight"][0])
+    with torch.device("meta"):
+        model = CLIPPair(text, vision, src.shapes["visual_projection.weight"][0])
     load_weights(model, src, {k: k for k in model.state_dict()}, CLIP_FILE, device)
     return ClipScorer(model, clip_tokenizer(tokenizer, folder, text.vocab_size))
 

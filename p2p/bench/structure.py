@@ -37,7 +37,8 @@ def load_dino(path, device="cpu") -> VisionTransformer:
     if absent:
         raise ValueError(f"{src.where}: not a DINO ViT backbone: lacks {absent} (it holds {list(src.entries)[:4]}...); "
                          f"expected {DINO_FILE}, not a full training checkpoint nor a transformers ViTModel folder")
-    model = VisionTransformer(vit_config(src.shapes))
+    with torch.device("meta"):
+        model = VisionTransformer(vit_config(src.shapes))
     return load_weights(model, src, {k: k for k in model.state_dict()}, DINO_FILE, device)
 
 
