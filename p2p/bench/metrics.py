@@ -46,7 +46,7 @@ class Conventions:
     """Where the benchmark's code has a quirk or depends on a library's version: the official choice (default)
     and its alternative. See docs/pie-bench-metrics.md."""
     average: str = "frame"            # PSNR / MSE / SSIM over the blacked-out whole frame, or "region": unedited only
-    ssim_border: str = "valid"        # SSIM windows inside the picture (torchmetrics < 1.5), or "reflect" (>= 1.5)
+    ssim_border: str = "valid"        # SSIM windows inside the picture (torchmetrics <= 1.4.1), or "reflect" (>= 1.4.2)
     lpips_norm: str = "lpips"         # x / (|x| + 1e-10) (lpips, torchmetrics < 1.2.1) or "torchmetrics" (>= 1.2.1)
     dino_pixel_range: float = 255.0   # the structure distance's DINO input in 0..255 (official) or 1.0
     dino_antialias: bool = False      # torchvision 0.13's resize (no antialias) or True (torchvision >= 0.17)
