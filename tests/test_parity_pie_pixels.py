@@ -20,7 +20,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchmetrics.regression import MeanSquaredError
 
 from p2p.bench.pixels import mean_squared_error, peak_signal_noise_ratio, structural_similarity
-from tests.pie_oracles import masks, picture_pair
+from pie_oracles import masks, picture_pair
 
 SIZE = 160
 CASES = [(seed, name) for seed in (0, 1, 2) for name in ("box", "box+frame", "blob+frame", "frame only")]

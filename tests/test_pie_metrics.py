@@ -16,7 +16,7 @@ from p2p.bench.lpips import SqueezeLPIPS, load_lpips, lpips_unedited
 from p2p.bench.metrics import METRICS, Conventions, Evaluator, MetricFiles
 from p2p.bench.pixels import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 from p2p.bench.structure import load_dino, structure_distance
-from tests.pie_oracles import masks, picture_pair
+from pie_oracles import masks, picture_pair
 from weights_tools.layout import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
