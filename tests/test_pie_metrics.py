@@ -102,6 +102,21 @@ def test_conventions_reach_their_metrics(files, case):
         Conventions(ssim_border="same")
 
 
+def test_network_conventions_reach_their_metrics(files, case):
+    source, edited, mask = case
+    long_prompt = " ".join(["a rusty mountain bicycle"] * 30)           # over 77 ids: where keep_eos matters
+    conventions = Conventions(dino_pixel_range=1.0, dino_antialias=True, clip_keep_eos=True)
+    ev = Evaluator(MetricFiles(dino=files.dino, clip=files.clip), conventions=conventions)
+    out = ev(source, edited, mask, long_prompt, long_prompt)
+    official = Evaluator(MetricFiles(dino=files.dino, clip=files.clip))(source, edited, mask, long_prompt, long_prompt)
+    assert out["structure_distance"] == pytest.approx(
+        structure_distance(ev.dino, source, edited, pixel_range=1.0, antialias=True), rel=1e-6)
+    assert out["clip_similarity_target_image"] == pytest.approx(
+        clip_similarity(ev.clip, edited, long_prompt, keep_eos=True), rel=1e-6)
+    for name in ("structure_distance", "clip_similarity_source_image", "clip_similarity_target_image_edit_part"):
+        assert out[name] != pytest.approx(official[name], rel=1e-6), name
+
+
 def test_nothing_unedited_gives_nan_for_the_unedited_metrics(files, case):
     source, edited, _ = case
     out = Evaluator(MetricFiles(lpips_backbone=files.lpips_backbone, lpips_linear=files.lpips_linear))(
