@@ -26,7 +26,8 @@ SOURCE_PROMPT, TARGET_PROMPT = "a slanted mountain bicycle on the road", "a slan
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> MetricFiles:
     """Tiny random networks in the real files' layouts: DINO's backbone .pth (12 blocks: the distance reads the
-    last of 12), CLIP as one safetensors file of CLIPModel's keys (CLIP's own vocabulary), LPIPS' two .pth."""
+    last of 12), CLIP as one safetensors file of CLIPModel's keys (CLIP's own vocabulary), LPIPS' two .pth (the
+    parity tests write the zip format, this one the legacy format)."""
     folder = tmp_path_factory.mktemp("metric-files")
     torch.manual_seed(0)
     dino = VisionTransformer(ViTConfig(width=64, layers=12, heads=1, mlp_width=96, patch_size=8, grid=4))
@@ -40,7 +41,8 @@ def files(tmp_path_factory) -> MetricFiles:
         torch.nn.init.normal_(p, std=0.2)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, folder / "clip.safetensors")
     net = SqueezeLPIPS().state_dict()
-    torch.save({k: v for k, v in net.items() if k.startswith("features.")}, folder / "squeezenet1_1-b8a52dc0.pth")
+    torch.save({k: v for k, v in net.items() if k.startswith("features.")}, folder / "squeezenet1_1-b8a52dc0.pth",
+               _use_new_zipfile_serialization=False)       # torch's legacy format, as lpips' own file is
     torch.save({k: v.abs() for k, v in net.items() if k.startswith("lin")}, folder / "squeeze.pth")
     return MetricFiles(*(str(folder / n) for n in ("dino_vitb8_pretrain.pth", "clip.safetensors",
                                                    "squeezenet1_1-b8a52dc0.pth", "squeeze.pth")))
