@@ -135,6 +135,14 @@ def decoded(sd, z0, x_T, low_memory: bool, offload: bool, attention=None) -> Out
     return Output(images=images, latents=z0, x_T=x_T, attention=attention)
 
 
+def unet_only(**given) -> None:
+    """Refuse, for an MM-DiT model, a UNet sampling option set away from its default (GenerateConfig's; off)."""
+    said = [f"{k}={v!r}" for k, v in given.items() if v != getattr(GenerateConfig, k, False)]
+    if said:
+        raise ValueError(f"{', '.join(said)}: an MM-DiT model (SD3 / SD3.5 / Flux) samples with its folder's "
+                         "flow-matching schedule in one batch; these options are the UNet models' (leave them out)")
+
+
 @refuse_old_names
 @torch.no_grad()
 def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_steps: int = GenerateConfig.num_steps,
@@ -151,6 +159,7 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     An MM-DiT model (SD3 / SD3.5 / Flux) samples with p2p.joint_pipeline.joint_generate: flow matching on its
     folder's schedule, guidance as its pipeline (sampler, steps_offset, low_memory and offload are the UNet's)."""
     if is_mmdit(sd):
+        unet_only(sampler=sampler, steps_offset=steps_offset, low_memory=low_memory, offload=offload)
         return joint_generate(sd, prompts, seed=seed, latents=latents, num_steps=num_steps,
                               guidance_scale=guidance_scale, height=height, width=width, progress=progress)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 
 from models import FAMILIES
 from models.config import NoiseSchedule
@@ -15,6 +16,7 @@ from .family import resolve_prediction
 from .layout import DISTILLED_SDXL, CheckpointError, family_code, split_parts, validate_shapes
 from .layouts import LAYOUTS
 from .load import resolve_config, said_schedule
+from .mmdit import mmdit_pipeline
 from .sources import open_source
 
 REPORTED_PARTS = ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "unused", "other")
@@ -36,12 +38,30 @@ def inspect_checkpoint(path) -> dict:
                      (src.metadata or {}).items() if isinstance(v, str)} | _non_str(src.metadata),
         "placeholders": src.placeholders,
     }
+    row = mmdit_pipeline(path)
+    if row is not None:  # an MM-DiT folder: its own path (weights_tools/mmdit.py), not the UNet families' tables
+        return info | mmdit_loadability(row, path)
     info.update(_loadability(src, variant))
     info["model"] = model_name(variant, info["prediction_type"])
     u = src.config.unet if src.config is not None else None
     if u is not None and (u.transformer_depth_output is not None or u.middle != "attention"):
         info["model"] = DISTILLED_SDXL if src.config.family == "sdxl" else f"{info['model']} (distilled UNet)"
     return info
+
+
+def mmdit_loadability(row, path) -> dict:
+    """What an MM-DiT folder is (SD3 or SD3.5, by its transformer's config) and whether it loads (its
+    headers checked against its configs, no tensor read)."""
+    variant, evidence = row.variant(Path(path))
+    try:
+        row.check(Path(path))
+        problem = None
+    except CheckpointError as e:
+        problem = str(e)
+    return {"variant": variant, "variant_evidence": evidence, "model": variant, "family": None,
+            "config_source": "the folder's transformer/, vae/ and scheduler/ config.json files",
+            "prediction_type": "flow", "prediction_source": "velocity of flow matching (FlowMatchEulerDiscreteScheduler)",
+            "loadable": problem is None, "problem": problem}
 
 
 def model_name(variant: str, prediction: str | None) -> str:

@@ -1,4 +1,5 @@
-"""Diffusers folders of MM-DiT models (SD3, SD3.5, Flux) -> models.mmdit_model / models.flux_model, beside the UNet families' path.
+"""Diffusers folders of MM-DiT models (SD3, SD3.5, Flux) -> models.mmdit_model / models.flux_model, beside
+the UNet families' path.
 
 An MM-DiT folder is told by its model_index.json pipeline class (`PIPELINES`, one row per pipeline: the
 loader and the detection of its variant). Its parts keep diffusers' names (the transformer's modules are
@@ -22,15 +23,17 @@ from models.vae import AutoencoderKL
 
 from .diffusers_keys import vae_config
 from .layout import CheckpointError, factor_problem
-from .mmdit_text import load_flux_text, load_sd3_text
+from .mmdit_text import load_flux_text, load_sd3_text, require
 from .sources import Source, open_weights, read_json
 from .vae_swap import VAE, open_vae
 
 
 class Pipeline(NamedTuple):
-    """One MM-DiT pipeline class: `load(folder, device, dtype, text: bool)` and `variant(folder) -> (name, evidence)`."""
+    """One MM-DiT pipeline class: `load(folder, device, dtype, text: bool)`, `variant(folder) -> (name, evidence)`
+    and `check(folder)`, which raises CheckpointError where loading would, reading no tensor."""
     load: Callable
     variant: Callable
+    check: Callable
 
 
 def model_index(path) -> dict | None:
@@ -51,9 +54,9 @@ def fits(have: tuple, want: tuple) -> bool:
     return tuple(have) == want or (len(want) == 4 and want[2:] == (1, 1) and tuple(have) == want[:2])
 
 
-def load_part(module: nn.Module, src: Source, device, dtype, where: str, prefix: str = "") -> nn.Module:
-    """Assign `src`'s tensors (under `prefix`) to a module built on the meta device, strictly: a missing,
-    extra or misshapen key is named."""
+def check_fit(module: nn.Module, src: Source, where: str, prefix: str = "") -> None:
+    """Refuse, from the headers alone, tensors (under `prefix`) that do not fit a module built from the config:
+    each missing, extra or misshapen key is named."""
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     have = {k[len(prefix):]: s for k, s in src.shapes.items() if k.startswith(prefix)}
     missing, extra = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
@@ -61,57 +64,95 @@ def load_part(module: nn.Module, src: Source, device, dtype, where: str, prefix:
     if missing or extra or wrong:
         raise CheckpointError(f"{where}: its tensors do not fit its config.json: missing {missing[:5]}, "
                               f"unexpected {extra[:5]}, misshapen {wrong[:5]}; the folder is incomplete or mixed")
+
+
+def load_part(module: nn.Module, src: Source, device, dtype, where: str, prefix: str = "") -> nn.Module:
+    """Assign `src`'s tensors (under `prefix`) to a module built on the meta device, strictly (check_fit)."""
+    check_fit(module, src, where, prefix)
+    wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     state = {k: src.fetch(prefix + k).reshape(s).to(device=device, dtype=dtype, copy=True) for k, s in wanted.items()}
     module.load_state_dict(state, strict=True, assign=True)
     return module
 
 
-def load_vae(folder: Path, device, dtype) -> tuple[AutoencoderKL, float, float]:
-    """(the VAE of a folder's vae/, its scaling_factor, its shift_factor), the factors checked."""
-    c = read_json(folder / "vae" / "config.json")
+class Part(NamedTuple):
+    """A folder's part, built on the meta device from its config, and its tensors (headers read, not the data)."""
+    module: nn.Module
+    src: Source
+    where: str
+    prefix: str = ""
+
+
+def config_of(path: Path, make: Callable):
+    """make(config.json's dict), a config that cannot describe the part named with its file."""
+    try:
+        return make(read_json(path))
+    except CheckpointError:  # unreadable: read_json names it
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot describe the model ({type(e).__name__}: {e}); the folder is "
+                              "incomplete or not a diffusers MM-DiT folder") from e
+
+
+def vae_factors(folder: Path) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of vae/config.json, refused unless plausible."""
+    path = folder / "vae" / "config.json"
+    c = read_json(path)
     factors = (c.get("scaling_factor"), c.get("shift_factor") or 0.0)
     for name, key, value in zip(("scale_factor", "shift_factor"), ("scaling_factor", "shift_factor"), factors):
         problem = factor_problem(name, value)
         if problem:
-            raise CheckpointError(f"{folder / 'vae' / 'config.json'}: {key} is {problem}; the latents would be "
-                                  "scaled wrongly (SD3: 1.5305 and 0.0609, Flux: 0.3611 and 0.1159); fix the file")
+            raise CheckpointError(f"{path}: {key} is {problem}; the latents would be scaled wrongly (SD3: 1.5305 "
+                                  "and 0.0609, Flux: 0.3611 and 0.1159); fix the file")
+    return float(factors[0]), float(factors[1])
+
+
+def vae_part(folder: Path) -> Part:
     with torch.device("meta"):
-        vae = AutoencoderKL(vae_config(c))
-    load_part(vae, open_vae(folder / "vae"), device, dtype, str(folder / "vae"), VAE)
-    return vae, float(factors[0]), float(factors[1])
+        vae = AutoencoderKL(config_of(folder / "vae" / "config.json", vae_config))
+    return Part(vae, open_vae(folder / "vae"), str(folder / "vae"), VAE)
 
 
 def load_flow(folder: Path) -> FlowConfig:
     path = folder / "scheduler" / "scheduler_config.json"
-    try:
-        return FlowConfig.from_scheduler_config(read_json(path), str(path))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(str(e)) from e
+    return config_of(path, lambda c: FlowConfig.from_scheduler_config(c, str(path)))
 
 
-def load_transformer(folder: Path, device, dtype) -> SD3Transformer:
-    try:
-        cfg = SD3Config.from_diffusers(read_json(folder / "transformer" / "config.json"))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'transformer' / 'config.json'}: {e}") from e
+def sd3_parts(folder: Path) -> dict[str, Part]:
+    """The transformer and the VAE of an SD3 / SD3.5 folder, on the meta device, with their tensors' headers."""
+    require(folder, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), "SD3")
+    cfg = config_of(folder / "transformer" / "config.json", SD3Config.from_diffusers)
     with torch.device("meta"):
-        model = SD3Transformer(cfg)
-    return load_part(model, open_weights(folder / "transformer"), device, dtype, str(folder / "transformer"))
+        transformer = SD3Transformer(cfg)
+    return {"transformer": Part(transformer, open_weights(folder / "transformer"), str(folder / "transformer")),
+            "vae": vae_part(folder)}
+
+
+def check_sd3(folder: Path) -> None:
+    """Everything loading an SD3 folder checks before reading a tensor (p2p inspect's `loadable`)."""
+    vae_factors(folder)
+    load_flow(folder)
+    for part in sd3_parts(folder).values():
+        check_fit(*part)
 
 
 def load_sd3(folder: Path, device="cpu", dtype=torch.float32, text: bool = True) -> SD3:
     """An SD3 / SD3.5 diffusers folder: transformer/, vae/, scheduler/ and, with text, the three text encoders
-    and their tokenizers (weights_tools.mmdit_text)."""
-    vae, scaling, shift = load_vae(folder, device, dtype)
+    and their tokenizers (weights_tools.mmdit_text). Every part is checked before any tensor is read."""
+    scaling, shift = vae_factors(folder)
+    flow, parts = load_flow(folder), sd3_parts(folder)
+    for part in parts.values():
+        check_fit(*part)
+    transformer, vae = (load_part(p.module, p.src, device, dtype, p.where, p.prefix) for p in parts.values())
     encoders = load_sd3_text(folder, dtype, device) if text else None
-    model = SD3(load_transformer(folder, device, dtype), vae, load_flow(folder), scaling, shift, encoders,
-                encoders.t5_length if encoders is not None else 256)
+    model = SD3(transformer, vae, flow, scaling, shift, encoders, encoders.t5_length if encoders is not None else 256)
     return model.requires_grad_(False).eval()
 
 
 def sd3_variant(folder: Path) -> tuple[str, str]:
     """SD3.5 where the transformer has SD3.5's qk RMS-norm or dual-attention blocks, else SD3."""
-    c = read_json(folder / "transformer" / "config.json")
+    path = folder / "transformer" / "config.json"
+    c = read_json(path) if path.is_file() else {}
     said = [s for s, on in ((f"qk_norm {c.get('qk_norm')!r}", c.get("qk_norm")),
                             ("dual_attention_layers", c.get("dual_attention_layers"))) if on]
     if said:
@@ -119,35 +160,48 @@ def sd3_variant(folder: Path) -> tuple[str, str]:
     return "SD3", "model_index.json names StableDiffusion3Pipeline; transformer/config.json: no qk_norm, no dual attention"
 
 
-def load_flux_transformer(folder: Path, device, dtype) -> FluxTransformer:
-    try:
-        cfg = FluxConfig.from_diffusers(read_json(folder / "transformer" / "config.json"))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'transformer' / 'config.json'}: {e}") from e
+def flux_parts(folder: Path) -> dict[str, Part]:
+    """The transformer and the VAE of a FLUX.1 folder, on the meta device, with their tensors' headers."""
+    require(folder, ("transformer", "vae", "text_encoder", "text_encoder_2"), "Flux")
+    cfg = config_of(folder / "transformer" / "config.json", FluxConfig.from_diffusers)
     with torch.device("meta"):
-        model = FluxTransformer(cfg)
-    return load_part(model, open_weights(folder / "transformer"), device, dtype, str(folder / "transformer"))
+        transformer = FluxTransformer(cfg)
+    return {"transformer": Part(transformer, open_weights(folder / "transformer"), str(folder / "transformer")),
+            "vae": vae_part(folder)}
+
+
+def check_flux(folder: Path) -> None:
+    """Everything loading a Flux folder checks before reading a tensor (p2p inspect's `loadable`)."""
+    vae_factors(folder)
+    load_flow(folder)
+    for part in flux_parts(folder).values():
+        check_fit(*part)
 
 
 def load_flux(folder: Path, device="cpu", dtype=torch.float32, text: bool = True) -> Flux:
     """A FLUX.1 (dev / schnell) diffusers folder: transformer/, vae/, scheduler/ and, with text, CLIP-L and T5
-    and their tokenizers (weights_tools.mmdit_text)."""
-    vae, scaling, shift = load_vae(folder, device, dtype)
+    and their tokenizers (weights_tools.mmdit_text). Every part is checked before any tensor is read."""
+    scaling, shift = vae_factors(folder)
+    flow, parts = load_flow(folder), flux_parts(folder)
+    for part in parts.values():
+        check_fit(*part)
+    transformer, vae = (load_part(p.module, p.src, device, dtype, p.where, p.prefix) for p in parts.values())
     encoders = load_flux_text(folder, dtype, device) if text else None
-    model = Flux(load_flux_transformer(folder, device, dtype), vae, load_flow(folder), scaling, shift, encoders,
+    model = Flux(transformer, vae, flow, scaling, shift, encoders,
                  encoders.t5_length if encoders is not None else T5_LENGTH)
     return model.requires_grad_(False).eval()
 
 
 def flux_variant(folder: Path) -> tuple[str, str]:
     """FLUX.1-dev where the transformer embeds the guidance scale (guidance_embeds), else FLUX.1-schnell."""
-    if read_json(folder / "transformer" / "config.json").get("guidance_embeds"):
+    path = folder / "transformer" / "config.json"
+    if path.is_file() and read_json(path).get("guidance_embeds"):
         return "FLUX.1-dev", "model_index.json names FluxPipeline; transformer/config.json has guidance_embeds true"
     return "FLUX.1-schnell", "model_index.json names FluxPipeline; transformer/config.json: no guidance_embeds"
 
 
-PIPELINES: dict[str, Pipeline] = {"StableDiffusion3Pipeline": Pipeline(load_sd3, sd3_variant),
-                                  "FluxPipeline": Pipeline(load_flux, flux_variant)}
+PIPELINES: dict[str, Pipeline] = {"StableDiffusion3Pipeline": Pipeline(load_sd3, sd3_variant, check_sd3),
+                                  "FluxPipeline": Pipeline(load_flux, flux_variant, check_flux)}
 
 
 def load_mmdit(path, device="cpu", dtype=torch.float32, text: bool = True) -> MMDiTModel:
