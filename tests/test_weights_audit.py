@@ -138,19 +138,23 @@ def test_folders_of_other_models_are_described(tmp_path, index, components, vari
     assert info["variant"] == variant and not info["loadable"] and info["tensors"] == 0
 
 
-def test_an_empty_sd3_folder_is_described_and_refused(tmp_path):
-    """An SD3 folder loads on the MM-DiT path (weights_tools/mmdit.py); one whose configs say nothing is refused
-    naming the file, before any tensor is read, and p2p inspect says why."""
+@pytest.mark.parametrize("index, texts, variant", [
+    ("StableDiffusion3Pipeline", ("text_encoder", "text_encoder_2", "text_encoder_3"), "SD3"),
+    ("FluxPipeline", ("text_encoder", "text_encoder_2"), "FLUX.1-schnell"),
+])
+def test_an_empty_mmdit_folder_is_described_and_refused(tmp_path, index, texts, variant):
+    """SD3 and Flux folders load on the MM-DiT path (weights_tools/mmdit.py); one whose configs say nothing is
+    refused naming the file, before any tensor is read, and p2p inspect says why."""
     folder = tmp_path / "model"
-    for c in ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    for c in ("transformer", "vae", "scheduler", *texts):
         (folder / c).mkdir(parents=True)
         (folder / c / "config.json").write_text("{}")
     (folder / "scheduler" / "scheduler_config.json").write_text("{}")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": index}))
     with pytest.raises(CheckpointError, match="vae/config.json: scaling_factor is None"):
         load_checkpoint(folder)
     info = inspect_checkpoint(folder)
-    assert info["variant"] == "SD3" and not info["loadable"] and "scaling_factor" in info["problem"]
+    assert info["variant"] == variant and not info["loadable"] and "scaling_factor" in info["problem"]
 
 
 def test_inspect_describes_a_folder_with_a_missing_component(tmp_path, golden):

@@ -1,8 +1,8 @@
-"""Diffusers folders of MM-DiT models (SD3, SD3.5, Flux) -> models.mmdit_model / models.flux_model, beside
-the UNet families' path.
+"""Diffusers folders of MM-DiT models (SD3, SD3.5, Flux) -> models.mmdit_model / models.flux_model, beside the
+UNet families' path.
 
 An MM-DiT folder is told by its model_index.json pipeline class (`PIPELINES`, one row per pipeline: the
-loader and the detection of its variant). Its parts keep diffusers' names (the transformer's modules are
+loader, the detection of its variant, the check p2p inspect runs). Its parts keep diffusers' names (the transformer's modules are
 diffusers'), so a part loads by building it on the meta device from its config.json and assigning the
 folder's tensors strictly; the VAE goes through the library's VAE key map (vae_swap.open_vae).
 """
@@ -118,35 +118,70 @@ def load_flow(folder: Path) -> FlowConfig:
     return config_of(path, lambda c: FlowConfig.from_scheduler_config(c, str(path)))
 
 
-def sd3_parts(folder: Path) -> dict[str, Part]:
-    """The transformer and the VAE of an SD3 / SD3.5 folder, on the meta device, with their tensors' headers."""
-    require(folder, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), "SD3")
-    cfg = config_of(folder / "transformer" / "config.json", SD3Config.from_diffusers)
+def transformer_parts(folder: Path, make_config: Callable, make_model: Callable, text_parts: tuple, family: str
+                      ) -> dict[str, Part]:
+    """The transformer and the VAE of a folder, on the meta device, with their tensors' headers; the text
+    encoders' folders must be there too."""
+    require(folder, ("transformer", "vae", *text_parts), family)
+    cfg = config_of(folder / "transformer" / "config.json", make_config)
     with torch.device("meta"):
-        transformer = SD3Transformer(cfg)
+        transformer = make_model(cfg)
     return {"transformer": Part(transformer, open_weights(folder / "transformer"), str(folder / "transformer")),
             "vae": vae_part(folder)}
 
 
-def check_sd3(folder: Path) -> None:
-    """Everything loading an SD3 folder checks before reading a tensor (p2p inspect's `loadable`)."""
-    vae_factors(folder)
-    load_flow(folder)
-    for part in sd3_parts(folder).values():
+def sd3_parts(folder: Path) -> dict[str, Part]:
+    return transformer_parts(folder, SD3Config.from_diffusers, SD3Transformer,
+                             ("text_encoder", "text_encoder_2", "text_encoder_3"), "SD3")
+
+
+def flux_parts(folder: Path) -> dict[str, Part]:
+    return transformer_parts(folder, FluxConfig.from_diffusers, FluxTransformer, ("text_encoder", "text_encoder_2"),
+                             "Flux")
+
+
+def checked(folder: Path, parts_of: Callable) -> tuple[float, float, FlowConfig, dict[str, Part]]:
+    """(scaling_factor, shift_factor, the flow schedule, the parts): everything loading checks before reading
+    a tensor (p2p inspect's `loadable`)."""
+    scaling, shift = vae_factors(folder)
+    flow, parts = load_flow(folder), parts_of(folder)
+    for part in parts.values():
         check_fit(*part)
+    return scaling, shift, flow, parts
+
+
+def loaded(parts: dict[str, Part], device, dtype) -> tuple[nn.Module, AutoencoderKL]:
+    """(transformer, VAE) with the folder's tensors."""
+    return tuple(load_part(p.module, p.src, device, dtype, p.where, p.prefix) for p in parts.values())
 
 
 def load_sd3(folder: Path, device="cpu", dtype=torch.float32, text: bool = True) -> SD3:
     """An SD3 / SD3.5 diffusers folder: transformer/, vae/, scheduler/ and, with text, the three text encoders
     and their tokenizers (weights_tools.mmdit_text). Every part is checked before any tensor is read."""
-    scaling, shift = vae_factors(folder)
-    flow, parts = load_flow(folder), sd3_parts(folder)
-    for part in parts.values():
-        check_fit(*part)
-    transformer, vae = (load_part(p.module, p.src, device, dtype, p.where, p.prefix) for p in parts.values())
+    scaling, shift, flow, parts = checked(folder, sd3_parts)
+    transformer, vae = loaded(parts, device, dtype)
     encoders = load_sd3_text(folder, dtype, device) if text else None
     model = SD3(transformer, vae, flow, scaling, shift, encoders, encoders.t5_length if encoders is not None else 256)
     return model.requires_grad_(False).eval()
+
+
+def load_flux(folder: Path, device="cpu", dtype=torch.float32, text: bool = True) -> Flux:
+    """A FLUX.1 (dev / schnell) diffusers folder: transformer/, vae/, scheduler/ and, with text, CLIP-L and T5
+    and their tokenizers (weights_tools.mmdit_text)."""
+    scaling, shift, flow, parts = checked(folder, flux_parts)
+    transformer, vae = loaded(parts, device, dtype)
+    encoders = load_flux_text(folder, dtype, device) if text else None
+    model = Flux(transformer, vae, flow, scaling, shift, encoders,
+                 encoders.t5_length if encoders is not None else T5_LENGTH)
+    return model.requires_grad_(False).eval()
+
+
+def check_sd3(folder: Path) -> None:
+    checked(folder, sd3_parts)
+
+
+def check_flux(folder: Path) -> None:
+    checked(folder, flux_parts)
 
 
 def sd3_variant(folder: Path) -> tuple[str, str]:
@@ -160,42 +195,10 @@ def sd3_variant(folder: Path) -> tuple[str, str]:
     return "SD3", "model_index.json names StableDiffusion3Pipeline; transformer/config.json: no qk_norm, no dual attention"
 
 
-def flux_parts(folder: Path) -> dict[str, Part]:
-    """The transformer and the VAE of a FLUX.1 folder, on the meta device, with their tensors' headers."""
-    require(folder, ("transformer", "vae", "text_encoder", "text_encoder_2"), "Flux")
-    cfg = config_of(folder / "transformer" / "config.json", FluxConfig.from_diffusers)
-    with torch.device("meta"):
-        transformer = FluxTransformer(cfg)
-    return {"transformer": Part(transformer, open_weights(folder / "transformer"), str(folder / "transformer")),
-            "vae": vae_part(folder)}
-
-
-def check_flux(folder: Path) -> None:
-    """Everything loading a Flux folder checks before reading a tensor (p2p inspect's `loadable`)."""
-    vae_factors(folder)
-    load_flow(folder)
-    for part in flux_parts(folder).values():
-        check_fit(*part)
-
-
-def load_flux(folder: Path, device="cpu", dtype=torch.float32, text: bool = True) -> Flux:
-    """A FLUX.1 (dev / schnell) diffusers folder: transformer/, vae/, scheduler/ and, with text, CLIP-L and T5
-    and their tokenizers (weights_tools.mmdit_text). Every part is checked before any tensor is read."""
-    scaling, shift = vae_factors(folder)
-    flow, parts = load_flow(folder), flux_parts(folder)
-    for part in parts.values():
-        check_fit(*part)
-    transformer, vae = (load_part(p.module, p.src, device, dtype, p.where, p.prefix) for p in parts.values())
-    encoders = load_flux_text(folder, dtype, device) if text else None
-    model = Flux(transformer, vae, flow, scaling, shift, encoders,
-                 encoders.t5_length if encoders is not None else T5_LENGTH)
-    return model.requires_grad_(False).eval()
-
-
 def flux_variant(folder: Path) -> tuple[str, str]:
     """FLUX.1-dev where the transformer embeds the guidance scale (guidance_embeds), else FLUX.1-schnell."""
     path = folder / "transformer" / "config.json"
-    if path.is_file() and read_json(path).get("guidance_embeds"):
+    if (read_json(path) if path.is_file() else {}).get("guidance_embeds"):
         return "FLUX.1-dev", "model_index.json names FluxPipeline; transformer/config.json has guidance_embeds true"
     return "FLUX.1-schnell", "model_index.json names FluxPipeline; transformer/config.json: no guidance_embeds"
 
