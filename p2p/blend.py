@@ -41,6 +41,10 @@ class LocalBlend:
     downsampled by 2**level there); None: the deepest, as the reference (level 2, 16x16, for SD v1
     at 512 px). A model whose deepest maps are coarse for its picture (the miniature's are 8x8 for
     64 px) gets a mask as fine, relative to the picture, as SD's from a shallower level.
+    end_blend: fraction of the steps after which blending stops (steps [int(T start_blend), int(T end_blend))
+    blend); None: to the last step on a UNet, 0.5 on an MM-DiT model (the official MM-DiT default).
+    blocks: MM-DiT models only: the joint blocks whose maps make the mask (indices in the official counting,
+    models.joint.JointSite.index; None: all); a UNet's maps are chosen by `level` (p2p.joint_control).
     """
     words: tuple
     threshold: float = 0.3
@@ -49,21 +53,29 @@ class LocalBlend:
     th: tuple | None = None
     level: int | None = None
     pool: bool = True  # max-pool the map 3x3 before resizing it; False: the LDM notebook's unpooled map
+    end_blend: float | None = None
+    blocks: tuple | None = None
 
     def __post_init__(self):
         # the map is max-normalised to [0, 1]: a threshold outside it (or nan) gives an empty or a full
         # mask, i.e. an "edit" equal to the source or unblended, without a word
         for name, value in (("threshold", self.threshold), ("start_blend", self.start_blend),
+                            *((("end_blend", self.end_blend),) if self.end_blend is not None else ()),
                             *((f"th[{i}]", t) for i, t in enumerate(self.th or ()))):
             if not fraction(value):
                 raise ValueError(f"LocalBlend {name} must be a finite number from 0 to 1, got {value!r}")
         if self.th is not None and len(self.th) != 2:
             raise ValueError(f"LocalBlend th must be [mask threshold, substruct threshold], got {self.th!r}")
+        if self.end_blend is not None and self.end_blend < self.start_blend:
+            raise ValueError(f"LocalBlend end_blend={self.end_blend} is before start_blend={self.start_blend}")
 
     def thresholds(self) -> tuple[float, float]:
         return tuple(self.th) if self.th is not None else (self.threshold, self.threshold)
 
     def build(self, tokenizer, prompts, num_steps: int, sites) -> "Blender":
+        if self.blocks is not None:
+            raise ValueError(f"LocalBlend blocks={self.blocks!r} names joint blocks of an MM-DiT model (SD3, Flux); "
+                             f"a UNet's maps are chosen by level= (leave blocks out)")
         alpha = word_alpha(tokenizer, prompts, self.words, "LocalBlend words")
         sub = (word_alpha(tokenizer, prompts, self.substruct_words, "LocalBlend substruct_words")
                if self.substruct_words is not None else None)
@@ -71,7 +83,8 @@ class LocalBlend:
             layers = frozenset(s.index for s in read_sites(sites, self.level))
         except ValueError as err:
             raise ValueError(f"LocalBlend {err}") from None
-        return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds(), self.pool)
+        end = None if self.end_blend is None else int(self.end_blend * num_steps)
+        return Blender(alpha, sub, layers, int(self.start_blend * num_steps), *self.thresholds(), self.pool, end)
 
 
 def fraction(value) -> bool:
@@ -113,6 +126,7 @@ class Blender:
     th_pool: float
     th_sub: float
     pool: bool = True            # max-pool the blend words' map (the substruct map is never pooled)
+    end: int | None = None       # first step index that no longer blends (None: none)
 
     def mask(self, maps: torch.Tensor, alpha: torch.Tensor, size, pool: bool, th: float) -> torch.Tensor:
         """maps (B, h, w, K) summed over layers -> bool mask (B, 1, *size), OR-ed with the source's."""
@@ -134,7 +148,7 @@ class Blender:
         return mask
 
     def __call__(self, step: int, x: torch.Tensor, store) -> torch.Tensor:
-        if step < self.start:
+        if step < self.start or (self.end is not None and step >= self.end):
             return x
         mask = self.mask_for(store, x.shape[2:]).to(x.dtype)[1:]
         return torch.cat([x[:1], x[:1] + mask * (x[1:] - x[:1])])

@@ -12,6 +12,7 @@ reference's counter for DDIM (call i, row i) and PLMS (N steps are N + 1 calls, 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .blend import for_model
 from .config import EditConfig, GenerateConfig
 from .control import Controller
+from .joint_control import joint_edit
 from .joint_pipeline import is_mmdit, joint_generate
 from .outputs import NonFiniteError, Output, check_finite  # noqa: F401  (NonFiniteError: named here too)
 from .settings import check_values, refuse_old_names
@@ -175,7 +177,19 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     return decoded(sd, z0, x_T, low_memory, offload)
 
 
+def mmdit_to(joint_fn):
+    """A decorator: the UNet entry point it wraps hands an MM-DiT model (SD3 / SD3.5 / Flux) to `joint_fn`, with
+    the same arguments."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(sd, *args, **kwargs):
+            return (joint_fn if is_mmdit(sd) else fn)(sd, *args, **kwargs)
+        return call
+    return wrap
+
+
 @refuse_old_names
+@mmdit_to(joint_edit)
 @torch.no_grad()
 def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.seed, latents=None,
          num_steps: int | None = None, guidance_scale: float | None = None, height: int | None = EditConfig.height,
@@ -202,7 +216,8 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     sampler (one with an inverse step: DDIM). A spec that follows the inversion (PlugAndPlay) takes its own
     steps and guidance instead, and its source row is the inversion's latent at each of its timesteps.
     Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
-    source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's)."""
+    source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's).
+    An MM-DiT model (SD3 / SD3.5 / Flux) goes to p2p.joint_control.joint_edit (docs/mmdit-p2p.md)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     follow = inversion is not None and getattr(spec, "follows_inversion", False)
     num_steps, guidance_scale, steps_offset, height, width, latents, sampler = edit_settings(

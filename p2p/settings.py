@@ -287,6 +287,12 @@ SETTINGS = (
             old=("blend_level",)),
     Setting("local_blend.pool", LocalBlend.pool, (bool,), "max-pool the map 3x3 before resizing it (false: the "
             "LDM notebook's unpooled map)", "--blend-pool", "local_blend"),
+    Setting("local_blend.end_blend", LocalBlend.end_blend, (float, int), "fraction of the steps after which "
+            "blending stops (default: the last step on a UNet; 0.5 on SD3 / Flux, the official MM-DiT default)",
+            "--blend-end", "local_blend", range=(0, 1)),
+    Setting("local_blend.blocks", LocalBlend.blocks, (list,), "SD3 / Flux only: the joint blocks whose maps make "
+            "the mask (official block indices; default: all)", "--blend-blocks", "local_blend", range=(0, math.inf),
+            cli={"nargs": "+", "type": int, "metavar": "BLOCK"}, parse=tuple),
     # editing a photo
     Setting("source_row", None, (str,), "editing from an inversion: trajectory (the source row is the inversion "
             "latent at every step and ends on the photo's), inputs (the inversion latent before every step, the "

@@ -280,6 +280,18 @@ def attention_pictures(store, images, prompts, tokenizer, level: int | None = No
     return pics
 
 
+def joint_attention_pictures(store, images, prompts, layout, blocks=None) -> dict:
+    """The MM-DiT form of `attention_pictures`: for every prompt, one heatmap per whitespace word over its
+    image, of the image-to-word block of the joint softmax (p2p.joint_control.JointAttentionStore.word_maps:
+    averaged over the steps and `blocks`, None: every kept block) on the (H/16, W/16) token grid. layout:
+    p2p.joint_control.model_layout(model)."""
+    pics = []
+    for i, prompt in enumerate(prompts):
+        words, maps = store.word_maps(layout, prompt, i, blocks)
+        pics.append(cross_attention_grid(maps, words, image=images[i]))
+    return {"attention": pics}
+
+
 # ----------------------------------------------------------------------------- files
 def image_format(path: Path) -> str:
     """Pillow's format name for a picture path, from its extension; an error naming the usable ones."""

@@ -157,7 +157,7 @@ feature_steps: 0.7
 attention_steps: 0.4
 source_text: prompt
 local_blend: {{words: [bicycle, [car, dog], 5], threshold: 0.4, start_blend: 0.2, substruct_words: [cat, cat, dog],
-              th: [0.3, 0.5], level: 1, pool: false}}
+              th: [0.3, 0.5], level: 1, pool: false, end_blend: 0.9, blocks: [1, 2]}}
 show_attention: true
 description: everything at once
 source_row: inputs
@@ -176,6 +176,7 @@ EVERYTHING_FLAGS = ["--steps", "3", "--guidance", "5", "--steps-offset", "0", "-
                     "--source-text", "prompt",
                     "--blend", "bicycle", "car,dog", "5", "--blend-threshold", "0.4", "--blend-start", "0.2",
                     "--blend-substruct", "cat", "cat", "dog", "--blend-th", "0.3", "0.5", "--blend-level", "1",
+                    "--blend-end", "0.9", "--blend-blocks", "1", "2",
                     "--no-blend-pool", "--show-attention", "--description", "everything at once",
                     "--source-row", "inputs"]
 
