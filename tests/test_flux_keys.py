@@ -52,6 +52,7 @@ def tensors(shapes: dict, prefix: str = "") -> dict:
     return out
 
 
+@pytest.mark.slow  # importing diffusers' converter
 @pytest.mark.parametrize("guidance, prefix", [(True, ""), (False, ""), (True, "model.diffusion_model.")])
 def test_the_map_is_diffusers_converter(guidance, prefix):
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
