@@ -104,11 +104,12 @@ class SDXLTextConfig:
         return cls(clip=clip, openclip=openclip, size_embed_dim=int(widths.pop()))
 
     def to_sgm(self) -> dict:
-        """The inverse of `from_sgm`: SDXL base's conditioner_config (a `tiny` block where sizes differ)."""
+        """The inverse of `from_sgm`: SDXL base's conditioner_config (a `tiny` block where sizes differ). A
+        folder's tokenizer paths are not written: they name files on this machine, not in the checkpoint."""
         models = []
         for name, cfg, default in (("FrozenCLIPEmbedder", self.clip, SDXL_CLIP_L),
                                    ("FrozenOpenCLIPEmbedder2", self.openclip, VIT_BIGG_14)):
-            params = dict(SGM_TOWERS[name])
+            params, cfg = dict(SGM_TOWERS[name]), dataclasses.replace(cfg, tokenizer=None)
             if cfg != default:
                 params["tiny"] = dataclasses.asdict(cfg)
             models.append({"is_trainable": False, "input_key": "txt", "target": SGM_PREFIX + name, "params": params})
