@@ -7,7 +7,10 @@ steps_offset=1); the last step lands on alpha_cumprod[0], not on 1 (set_alpha_to
 Others: "linear" or "squaredcos_cap_v2" betas, or given ones; the betas rescaled to zero terminal SNR;
 "trailing" (999, 979, ... for 50 steps) or "linspace" timesteps, where the offset is not used. Every
 step moves from t to t - 1000 // N, as diffusers' DDIMScheduler, whatever the spacing.
-One UNet call per step, call i reading row i of the edit schedules (models/sampler.py).
+One UNet call per step, call i reading row i of the edit schedules (models/sampler.py). Its step is
+given the model's own prediction (eps, or v for a v model) and reads x0 and eps from it as diffusers'
+DDIMScheduler.step does (models/prediction.py), so a zero-terminal-SNR schedule's first timestep, where
+alpha_cumprod is 0, is sampled as diffusers samples it: x0 = -v there.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import NoiseSchedule
-from .prediction import from_eps, noised, prediction, vp
+from .prediction import as_eps, from_eps, noised, prediction, vp, x0_and_eps
 from .sampler import Call, one_call_per_row
 
 
@@ -27,20 +30,21 @@ class DDIM:
     alphas_cumprod: torch.Tensor  # (1000,) fp32, on the CPU
     timesteps: torch.Tensor       # (S,) int64, descending
     step_size: int                # 1000 // S: the gap between consecutive timesteps
+    prediction_type: str = "epsilon"  # what the model predicts: what `step` is given (models/prediction.py)
 
     @classmethod
     def create(cls, num_steps: int = 50, steps_offset: int = 1, beta_start: float = 0.00085,
                beta_end: float = 0.012, num_train_timesteps: int = 1000,
                prediction_type: str = "epsilon", schedule: NoiseSchedule = NoiseSchedule()) -> "DDIM":
-        """prediction_type: checked only; DDIM's move is the same whatever the model predicts, since it
-        is given eps at the call's own x and t (sd.eps converts). schedule: the betas' shape and the
-        timesteps' spacing (SD's by default); steps_offset applies to "leading" spacing alone."""
+        """prediction_type: what the model predicts, the kind of output `step` is given. schedule: the
+        betas' shape and the timesteps' spacing (SD's by default); steps_offset applies to "leading" spacing alone."""
         prediction(prediction_type)
         if not 1 <= num_steps <= num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
         timesteps = spaced_timesteps(schedule.spacing, num_steps, num_train_timesteps, steps_offset)
-        return cls(alphas_cumprod(beta_start, beta_end, num_train_timesteps, schedule), timesteps,
-                   num_train_timesteps // num_steps)
+        acp = alphas_cumprod(beta_start, beta_end, num_train_timesteps, schedule)
+        check_signal(acp, timesteps, prediction_type, schedule)
+        return cls(acp, timesteps, num_train_timesteps // num_steps, prediction_type)
 
     @property
     def num_steps(self) -> int:
@@ -57,16 +61,21 @@ class DDIM:
     def prev_timestep(self, t: int) -> int:
         return int(t) - self.step_size
 
-    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """x_t -> x_{t-step}: x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
+    def step(self, out: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """x_t -> x_{t-step}, given the model's output at (x_t, t), a prediction of `prediction_type` (guided):
+        x0 and eps read from it (epsilon: x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); v: x0 = sqrt(a_t) x - sqrt(1-a_t) v,
+        eps = sqrt(a_t) v + sqrt(1-a_t) x), then x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps."""
         t = int(t)
-        return ddim_update(x, eps, self.alpha(t), self.alpha(self.prev_timestep(t)))
+        x0, eps = x0_and_eps(self.prediction_type, out, x, self.alpha(t))
+        return noised(x0, eps, *vp(self.alpha(self.prev_timestep(t))))
 
-    def inverse_step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """x_{t-step} -> x_t, the step DDIM inversion takes: the same update with the roles swapped.
+    def inverse_step(self, out: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """x_{t-step} -> x_t, the step DDIM inversion takes: the same update with the roles swapped, given the
+        model's output at (x_{t-step}, t) as eps there.
 
         The reference evaluates eps at the destination timestep t (not at t - step)."""
         t = int(t)
+        eps = as_eps(self.prediction_type, out, x, self.alpha(t))
         return ddim_update(x, eps, self.alpha(self.prev_timestep(t)), self.alpha(t))
 
 
@@ -86,9 +95,15 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, ste
     return torch.arange(0, num_steps, dtype=torch.int64).flip(0) * step + steps_offset
 
 
-# alpha_cumprod where a zero-terminal-SNR schedule reaches 0: the model's prediction cannot be carried as eps
-# at zero signal (eps = x there), so that timestep is sampled at this tiny signal, as diffusers' Euler schedulers do
-ZERO_SNR_FLOOR = 2.0 ** -24
+def check_signal(acp: torch.Tensor, timesteps: torch.Tensor, prediction_type: str, schedule: NoiseSchedule) -> None:
+    """Refuse to sample an epsilon model from a timestep without signal (alpha_cumprod 0: zero-terminal-SNR
+    betas at t = T - 1), where its x0 = (x - sqrt(1 - a) eps) / sqrt(a) is 0 / 0 (diffusers' DDIM gives nan)."""
+    t = int(timesteps.max())
+    if prediction_type == "epsilon" and float(acp[t]) == 0:
+        raise ValueError(f"timestep {t} ({schedule.spacing} spacing) has alpha_cumprod 0 on zero-terminal-SNR betas, "
+                         f"where an epsilon prediction cannot give x0; zero-SNR betas are for v-prediction models: "
+                         f"load the model as one (prediction_type='v') if it is, or use 'leading' spacing, or "
+                         f"betas without rescale_betas_zero_snr")
 
 
 def betas(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
@@ -122,10 +137,8 @@ def rescale_zero_snr(b: torch.Tensor) -> torch.Tensor:
 
 def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
                    schedule: NoiseSchedule = NoiseSchedule()) -> torch.Tensor:
-    """(T,) fp32 cumulative products of 1 - beta (see `betas`); a zero-terminal-SNR schedule's final 0
-    is ZERO_SNR_FLOOR."""
-    out = torch.cumprod(1.0 - betas(beta_start, beta_end, num_train_timesteps, schedule), dim=0)
-    return out.clamp(min=ZERO_SNR_FLOOR) if schedule.zero_snr else out
+    """(T,) fp32 cumulative products of 1 - beta (see `betas`); a zero-terminal-SNR schedule's last is 0."""
+    return torch.cumprod(1.0 - betas(beta_start, beta_end, num_train_timesteps, schedule), dim=0)
 
 
 def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_from, a_to) -> torch.Tensor:

@@ -13,11 +13,10 @@ calls (981, 961, 961, 941, ..., 1 for 50). Call by call, e_k being the UNet outp
 
 The kept outputs are the state of one run: a sampler serves one run (sd.scheduler makes a fresh one).
 Its name is "plms" or "pndm" (SAMPLERS). Call j reads row j of the edit schedules (models/sampler.py).
-What is extrapolated is what the model predicts, as in diffusers' PNDMScheduler: eps for an epsilon
-model; for a v model (SD 2.x 768-v) the call's v, recovered from the eps sd.eps made of it at the
-call's own x and t, is extrapolated, and the result turned into eps at the update's x and t. (eps at
-different x and t, extrapolated, would be a different sampler.) Both are held to diffusers in
-tests/test_parity_pndm.py.
+What is extrapolated is what the model predicts, as in diffusers' PNDMScheduler: each call is given
+the model's own output (eps for an epsilon model, v for a v model, SD 2.x 768-v), and DDIM's step reads
+the extrapolated prediction at the update's x and t. (eps at different x and t, extrapolated, would be
+a different sampler.) Both are held to diffusers in tests/test_parity_pndm.py.
 """
 from __future__ import annotations
 
@@ -27,7 +26,6 @@ import torch
 
 from .config import PREDICTION_TYPES, NoiseSchedule
 from .ddim import DDIM
-from .prediction import as_eps, as_prediction
 from .sampler import Call, one_call_per_row
 
 # Adams-Bashforth weights on the last 1..4 kept outputs (newest first), and their common divisor
@@ -44,20 +42,22 @@ class PLMSHistory:
 
 @dataclass(frozen=True)
 class PNDM:
-    ddim: DDIM  # the noise schedule, the N step timesteps, and the update each call takes
-    prediction_type: str = "epsilon"  # what is extrapolated: the model's prediction, "epsilon" or "v"
+    ddim: DDIM  # the noise schedule, the N step timesteps, what the model predicts, and the update each call takes
     history: PLMSHistory = field(default_factory=PLMSHistory, repr=False, compare=False)
-
-    def __post_init__(self):
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {self.prediction_type!r}")
 
     @classmethod
     def create(cls, num_steps: int = 50, steps_offset: int = 1, beta_start: float = 0.00085,
                beta_end: float = 0.012, num_train_timesteps: int = 1000,
                prediction_type: str = "epsilon", schedule: NoiseSchedule = NoiseSchedule()) -> "PNDM":
-        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, schedule=schedule),
-                   prediction_type)
+        if prediction_type not in PREDICTION_TYPES:  # diffusers' PNDMScheduler's two
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {prediction_type!r}")
+        return cls(DDIM.create(num_steps, steps_offset, beta_start, beta_end, num_train_timesteps, prediction_type,
+                               schedule))
+
+    @property
+    def prediction_type(self) -> str:
+        """What is extrapolated: the model's prediction, "epsilon" or "v"."""
+        return self.ddim.prediction_type
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -79,8 +79,8 @@ class PNDM:
         t = self.ddim.timesteps
         return torch.cat([t[:2], t[1:]]) if len(t) > 1 else t
 
-    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """The latents after this UNet call (its output eps, at timestep t, on latents x)."""
+    def step(self, out: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """The latents after this UNet call (its output `out`, the model's prediction at timestep t on latents x)."""
         h, t = self.history, int(t)
         expected = self.timesteps.tolist()
         if h.calls >= len(expected) or t != expected[h.calls]:
@@ -88,21 +88,12 @@ class PNDM:
                              f"and {h.calls} were made: a PLMS sampler keeps the history of one run; take a fresh "
                              f"one (sd.scheduler(..., sampler='plms')) for each run and call it at its timesteps")
         call, h.calls = h.calls, h.calls + 1
-        pred = self.prediction(eps, t, x)
         if call == 1:  # the first step again, from the kept x, with the mean of both outputs
             x, h.x_first = h.x_first, None
-            return self.update((pred + h.outputs[-1]) / 2, expected[0], x)
+            return self.ddim.step((out + h.outputs[-1]) / 2, expected[0], x)
         if call == 0:
             h.x_first = x
-        h.outputs = h.outputs[-3:] + [pred]
+        h.outputs = h.outputs[-3:] + [out]
         weights, divisor = ADAMS_BASHFORTH[len(h.outputs)]
         e = sum(w * e_k for w, e_k in zip(weights, reversed(h.outputs))) / divisor
-        return self.update(e, t, x)
-
-    def prediction(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """What the model predicted at this call: eps itself, or v (models/prediction.py)."""
-        return as_prediction(self.prediction_type, eps, x, self.ddim.alpha(t))
-
-    def update(self, pred: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """DDIM's move from t with an extrapolated prediction, turned into eps at this x and t."""
-        return self.ddim.step(as_eps(self.prediction_type, pred, x, self.ddim.alpha(t)), t, x)
+        return self.ddim.step(e, t, x)

@@ -132,13 +132,20 @@ class StableDiffusion(nn.Module):
         f = self.latent_downsample
         return FAMILIES[self.cfg.family].conditioning(self.cfg, context, x.shape[-2] * f, x.shape[-1] * f)
 
-    def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None, feature_override=None) -> torch.Tensor:
-        """The UNet's noise prediction eps(x_t, t, context): its output turned into eps at x_t and t from
-        what the model predicts (cfg.prediction_type; models/prediction.py, the one place eps and v meet:
-        an epsilon model's output as it is). context: what encode_text gives (SDXL: with its pooled row,
-        see `conditioning`). attn_override / feature_override: passed to the UNet (models/unet.py)."""
+    def predict(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None,
+                feature_override=None) -> torch.Tensor:
+        """The UNet's output at x_t and t: the model's own prediction, of kind cfg.prediction_type (eps, or v
+        for a v model), what a sampler's step takes (models/sampler.py). context: what encode_text gives
+        (SDXL: with its pooled row, see `conditioning`). attn_override / feature_override: passed to the UNet
+        (models/unet.py)."""
         context, y = self.conditioning(x, context)
-        out = self.unet(x, t, context, attn_override=attn_override, y=y, feature_override=feature_override)
+        return self.unet(x, t, context, attn_override=attn_override, y=y, feature_override=feature_override)
+
+    def eps(self, x: torch.Tensor, t, context: torch.Tensor, attn_override=None, feature_override=None) -> torch.Tensor:
+        """The noise prediction eps(x_t, t, context): `predict`'s output turned into eps at x_t and t from what
+        the model predicts (models/prediction.py, the one place eps and v meet: an epsilon model's output as
+        it is). t: one timestep, or one per row."""
+        out = self.predict(x, t, context, attn_override=attn_override, feature_override=feature_override)
         a = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long).cpu()].reshape(-1, 1, 1, 1).to(x.device)
         return as_eps(self.cfg.prediction_type, out, x, a)
 

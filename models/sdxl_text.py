@@ -1,7 +1,9 @@
 """SDXL's text conditioning: two towers read side by side, and the one tensor that carries them.
 
 SDXL base runs CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 on the same prompt (the same BPE ids; CLIP's
-copy padded with end-of-text, OpenCLIP's with "!"), reads both at their penultimate layer without a
+copy padded with end-of-text, OpenCLIP's with "!"; a diffusers folder whose towers have their own
+vocabulary, as diffusers' SDXL test pipelines, gives both tokenizers in tokenizer/ and tokenizer_2/,
+each tower's config naming its folder), reads both at their penultimate layer without a
 final norm, and concatenates the two contexts: 768 + 1280 = 2048 channels. bigG also gives a pooled,
 projected vector (1280) that the UNet reads through its vector conditioning `y` (models/sdxl.py).
 
@@ -20,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .clip import BANG, EOS, CLIPTextModel, Tokenizer
+from .clip import BANG, EOS, CLIPTextModel, Tokenizer, read_bpe_folder
 from .config import CLIPTextConfig
 from .openclip import VIT_BIGG_14, OpenCLIPTextConfig, OpenCLIPTextModel
 from .sdxl import BASE_SIZE_EMBED_DIM
@@ -67,7 +70,15 @@ class SDXLTextConfig:
         return self.openclip.projection_dim
 
     def tokenizer(self) -> "SDXLTokenizer":
-        return sdxl_tokenizer()
+        """CLIP's BPE with both towers' paddings, or, where the towers' configs name a folder's tokenizer/ and
+        tokenizer_2/ (their `tokenizer`), the folder's own two (SDXLTokenizer.from_folders)."""
+        folders = (self.clip.tokenizer, self.openclip.tokenizer)
+        if folders == (None, None):
+            return sdxl_tokenizer()
+        if None in folders:
+            raise ValueError(f"SDXL's two towers read one vocabulary: both or neither name a tokenizer folder, "
+                             f"got {folders}")
+        return sdxl_folder_tokenizer(*folders)
 
     # ---- SGM's `conditioner_config` (sd_xl_base.yaml), read and written ----
     @classmethod
@@ -93,11 +104,12 @@ class SDXLTextConfig:
         return cls(clip=clip, openclip=openclip, size_embed_dim=int(widths.pop()))
 
     def to_sgm(self) -> dict:
-        """The inverse of `from_sgm`: SDXL base's conditioner_config (a `tiny` block where sizes differ)."""
+        """The inverse of `from_sgm`: SDXL base's conditioner_config (a `tiny` block where sizes differ). A
+        folder's tokenizer paths are not written: they name files on this machine, not in the checkpoint."""
         models = []
         for name, cfg, default in (("FrozenCLIPEmbedder", self.clip, SDXL_CLIP_L),
                                    ("FrozenOpenCLIPEmbedder2", self.openclip, VIT_BIGG_14)):
-            params = dict(SGM_TOWERS[name])
+            params, cfg = dict(SGM_TOWERS[name]), dataclasses.replace(cfg, tokenizer=None)
             if cfg != default:
                 params["tiny"] = dataclasses.asdict(cfg)
             models.append({"is_trainable": False, "input_key": "txt", "target": SGM_PREFIX + name, "params": params})
@@ -122,19 +134,41 @@ def sgm_tower(params: dict, default):
 
 
 class SDXLTokenizer(Tokenizer):
-    """CLIP's BPE with both of SDXL's paddings: `__call__` gives (N, 2, length), row 0 padded with
-    end-of-text (the CLIP-L tower's), row 1 with "!" (bigG's). Content ids, BOS and EOS are the same in
-    both, so a word has the same positions for both towers (what p2p.align counts)."""
+    """CLIP's BPE with both of SDXL's paddings: `__call__` gives (N, 2, length), row 0 padded with `pad`
+    (end-of-text, the CLIP-L tower's), row 1 with `pad_2` ("!", bigG's). Content ids, BOS and EOS are the
+    same in both, so a word has the same positions for both towers (what p2p.align counts)."""
+
+    pad_2 = BANG  # the second tower's padding id
 
     def __call__(self, prompts, length: int = Tokenizer.length) -> torch.Tensor:
         first = super().__call__(prompts, length)
-        after_eos = torch.cumsum((first == EOS).long(), dim=1) - (first == EOS).long() > 0
-        return torch.stack([first, first.masked_fill(after_eos, BANG)], dim=1)
+        after_eos = torch.cumsum((first == self.eos).long(), dim=1) - (first == self.eos).long() > 0
+        return torch.stack([first, first.masked_fill(after_eos, self.pad_2)], dim=1)
+
+    @classmethod
+    def from_folders(cls, first: str | Path, second: str | Path) -> "SDXLTokenizer":
+        """A diffusers SDXL folder's own two tokenizers (tokenizer/ and tokenizer_2/, as Tokenizer.from_folder
+        reads one): one vocabulary and merges, which both must hold, and each folder's own padding (its
+        tokenizer_config.json's pad_token)."""
+        tok = cls.from_folder(first)
+        vocab, merges, pad = read_bpe_folder(Path(second))
+        if vocab != tok.encoder or merges != list(tok.ranks):
+            raise ValueError(f"{first} and {second}: SDXL's two tokenizers must share one vocabulary and its merges "
+                             "(a word's token positions are counted once for both towers); these differ")
+        if pad not in vocab:
+            raise ValueError(f"{second}: its pad_token {pad!r} is not in its vocabulary")
+        tok.pad_2 = vocab[pad]
+        return tok
 
 
 @functools.lru_cache()
 def sdxl_tokenizer() -> SDXLTokenizer:
     return SDXLTokenizer(pad=EOS)
+
+
+@functools.lru_cache()
+def sdxl_folder_tokenizer(first: str, second: str) -> SDXLTokenizer:
+    return SDXLTokenizer.from_folders(first, second)
 
 
 def holder(name: str, module: nn.Module) -> nn.Module:

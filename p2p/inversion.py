@@ -425,10 +425,11 @@ def step_timesteps(scheduler) -> list[int]:
 
 @torch.no_grad()
 def ddim_inversion(sd, z0: torch.Tensor, cond: torch.Tensor, scheduler, progress: bool = True) -> list:
-    """z_0 -> [z*_0, ..., z*_T], conditional only, eps at the destination timestep (as the reference's ddim_loop)."""
+    """z_0 -> [z*_0, ..., z*_T], conditional only, the model evaluated at the destination timestep (as the
+    reference's ddim_loop); the sampler's inverse step reads its prediction as eps there."""
     z, trajectory = z0, [z0]
     for t in tqdm(step_timesteps(scheduler)[::-1], desc="DDIM inversion", disable=not progress, leave=False):
-        z = scheduler.inverse_step(sd.eps(z, t, cond), t, z)
+        z = scheduler.inverse_step(sd.predict(z, t, cond), t, z)
         trajectory.append(z)
     return trajectory
 
@@ -453,12 +454,12 @@ def null_text_optimization(sd, trajectory, cond, uncond, scheduler, guidance_sca
             uncond = uncond.detach().float().clone().requires_grad_(True)
             optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
             with torch.no_grad():
-                eps_c = sd.eps(latent, t, cond)
+                out_c = sd.predict(latent, t, cond)
             loss_item, j = float("nan"), 0
             for j in range(num_inner_steps):
                 with torch.enable_grad():
-                    eps_u = sd.eps(latent, t, uncond.to(cond.dtype))
-                    z = scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, latent)
+                    out_u = sd.predict(latent, t, uncond.to(cond.dtype))
+                    z = scheduler.step(guidance(out_u, out_c, guidance_scale), t, latent)
                     loss = F.mse_loss(z.float(), target.float())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

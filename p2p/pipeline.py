@@ -53,7 +53,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def guidance(eps_u: torch.Tensor, eps_c: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + w (eps_c - eps_u)."""
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u). Affine, so it is the same on the model's own
+    predictions (v for a v model) as on the eps they amount to at one x_t."""
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
@@ -65,15 +66,16 @@ def guided_step(sd, x, t, uncond, cond, guidance_scale, scheduler, attn_override
     attn_override must then take the conditional rows alone: `Controller.override(i, cond_only=True)`;
     an attention rule or an injection steers the unconditional call through `Controller.override_uncond(i)`).
     feature_override: the ResBlocks' (models/unet.py), on every call. cond (B, 77, d); uncond (1 or B, 77, d),
-    shared by the rows."""
+    shared by the rows. Guidance runs on the model's own predictions (sd.predict), which the sampler's step
+    takes (models/sampler.py)."""
     uncond = uncond.expand(x.shape[0], -1, -1)
     if low_memory:  # the reference's LOW_RESOURCE: half the UNet's activations at a time
-        eps_u = sd.eps(x, t, uncond, attn_override=uncond_override, feature_override=feature_override)
-        eps_c = sd.eps(x, t, cond, attn_override=attn_override, feature_override=feature_override)
+        out_u = sd.predict(x, t, uncond, attn_override=uncond_override, feature_override=feature_override)
+        out_c = sd.predict(x, t, cond, attn_override=attn_override, feature_override=feature_override)
     else:
-        eps_u, eps_c = sd.eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override,
-                              feature_override=feature_override).chunk(2)
-    return scheduler.step(guidance(eps_u, eps_c, guidance_scale), t, x)
+        out_u, out_c = sd.predict(torch.cat([x, x]), t, torch.cat([uncond, cond]), attn_override=attn_override,
+                                  feature_override=feature_override).chunk(2)
+    return scheduler.step(guidance(out_u, out_c, guidance_scale), t, x)
 
 
 def denoise(sd, cond, uncond, x_T, scheduler, guidance_scale, controller=None, progress=True, desc="sampling",

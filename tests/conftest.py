@@ -64,6 +64,8 @@ SLOW_TESTS = {
     "test_families.py": ("test_diffusers_test_suite_sdxl_loads_and_generates_as_its_pipeline",),
     "test_docs.py": ("test_python_commands_name_real_modules_scripts_and_flags",),  # a subprocess per script
     "test_miniature.py": ("test_a_run_split_into_its_stages_writes_the_same_file",),
+    "test_diffusers_test_pipelines.py": ("test_sdxl_test_pipeline_loads_and_matches",  # both build its pipeline
+                                         "test_an_sdxl_folder_with_a_small_vocabulary_needs_its_tokenizers"),
 }
 
 

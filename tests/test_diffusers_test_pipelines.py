@@ -3,7 +3,8 @@ tests' components (a UNet whose first level has no attention, heads (2, 4), line
 CLIP text tower with a vocabulary of 1000; its own tokenizer) saved by diffusers load with the folder's own
 tokenizer (tokenizer.json as transformers saves it, or vocab.json + merges.txt) and generate as the pipeline
 does; the SD v1 fast tests' components (widths 4 and 8 with 2 norm groups, 8 heads, no attention at the first
-level, a quick_gelu tower) likewise."""
+level, a quick_gelu tower) likewise; and the SDXL fast tests' (widths 32 and 64 with one norm group, two gelu
+towers of a vocabulary of 1000, each with its own tokenizer folder and padding)."""
 import gzip
 import json
 import shutil
@@ -132,15 +133,85 @@ def test_a_small_vocabulary_without_its_tokenizer_is_refused(sd2, tmp_path):
         load_checkpoint(copy)
 
 
-def test_an_sdxl_folder_with_a_small_vocabulary_is_named(tmp_path):
-    """StableDiffusionXLPipelineFastTests' text towers (a vocabulary of 1000): described, refused before any tensor."""
-    import sdxl_oracles as X
-    from weights_tools import CheckpointError, inspect_checkpoint
+def sdxl_test_pipeline(tokenizer, tokenizer_2):
+    """StableDiffusionXLPipelineFastTests' components (get_dummy_components), seeded as there: widths 32 and 64
+    with one norm group, the first level without attention, heads (2, 4), transformer_layers_per_block (1, 2),
+    size ids of width 8 (80 = 6 * 8 + 32 vector channels), two 5-layer gelu towers of a vocabulary of 1000 (the
+    second with its projection, 32), their own tokenizers; DDIM, the scheduler our sampler is held to."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    X.ref_pipeline().save_pretrained(tmp_path / "model")
-    for tower in ("text_encoder", "text_encoder_2"):
-        config = json.loads((tmp_path / "model" / tower / "config.json").read_text())
-        (tmp_path / "model" / tower / "config.json").write_text(json.dumps(config | {"vocab_size": VOCAB}))
-    with pytest.raises(CheckpointError, match=r"vocabulary of \[1000\], not CLIP's 49408 .* own tokenizers are not read"):
-        load_checkpoint(tmp_path / "model")
-    assert not inspect_checkpoint(tmp_path / "model")["loadable"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                                cross_attention_dim=64, norm_num_groups=1)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear",
+                              timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+                            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=VOCAB,
+                            hidden_act="gelu", projection_dim=32)
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-test-pipeline")
+    pipe = sdxl_test_pipeline(tiny_bpe(root / "bpe", pad="<|endoftext|>"), tiny_bpe(root / "bpe_2", pad="!"))
+    pipe.save_pretrained(root / "saved")
+    return pipe, root / "saved"
+
+
+def test_sdxl_test_pipeline_loads_and_matches(sdxl):
+    """Its own two tokenizers are read, each with its own padding, and it generates as StableDiffusionXLPipeline
+    from the same latents (z0 within 1e-4, pictures within one uint8 level)."""
+    import numpy as np
+    from p2p import generate
+
+    pipe, saved = sdxl
+    sd = load_checkpoint(saved)
+    assert sd.cfg.family == "sdxl" and sd.cfg.text.clip.vocab_size == sd.cfg.text.openclip.vocab_size == VOCAB
+    assert sd.cfg.unet.norm_groups == 1 and sd.cfg.text.clip.tokenizer == str(saved / "tokenizer")
+    ids = [tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+           for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+    assert torch.equal(sd.tokenize(PROMPTS), torch.stack(ids, dim=1)) and not torch.equal(*ids)  # two paddings
+    x_T = O.randn(1, 4, H // sd.latent_downsample, W // sd.latent_downsample, seed=7)
+    ours = generate(sd, PROMPTS, latents=x_T, num_steps=STEPS, guidance_scale=GUIDANCE, height=H, width=W,
+                    progress=False)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, height=H, width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=0.0,
+                   latents=x_T.expand(len(PROMPTS), -1, -1, -1).clone(), output_type="latent").images
+        pictures = pipe.image_processor.postprocess(pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample,
+                                                    output_type="np")
+    diff, scale = O.compare(ours.latents, ref)
+    print(f"\n  SDXL test pipeline: z0 max|diff| / scale = {diff / scale:.2e}", end="")
+    assert diff <= 1e-4 * scale, (diff, scale)
+    levels = np.abs(ours.images.astype(int) - (pictures * 255).astype(int)).max()
+    print(f", pictures: {levels} uint8 levels apart", end="")
+    assert levels <= 1, levels
+
+
+def test_an_sdxl_folder_with_a_small_vocabulary_needs_its_tokenizers(sdxl, tmp_path):
+    """Without tokenizer_2/ (or with towers of two vocabulary sizes) it is refused by name, before any tensor."""
+    copy = tmp_path / "model"
+    shutil.copytree(sdxl[1], copy, ignore=lambda d, names: [n for n in names if n == "tokenizer_2"])
+    with pytest.raises(BadConfig, match=r"vocabularies of \[1000\] \(CLIP's: 49408\).*it lacks tokenizer_2/: add the tokenizers"):
+        load_checkpoint(copy)
+    shutil.copytree(sdxl[1] / "tokenizer_2", copy / "tokenizer_2")
+    config = json.loads((copy / "text_encoder_2" / "config.json").read_text())
+    (copy / "text_encoder_2" / "config.json").write_text(json.dumps(config | {"vocab_size": 49408}))
+    with pytest.raises(BadConfig, match=r"vocabularies of \[1000, 49408\].*one vocab_size"):
+        load_checkpoint(copy)

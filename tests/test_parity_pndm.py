@@ -70,8 +70,8 @@ def test_chained_run_matches_diffusers():
 @pytest.mark.parametrize("num_steps", [50, 10, 2, 1])
 def test_every_call_matches_diffusers_for_v_models(num_steps):
     """A v model: diffusers extrapolates the raw v and turns the result into eps at the update's x and t.
-    Ours is given what sd.eps gives, the call's v turned into eps at the call's own x and t, and must
-    move the latents as diffusers does; extrapolating those eps instead would not (checked below)."""
+    Ours is given the same v (sd.predict's output) and must move the latents as diffusers does; extrapolating
+    the eps each v amounts to at its own call's x and t instead would not (checked below)."""
     ours, ref = PNDM.create(num_steps, prediction_type="v"), ref_pndm(num_steps, "v_prediction")
     as_eps = PNDM.create(num_steps)  # the other sampler: eps extrapolated
     worst, gap = 0.0, 0.0
@@ -80,7 +80,7 @@ def test_every_call_matches_diffusers_for_v_models(num_steps):
         a = ours.ddim.alpha(t)
         eps = a ** 0.5 * v + (1 - a) ** 0.5 * x  # sd.eps of a v model
         r = ref.step(v, t, x).prev_sample
-        diff, scale = O.compare(ours.step(eps, t, x), r)
+        diff, scale = O.compare(ours.step(v, t, x), r)
         worst = max(worst, diff / scale)
         assert diff <= 1e-5 * scale, f"call {i} (t={t}): max|diff| = {diff:.3e} (scale {scale:.2f})"
         gap = max(gap, O.compare(as_eps.step(eps, t, x), r)[0] / scale)

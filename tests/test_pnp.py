@@ -56,7 +56,7 @@ def test_every_step_fed_the_golden_inputs(sd_d, case):
     for i, t in enumerate(g["pre.inversion_timesteps"].tolist()):    # the inversion
         z = g["pre.z0"] if i == 0 else g["pre.inversion_latents"][i - 1]
         inv = sd_d.scheduler(50, 1)
-        assert rel(inv.inverse_step(sd_d.eps(z, t, cond), t, z), g["pre.inversion_latents"][i]) <= 1e-5, (case, i, t)
+        assert rel(inv.inverse_step(sd_d.predict(z, t, cond), t, z), g["pre.inversion_latents"][i]) <= 1e-5, (case, i, t)
     spec, n = spec_of(p), len(g["pnp.timesteps"])
     scheduler = sd_d.scheduler(n, 1)
     assert [c.timestep for c in scheduler.calls] == g["pnp.timesteps"].tolist()

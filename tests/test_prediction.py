@@ -1,6 +1,6 @@
-"""epsilon and v prediction meet in one place, `StableDiffusion.eps`: a v model's output turned into eps
-there and stepped by our DDIM must equal diffusers' `DDIMScheduler(prediction_type="v_prediction")`
-stepping the raw output; an epsilon model's output passes through unchanged."""
+"""epsilon and v prediction meet in one place, models/prediction.py: a v model's output (`StableDiffusion.predict`)
+stepped by our DDIM must equal diffusers' `DDIMScheduler(prediction_type="v_prediction")` stepping it;
+`StableDiffusion.eps` turns it into eps; an epsilon model's output passes through unchanged."""
 import dataclasses
 
 import pytest
@@ -35,7 +35,7 @@ def test_v_prediction_ddim_matches_diffusers(num_steps):
     for i, t in enumerate(ours.timesteps.tolist()):
         x = O.randn(1, 4, 8, 8, seed=300 + i)
         with torch.no_grad():
-            mine = ours.step(sd.eps(x, t, ctx), t, x)
+            mine = ours.step(sd.predict(x, t, ctx), t, x)
             theirs = ref.step(sd.unet(x, t, ctx), t, x, eta=0.0).prev_sample
         diff, scale = O.compare(mine, theirs)
         worst = max(worst, diff / scale)
@@ -75,9 +75,10 @@ def as_v(sd):
 
 
 def test_v_model_inversions(tiny_sd, one_thread):
-    """Every inversion goes through sd.eps, so a v model inverts as an epsilon one does: null-text
-    reconstructs closer than DDIM inversion under guidance, Direct Inversion exactly (the reference's
-    failure on SD 2.x, its issue #75, was feeding v where eps was meant)."""
+    """Every inversion reads the model's prediction for what it is (DDIM's inverse step takes it as eps at its
+    call), so a v model inverts as an epsilon one does: null-text reconstructs closer than DDIM inversion under
+    guidance, Direct Inversion exactly (the reference's failure on SD 2.x, its issue #75, was feeding v where
+    eps was meant)."""
     from p2p import invert
     from p2p.inversion import reconstruct
 

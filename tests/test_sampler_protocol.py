@@ -20,7 +20,7 @@ import p2p.pipeline
 from models.config import NoiseSchedule
 from models.ddim import DDIM
 from models.pndm import PNDM
-from models.prediction import PREDICTIONS, as_eps, as_prediction, from_eps, noised, to_eps, vp
+from models.prediction import PREDICTIONS, as_eps, from_eps, noised, to_eps, vp, x0_and_eps
 from models.sampler import Call, has_inverse_step
 from p2p import LocalBlend, Replace, edit, generate
 from p2p.cli import main
@@ -40,7 +40,8 @@ class Heun:
     probability-flow ODE d(x / sqrt(a)) = eps d(sqrt(1 - a) / sqrt(a)); Heun's evaluates eps again at
     the Euler point and moves from x_s with the mean of both. Steps 0..N-2 are two UNet calls (t_s on
     x_s, t_{s+1} on the Euler point), both reading row s; the last step, whose next timestep is before
-    0, is one Euler call (as diffusers' Heun ends). No inverse step."""
+    0, is one Euler call (as diffusers' Heun ends). No inverse step. Written for epsilon models, whose
+    output (what `step` is given) is eps."""
     ddim: DDIM
     made: int = 0
     kept: list = field(default_factory=list)  # (x_s, eps_s, t_s) between the two calls of a step
@@ -251,12 +252,13 @@ def test_each_prediction_converts_to_and_from_eps_by_its_definition(kind):
     pred = {"epsilon": eps, "v": alpha * eps - sigma * x0, "sample": x0, "flow": eps - x0}[kind]
     torch.testing.assert_close(from_eps(kind, eps, x, alpha, sigma), pred)
     torch.testing.assert_close(to_eps(kind, pred, x, alpha, sigma), eps)
+    torch.testing.assert_close(PREDICTIONS[kind].to_x0(pred, x, alpha, sigma), x0)
 
 
 def test_model_outputs_convert_in_fp32_and_keep_their_dtype():
     x, out = torch.randn(1, 4, 2, 2).half(), torch.randn(1, 4, 2, 2).half()
     a = torch.tensor(0.4)
-    assert as_eps("epsilon", out, x, a) is out and as_prediction("epsilon", out, x, a) is out
+    assert as_eps("epsilon", out, x, a) is out and x0_and_eps("epsilon", out, x, a)[1] is out
     v_eps = as_eps("v", out, x, a)
     assert v_eps.dtype == torch.float16
     assert torch.equal(v_eps, (a.sqrt() * out.float() + (1 - a).sqrt() * x.float()).half())

@@ -12,7 +12,7 @@ import torch
 
 import oracles as O
 from models.config import NoiseSchedule
-from models.ddim import DDIM, ZERO_SNR_FLOOR
+from models.ddim import DDIM
 from p2p import generate
 from weights_tools import BadConfig, load_checkpoint
 
@@ -36,19 +36,28 @@ def test_timesteps_and_alphas_are_ddimschedulers(schedule, zero_snr, spacing):
     for n in (1, 3, 7, 50):
         ref = ref_ddim(beta_schedule=schedule, rescale_betas_zero_snr=zero_snr, timestep_spacing=spacing)
         ref.set_timesteps(n)
-        ours = DDIM.create(n, 1, schedule=NoiseSchedule(schedule, None, zero_snr, spacing))
+        ours = DDIM.create(n, 1, prediction_type="v", schedule=NoiseSchedule(schedule, None, zero_snr, spacing))
         assert ours.timesteps.tolist() == ref.timesteps.tolist()
-        assert torch.equal(ours.alphas_cumprod[:-1], ref.alphas_cumprod[:-1])
-        assert ours.alphas_cumprod[-1] == (ZERO_SNR_FLOOR if zero_snr else ref.alphas_cumprod[-1])
+        assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)  # zero-SNR betas: the last is 0, unfloored
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_the_inverse_step_undoes_the_step_on_every_spacing(spacing):
-    ddim = DDIM.create(7, 1, schedule=NoiseSchedule(spacing=spacing, zero_snr=True))
+    ddim = DDIM.create(7, 1, schedule=NoiseSchedule(spacing=spacing))
     x, eps = O.randn(1, 4, 8, 8, seed=1).double(), O.randn(1, 4, 8, 8, seed=2).double()
     for call in ddim.calls:
         back = ddim.inverse_step(eps, call.timestep, ddim.step(eps, call.timestep, x))
         assert (back - x).abs().max() <= 1e-9 * x.abs().max(), call
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_an_epsilon_model_is_refused_a_timestep_without_signal(spacing):
+    """Zero-SNR betas give alpha_cumprod 0 at t = 999, where eps cannot give x0 (diffusers' DDIM: nan)."""
+    with pytest.raises(ValueError, match="timestep 999 .* alpha_cumprod 0 .* epsilon prediction cannot give x0"):
+        DDIM.create(7, 1, schedule=NoiseSchedule(spacing=spacing, zero_snr=True))
+    v = DDIM.create(7, 1, prediction_type="v", schedule=NoiseSchedule(spacing=spacing, zero_snr=True))
+    assert v.timesteps[0] == 999 and v.alpha(999) == 0
+    assert DDIM.create(7, 1, schedule=NoiseSchedule(zero_snr=True)).timesteps[0] < 999  # leading: signal left
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_turbo_guidance_one_is_the_conditional_prediction():
     with torch.no_grad():
         cond = sd.encode_text(["a cat"])
         for t in sched.timesteps.tolist():
-            x = sched.step(sd.eps(x, t, cond), t, x)
+            x = sched.step(sd.predict(x, t, cond), t, x)
     assert (got - x).abs().max() <= 1e-5 * x.abs().max()
     unguided = generate(sd, ["a cat"], seed=1, num_steps=2, guidance_scale=0.0, steps_offset=499, progress=False)
     assert (unguided.latents - x).abs().max() > 1e-3 * x.abs().max()  # w = 0 is the unconditional prediction

@@ -412,26 +412,41 @@ def distilled_unet(c: dict, num_res_blocks: int, where: str) -> dict:
 
 def sdxl_folder_config(folder: Path, configs: dict, scheduler: dict | None, index: dict) -> SDConfig:
     """SDConfig (family "sdxl") from an SDXL folder's config.json files: the towers from text_encoder/ and
-    text_encoder_2/ (which must be a CLIPTextModelWithProjection), the size ids' width from unet/
-    (addition_time_embed_dim), how "" encodes from model_index.json's force_zeros_for_empty_prompt."""
+    text_encoder_2/ (which must be a CLIPTextModelWithProjection), with the folder's own tokenizers where their
+    vocabulary is not CLIP's (own_tokenizers), the size ids' width from unet/ (addition_time_embed_dim), how ""
+    encodes from model_index.json's force_zeros_for_empty_prompt."""
     text_2 = openclip_config_from_hf(configs["text_encoder_2"], "sdxl", str(folder / "text_encoder_2"))
     if text_2.projection_dim is None:
         raise CheckpointError(f"{folder / 'text_encoder_2'} is not a CLIPTextModelWithProjection (SDXL's second "
                               "text encoder: its pooled projection conditions the UNet)")
     zeros = force_zeros(index, folder)
-    vocab = {configs["text_encoder"].get("vocab_size"), text_2.vocab_size} - {CLIPTextConfig.vocab_size}
-    if vocab:  # the towers read the library's CLIP BPE ids (SDXLTokenizer), which would overflow a smaller table
-        raise CheckpointError(f"{folder}: its text encoders have a vocabulary of {sorted(vocab)}, not CLIP's "
-                              f"{CLIPTextConfig.vocab_size} (diffusers' SDXL test pipelines: 1000); SDXL's towers read "
-                              "CLIP's own ids, and an SDXL folder's own tokenizers are not read")
 
     def towers(c: dict) -> SDXLTextConfig:
         clip = dataclasses.replace(text_config(c), output_layer=SDXL_CLIP_L.output_layer, final_ln=SDXL_CLIP_L.final_ln)
-        return SDXLTextConfig(clip=clip, openclip=text_2, zeros_for_empty=zeros,
+        clip, openclip = own_tokenizers(folder, clip, text_2)
+        return SDXLTextConfig(clip=clip, openclip=openclip, zeros_for_empty=zeros,
                               size_embed_dim=configs["unet"]["addition_time_embed_dim"])
 
     return sd_config(configs["unet"], configs["vae"], configs["text_encoder"], scheduler, str(folder), text_cfg=towers,
                      unet_cfg=sdxl_unet_config, family="sdxl")
+
+
+def own_tokenizers(folder: Path, clip: CLIPTextConfig, openclip):
+    """SDXL's two tower configs, each naming the folder's own tokenizer (tokenizer/, tokenizer_2/) where their
+    vocabulary is not CLIP's (diffusers' SDXL test pipelines: 1000); as given (CLIP's BPE) otherwise. The two
+    read one vocabulary (SDXLTokenizer.from_folders checks the files agree)."""
+    sizes = {clip.vocab_size, openclip.vocab_size}
+    if sizes == {CLIPTextConfig.vocab_size}:
+        return clip, openclip
+    missing = [d for d in ("tokenizer", "tokenizer_2") if not (folder / d).is_dir()]
+    if len(sizes) > 1 or missing:
+        raise BadConfig(f"{folder}: its text encoders have vocabularies of {sorted(sizes)} (CLIP's: "
+                        f"{CLIPTextConfig.vocab_size}); SDXL's two towers read one vocabulary, their own, from the "
+                        f"folder's tokenizer/ and tokenizer_2/" + (f", and it lacks {' and '.join(d + '/' for d in missing)}: "
+                        "add the tokenizers it was saved with (vocab.json + merges.txt, or tokenizer.json)" if missing
+                        else ": give both towers one vocab_size"))
+    return (dataclasses.replace(clip, tokenizer=str(folder / "tokenizer")),
+            dataclasses.replace(openclip, tokenizer=str(folder / "tokenizer_2")))
 
 
 def force_zeros(index: dict, folder: Path) -> bool:
