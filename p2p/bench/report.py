@@ -4,7 +4,8 @@ For each row (a folder OUT/ROW with metrics/), each edit type and all pictures t
 over the pictures measured, in the paper's units (structure distance x10^3, LPIPS x10^3, MSE x10^4, SSIM x10^2).
 A metric undefined for a picture (NaN, stored as null: the official evaluation's "nan") is left out of its mean,
 and the JSON gives how many pictures each mean is over. A metric file whose picture was edited again since is
-left out. Writes OUT/pie_bench.csv (the printed numbers) and OUT/pie_bench.json (raw means and counts).
+left out. Writes OUT/pie_bench.csv (the printed numbers) and OUT/pie_bench.json (the raw means, how many pictures each is
+over, and `table_scale`: the factor from a raw mean to the printed number).
 """
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def report(out_dir, log=print) -> dict:
     csv.writer(buf).writerows([["row", "edit_type", "pictures", *(c for _, c, _ in COLUMNS)], *lines])
     out = Path(out_dir)
     write_files_atomic({out / "pie_bench.csv": buf.getvalue().encode(),
-                        out / "pie_bench.json": json_bytes({"units": {m: k for m, _, k in COLUMNS}, "rows": summary})})
+                        out / "pie_bench.json": json_bytes({"table_scale": {m: k for m, _, k in COLUMNS},
+                                                            "rows": summary})})
     log(text_table(lines))
     log(f"wrote {out / 'pie_bench.csv'} and {out / 'pie_bench.json'}")
     return summary
