@@ -196,15 +196,17 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    """`causal`: each position sees only those before it (the text tower); the vision tower sees all."""
+
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.causal = cfg.heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
 
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, c))
 
 
@@ -232,9 +234,9 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
@@ -245,9 +247,11 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    """CLIP's pre-LN layers; the text tower's are causal, the vision tower's (models/clip_vision.py) are not."""
+
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
+        self.layers = nn.ModuleList([EncoderLayer(cfg, causal) for _ in range(cfg.layers)])
 
     def forward(self, x, n: int | None = None):
         """The first n layers (all by default)."""
