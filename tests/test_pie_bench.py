@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+import p2p.bench.command as bench_command
 import p2p.bench.run as bench_run
 from p2p.bench import Protocol, decode_mask, evaluate_row, read_mapping, report, run_row
 from p2p.bench.pie import strip_brackets
@@ -15,6 +16,7 @@ from p2p.bench.protocol import INVERSIONS, p2p_edit
 from p2p.bench.run import picture_files
 from p2p.bench.score import metric_file
 from p2p.blend import LocalBlend
+from p2p.cli import main
 from p2p.control import Refine, Reweight
 from p2p.mutual import MutualSelfAttention
 from pie_tiny import ENTRIES, SIDE, PixelEvaluator, box_mask, encode_rle, make_pie
@@ -300,3 +302,46 @@ def test_report_leaves_out_metrics_of_a_picture_edited_again(edited, tmp_path):
     assert report(out, log=quiet)["direct+p2p"]["all"]["pictures"] == 2
     with pytest.raises(ValueError, match="no measured pictures"):
         report(out / "direct+p2p" / "pictures", log=quiet)
+
+
+# ------------------------------------------------------------------------------- the command line
+def cli(argv, tiny_sd, monkeypatch):
+    """`p2p ARGV` with the session's tiny model and the stand-in evaluator (no metric network files here)."""
+    monkeypatch.setattr(bench_command, "load_checkpoint", lambda ckpt, device, dtype, **load: tiny_sd)
+    monkeypatch.setattr(bench_command, "Evaluator", lambda files, device: PixelEvaluator())
+    return main(argv)
+
+
+def test_the_command_edits_measures_resumes_and_reports(data, tmp_path, tiny_sd, monkeypatch, capsys, golden_dir):
+    out = tmp_path / "results"
+    argv = ["bench", "pie", str(data), "--method", "masactrl", "--inversion", "ddim", "-o", str(out), "--ckpt",
+            str(golden_dir / "tiny-sd-a.safetensors"), "--steps", "2", "--no-progress"]
+    assert cli([*argv, "--limit", "2"], tiny_sd, monkeypatch) == 0
+    text = capsys.readouterr().out
+    assert "3 pictures, 0 done, 2 to run" in text and "2 of 3 pictures edited, 2 to measure" in text
+    assert text.count("skipping structure_distance: ") == 1 and "ddim+masactrl" in text and "mean" in text
+    assert cli(argv, tiny_sd, monkeypatch) == 0
+    text = capsys.readouterr().out
+    assert "3 pictures, 2 done, 1 to run" in text and "3 of 3 pictures edited, 1 to measure" in text
+    rec = json.loads(picture_files(out, "ddim+masactrl", "111000000000")[1].read_text())
+    assert rec["settings"]["num_steps"] == 2 and rec["checkpoint"].endswith("tiny-sd-a.safetensors")
+    assert cli(["bench", "eval", str(out), str(data), "--no-progress"], tiny_sd, monkeypatch) == 0
+    assert "ddim+masactrl: 3 of 3 pictures edited, 0 to measure" in capsys.readouterr().out
+    assert main(["bench", "report", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "9 change style" in table and "PSNR" in table
+    rows = list(csv.reader((out / "pie_bench.csv").open()))
+    assert [r[:3] for r in rows if r[1] == "mean"] == [["ddim+masactrl", "mean", "3"]]
+
+
+def test_the_command_refuses_bad_data_before_loading_anything(data, tmp_path, tiny_sd, monkeypatch, capsys):
+    rewrite(data, "000000000000", mask=[3])
+    out = tmp_path / "results"
+    rc = cli(["bench", "pie", str(data), "--method", "p2p", "--inversion", "direct", "-o", str(out)], tiny_sd,
+             monkeypatch)
+    err = capsys.readouterr().err
+    assert rc == 2 and "entry '000000000000': 'mask'" in err and not out.exists()
+    rc = cli(["bench", "pie", str(data), "--method", "pnp", "--inversion", "ddim", "-o", str(out)], tiny_sd,
+             monkeypatch)
+    assert rc == 2 and "DDIM reconstruction" in capsys.readouterr().err and not out.exists()
+    assert main(["bench", "report", str(tmp_path)]) == 2 and "no measured pictures" in capsys.readouterr().err

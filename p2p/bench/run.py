@@ -64,16 +64,19 @@ def shard(items: list, rank: int, world: int) -> list:
 
 
 def run_row(sd, protocol: Protocol, entries: list[Entry], out_dir, weights: dict, *, limit: int | None = None,
-            rank: int = 0, world: int = 1, progress: bool = True, log=print) -> list[str]:
+            rank: int = 0, world: int = 1, barrier=None, progress: bool = True, log=print) -> list[str]:
     """Edit every pending picture of this rank (the first `limit` pending ones of the whole run, when given);
     the ids edited. `weights`: the checkpoint's identity the records keep (checkpoint, checkpoint_sha256,
-    dtype)."""
+    dtype). Under several ranks `barrier` holds each one until all have listed the pending pictures: a rank
+    that wrote one before another listed them would deal the pictures out differently."""
     identity = {k: weights[k] for k in ("checkpoint_sha256", "dtype")}
     keys = {e.id: run_key(protocol, e, identity) for e in entries}
     pending = [e for e in entries if read_done(out_dir, protocol.row, e.id, keys[e.id]) is None]
     todo = pending[:limit] if limit is not None else pending
     log(f"{protocol.row}: {len(entries)} pictures, {len(entries) - len(pending)} done, {len(todo)} to run"
         + (f" on {world} ranks" if world > 1 else ""))
+    if barrier is not None:
+        barrier()
     mine = shard(todo, rank, world)
     done = []
     for entry in tqdm(mine, desc=f"{protocol.row} (rank {rank})" if world > 1 else protocol.row,

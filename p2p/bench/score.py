@@ -49,9 +49,9 @@ def read_measured(out_dir, row: str, entry_id: str, picture_key: str, files: dic
 def pictures(entry: Entry, png: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(source, edited) uint8 (H, W, 3) and the mask (H, W) in {0, 1} at the source picture's size."""
     with Image.open(entry.image) as im:
-        source = np.asarray(im.convert("RGB"))
+        source = np.array(im.convert("RGB"))
     with Image.open(png) as im:
-        edited = np.asarray(im.convert("RGB"))
+        edited = np.array(im.convert("RGB"))
     if source.shape != edited.shape:
         raise ValueError(f"entry {entry.id!r}: the edited picture {png} is {edited.shape[1]}x{edited.shape[0]}, its "
                          f"source {entry.image} {source.shape[1]}x{source.shape[0]}: PIE-Bench compares them pixel by "
@@ -73,12 +73,15 @@ def pending(out_dir, row: str, entries: list[Entry], computed, files: dict) -> l
 
 
 def evaluate_row(out_dir, row: str, entries: list[Entry], evaluator, computed, files: dict, *, rank: int = 0,
-                 world: int = 1, progress: bool = True, log=print) -> list[str]:
+                 world: int = 1, barrier=None, progress: bool = True, log=print) -> list[str]:
     """Measure this rank's share of the pictures that need it (`pending`); the ids measured. `computed`: the
-    metric names the evaluator returns; `files`: what the records keep of the metric files."""
+    metric names the evaluator returns; `files`: what the records keep of the metric files; `barrier`: as
+    run.run_row's, all ranks list the pictures before any measures one."""
     todo = pending(out_dir, row, entries, computed, files)
     edited = sum(read_done(out_dir, row, e.id) is not None for e in entries)
     log(f"{row}: {edited} of {len(entries)} pictures edited, {len(todo)} to measure")
+    if barrier is not None:
+        barrier()
     done = []
     for entry, key in tqdm(shard(todo, rank, world), desc=f"{row} metrics", disable=not progress, position=rank,
                            unit="picture"):
