@@ -1,5 +1,5 @@
 """DINO's Vision Transformer (Caron et al. 2021), with the module names of its released backbone files
-(`dino_vitb8_pretrain.pth`: `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj,
+(`dino_vitbase8_pretrain.pth`: `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj,
 norm2, mlp.fc1, mlp.fc2}`, `norm`).
 
 Pre-LN blocks, LayerNorm eps 1e-6, exact GELU, one fused qkv projection laid out (3, heads, head_dim). The
@@ -77,6 +77,9 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
 
+    def forward(self, pixels):
+        return self.proj(pixels).flatten(2).transpose(1, 2)  # (B, HW, width)
+
 
 class VisionTransformer(nn.Module):
     """Normalised pixels (B, 3, H, W) -> tokens (B, 1 + (H // p) * (W // p), width): the class token first."""
@@ -106,7 +109,7 @@ class VisionTransformer(nn.Module):
 
     def tokens(self, pixels):
         """The input of the first block: class token and patches, with their position embeddings."""
-        patches = self.patch_embed.proj(pixels).flatten(2).transpose(1, 2)  # (B, HW, width)
+        patches = self.patch_embed(pixels)
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         return x + self.position_embedding(*pixels.shape[-2:])
 

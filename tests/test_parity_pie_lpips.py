@@ -14,7 +14,7 @@ import torch
 from torchmetrics.functional.image.lpips import _normalize_tensor  # imported before torchvision is stubbed
 
 from p2p.bench.lpips import load_lpips, lpips_unedited
-from tests.pie_oracles import (lpips_package, masks, picture_pair, random_linear_state,
+from pie_oracles import (lpips_package, masks, picture_pair, random_linear_state,
                                random_squeezenet_state)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -69,7 +69,8 @@ def load_clip(path, device="cpu", tokenizer=None) -> ClipScorer:
     folder = path if path.is_dir() else path.parent
     config = read_json(folder / "config.json", "config") if (folder / "config.json").is_file() else {}
     text, vision = clip_configs(src.shapes, config if isinstance(config, dict) else {})
-    model = CLIPPair(text, vision, src.shapes["visual_projection.weight"][0])
+    with torch.device("meta"):
+        model = CLIPPair(text, vision, src.shapes["visual_projection.weight"][0])
     load_weights(model, src, {k: k for k in model.state_dict()}, CLIP_FILE, device)
     return ClipScorer(model, clip_tokenizer(tokenizer, folder, text.vocab_size))
 
@@ -81,8 +82,8 @@ def clip_configs(shapes: dict, config: dict) -> tuple[CLIPTextConfig, CLIPVision
 
     def extra(part, width):
         c = config.get(part) or {}
-        return dict(heads=c.get("num_attention_heads", max(width // 64, 1)), hidden_act=c.get("hidden_act", "quick_gelu"),
-                    layer_norm_eps=c.get("layer_norm_eps", 1e-5))
+        return dict(heads=c.get("num_attention_heads", max(width // 64, 1)),
+                    hidden_act=c.get("hidden_act", "quick_gelu"), layer_norm_eps=c.get("layer_norm_eps", 1e-5))
 
     vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
     text = CLIPTextConfig(vocab_size=vocab, width=width, layers=count("text_model.encoder.layers."),

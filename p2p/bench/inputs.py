@@ -26,8 +26,9 @@ def open_weights_file(path, what: str) -> Source:
 
 
 def load_weights(module: nn.Module, src: Source, keys: dict[str, str], what: str, device) -> nn.Module:
-    """module's parameters from src: `keys` maps each of the module's names to the file's; every one must be
-    there with the module's shape. The file's other keys are not read. Returns the module in eval mode."""
+    """module's parameters (built on the meta device: no random init, one copy of the weights) from src: `keys`
+    maps each of the module's names to the file's; every one must be there with the module's shape. The file's
+    other keys are not read. Returns the module in fp32, in eval mode."""
     want = module.state_dict()
     missing = [keys[k] for k in want if keys[k] not in src.entries]
     if missing:
@@ -42,7 +43,7 @@ def load_weights(module: nn.Module, src: Source, keys: dict[str, str], what: str
     except (CheckpointError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{src.where}: a tensor of {what} cannot be read ({e}): truncated or corrupt; "
                               "download the file again") from None
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=True)
     return module.to(device).eval()
 
 

@@ -2,8 +2,9 @@
 
 The benchmark calls torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type='squeeze')`, the lpips
 package's network: pictures in [-1, 1] pass lpips' ScalingLayer ((x - shift) / scale), then the 13
-`features` of torchvision's SqueezeNet 1.1, read at seven places (after the first ReLU and after each Fire
-block that ends a stage: 64, 128, 256, 384, 384, 512, 512 channels). Each map is unit-normalised across its
+`features` of torchvision's SqueezeNet 1.1, read at seven places (after the first ReLU, the last Fire block
+of the next two stages and each Fire block of the last: features 1, 4, 7, 9, 10, 11, 12, with 64, 128, 256,
+384, 384, 512, 512 channels). Each map is unit-normalised across its
 channels, the two pictures' maps are subtracted and squared, weighted per channel by a 1x1 linear layer
 (lpips' `lin0` .. `lin6`), averaged over its positions, and the seven numbers are summed.
 
@@ -11,7 +12,7 @@ Module names are the files' names: `features.N.*` as torchvision's `squeezenet1_
 them (its `classifier.*` is not read), `linN.model.1.weight` as lpips' `weights/v0.1/squeeze.pth` does
 (its `model.0` is a dropout, the identity at evaluation).
 
-The normalisation is lpips' `x / (|x| + 1e-10)`, which torchmetrics copied until 1.2.0 and which the
+The normalisation is lpips' `x / (|x| + 1e-10)`, which torchmetrics used until 1.2.0 and which the
 benchmark's 2023 numbers used (`norm="lpips"`); torchmetrics 1.2.1 and later divide by `sqrt(|x|^2 + 1e-8)`
 (`norm="torchmetrics"`), which differs where a map's channels are all near zero.
 """
@@ -134,12 +135,12 @@ def part(want: dict[str, torch.Tensor], state: dict, path, what: str) -> dict[st
     file lacks or holds instead. The file's other tensors are not read."""
     missing = [k for k in want if k not in state]
     if missing:
-        raise CheckpointError(f"{path}: lacks {len(missing)} of the {len(want)} tensors of {what} (first: "
-                              f"{missing[:3]}); it holds {list(state)[:4]}...; get {what}")
+        raise CheckpointError(f"{path}: lacks {len(missing)} of the {len(want)} tensors needed (first: "
+                              f"{missing[:3]}); it holds {list(state)[:4]}...: get {what}")
     wrong = [f"{k} {tuple(state[k].shape)} (want {tuple(t.shape)})" for k, t in want.items()
              if state[k].shape != t.shape]
     if wrong:
-        raise CheckpointError(f"{path}: shapes differ from {what}: {'; '.join(wrong[:3])}; get {what}")
+        raise CheckpointError(f"{path}: shapes differ from the ones needed: {'; '.join(wrong[:3])}: get {what}")
     return {k: state[k].to(torch.float32) for k in want}
 
 

@@ -23,7 +23,8 @@ from models.vit import VisionTransformer, vit_config
 
 from .inputs import load_weights, open_weights_file, rgb_picture
 
-DINO_FILE = "DINO's ViT backbone weights, e.g. dino_vitb8_pretrain.pth (github.com/facebookresearch/dino)"
+DINO_FILE = ("DINO's ViT backbone weights, e.g. dino_vitbase8_pretrain.pth (facebookresearch/dino's release, "
+             "what torch.hub's dino_vitb8 loads)")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DINO_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
 
@@ -36,7 +37,8 @@ def load_dino(path, device="cpu") -> VisionTransformer:
     if absent:
         raise ValueError(f"{src.where}: not a DINO ViT backbone: lacks {absent} (it holds {list(src.entries)[:4]}...); "
                          f"expected {DINO_FILE}, not a full training checkpoint nor a transformers ViTModel folder")
-    model = VisionTransformer(vit_config(src.shapes))
+    with torch.device("meta"):
+        model = VisionTransformer(vit_config(src.shapes))
     return load_weights(model, src, {k: k for k in model.state_dict()}, DINO_FILE, device)
 
 
