@@ -149,7 +149,7 @@ def cmd_report(args) -> int:
 # ------------------------------------------------------------------------------- the parser
 def metric_flags(q) -> None:
     g = q.add_argument_group("metric networks (a metric whose file is not given is skipped, saying which file)")
-    g.add_argument("--dino", help="DINO's ViT-B/8 weights (dino_vitb8_pretrain.pth): the structure distance")
+    g.add_argument("--dino", help="DINO's ViT-B/8 weights (dino_vitbase8_pretrain.pth): the structure distance")
     g.add_argument("--clip", help="CLIP ViT-L/14 as transformers saves it (the openai/clip-vit-large-patch14 folder): "
                                   "the three CLIP similarities")
     g.add_argument("--lpips-backbone", dest="lpips_backbone", help="torchvision's SqueezeNet 1.1 (squeezenet1_1-b8a52dc0.pth): LPIPS's backbone")
