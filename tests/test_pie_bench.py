@@ -158,6 +158,14 @@ def test_rows_the_library_lacks_are_refused(method, inversion):
         Protocol(method, inversion)
 
 
+def test_the_source_row_rule_is_a_setting_of_the_row():
+    assert Protocol("p2p", "direct", source_row="residual").settings()["source_row"] == "residual"
+    for bad in (dict(method="pnp", inversion="direct", source_row="trajectory"),
+                dict(method="p2p", inversion="direct", source_row="sideways")):
+        with pytest.raises(ValueError, match="--source-row"):
+            Protocol(**bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, inversion", ROWS)
 def test_every_row_runs_on_the_tiny_set(data, tmp_path, tiny_sd, method, inversion):
@@ -325,6 +333,7 @@ def test_the_command_edits_measures_resumes_and_reports(data, tmp_path, tiny_sd,
     assert "3 pictures, 2 done, 1 to run" in text and "3 of 3 pictures edited, 1 to measure" in text
     rec = json.loads(picture_files(out, "ddim+masactrl", "111000000000")[1].read_text())
     assert rec["settings"]["num_steps"] == 2 and rec["checkpoint"].endswith("tiny-sd-a.safetensors")
+    assert rec["reading"]["dtype"] == "float32" and rec["reading"]["vae"] is None
     assert cli(["bench", "eval", str(out), str(data), "--no-progress"], tiny_sd, monkeypatch) == 0
     assert "ddim+masactrl: 3 of 3 pictures edited, 0 to measure" in capsys.readouterr().out
     assert main(["bench", "report", str(out)]) == 0

@@ -25,8 +25,8 @@ from weights_tools.files import file_sha256
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
 
 from ..config import read_yaml
-from ..settings import add_flags, flag_values, settings_of, use_threads
-from ..sweep.command import DTYPES, dtype_option, load_options, model_option_flags
+from ..settings import SOURCE_ROWS, add_flags, flag_values, settings_of, use_threads
+from ..sweep.command import DTYPES, dtype_option, load_options, model_option_flags, reading
 from .metrics import METRICS, Evaluator, MetricFiles
 from .pie import EDIT_TYPES, read_mapping
 from .protocol import EDIT_METHODS, INVERSIONS, Protocol
@@ -36,7 +36,8 @@ from .score import evaluate_row
 
 FILE_FLAGS = {"dino": "--dino", "clip": "--clip", "lpips_backbone": "--lpips-backbone",
               "lpips_linear": "--lpips-linear"}
-OVERRIDES = {"steps": "num_steps", "guidance": "guidance_scale", "num_inner_steps": "num_inner_steps"}
+OVERRIDES = {"steps": "num_steps", "guidance": "guidance_scale", "num_inner_steps": "num_inner_steps",
+             "source_row": "source_row"}
 
 
 # ------------------------------------------------------------------------------- ranks
@@ -104,7 +105,7 @@ def cmd_pie(args) -> int:
         raise ValueError(f"--limit takes a number of pictures >= 1, got {args.limit}")
     ckpt = args.ckpt or DEFAULT_CKPT
     weights = {"checkpoint": str(resolve_checkpoint(ckpt)), "checkpoint_sha256": file_sha256(resolve_checkpoint(ckpt)),
-               "dtype": args.dtype}
+               "dtype": args.dtype, "reading": reading(DTYPES[args.dtype], load_options(args))}
     with ranks() as (rank, world, barrier, device):
         log = print if rank == 0 else (lambda *a: None)
         scoring = evaluator(args, device, log) if args.evaluate else None
@@ -183,6 +184,9 @@ def pie_parser(q) -> None:
     q.add_argument("--guidance", type=float, help="guidance scale (the protocol's: 7.5)")
     q.add_argument("--num-inner-steps", dest="num_inner_steps", type=int,
                    help="null-text inversion's inner iterations (the protocol's: 10)")
+    q.add_argument("--source-row", dest="source_row", choices=SOURCE_ROWS,
+                   help="how the source row follows the inversion (default: the inversion's rule; direct: trajectory; "
+                        "residual: Direct Inversion's code, adding the stored residuals)")
     q.add_argument("--no-eval", dest="evaluate", action="store_false", help="edit only; measure later with eval")
     common_flags(q)
     metric_flags(q)

@@ -10,7 +10,9 @@ run_editing_pnp.py) as defaults.
 
 All rows: 50 DDIM steps, guidance 7.5. P2P and MasaCtrl sample the timesteps 980..0 (their schedulers' steps
 offset 0), PnP 981..1 (SD v1.5's scheduler config, offset 1). The official P2P runner always builds Refine
-(is_replace_controller=False), even where the prompts have as many words. The official PnP row whose source
+(is_replace_controller=False), even where the prompts have as many words. With Direct Inversion the source row
+follows the inversion's latents (`source_row` "trajectory", the default); "residual" adds the stored residuals
+as their code does. The official PnP row whose source
 row is a DDIM reconstruction ("ddim+pnp") is not offered: this library's PlugAndPlay follows the inversion's
 stored latents, which is their "directinversion+pnp".
 """
@@ -25,7 +27,7 @@ from ..inversion import invert
 from ..mutual import MutualSelfAttention
 from ..pipeline import edit
 from ..pnp import PlugAndPlay
-from ..settings import METHODS
+from ..settings import METHODS, SOURCE_ROWS
 from .pie import Entry
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp")
@@ -51,6 +53,7 @@ class Protocol:
     masactrl_layer: int = 10
     pnp_feature_steps: float = 0.8
     pnp_attention_steps: float = 0.5
+    source_row: str | None = None      # None: the inversion's own rule (Inversion.source_correction)
 
     def __post_init__(self):
         if self.method not in EDIT_METHODS:
@@ -60,6 +63,9 @@ class Protocol:
                              f"(the rows of the published table this library has), got {self.inversion!r}"
                              + (": PnP's DDIM row edits from a DDIM reconstruction, which PlugAndPlay does not"
                                 if self.method == "pnp" else ""))
+        if self.source_row is not None and (self.source_row not in SOURCE_ROWS or self.method == "pnp"):
+            raise ValueError(f"--source-row takes one of {', '.join(SOURCE_ROWS)} with --method p2p or masactrl (PnP's "
+                             f"source row is the inversion's latents), got {self.source_row!r} with {self.method}")
 
     @property
     def row(self) -> str:
@@ -96,11 +102,11 @@ def run_entry(sd, p: Protocol, entry: Entry, progress: bool = False):
         inv = invert(sd, entry.image, entry.source_prompt, method=p.inversion, guidance_scale=p.guidance_scale,
                      num_inner_steps=p.num_inner_steps, **common)
         out = edit(sd, [entry.source_prompt, entry.target_prompt], spec, local_blend=blend, inversion=inv,
-                   progress=progress)
+                   source_row=p.source_row, progress=progress)
     elif p.method == "masactrl":
         spec, blend = MutualSelfAttention(p.masactrl_step, p.masactrl_layer), None
         inv = invert(sd, entry.image, "", method=p.inversion, guidance_scale=p.guidance_scale, **common)
-        out = edit(sd, ["", entry.target_prompt], spec, inversion=inv, progress=progress)
+        out = edit(sd, ["", entry.target_prompt], spec, inversion=inv, source_row=p.source_row, progress=progress)
     else:
         spec, blend = PlugAndPlay(p.pnp_feature_steps, p.pnp_attention_steps), None
         inv = invert(sd, entry.image, entry.source_prompt, method="ddim", guidance_scale=1.0, **common)

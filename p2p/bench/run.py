@@ -41,7 +41,7 @@ def entry_fields(entry: Entry) -> dict:
 
 def run_key(protocol: Protocol, entry: Entry, weights: dict) -> str:
     """A digest of everything a picture depends on: the row's settings, the entry, the weights and how they
-    were read (`weights`: checkpoint_sha256, dtype)."""
+    are read (`weights`: checkpoint_sha256, dtype, ...)."""
     blob = json.dumps([protocol.settings(), entry_fields(entry), weights], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -66,10 +66,10 @@ def shard(items: list, rank: int, world: int) -> list:
 def run_row(sd, protocol: Protocol, entries: list[Entry], out_dir, weights: dict, *, limit: int | None = None,
             rank: int = 0, world: int = 1, barrier=None, progress: bool = True, log=print) -> list[str]:
     """Edit every pending picture of this rank (the first `limit` pending ones of the whole run, when given);
-    the ids edited. `weights`: the checkpoint's identity the records keep (checkpoint, checkpoint_sha256,
-    dtype). Under several ranks `barrier` holds each one until all have listed the pending pictures: a rank
+    the ids edited. `weights`: what the records keep of the checkpoint (its path, checkpoint_sha256, dtype and how
+    it is read); all but the path enter each picture's key. Under several ranks `barrier` holds each one until all have listed the pending pictures: a rank
     that wrote one before another listed them would deal the pictures out differently."""
-    identity = {k: weights[k] for k in ("checkpoint_sha256", "dtype")}
+    identity = {k: v for k, v in weights.items() if k != "checkpoint"}
     keys = {e.id: run_key(protocol, e, identity) for e in entries}
     pending = [e for e in entries if read_done(out_dir, protocol.row, e.id, keys[e.id]) is None]
     todo = pending[:limit] if limit is not None else pending
