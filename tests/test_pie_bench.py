@@ -224,11 +224,16 @@ def test_a_killed_run_resumes_with_identical_pictures_and_nothing_half_written(e
     assert all(record(a, k) == record(b, k) for k in a if k.endswith(".json"))
 
 
-def test_a_picture_without_its_record_or_with_other_settings_is_edited_again(edited, tmp_path, tiny_sd):
+def test_a_picture_without_its_record_or_made_otherwise_is_edited_again(edited, tmp_path, tiny_sd):
     p = Protocol("masactrl", "ddim", **FAST)
-    _, out, entries = edited
-    out, entries = copied(out, tmp_path), entries[:1]
+    data, out, _ = edited
+    out = copied(out, tmp_path)
+    data = shutil.copytree(data, tmp_path / "moved")                # the data folder may move
+    entries = read_mapping(data)[:1]
+    assert run_row(tiny_sd, p, entries, out, WEIGHTS, progress=False, log=quiet) == []
     picture_files(out, p.row, entries[0].id)[1].unlink()           # a PNG alone is not a done picture
+    assert run_row(tiny_sd, p, entries, out, WEIGHTS, progress=False, log=quiet) == [entries[0].id]
+    entries[0].image.write_bytes(entries[0].image.read_bytes() + b"\0")   # other bytes: edited again
     assert run_row(tiny_sd, p, entries, out, WEIGHTS, progress=False, log=quiet) == [entries[0].id]
     other = dict(WEIGHTS, checkpoint_sha256="1" * 64)               # other weights: every picture again
     assert run_row(tiny_sd, p, entries, out, other, progress=False, log=quiet) == [e.id for e in entries]
@@ -344,6 +349,8 @@ def test_the_command_edits_measures_resumes_and_reports(data, tmp_path, tiny_sd,
 
 
 def test_the_command_refuses_bad_data_before_loading_anything(data, tmp_path, tiny_sd, monkeypatch, capsys):
+    assert main(["bench", "eval", str(tmp_path), str(data)]) == 2
+    assert "holds no edited pictures" in capsys.readouterr().err
     rewrite(data, "000000000000", mask=[3])
     out = tmp_path / "results"
     rc = cli(["bench", "pie", str(data), "--method", "p2p", "--inversion", "direct", "-o", str(out)], tiny_sd,

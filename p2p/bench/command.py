@@ -126,10 +126,7 @@ def cmd_eval(args) -> int:
     """Measure the edited pictures of one row (--method / --inversion) or of every row in OUT."""
     entries = read_mapping(args.data_dir, edit_types(args))
     out = Path(args.output)
-    rows = [Protocol(args.method, args.inversion).row] if args.method else sorted(
-        d.name for d in out.iterdir() if (d / "pictures").is_dir()) if out.is_dir() else []
-    if not rows:
-        raise ValueError(f"{out} holds no edited pictures (ROW/pictures/): run `p2p bench pie` first")
+    rows = [Protocol(args.method, args.inversion).row] if args.method else edited_rows(out)
     with ranks() as (rank, world, barrier, device):
         log = print if rank == 0 else (lambda *a: None)
         scoring = evaluator(args, device, log)
@@ -140,6 +137,14 @@ def cmd_eval(args) -> int:
         if rank == 0:
             report(out)
     return 0
+
+
+def edited_rows(out: Path) -> list[str]:
+    """The rows of a results folder that have edited pictures (ROW/pictures/)."""
+    rows = sorted(d.name for d in out.iterdir() if (d / "pictures").is_dir()) if out.is_dir() else []
+    if not rows:
+        raise ValueError(f"{out} holds no edited pictures (ROW/pictures/): run `p2p bench pie` first")
+    return rows
 
 
 def cmd_report(args) -> int:

@@ -42,9 +42,10 @@ MAX_MAPPING = 512 * 2 ** 20   # the real file is a few MB; far above it, still a
 
 @dataclass(frozen=True)
 class Entry:
-    """One PIE-Bench picture and its edit. Prompts are without brackets; blend_words is (source word, target
-    word) or None; rle the mask's run-length code as stored."""
+    """One PIE-Bench picture and its edit. image_path: as the mapping file gives it, image: that file; prompts
+    are without brackets; blend_words is (source word, target word) or None; rle the mask's run-length code."""
     id: str
+    image_path: str
     image: Path
     source_prompt: str
     target_prompt: str
@@ -117,7 +118,8 @@ def read_entry(path: Path, key: str, item) -> Entry:
     if words and (len(words) != 2 or not all(words)):
         raise bad("'blended_word'", f"is {item['blended_word']!r:.80}: it must be two words, the source prompt's "
                                     "then the target prompt's, separated by one space (or \"\" for none)")
-    return Entry(str(key), picture_path(path, key, item["image_path"]), strip_brackets(item["original_prompt"]),
+    return Entry(str(key), item["image_path"], picture_path(path, key, item["image_path"]),
+                 strip_brackets(item["original_prompt"]),
                  strip_brackets(item["editing_prompt"]), item["editing_instruction"], item["editing_type_id"],
                  tuple(words) or None, read_rle(item.get("mask"), bad))
 

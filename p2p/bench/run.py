@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.textfile import read_json
-from weights_tools.files import json_bytes, write_files_atomic
+from weights_tools.files import file_sha256, json_bytes, write_files_atomic
 
 from .. import __version__
 from ..viz import image_bytes
@@ -33,9 +33,10 @@ def picture_files(out_dir, row: str, entry_id: str) -> tuple[Path, Path]:
 
 
 def entry_fields(entry: Entry) -> dict:
-    """What a record keeps of the entry (and what, changed, makes a picture stale)."""
-    return {"id": entry.id, "image": str(entry.image), "source_prompt": entry.source_prompt,
-            "target_prompt": entry.target_prompt, "edit_type": entry.edit_type,
+    """What a picture depends on of its entry: a changed prompt, word or picture (its bytes) makes it stale; the
+    data folder may move."""
+    return {"id": entry.id, "image_path": entry.image_path, "image_sha256": file_sha256(entry.image),
+            "source_prompt": entry.source_prompt, "target_prompt": entry.target_prompt, "edit_type": entry.edit_type,
             "blend_words": list(entry.blend_words) if entry.blend_words else None}
 
 
@@ -92,6 +93,7 @@ def save_picture(sd, protocol: Protocol, entry: Entry, out_dir, key: str, weight
     image, details = run_entry(sd, protocol, entry)
     seconds = time.perf_counter() - t0
     png, record = picture_files(out_dir, protocol.row, entry.id)
-    rec = {"key": key, "entry": entry_fields(entry), "settings": protocol.settings(), **details, **weights,
+    rec = {"key": key, "entry": entry_fields(entry) | {"image": str(entry.image)}, "settings": protocol.settings(),
+           **details, **weights,
            "seconds": seconds, "device": str(sd.device), "p2p_version": __version__, "torch": torch.__version__}
     write_files_atomic({png: image_bytes(image, png), record: json_bytes(rec)})
