@@ -31,7 +31,7 @@ def test_two_gloo_ranks_edit_each_picture_once_as_one_process(tmp_path, golden_d
 
     p, entries = Protocol("masactrl", "direct", num_steps=2), read_mapping(data)
     weights = json.loads(picture_files(tmp_path / "two", p.row, entries[0].id)[1].read_text())
-    weights = {k: weights[k] for k in ("checkpoint", "checkpoint_sha256", "dtype")}
+    weights = {k: weights[k] for k in ("checkpoint", "checkpoint_sha256", "dtype", "reading")}
     run_row(tiny_sd, p, entries, tmp_path / "one", weights, progress=False, log=lambda *a: None)
     for e in entries:
         two, one = (picture_files(tmp_path / d, p.row, e.id) for d in ("two", "one"))
