@@ -351,8 +351,10 @@ def test_the_command_edits_measures_resumes_and_reports(data, tmp_path, tiny_sd,
 def test_the_command_refuses_bad_data_before_loading_anything(data, tmp_path, tiny_sd, monkeypatch, capsys):
     assert main(["bench", "eval", str(tmp_path), str(data)]) == 2
     assert "holds no edited pictures" in capsys.readouterr().err
-    rewrite(data, "000000000000", mask=[3])
     out = tmp_path / "results"
+    assert main(["bench", "pie", str(data), "--method", "p2p", "--inversion", "direct", "-o", str(out)]) == 2
+    assert "give --ckpt" in capsys.readouterr().err and not out.exists()
+    rewrite(data, "000000000000", mask=[3])
     rc = cli(["bench", "pie", str(data), "--method", "p2p", "--inversion", "direct", "-o", str(out)], tiny_sd,
              monkeypatch)
     err = capsys.readouterr().err

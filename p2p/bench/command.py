@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from weights_tools import load_checkpoint
 from weights_tools.files import file_sha256
-from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
+from weights_tools.registry import resolve_checkpoint
 
 from ..config import read_yaml
 from ..settings import SOURCE_ROWS, add_flags, flag_values, settings_of, use_threads
@@ -103,7 +103,10 @@ def cmd_pie(args) -> int:
     entries = read_mapping(args.data_dir, edit_types(args))  # every entry checked before a model loads
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit takes a number of pictures >= 1, got {args.limit}")
-    ckpt = args.ckpt or DEFAULT_CKPT
+    if not args.ckpt:
+        raise ValueError("give --ckpt: the published rows ran SD v1.4 (P2P, MasaCtrl) and SD v1.5 (PnP) on PIE-Bench's "
+                         "512x512 pictures")
+    ckpt = args.ckpt
     weights = {"checkpoint": str(resolve_checkpoint(ckpt)), "checkpoint_sha256": file_sha256(resolve_checkpoint(ckpt)),
                "dtype": args.dtype, "reading": reading(DTYPES[args.dtype], load_options(args))}
     with ranks() as (rank, world, barrier, device):
@@ -181,7 +184,8 @@ def pie_parser(q) -> None:
     q.add_argument("data_dir", help="PIE-Bench's data folder: mapping_file.json and annotation_images/")
     row_flags(q, True)
     q.add_argument("-o", "--output", required=True, help="results folder (reused: finished pictures are skipped)")
-    add_flags(q, settings_of("model"))
+    q.add_argument("--ckpt", help="the model (a .safetensors / .ckpt file or diffusers folder): SD v1.4 for the "
+                                  "published P2P and MasaCtrl rows, SD v1.5 for PnP")
     model_option_flags(q)
     dtype_option(q)
     q.add_argument("--limit", type=int, help="edit at most N pending pictures in this run")
