@@ -1,4 +1,4 @@
-"""`p2p generate | edit | invert | inspect | sweep | demo`: the command line.
+"""`p2p generate | edit | invert | inspect | sweep | bench | demo`: the command line.
 
 Every flag's string is parsed here into the typed configs of p2p.config (GenerateConfig, EditConfig,
 InvertConfig); a flag left out takes the config file's value, else the dataclass default.
@@ -25,6 +25,7 @@ from weights_tools.load import AssumedPrediction, IgnoredKeys
 from weights_tools.files import file_sha256, hashed_read, json_bytes, write_files_atomic
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
 
+from .bench.command import add_arguments as bench_arguments
 from .blend import model_level
 from .config import EditConfig, GenerateConfig, InvertConfig, check_config_ckpt, check_values, load_edit_config, to_dict
 from .images import open_image
@@ -348,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     w = sweep_arguments(sub.add_parser("sweep", help="an ablation grid (configs/ablations/NAME.yaml): "
                                        "figure, metrics CSV/JSON, per-cell configs; resumable"))
     w.set_defaults(func=run_sweep)
+    bench_arguments(sub.add_parser("bench", help="PIE-Bench: edit its pictures with one row's published protocol, "
+                                   "measure and tabulate them (pie | eval | report); resumable"))
     t = sub.add_parser("settings", help="every setting: its YAML key, flag, default and what it takes")
     t.add_argument("--write", metavar="FILE", help="rewrite the table of FILE (docs/settings.md), not print it")
     t.set_defaults(func=cmd_settings)
@@ -358,7 +361,7 @@ def parser() -> argparse.ArgumentParser:
     dtype_option(d)
     d.set_defaults(func=cmd_demo)
     for name, q in sub.choices.items():
-        if name != "sweep":  # the sweep's parser has it (p2p.sweep.command.add_arguments)
+        if name not in ("sweep", "bench"):  # their parsers have it (p2p.sweep / p2p.bench add_arguments)
             add_flags(q, settings_of("run"))
     return p
 

@@ -166,12 +166,25 @@ def p2p_subcommands(cmd: str) -> list:
     return w[1].split("|") if len(w) > 1 else []
 
 
+def nested(help_page: str, word: str) -> bool:
+    """Whether `word` is one of the subcommands a command's help lists (`p2p bench` -> pie, eval, report)."""
+    positionals = help_page.split("positional arguments:", 1)[-1].split("options:", 1)[0]
+    found = re.search(r"\{([\w,-]+)\}", positionals)
+    return found is not None and word in found.group(1).split(",")
+
+
+def command_path(cmd: str, sub: str) -> list:
+    """[sub], or [sub, its subcommand] for a command that has its own (`p2p bench pie ...`)."""
+    w = cmd.split()
+    return [sub, w[2]] if len(w) > 2 and nested(help_text([sub]), w[2]) else [sub]
+
+
 @pytest.mark.parametrize("where,cmd,whole", all_commands(p2p=True))
 def test_p2p_commands_use_real_subcommands_and_flags(where, cmd, whole):
     choices = help_text([]).split("{", 1)[1].split("}", 1)[0].split(",")
     for sub in p2p_subcommands(cmd):
         assert sub in choices, f"{where}: `{cmd}` names no p2p command {sub!r} (there are {choices})"
-        known = set(re.findall(r"--[a-z][\w-]*", help_text([sub])))
+        known = set(re.findall(r"--[a-z][\w-]*", help_text(command_path(cmd, sub))))
         unknown = [f for f in flags(cmd) if f not in known]
         assert not unknown, f"{where}: `p2p {sub}` has no flags {unknown}: `{cmd}`"
     if whole and not any(s in cmd for s in SYNOPSIS):
@@ -183,8 +196,12 @@ def test_p2p_commands_use_real_subcommands_and_flags(where, cmd, whole):
 
 
 def script_target(cmd: str) -> tuple:
+    """("-m", MODULE) or (SCRIPT,), with the subcommand when the script has subcommands (`-m p2p.bench pie`)."""
     w = words(cmd)
-    return ("-m", w[w.index("-m") + 1]) if "-m" in w else (w[1],)
+    at = w.index("-m") + 1 if "-m" in w else 1
+    target = ("-m", w[at]) if "-m" in w else (w[1],)
+    after = w[at + 1] if len(w) > at + 1 else ""
+    return (*target, after) if re.fullmatch(r"[a-z]+", after) and nested(script_help(target), after) else target
 
 
 @pytest.mark.parametrize("where,cmd,whole", all_commands(p2p=False))
