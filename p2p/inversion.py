@@ -256,11 +256,13 @@ class Inversion:
         theirs = reading(sd)
         differ = [f"{k} {getattr(self, k)!r} (this model: {theirs[k]!r})" for k in READING
                   if getattr(self, k) is not None and getattr(self, k) != theirs[k]]
+        fix = ("Load the checkpoint the same way (p2p edit --prediction-type {0}, and the same --vae; "
+               "load_checkpoint(..., prediction_type={0!r})), or invert the photo again".format(self.prediction_type)
+               if not is_mmdit(sd) else f"It was made with another {sd.family} folder: invert the photo again with "
+               "this one")
         if differ:
             raise ValueError(f"this inversion was made under {', '.join(differ)}: it reconstructs the photo only with "
-                             f"the model read as it was then. Load the checkpoint the same way (p2p edit "
-                             f"--prediction-type {self.prediction_type}, and the same --vae; load_checkpoint(..., "
-                             f"prediction_type={self.prediction_type!r})), or invert the photo again")
+                             f"the model read as it was then. {fix}")
 
     def check_shapes(self, sd) -> None:
         """An error, before anything runs, when x_T or null-text's embeddings do not have the shapes `sd`
