@@ -553,6 +553,8 @@ def invert(sd, image, prompt: str, method: str | None = None, num_steps: int | N
     photo encoded in tiles (StableDiffusion.encode). sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix.
     An MM-DiT model (SD3 / SD3.5 / Flux) is inverted by the reverse Euler ODE, method "flow"
     (p2p.joint_inversion; None: the model's steps, guidance 1.0 on SD3 and the model's own on Flux)."""
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     check_values(InvertConfig(method=method, num_steps=num_steps, guidance_scale=guidance_scale,
                               num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
                               steps_offset=steps_offset, height=height, width=width, offsets=tuple(offsets)),
