@@ -5,7 +5,7 @@ Flow matching samples x(sigma_{i+1}) = x(sigma_i) + (sigma_{i+1} - sigma_i) v(x(
 folder's schedule sigma_0 ~ 1 > ... > sigma_N = 0. The inversion walks the same schedule back from the photo's
 latent z0 = m.encode(photo) at sigma_N = 0 up to x_T at sigma_0: x(sigma_i) = x(sigma_{i+1}) +
 (sigma_i - sigma_{i+1}) v(x(sigma_{i+1}), sigma_{i+1}) (FlowMatchEuler.inverse_step), the velocity taken
-where each step starts, under the source prompt. Each step's error is second order in its size, so sampling
+where each step starts, under the source prompt. Euler's error is first order in the step size, so sampling
 back from x_T gives the photo to the sampler's accuracy: closer as the steps grow (docs/mmdit-p2p.md has the
 measured errors). Guidance: SD3 with classifier-free guidance at `guidance_scale` (default 1.0: the
 conditional rows alone, the usual flow-inversion practice); Flux its distilled guidance embedding (default

@@ -94,6 +94,7 @@ def test_save_load_round_trip_and_the_model_check(model, tmp_path):
     torch.testing.assert_close(reconstruct(model, back, progress=False), reconstruct(model, inv, progress=False))
 
 
+@pytest.mark.slow  # three models loaded
 def test_another_models_inversion_is_refused(tmp_path, tiny_sd):
     sd3, flux = (load_checkpoint(FIX / name) for name in ("tiny-sd3", "tiny-flux"))
     inv = p2p.invert(sd3, photo(), PROMPT, num_steps=2, progress=False)

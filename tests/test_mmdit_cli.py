@@ -3,6 +3,7 @@ steps and guidance when none is given, mode joint-replace and its knobs, LocalBl
 editing a photo through an inversion, as the API runs them."""
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,13 @@ def calls(monkeypatch):
         return out
     monkeypatch.setattr(p2p, "edit", record)
     return seen
+
+
+def docs_commands() -> list:
+    """The commands of docs/mmdit-p2p.md's "The command line" block, continuation lines joined."""
+    text = (Path(__file__).parent.parent / "docs" / "mmdit-p2p.md").read_text()
+    block = text.split("## The command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
 
 
 @pytest.fixture
@@ -114,3 +122,13 @@ def test_errors_name_the_fix(tmp_path, photo, capsys, args, message):
     assert main([*args, "--height", "32", "--width", "32", "-o", str(tmp_path / "x.png")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_docs_commands_run(tmp_path, photo, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # photo.png is there; the outputs go there
+    commands = docs_commands()
+    assert [c.split()[1] for c in commands] == ["generate", "edit", "invert", "edit"]
+    for cmd in commands:
+        words = [w.replace("tests/fixtures/", f"{FIX.parent}/") for w in shlex.split(cmd)]
+        assert main(words[1:]) == 0, cmd
+    assert all(Path(f).is_file() for f in ("cat.png", "cat-dog.png", "photo-again.png", "photo.inv", "photo-dog.png"))
