@@ -374,7 +374,8 @@ def edit_parser(e) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing (SD 1.x / 2.x, SDXL, LDM-400M, SD3 / SD3.5, Flux)")
+    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing (SD 1.x / 2.x, SDXL, "
+                                "LDM-400M, SD3 / SD3.5, Flux)")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="plain text-to-image")
     add_flags(g, settings_of("model", "generate"))

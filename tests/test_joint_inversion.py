@@ -29,7 +29,8 @@ def model(request):
 def photo() -> torch.Tensor:
     """A smooth (1, 3, 64, 64) picture in [-1, 1], p2p.invert's tensor convention."""
     g = torch.linspace(-1, 1, SIZE)
-    return 0.8 * torch.stack([g[:, None].expand(SIZE, SIZE), g[None, :].expand(SIZE, SIZE), g[:, None] * g[None, :]])[None]
+    rows, cols = g[:, None].expand(SIZE, SIZE), g[None, :].expand(SIZE, SIZE)
+    return 0.8 * torch.stack([rows, cols, rows * cols])[None]
 
 
 def test_generating_from_the_inverted_latent_gives_the_photo_back_closer_as_the_steps_grow(model):
