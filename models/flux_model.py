@@ -41,6 +41,16 @@ class Flux(MMDiTModel):
         return self.transformer.cfg.guidance_embeds
 
     @property
+    def default_steps(self) -> int:
+        """FLUX.1-dev: FluxPipeline's 28 steps; schnell, timestep-distilled: 4 (its model card's)."""
+        return 28 if self.guidance_embeds else 4
+
+    @property
+    def default_guidance(self) -> float:
+        """FLUX.1-dev: FluxPipeline's 3.5, embedded; schnell embeds none (0.0: no effect)."""
+        return 3.5 if self.guidance_embeds else 0.0
+
+    @property
     def variant(self) -> str:
         return "FLUX.1-dev" if self.guidance_embeds else "FLUX.1-schnell"
 

@@ -5,6 +5,7 @@ sampling loop (p2p/joint_pipeline.py) and the joint-attention controller read th
     m.latent_channels (16), m.latent_downsample (8)
     m.encode_prompts(prompts) -> TextCond (context (B, S_txt, W), pooled (B, P)); m.tokenizers
     m.uses_cfg, m.guidance_embeds, m.flow (FlowConfig), m.sampler(num_steps, height, width), m.default_size
+    m.default_steps, m.default_guidance: what the model's diffusers pipeline samples with when given none
     m.velocity(x, t, cond, guidance=None, attn_override=None) -> v, x the latent (B, 16, h, w) and t the
         sampler's timestep (sigma * 1000; each model converts it as its diffusers pipeline does)
     m.joint_sites(height, width) -> [JointSite], m.text_positions
@@ -86,6 +87,7 @@ class SD3(MMDiTModel):
     """Stable Diffusion 3 / 3.5: the MM-DiT, classifier-free guidance, text [77 CLIP | T5] positions."""
     uses_cfg = True
     guidance_embeds = False
+    default_steps, default_guidance = 28, 7.0  # StableDiffusion3Pipeline's num_inference_steps, guidance_scale
 
     def __init__(self, transformer: SD3Transformer, vae: AutoencoderKL, flow: FlowConfig, scaling_factor: float,
                  shift_factor: float, text: nn.Module | None = None, t5_length: int = 256):

@@ -23,21 +23,27 @@ import p2p  # p2p.edit etc. looked up at call time: tests swap them for wrappers
 from weights_tools import format_inspection, inspect_checkpoint, load_checkpoint, tokenizer_for
 from weights_tools.load import AssumedPrediction, IgnoredKeys
 from weights_tools.files import file_sha256, hashed_read, json_bytes, write_files_atomic
+from weights_tools.mmdit import mmdit_pipeline
 from weights_tools.registry import DEFAULT as DEFAULT_CKPT, resolve_checkpoint
 
 from .bench.command import add_arguments as bench_arguments
 from .blend import model_level
-from .config import EditConfig, GenerateConfig, InvertConfig, check_config_ckpt, check_values, load_edit_config, to_dict
+from .config import (JOINT_MODE, EditConfig, GenerateConfig, InvertConfig, check_config_ckpt, check_values,
+                     load_edit_config, read_yaml, to_dict)
 from .images import open_image
 from .inversion import reconstruct, require_inverse_step
+from .joint_control import model_layout
+from .joint_inversion import inversion_defaults
+from .joint_pipeline import is_mmdit, model_defaults, to_uint8_rounded
 from .pipeline import to_uint8
 from .settings import (add_flags, flag_values, keywords, markdown_table, setting, settings_of, use_threads,
                        write_table)
 from .sweep import add_arguments as sweep_arguments, run_from_args as run_sweep
 from .sweep.command import DTYPES, dtype_option, model_option_flags
-from .viz import attention_pictures, image_bytes, image_format, image_grid
+from .viz import attention_pictures, image_bytes, image_format, image_grid, joint_attention_pictures
 
 SAMPLING = [s.name for s in settings_of("sampling")]
+INVERTED = ("num_steps", "guidance_scale", "height", "width")  # what an MM-DiT edit takes from its inversion
 ATTENTION_KINDS = ("attention", "self_attention")  # the pictures --show-attention writes, per prompt
 
 
@@ -46,6 +52,31 @@ def given(args, cls) -> dict:
     """The fields of `cls` given as flags, as config values (a flag left out is None: the file's or the
     default value)."""
     return flag_values(args, [f.name for f in dataclasses.fields(cls)])
+
+
+def explicit(args, cls) -> set:
+    """The settings of `cls` a run was given: its flags, and the keys of its --config file (edit)."""
+    keys = set(given(args, cls))
+    return keys | set(read_yaml(args.config)) if getattr(args, "config", None) else keys
+
+
+def is_mmdit_ckpt(ckpt) -> bool:
+    """Whether the checkpoint is a diffusers SD3 / Flux folder (its model_index.json; no tensor read)."""
+    return mmdit_pipeline(resolve_checkpoint(ckpt)) is not None
+
+
+def model_settings(sd, cfg, given_keys):
+    """The settings of a run on this model: an MM-DiT model's own steps and guidance (invert: its method and
+    inversion guidance, p2p.joint_inversion.inversion_defaults) where `given_keys` has none, and the UNet's
+    steps_offset and sampler left out (None) unless given, which the API then refuses by name. A UNet model's
+    settings as they are."""
+    if not is_mmdit(sd):
+        return cfg
+    steps, guidance = model_defaults(sd, None, None)
+    own = {"num_steps": steps, "guidance_scale": guidance, "steps_offset": None, "sampler": None}
+    if isinstance(cfg, InvertConfig):
+        own |= inversion_defaults(sd)
+    return dataclasses.replace(cfg, **{k: v for k, v in own.items() if k not in given_keys})
 
 
 def local_blend_flags(args, base):
@@ -167,6 +198,7 @@ def cmd_generate(args) -> int:
     output = Path(args.output)
     check_outputs([output], [sidecar(output)])
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
+    cfg = model_settings(sd, cfg, set(given(args, GenerateConfig)))
     out = p2p.generate(sd, list(cfg.prompts), **api_keywords(cfg, "GenerateConfig"), **memory_options(args))
     record = settings_record(to_dict(cfg), cfg.ckpt, args) | memory_options(args)
     write_outputs({output: image_bytes(image_grid(out.images, list(cfg.prompts), min_size=256), output),
@@ -176,28 +208,42 @@ def cmd_generate(args) -> int:
 
 def cmd_edit(args) -> int:
     cfg = edit_config(args)
-    # words too, before loading, with the checkpoint's own tokenizer
-    spec, blend = cfg.check(args.config or "the command line", tokenizer_for(cfg.ckpt, args.tokenizer))
-    if args.image or (args.inversion and args.sampler):  # editing a photo needs a sampler with an inverse step
+    said, joint = explicit(args, EditConfig), is_mmdit_ckpt(cfg.ckpt)
+    if joint:  # words are checked against the model's tokenizers when the edit starts
+        cfg = cfg if "mode" in said else dataclasses.replace(cfg, mode=JOINT_MODE)
+        spec, blend = cfg.check_joint(args.config or "the command line")
+    else:  # words too, before loading, with the checkpoint's own tokenizer
+        spec, blend = cfg.check(args.config or "the command line", tokenizer_for(cfg.ckpt, args.tokenizer))
+    if not joint and (args.image or (args.inversion and args.sampler)):  # a photo needs a sampler with an inverse step
         require_inverse_step(cfg.sampler, "the command line")
     output = Path(args.output)
-    shown = [attention_path(output, k, i) for k in ATTENTION_KINDS for i in range(len(cfg.prompts))]
+    kinds = ATTENTION_KINDS[:1] if joint else ATTENTION_KINDS
+    shown = [attention_path(output, k, i) for k in kinds for i in range(len(cfg.prompts))]
     check_outputs([output, *(shown if cfg.show_attention else [])], [sidecar(output)])
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
-    cfg, inv, photo = prepare_inversion(args, cfg, sd, spec)  # --image / --inversion: edit a real photo
-    store = p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
+    cfg, inv, photo = prepare_inversion(args, cfg, sd, spec, said)  # --image / --inversion: edit a real photo
+    cfg = model_settings(sd, cfg, said | (set(INVERTED) if inv is not None else set()))
+    store = None if joint else p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, store=store, **api_keywords(cfg, "EditConfig"),
                    inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}
-    if cfg.show_attention:  # the maps LocalBlend reads: its level, else the model's recommended one, else the deepest
-        level = blend.level if blend is not None and blend.level is not None else model_level(sd)
-        pics = attention_pictures(out.attention, out.images, cfg.prompts, sd.tokenizer, level)
-        outputs |= {attention_path(output, kind, i): pic for kind, row in pics.items() for i, pic in enumerate(row)}
+    if cfg.show_attention:
+        outputs |= {attention_path(output, kind, i): pic for kind, row in shown_attention(sd, out, cfg, blend).items()
+                    for i, pic in enumerate(row)}
     record = (settings_record(to_dict(cfg) | photo, cfg.ckpt, args) | memory_options(args)
               | {"spec": repr(spec), "local_blend": repr(blend)})
     files = {path: image_bytes(img, path) for path, img in outputs.items()}
     write_outputs(files | {sidecar(output): json_bytes(record)})
     return 0
+
+
+def shown_attention(sd, out, cfg, blend) -> dict:
+    """--show-attention's pictures, kind -> one per prompt. A UNet model's: at the level LocalBlend reads, else
+    the model's recommended one, else the deepest; an MM-DiT model's: each word's joint map over every block."""
+    if is_mmdit(sd):
+        return joint_attention_pictures(out.attention, out.images, cfg.prompts, model_layout(sd))
+    level = blend.level if blend is not None and blend.level is not None else model_level(sd)
+    return attention_pictures(out.attention, out.images, cfg.prompts, sd.tokenizer, level)
 
 
 def api_keywords(cfg, config: str) -> dict:
@@ -210,18 +256,21 @@ def run_inversion(sd, image, prompt, cfg: InvertConfig, args):
     return p2p.invert(sd, image, prompt, **api_keywords(cfg, "InvertConfig"), low_memory=low)
 
 
-def prepare_inversion(args, cfg: EditConfig, sd, spec=None) -> tuple:
+def prepare_inversion(args, cfg: EditConfig, sd, spec=None, said=frozenset()) -> tuple:
     """For `p2p edit --image` (invert now) or `--inversion` (a saved one): (cfg with the sampling settings
     the inversion fixes, the Inversion, what the sidecar records of it); (cfg, None, {}) otherwise.
     A sampling flag given explicitly stays (edit() says if it conflicts); file or default values give way.
-    A spec that follows the inversion (PlugAndPlay) keeps its own steps and guidance."""
+    A spec that follows the inversion (PlugAndPlay) keeps its own steps and guidance. said: the settings the
+    run was given (`explicit`), the rest of an MM-DiT model's inversion its own (model_settings)."""
     if not args.image and not args.inversion:
         return cfg, None, {}
     if args.inversion:
         inv = p2p.Inversion.load(args.inversion)
     else:
         sampling = {k: getattr(cfg, k) for k in SAMPLING}
-        inv = run_inversion(sd, args.image, cfg.prompt, InvertConfig(**given(args, InvertConfig) | sampling), args)
+        inv_cfg = InvertConfig(**given(args, InvertConfig) | sampling)
+        inv_cfg = model_settings(sd, inv_cfg, set(given(args, InvertConfig)) | (set(said) & set(SAMPLING)))
+        inv = run_inversion(sd, args.image, cfg.prompt, inv_cfg, args)
     explicit = flag_values(args, SAMPLING)
     if getattr(spec, "follows_inversion", False):
         explicit = {**explicit, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale}
@@ -241,12 +290,9 @@ def cmd_invert(args) -> int:
     check_outputs([args.reconstruction] if args.reconstruction else [], [output, sidecar(output)])
     ckpt = args.ckpt or DEFAULT_CKPT
     sd = load_model(ckpt, args.dtype, **model_options(args))
+    cfg = model_settings(sd, cfg, set(given(args, InvertConfig)))
     inv = run_inversion(sd, args.image, args.prompt, cfg, args)
-    rec = None
-    if args.reconstruction:
-        with torch.no_grad():
-            low = memory_options(args)["low_memory"]
-            rec = to_uint8(sd.decode(reconstruct(sd, inv, low_memory=low), low_memory=low))[0]
+    rec = reconstruction(sd, inv, memory_options(args)["low_memory"]) if args.reconstruction else None
     settings = {"image": args.image, "prompt": args.prompt} | to_dict(cfg)
     record = (settings_record(settings, ckpt, args) | memory_options(args)
               | {"inversion": inv.info, "model": str(inv.model)})
@@ -254,6 +300,15 @@ def cmd_invert(args) -> int:
                                         else {})
     write_outputs(files | {sidecar(output): json_bytes(record)})
     return 0
+
+
+@torch.no_grad()
+def reconstruction(sd, inv, low_memory: bool):
+    """The picture (H, W, 3) uint8 the inverted prompt gives back from the inversion."""
+    z0 = reconstruct(sd, inv, low_memory=low_memory)
+    if is_mmdit(sd):
+        return to_uint8_rounded(sd.decode(z0))[0]
+    return to_uint8(sd.decode(z0, low_memory=low_memory))[0]
 
 
 def cmd_inspect(args) -> int:
@@ -304,7 +359,7 @@ def inversion_options(q):
 
 def edit_parser(e) -> None:
     e.add_argument("--config", help="configs/edits/NAME.yaml; flags override its values")
-    add_flags(e, settings_of("model", "edit", "guidance", "spec", "mutual", "pnp", "local_blend", "photo"))
+    add_flags(e, settings_of("model", "edit", "guidance", "spec", "joint", "mutual", "pnp", "local_blend", "photo"))
     model_option_flags(e)
     sampling_options(e)
     low_memory_option(e)
@@ -320,7 +375,8 @@ def edit_parser(e) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing (SD 1.x / 2.x, SDXL, LDM-400M)")
+    p = argparse.ArgumentParser(prog="p2p", description="Prompt-to-Prompt image editing (SD 1.x / 2.x, SDXL, "
+                                "LDM-400M, SD3 / SD3.5, Flux)")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="plain text-to-image")
     add_flags(g, settings_of("model", "generate"))

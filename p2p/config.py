@@ -27,6 +27,7 @@ from weights_tools.registry import CHECKPOINTS
 
 from .blend import LocalBlend, word_alpha
 from .control import Edit, Refine, Replace, Reweight, Spec, self_window, time_word_alpha
+from .joint_control import JointReplace
 from .mutual import MutualSelfAttention
 from .pnp import PlugAndPlay
 from .settings import (SETTINGS, check_values, config_settings, new_name, refuse_old_names, renamed, setting,
@@ -35,6 +36,8 @@ from .settings import (SETTINGS, check_values, config_settings, new_name, refuse
 BUILT_IN = {"replace": Replace, "refine": Refine, "reweight": Reweight, "masactrl": MutualSelfAttention,
             "pnp": PlugAndPlay}
 MUTUAL = ("start_step", "start_layer", "mask_words", "mask_threshold")  # MasaCtrl's knobs (mode: masactrl)
+JOINT = ("replace_steps", "projection", "replace_blocks")  # JointReplace's knobs (mode: joint-replace, SD3 / Flux)
+JOINT_MODE = "joint-replace"
 
 
 # ------------------------------------------------------------------------------- custom edit specs
@@ -96,6 +99,11 @@ class EditMethods:
         if self.reference_tail and self.mode != "replace":
             raise ValueError("reference_tail applies to mode: replace only")
         mutual = {k: getattr(self, k) for k in MUTUAL if getattr(self, k) is not None}
+        joint = [k for k in JOINT if getattr(self, k) != setting(k).default]
+        if self.mode == JOINT_MODE:
+            return self.joint_spec(), self.local_blend
+        if joint:
+            raise ValueError(f"{', '.join(joint)}: JointReplace's knobs apply to mode: {JOINT_MODE} (SD3 / Flux) only")
         if self.mode == "masactrl":
             if self.equalizer or self.spec_args:
                 raise ValueError("mode 'masactrl' takes start_step, start_layer, mask_words and mask_threshold; "
@@ -124,10 +132,32 @@ class EditMethods:
             spec = Reweight(equalizer=self.equalizer, base=spec, **common)
         return spec, self.local_blend
 
+    def joint_spec(self) -> JointReplace:
+        """mode joint-replace's spec: JointReplace from its knobs (JOINT)."""
+        if self.equalizer or self.spec_args or self.reference_tail:
+            raise ValueError(f"mode {JOINT_MODE!r} takes {', '.join(JOINT)}; equalizer, spec_args and reference_tail "
+                             "belong to the UNet modes")
+        return JointReplace(replace_steps=self.replace_steps, method=self.projection, blocks=self.replace_blocks)
+
+    def check_joint(self, where="settings") -> tuple:
+        """(spec, local_blend) of an edit of an SD3 / Flux model (mode joint-replace), its values checked; its
+        blend words are checked against the model's tokenizers when the edit starts."""
+        check_prompts(self, where)
+        if self.mode != JOINT_MODE:
+            raise ValueError(f"{where}: 'mode': an SD3 / Flux model is edited with mode {JOINT_MODE} (its default), "
+                             f"not {short(self.mode)}: its joint attention has no cross-attention maps to replace")
+        try:
+            return self.build()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}: 'mode': {err}") from None
+
     def check(self, where="settings", tokenizer=None) -> tuple:
         """(spec, local_blend), every word checked against the tokenizer without a model. Errors name
         `where` (the file), the key, and what to change."""
         check_prompts(self, where)
+        if self.mode == JOINT_MODE:
+            raise ValueError(f"{where}: 'mode': {JOINT_MODE} edits an SD3 / Flux model's joint attention; this "
+                             "checkpoint is a UNet model's: use replace, refine or reweight")
         tok = tokenizer or tokenizer_for(self.ckpt)  # the checkpoint's own, from its config (no weights read)
 
         def attempt(key, fn, fix=""):

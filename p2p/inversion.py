@@ -51,11 +51,13 @@ from models.textfile import BadTextFile, parse_json
 from models.sd import SAMPLERS
 from weights_tools.files import write_bytes_atomic
 
+from . import joint_inversion
 from .config import InvertConfig
 from .settings import METHODS, SOURCE_ROWS, check_values, refuse_old_names
 from .fingerprint import DTYPES, Fingerprint, fingerprint
 from .images import load_image
-from .pipeline import denoise, guidance, guided_step, picture_size
+from .joint_pipeline import is_mmdit
+from .pipeline import denoise, guidance, guided_step, picture_size, unet_only
 
 FORMAT = "p2p-inversion"
 SETTINGS = ("num_steps", "guidance_scale", "steps_offset", "height", "width")  # what an edit from it reuses
@@ -251,20 +253,23 @@ class Inversion:
                           "it cannot be checked against this model's; invert the photo again to record it",
                           stacklevel=4)
             return
-        differ = [f"{k} {getattr(self, k)!r} (this model: {getattr(sd.cfg, k)!r})" for k in READING
-                  if getattr(self, k) is not None and getattr(self, k) != getattr(sd.cfg, k)]
+        theirs = reading(sd)
+        differ = [f"{k} {getattr(self, k)!r} (this model: {theirs[k]!r})" for k in READING
+                  if getattr(self, k) is not None and getattr(self, k) != theirs[k]]
+        fix = ("Load the checkpoint the same way (p2p edit --prediction-type {0}, and the same --vae; "
+               "load_checkpoint(..., prediction_type={0!r})), or invert the photo again".format(self.prediction_type)
+               if not is_mmdit(sd) else f"It was made with another {sd.family} folder: invert the photo again with "
+               "this one")
         if differ:
             raise ValueError(f"this inversion was made under {', '.join(differ)}: it reconstructs the photo only with "
-                             f"the model read as it was then. Load the checkpoint the same way (p2p edit "
-                             f"--prediction-type {self.prediction_type}, and the same --vae; load_checkpoint(..., "
-                             f"prediction_type={self.prediction_type!r})), or invert the photo again")
+                             f"the model read as it was then. {fix}")
 
     def check_shapes(self, sd) -> None:
         """An error, before anything runs, when x_T or null-text's embeddings do not have the shapes `sd`
         samples with (latent channels and side, text context): allow_other_model waives other weights of one
         architecture, not a model of another kind (an SD v1 inversion on SDXL would fail inside the loop)."""
-        f, problems = sd.latent_downsample, []
-        latent = (1, sd.cfg.unet.in_channels, self.height // f, self.width // f)
+        problems = []
+        latent = latent_shape(sd, self.height, self.width)
         if tuple(self.x_T.shape) != latent:
             problems.append(f"its x_T is {tuple(self.x_T.shape)}, where this model samples {latent} at "
                             f"{self.height}x{self.width} px")
@@ -275,7 +280,7 @@ class Inversion:
                 problems.append(f"its null-text embeddings are {tuple(self.uncond_embeddings[0].shape)}, where this "
                                 f"model's text context is {context}")
         if problems:
-            raise ValueError(f"this inversion does not fit this {FAMILIES[sd.cfg.family].name} model: "
+            raise ValueError(f"this inversion does not fit this {family_name(sd)} model: "
                              f"{'; '.join(problems)}. It was made with a model of another kind: invert the photo "
                              "again with this one (allow_other_model waives other weights, not other shapes)")
 
@@ -321,6 +326,26 @@ class Inversion:
                    residuals=list(tensors["residuals"][:, None]) if "residuals" in tensors else None)
 
 
+def reading(sd) -> dict:
+    """How the model reads its numbers (READING): a UNet model's config, an MM-DiT model's velocity and VAE factors."""
+    if is_mmdit(sd):
+        return {"prediction_type": joint_inversion.PREDICTION, "scale_factor": sd.scaling_factor,
+                "shift_factor": sd.shift_factor}
+    return {k: getattr(sd.cfg, k) for k in READING}
+
+
+def latent_shape(sd, height: int, width: int) -> tuple:
+    """(1, C, h, w): the latent the model samples at height x width px."""
+    if is_mmdit(sd):
+        return (1, sd.latent_channels, height // sd.latent_downsample, width // sd.latent_downsample)
+    f = sd.latent_downsample
+    return (1, sd.cfg.unet.in_channels, height // f, width // f)
+
+
+def family_name(sd) -> str:
+    return sd.family if is_mmdit(sd) else FAMILIES[sd.cfg.family].name
+
+
 SAVED_TYPES = {"method": str, "prompt": str, "num_steps": int, "guidance_scale": (int, float), "steps_offset": int,
                "height": int, "width": int, "info": dict}  # a saved Inversion's metadata (SETTINGS and the rest)
 READING = ("prediction_type", "scale_factor", "shift_factor")  # SDConfig's fields an inversion records
@@ -349,10 +374,11 @@ def check_saved(path, text: str, tensors: dict) -> dict:
     if meta["method"] not in METHODS or not 1 <= meta["num_steps"] <= 1000:
         raise bad(f"method {meta['method'][:40]!r} / num_steps {meta['num_steps']} (methods: {', '.join(METHODS)})")
     sampler = meta.get("sampler", "ddim")
-    if not has_inverse_step(SAMPLERS.get(sampler)):
+    if not has_inverse_step(SAMPLERS.get(sampler)) and sampler != joint_inversion.SAMPLER:
         raise bad(f"sampler {sampler[:40]!r} is not a known sampler with an inverse step")
-    if meta.get("prediction_type", PREDICTION_TYPES[0]) not in PREDICTION_TYPES:
-        raise bad(f"prediction_type {meta['prediction_type'][:40]!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    if meta.get("prediction_type", PREDICTION_TYPES[0]) not in (*PREDICTION_TYPES, joint_inversion.PREDICTION):
+        raise bad(f"prediction_type {meta['prediction_type'][:40]!r} is not one of {', '.join(PREDICTION_TYPES)} "
+                  f"or {joint_inversion.PREDICTION!r}")
     check_saved_tensors(tensors, meta["num_steps"], meta["method"], bad)
     check_saved_model(meta.get("model"), tensors.get("model_sample"), bad)
     return meta
@@ -511,8 +537,8 @@ def model_input(sd, image, height: int, width: int, offsets=(0, 0, 0, 0)) -> tor
 
 
 @refuse_old_names
-def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps: int = InvertConfig.num_steps,
-           guidance_scale: float = InvertConfig.guidance_scale, num_inner_steps: int = InvertConfig.num_inner_steps,
+def invert(sd, image, prompt: str, method: str | None = None, num_steps: int | None = None,
+           guidance_scale: float | None = None, num_inner_steps: int = InvertConfig.num_inner_steps,
            early_stop_epsilon: float = InvertConfig.early_stop_epsilon, steps_offset: int = InvertConfig.steps_offset,
            height: int | None = InvertConfig.height, width: int | None = InvertConfig.width,
            offsets=InvertConfig.offsets, sampler: str = InvertConfig.sampler, progress: bool = True,
@@ -520,19 +546,38 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
     """Invert a real image for editing with `edit(sd, [prompt, ...], spec, inversion=inv)`.
 
     image: a path, a PIL image (any mode; see p2p.images) or a (1, 3, H, W) tensor in [-1, 1].
-    method: "null-text" (default, the paper's), "ddim", "negative-prompt" or "direct" (see the module).
+    method: "null-text" (the default, the paper's), "ddim", "negative-prompt" or "direct" (see the module);
+    num_steps and guidance_scale None: InvertConfig's (50, 7.5).
     The null-text notebook ran with steps_offset 0 (timesteps 980..0); the default here is 1 (981..1),
     as generate() and edit(); pass steps_offset=0 to match the notebook. low_memory: guided steps in
     two halves (see pipeline.guided_step; DDIM inversion runs the conditional half alone anyway) and the
-    photo encoded in tiles (StableDiffusion.encode). sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix."""
-    require_inverse_step(sampler, "invert()")
-    sampler = InvertConfig.sampler if sampler is None else sampler
-    if method not in METHODS:
+    photo encoded in tiles (StableDiffusion.encode). sampler: one of SAMPLERS with an inverse step ("ddim"); one without fails, naming it and the fix.
+    An MM-DiT model (SD3 / SD3.5 / Flux) is inverted by the reverse Euler ODE, method "flow"
+    (p2p.joint_inversion; None: the model's steps, guidance 1.0 on SD3 and the model's own on Flux)."""
+    if method is not None and method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     check_values(InvertConfig(method=method, num_steps=num_steps, guidance_scale=guidance_scale,
                               num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
                               steps_offset=steps_offset, height=height, width=width, offsets=tuple(offsets)),
                  "invert()")
+    if is_mmdit(sd):
+        unet_only(sampler=sampler, steps_offset=steps_offset, low_memory=low_memory)
+        return Inversion(**joint_inversion.joint_inversion(sd, image, prompt, method, num_steps, guidance_scale,
+                                                           height, width, offsets, progress))
+    return unet_inversion(sd, image, prompt, InvertConfig.method if method is None else method,
+                          InvertConfig.num_steps if num_steps is None else num_steps,
+                          InvertConfig.guidance_scale if guidance_scale is None else guidance_scale, num_inner_steps,
+                          early_stop_epsilon, steps_offset, height, width, offsets, sampler, progress, low_memory)
+
+
+def unet_inversion(sd, image, prompt, method, num_steps, guidance_scale, num_inner_steps, early_stop_epsilon,
+                   steps_offset, height, width, offsets, sampler, progress, low_memory) -> Inversion:
+    """invert() on a UNet model: DDIM inversion, then the method's own pass (the module docstring)."""
+    require_inverse_step(sampler, "invert()")
+    sampler = InvertConfig.sampler if sampler is None else sampler
+    if method not in METHODS or method == joint_inversion.METHOD:
+        raise ValueError(f"method must be one of {', '.join(m for m in METHODS if m != joint_inversion.METHOD)} "
+                         f"(method {joint_inversion.METHOD!r} inverts an MM-DiT model); got {method!r}")
     x = model_input(sd, image, *picture_size(sd, height, width), offsets)
     height, width = x.shape[2:]
     scheduler = sd.scheduler(num_steps, steps_offset, sampler)
@@ -552,16 +597,18 @@ def invert(sd, image, prompt: str, method: str = InvertConfig.method, num_steps:
                                                low_memory)
     return Inversion(method, prompt, num_steps, float(guidance_scale), steps_offset, int(height), int(width),
                      x_T=trajectory[-1], trajectory=trajectory, uncond_embeddings=embeddings, residuals=residuals,
-                     info=info, model=fingerprint(sd), sampler=sampler,
-                     **{k: getattr(sd.cfg, k) for k in READING})
+                     info=info, model=fingerprint(sd), sampler=sampler, **reading(sd))
 
 
 @torch.no_grad()
 def reconstruct(sd, inversion: Inversion, progress: bool = True, low_memory: bool = False,
                 allow_other_model: bool = False, source_row: str | None = None) -> torch.Tensor:
     """z_0 from sampling the inverted prompt alone from the inversion (what the source row of an edit gets,
-    under the same `source_row` rule, see Inversion.source_correction).
+    under the same `source_row` rule, see Inversion.source_correction; an MM-DiT model's: p2p.joint_inversion).
     An inversion made with other weights than `sd`'s is refused (warned of with allow_other_model)."""
+    if is_mmdit(sd):
+        unet_only(low_memory=low_memory)
+        return joint_inversion.joint_reconstruct(sd, inversion, progress, allow_other_model, source_row)
     inversion.check_model(sd, allow_other_model)
     cond = sd.encode_text([inversion.prompt])
     scheduler = sd.scheduler(inversion.num_steps, inversion.steps_offset, inversion.sampler)

@@ -22,7 +22,6 @@ positions (BOS at 0, so content from 1) then T5's (no BOS; the final </s> is not
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 
 from models.joint import JointSite
 
-from .config import EditConfig
-from .joint_pipeline import joint_generate
+from . import joint_inversion
+from .joint_pipeline import joint_generate, model_defaults
 from .outputs import Output
 
 # what the target row takes from the source row in each official projection-replacement method
@@ -399,21 +398,20 @@ class JointController:
 
 
 # ----------------------------------------------------------------------------- p2p.edit on an MM-DiT model
-JOINT_DEFAULTS = {k: p.default for k, p in inspect.signature(joint_generate).parameters.items()
-                  if k in ("num_steps", "guidance_scale")}
 # p2p.edit's options that only a UNet takes, with their defaults (an MM-DiT edit refuses any other value)
-UNET_ONLY = {"steps_offset": None, "sampler": None, "inversion": None, "source_row": None, "low_memory": False,
-             "offload": False, "fast": True, "allow_other_model": False}
+UNET_ONLY = {"steps_offset": None, "sampler": None, "low_memory": False, "offload": False, "fast": True}
 
 
-def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None, store=None,
-               seed: int = EditConfig.seed, latents=None, num_steps: int | None = None,
-               guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-               negative_prompt: str = EditConfig.negative_prompt, progress: bool = True, **unet_only) -> Output:
+def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None, store=None, seed: int = 0,
+               latents=None, num_steps: int | None = None, guidance_scale: float | None = None,
+               height: int | None = None, width: int | None = None, negative_prompt: str = "", progress: bool = True,
+               inversion=None, source_row: str | None = None, allow_other_model: bool = False, **unet_only) -> Output:
     """Prompt-to-Prompt on an MM-DiT model (what p2p.edit runs for one): all prompts from the same x_T,
     `spec` (JointReplace) replacing the edited rows' projections, `local_blend` (p2p.LocalBlend) blending
     their latents, `store` (JointAttentionStore; None: every block's) keeping the image-to-text maps
-    (`out.attention`). num_steps / guidance_scale None: joint_generate's defaults. unet_only: p2p.edit's
+    (`out.attention`). num_steps / guidance_scale None: the model's own (joint_pipeline.model_defaults).
+    `inversion` (p2p.invert's of a photo) edits the photo: x_T, steps and size are its own, guidance too unless
+    given, and `source_row` says how the source row follows it (p2p.joint_inversion). unet_only: p2p.edit's
     options that only a UNet takes (UNET_ONLY), refused unless left at their defaults."""
     unknown = sorted(set(unet_only) - set(UNET_ONLY))
     if unknown:
@@ -423,12 +421,19 @@ def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None
         raise ValueError(f"{', '.join(said)}: UNet-only option(s) of p2p.edit; an MM-DiT model samples with flow "
                          f"matching on its folder's schedule (leave them out)")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    num_steps = JOINT_DEFAULTS["num_steps"] if num_steps is None else num_steps
-    guidance_scale = JOINT_DEFAULTS["guidance_scale"] if guidance_scale is None else guidance_scale
+    correction = None
+    if inversion is not None:
+        num_steps, guidance_scale, height, width, latents = joint_inversion.edit_settings(
+            m, inversion, prompts, num_steps, guidance_scale, height, width, latents, negative_prompt,
+            allow_other_model)
+        correction = joint_inversion.source_correction(inversion, source_row)
+    elif source_row is not None:
+        raise ValueError(f"source_row={source_row!r} says how the source row follows an inversion: pass inversion=")
+    num_steps, guidance_scale = model_defaults(m, num_steps, guidance_scale)
     store = JointAttentionStore() if store is None else store
     layout = model_layout(m) if local_blend is not None else ()
     controller = JointController(prompts, spec, num_steps, layout, local_blend, store)
     controller.check_blocks(m.joint_sites(height or m.default_size, width or m.default_size))
     return joint_generate(m, prompts, seed=seed, latents=latents, num_steps=num_steps, guidance_scale=guidance_scale,
                           height=height, width=width, negative_prompt=negative_prompt, controller=controller,
-                          progress=progress)
+                          progress=progress, correction=correction)

@@ -140,8 +140,9 @@ def decoded(sd, z0, x_T, low_memory: bool, offload: bool, attention=None) -> Out
 
 
 def unet_only(**given) -> None:
-    """Refuse, for an MM-DiT model, a UNet sampling option set away from its default (GenerateConfig's; off)."""
-    said = [f"{k}={v!r}" for k, v in given.items() if v != getattr(GenerateConfig, k, False)]
+    """Refuse, for an MM-DiT model, a UNet sampling option set away from its default (GenerateConfig's; off;
+    None: not given)."""
+    said = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != getattr(GenerateConfig, k, False)]
     if said:
         raise ValueError(f"{', '.join(said)}: an MM-DiT model (SD3 / SD3.5 / Flux) samples with its folder's "
                          "flow-matching schedule in one batch; these options are the UNet models' (leave them out)")
@@ -149,8 +150,8 @@ def unet_only(**given) -> None:
 
 @refuse_old_names
 @torch.no_grad()
-def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_steps: int = GenerateConfig.num_steps,
-             guidance_scale: float = GenerateConfig.guidance_scale, height: int | None = GenerateConfig.height,
+def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_steps: int | None = None,
+             guidance_scale: float | None = None, height: int | None = GenerateConfig.height,
              width: int | None = GenerateConfig.width, steps_offset: int = GenerateConfig.steps_offset,
              sampler: str = GenerateConfig.sampler, progress: bool = True, low_memory: bool = False,
              offload: bool = False) -> Output:
@@ -161,7 +162,9 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
     models.sd.TILE latents a side); the same pictures. offload: the text encoder and the VAE stay on
     the CPU and visit the UNet's device only while they run (see `visiting`).
     An MM-DiT model (SD3 / SD3.5 / Flux) samples with p2p.joint_pipeline.joint_generate: flow matching on its
-    folder's schedule, guidance as its pipeline (sampler, steps_offset, low_memory and offload are the UNet's)."""
+    folder's schedule, guidance as its pipeline (sampler, steps_offset, low_memory and offload are the UNet's).
+    num_steps and guidance_scale None: the model's own (an MM-DiT model's: SD3 28 and 7.0, FLUX.1-dev 28 and
+    3.5, schnell 4 and 0.0; a UNet's: GenerateConfig's 50 and 7.5)."""
     check_values(GenerateConfig(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, height=height,
                                 width=width, steps_offset=steps_offset, sampler=sampler), "generate()")
     if is_mmdit(sd):
@@ -169,6 +172,8 @@ def generate(sd, prompts, *, seed: int = GenerateConfig.seed, latents=None, num_
         return joint_generate(sd, prompts, seed=seed, latents=latents, num_steps=num_steps,
                               guidance_scale=guidance_scale, height=height, width=width, progress=progress)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    num_steps = GenerateConfig.num_steps if num_steps is None else num_steps
+    guidance_scale = GenerateConfig.guidance_scale if guidance_scale is None else guidance_scale
     height, width = picture_size(sd, height, width)
     x_T = initial_latent(sd, seed, height, width, latents, len(prompts))
     with visiting(sd, "text_encoder", offload):
@@ -219,7 +224,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     steps and guidance instead, and its source row is the inversion's latent at each of its timesteps.
     Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
     source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's).
-    An MM-DiT model (SD3 / SD3.5 / Flux) goes to p2p.joint_control.joint_edit (docs/mmdit-p2p.md)."""
+    An MM-DiT model (SD3 / SD3.5 / Flux) goes to joint_control.joint_edit: None is its own (docs/mmdit-p2p.md)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     follow = inversion is not None and getattr(spec, "follows_inversion", False)
     num_steps, guidance_scale, steps_offset, height, width, latents, sampler = edit_settings(

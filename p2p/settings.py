@@ -37,6 +37,7 @@ from weights_tools.registry import DEFAULT as DEFAULT_CKPT
 
 from .blend import LocalBlend
 from .control import Edit, Replace
+from .joint_control import METHODS as PROJECTIONS, JointReplace
 from .pnp import SOURCE_TEXTS, PlugAndPlay
 
 # group -> the configs whose fields its settings are. "local_blend": the fields of EditConfig.local_blend;
@@ -46,9 +47,11 @@ GROUPS = {"sampling": ("GenerateConfig", "EditConfig", "InvertConfig"), "model":
           "seed": ("GenerateConfig", "EditConfig"), "generate": ("GenerateConfig",), "edit": ("EditConfig",),
           "spec": ("EditConfig",), "local_blend": (), "invert": ("InvertConfig",), "photo": ("EditConfig",),
           "mutual": ("EditConfig",), "run": (), "guidance": ("EditConfig",),
-          "pnp": ("EditConfig",)}  # "pnp": Plug-and-Play's knobs (p2p.pnp.PlugAndPlay, mode: pnp)
+          "pnp": ("EditConfig",),  # "pnp": Plug-and-Play's knobs (p2p.pnp.PlugAndPlay, mode: pnp)
+          "joint": ("EditConfig",)}  # "joint": JointReplace's knobs (SD3 / Flux, mode: joint-replace)
 KEYWORD_GROUPS = ("sampling", "seed", "invert", "photo", "guidance")  # the API functions take these as keyword arguments
-METHODS = ("null-text", "ddim", "negative-prompt", "direct")  # inversion methods (see p2p.inversion)
+# inversion methods (see p2p.inversion); "flow": an MM-DiT model's reverse Euler ODE (p2p.joint_inversion)
+METHODS = ("null-text", "ddim", "negative-prompt", "direct", "flow")
 SOURCE_ROWS = ("trajectory", "inputs", "residual", "free")  # an edit's source row from an inversion (see there)
 WEIGHT_RANGE = (-10000, 10000)  # a reweighting c; the reference's examples use -5 to 10
 CKPT_HELP = ("an SD / SDXL / LDM .safetensors, .ckpt or diffusers folder, or a name of weights_tools.registry "
@@ -198,9 +201,11 @@ def use_threads(value, share: int = 1) -> int:
 # ------------------------------------------------------------------------------- the table
 SETTINGS = (
     # the sampler: generate(), edit() and invert()
-    Setting("num_steps", 50, (int,), "sampling steps (PLMS: N + 1 UNet calls for N steps)", "--steps",
+    Setting("num_steps", 50, (int,), "sampling steps (PLMS: N + 1 UNet calls for N steps; SD3 / Flux: default the "
+            "model's own, SD3 and FLUX.1-dev 28, schnell 4)", "--steps",
             "sampling", range=(1, 1000), old=("steps",), source=True),
-    Setting("guidance_scale", 7.5, (float, int), "classifier-free guidance scale w", "--guidance", "sampling",
+    Setting("guidance_scale", 7.5, (float, int), "classifier-free guidance scale w (SD3 / Flux: default the model's "
+            "own, SD3 7.0, FLUX.1-dev 3.5 (distilled), schnell 0.0; inverting SD3: 1.0)", "--guidance", "sampling",
             range=(-10000, 10000), old=("guidance",), source=True),
     Setting("steps_offset", 1, (int,), "1: timesteps 981..1 (SD's); 0: 980..0, as the null-text notebook",
             "--steps-offset", "sampling", range=(0, 999), source=True),
@@ -223,7 +228,8 @@ SETTINGS = (
             cli={"action": "append"}),
     Setting("mode", "replace", (str,), "replace | refine | reweight (a Reweight on top of replace / refine when "
             "an equalizer is given), masactrl (MasaCtrl's mutual self-attention, docs/masactrl.md), pnp "
-            "(Plug-and-Play, from a ddim inversion: docs/pnp.md), or module:Class: your own p2p.Edit subclass",
+            "(Plug-and-Play, from a ddim inversion: docs/pnp.md), joint-replace (SD3 / Flux: projection replacement "
+            "on joint attention, docs/mmdit-p2p.md; their default), or module:Class: your own p2p.Edit subclass",
             "--mode"),
     Setting("spec_args", None, (dict,), "mode module:Class: its own fields, {FIELD: VALUE}", "--spec-arg",
             entries=(object,), cli={"action": "append", "metavar": "FIELD=VALUE"}, parse=parse_spec_args),
@@ -265,6 +271,16 @@ SETTINGS = (
             range=(0, 1)),
     Setting("source_text", PlugAndPlay.source_text, (str,), "pnp: the source row reads the empty prompt (\"empty\", "
             "the authors' code) or the inverted prompt (\"prompt\")", "--source-text", "pnp", choices=SOURCE_TEXTS),
+    # JointReplace's knobs (mode: joint-replace, SD3 / Flux)
+    Setting("replace_steps", JointReplace.replace_steps, (float, int, list), "joint-replace: the steps in which the "
+            "edited rows take the source's projections: F (the first F of them) or [START, END]", "--replace-steps",
+            "joint", range=(0, 1), cli={"nargs": "+", "type": float, "metavar": "F"}, parse=one_or_pair),
+    Setting("projection", JointReplace.method, (str,), "joint-replace: the source's projections the edited rows "
+            "take (qiki: the image tokens' q and k, the paper's; docs/mmdit-p2p.md)", "--projection", "joint",
+            choices=tuple(PROJECTIONS)),
+    Setting("replace_blocks", JointReplace.blocks, (list,), "joint-replace: the joint blocks replaced (official "
+            "indices; default: all)", "--replace-blocks", "joint", range=(0, math.inf),
+            cli={"nargs": "+", "type": int, "metavar": "BLOCK"}, parse=tuple),
     # LocalBlend
     Setting("local_blend", None, (dict,), "LocalBlend: outside the blend words' mask the edit keeps the source"),
     Setting("local_blend.words", None, (list,), "one word per prompt, source first ([a, b] or a,b: several "
@@ -308,7 +324,8 @@ SETTINGS = (
             "--show-attention", sweep=False),
     Setting("description", "", (str,), "what the run is, kept in its sidecar", "--description", sweep=False),
     # the inversion of a photo
-    Setting("method", "null-text", (str,), "how the photo is inverted (see docs: inversion)", "--method",
+    Setting("method", "null-text", (str,), "how the photo is inverted (see docs: inversion; flow: SD3 / Flux's "
+            "reverse Euler ODE, their default)", "--method",
             "invert", choices=METHODS),
     Setting("num_inner_steps", 10, (int,), "null-text: Adam iterations per step at most", "--inner-steps",
             "invert", range=(0, 1000)),

@@ -155,12 +155,14 @@ def test_one_set_of_defaults_for_the_api_the_files_and_the_command_line():
     def defaults(fn):
         return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
     g, e, v = defaults(generate), defaults(edit), defaults(invert)
+    # None: the model's own (a UNet model's: the config's; an MM-DiT model's: docs/mmdit-p2p.md)
+    own = {"num_steps", "guidance_scale", "method"}
     for k in ("seed", "num_steps", "guidance_scale", "steps_offset", "height", "width"):
-        assert g[k] == getattr(GenerateConfig(), k), k
+        assert g[k] == getattr(GenerateConfig(), k) or (k in own and g[k] is None), k
     assert e["seed"] == EditConfig().seed == GenerateConfig().seed == 0
     for k in ("method", "num_steps", "guidance_scale", "num_inner_steps", "early_stop_epsilon", "steps_offset",
               "offsets", "height", "width"):
-        assert v[k] == getattr(InvertConfig(), k), k
+        assert v[k] == getattr(InvertConfig(), k) or (k in own and v[k] is None), k
     cfg = EditConfig()
     spec, _ = EditConfig(prompt="a", edits=("b",)).build()
     assert (cfg.cross_replace_steps, cfg.self_replace_steps, cfg.self_replace_max_res) == (

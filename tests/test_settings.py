@@ -93,13 +93,15 @@ def test_the_api_keywords_and_the_declarations_agree_both_ways():
                     "edit": {"sd", "prompts", "spec", "local_blend", "latents", "store", "fast", "progress",
                              "inversion", "low_memory", "offload", "allow_other_model"},
                     "invert": {"sd", "image", "prompt", "progress", "low_memory"}}
-    # edit(): None for the sampling settings means an inversion's, else the declared default (its docstring)
-    from_inversion = {"num_steps", "guidance_scale", "steps_offset", "sampler"}
+    # None means: edit(), an inversion's sampling settings; every function, an MM-DiT model's own steps and
+    # guidance (invert(): its method too); else the declared default (their docstrings)
+    from_model = {"generate": {"num_steps", "guidance_scale"}, "invert": {"num_steps", "guidance_scale", "method"},
+                  "edit": {"num_steps", "guidance_scale", "steps_offset", "sampler"}}
     for fn, config in ((p2p.generate, "GenerateConfig"), (p2p.edit, "EditConfig"), (p2p.invert, "InvertConfig")):
         params = inspect.signature(fn).parameters
         assert set(params) - not_settings[fn.__name__] == set(p2p.settings.keywords(config)), fn.__name__
         for name in p2p.settings.keywords(config):
-            if not (fn is p2p.edit and name in from_inversion and params[name].default is None):
+            if not (name in from_model[fn.__name__] and params[name].default is None):
                 assert params[name].default == setting(name).default, (fn.__name__, name)
     spec_fields = {f.name for cls in (p2p.Replace, p2p.Refine, p2p.Reweight) for f in dataclasses.fields(cls)}
     assert spec_fields - {"base"} == {s.name for s in SETTINGS if s.group == "spec"}
@@ -163,6 +165,9 @@ description: everything at once
 source_row: inputs
 start_step: null
 start_layer: null
+replace_steps: 0.2
+projection: qiki
+replace_blocks: null
 mask_words: null
 mask_threshold: null
 """
@@ -178,7 +183,7 @@ EVERYTHING_FLAGS = ["--steps", "3", "--guidance", "5", "--steps-offset", "0", "-
                     "--blend-substruct", "cat", "cat", "dog", "--blend-th", "0.3", "0.5", "--blend-level", "1",
                     "--blend-end", "0.9", "--blend-blocks", "1", "2",
                     "--no-blend-pool", "--show-attention", "--description", "everything at once",
-                    "--source-row", "inputs"]
+                    "--source-row", "inputs", "--replace-steps", "0.2", "--projection", "qiki"]
 
 
 def test_the_command_line_says_everything_a_file_can(tmp_path):
