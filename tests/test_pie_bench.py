@@ -291,6 +291,7 @@ def test_report_prints_the_table_per_row_and_edit_type(edited, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "direct+p2p" in text and "ddim+masactrl" in text and "1 change object" in text and "mean" in text
     assert "PSNR" in text and "MSE x1e4" in text
+    assert text.splitlines()[0].startswith("units, as in the paper's Table 1: structure distance x10^3, PSNR in dB")
     p2p_all = summary["direct+p2p"]["all"]
     assert p2p_all["pictures"] == 3 and p2p_all["psnr_unedit_part"]["n"] == 2   # the NaN is left out
     values = [json.loads(metric_file(out, "direct+p2p", e.id).read_text())["metrics"]["mse_unedit_part"]
