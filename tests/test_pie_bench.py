@@ -19,6 +19,7 @@ from p2p.blend import LocalBlend
 from p2p.cli import main
 from p2p.control import Refine, Reweight
 from p2p.mutual import MutualSelfAttention
+from pie_networks import metric_flags, write_metric_files
 from pie_tiny import ENTRIES, SIDE, PixelEvaluator, box_mask, encode_rle, make_pie
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -290,6 +291,7 @@ def test_report_prints_the_table_per_row_and_edit_type(edited, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "direct+p2p" in text and "ddim+masactrl" in text and "1 change object" in text and "mean" in text
     assert "PSNR" in text and "MSE x1e4" in text
+    assert text.splitlines()[0].startswith("units, as in the paper's Table 1: structure distance x10^3, PSNR in dB")
     p2p_all = summary["direct+p2p"]["all"]
     assert p2p_all["pictures"] == 3 and p2p_all["psnr_unedit_part"]["n"] == 2   # the NaN is left out
     values = [json.loads(metric_file(out, "direct+p2p", e.id).read_text())["metrics"]["mse_unedit_part"]
@@ -318,17 +320,26 @@ def test_report_leaves_out_metrics_of_a_picture_edited_again(edited, tmp_path):
 
 
 # ------------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def metric_files(tmp_path_factory):
+    """Tiny random weight files of the four metric networks in their real layouts (tests/pie_networks.py)."""
+    return write_metric_files(tmp_path_factory.mktemp("metric-networks"), pytest.importorskip("transformers"))
+
+
 def cli(argv, tiny_sd, monkeypatch):
-    """`p2p ARGV` with the session's tiny model and the stand-in evaluator (no metric network files here)."""
+    """`p2p ARGV` with the session's tiny model in place of --ckpt's file (the same weights)."""
     monkeypatch.setattr(bench_command, "load_checkpoint", lambda ckpt, device, dtype, **load: tiny_sd)
-    monkeypatch.setattr(bench_command, "Evaluator", lambda files, device: PixelEvaluator())
     return main(argv)
 
 
-def test_the_command_edits_measures_resumes_and_reports(data, tmp_path, tiny_sd, monkeypatch, capsys, golden_dir):
+@pytest.mark.slow
+def test_the_command_edits_measures_resumes_and_reports(data, tmp_path, tiny_sd, monkeypatch, capsys, golden_dir,
+                                                        metric_files):
+    """The real Evaluator with every file but DINO's: the structure distance is skipped, saying so once."""
     out = tmp_path / "results"
     argv = ["bench", "pie", str(data), "--method", "masactrl", "--inversion", "ddim", "-o", str(out), "--ckpt",
-            str(golden_dir / "tiny-sd-a.safetensors"), "--steps", "2", "--no-progress"]
+            str(golden_dir / "tiny-sd-a.safetensors"), "--steps", "2", "--no-progress",
+            *metric_flags(metric_files, ("dino",))]
     assert cli([*argv, "--limit", "2"], tiny_sd, monkeypatch) == 0
     text = capsys.readouterr().out
     assert "3 pictures, 0 done, 2 to run" in text and "2 of 3 pictures edited, 2 to measure" in text
@@ -339,13 +350,16 @@ def test_the_command_edits_measures_resumes_and_reports(data, tmp_path, tiny_sd,
     rec = json.loads(picture_files(out, "ddim+masactrl", "111000000000")[1].read_text())
     assert rec["settings"]["num_steps"] == 2 and rec["checkpoint"].endswith("tiny-sd-a.safetensors")
     assert rec["reading"]["dtype"] == "float32" and rec["reading"]["vae"] is None
-    assert cli(["bench", "eval", str(out), str(data), "--no-progress"], tiny_sd, monkeypatch) == 0
+    assert cli(["bench", "eval", str(out), str(data), "--no-progress", *metric_flags(metric_files, ("dino",))],
+               tiny_sd, monkeypatch) == 0
     assert "ddim+masactrl: 3 of 3 pictures edited, 0 to measure" in capsys.readouterr().out
     assert main(["bench", "report", str(out)]) == 0
     table = capsys.readouterr().out
     assert "9 change style" in table and "PSNR" in table
     rows = list(csv.reader((out / "pie_bench.csv").open()))
     assert [r[:3] for r in rows if r[1] == "mean"] == [["ddim+masactrl", "mean", "3"]]
+    mean = next(r for r in rows if r[1] == "mean")
+    assert mean[3] == "-" and all(x != "-" for x in mean[4:])     # every metric but the structure distance
 
 
 def test_the_command_refuses_bad_data_before_loading_anything(data, tmp_path, tiny_sd, monkeypatch, capsys):

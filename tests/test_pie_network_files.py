@@ -89,6 +89,9 @@ def test_dino_loads_the_architecture_of_its_shapes(dino_file):
     img = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     d = structure_distance(model, img, img[::-1].copy(), layer=1, size=32, max_size=None)
     assert d > 0 and math.isfinite(d)
+    # by default the file's last block (the official block 11 of ViT-B/8's 12), here block 1 of 2
+    assert structure_distance(model, img, img[::-1].copy(), size=32, max_size=None) == d
+    assert structure_distance(model, img, img[::-1].copy(), layer=0, size=32, max_size=None) != d
 
 
 def test_bad_pictures_are_refused(dino_file, clip_file):

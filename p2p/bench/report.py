@@ -1,7 +1,8 @@
 """`p2p bench report OUT`: the paper's table from the per-picture metric files of every row in OUT.
 
 For each row (a folder OUT/ROW with metrics/), each edit type and all pictures together: the mean of each metric
-over the pictures measured, in the paper's units (structure distance x10^3, LPIPS x10^3, MSE x10^4, SSIM x10^2).
+over the pictures measured, in the paper's units (structure distance x10^3, LPIPS x10^3, MSE x10^4, SSIM x10^2;
+PSNR in dB and CLIP similarity as 100 x cos, unscaled), which the printed table's first line states.
 A metric undefined for a picture (NaN, stored as null: the official evaluation's "nan") is left out of its mean,
 and the JSON gives how many pictures each mean is over. A metric file whose picture was edited again since is
 left out. Writes OUT/pie_bench.csv (the printed numbers) and OUT/pie_bench.json (the raw means, how many pictures each is
@@ -28,6 +29,8 @@ COLUMNS = (("structure_distance", "Structure x1e3", 1e3), ("psnr_unedit_part", "
            ("clip_similarity_target_image_edit_part", "CLIP edited", 1.0),
            ("clip_similarity_source_image", "CLIP source", 1.0))
 ALL = "all"
+UNITS = ("units, as in the paper's Table 1: structure distance x10^3, PSNR in dB, LPIPS x10^3, MSE x10^4, "
+         "SSIM x10^2, CLIP similarity 100 x cos; pie_bench.json holds the raw means")
 
 
 def row_records(row_dir: Path) -> list[dict]:
@@ -100,9 +103,10 @@ def report(out_dir, log=print) -> dict:
     buf = io.StringIO()
     csv.writer(buf).writerows([["row", "edit_type", "pictures", *(c for _, c, _ in COLUMNS)], *lines])
     out = Path(out_dir)
+    scale = {m: k for m, _, k in COLUMNS}
     write_files_atomic({out / "pie_bench.csv": buf.getvalue().encode(),
-                        out / "pie_bench.json": json_bytes({"table_scale": {m: k for m, _, k in COLUMNS},
-                                                            "rows": summary})})
+                        out / "pie_bench.json": json_bytes({"units": UNITS, "table_scale": scale, "rows": summary})})
+    log(UNITS)
     log(text_table(lines))
     log(f"wrote {out / 'pie_bench.csv'} and {out / 'pie_bench.json'}")
     return summary

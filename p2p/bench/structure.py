@@ -2,16 +2,18 @@
 squared difference of two pictures' DINO ViT-B/8 key self-similarities.
 
 For each picture: resize (shorter side 224, longer side at most 480; bilinear), normalise with ImageNet's mean
-and std, run DINO to block 11 (the last), take that block's attention keys of every token (class token
-included) with the heads side by side, and form the cosine similarity of every token pair (N x N; each
-product of norms clamped at 1e-8). The distance is the mean over the N x N entries of the squared difference.
+and std, run DINO to its last block (block 11 of ViT-B/8's 12, the official `layer=11`), take that block's
+attention keys of every token (class token included) with the heads side by side, and form the cosine
+similarity of every token pair (N x N; each product of norms clamped at 1e-8). The distance is the mean over the N x N entries of the squared difference.
 
 The official code's quirks, each a keyword with the official behaviour as default (docs/pie-bench-metrics-networks.md):
 * `pixel_range=255.0`: the pictures reach the ImageNet normalisation as floats in 0..255, not 0..1, so the
   normalised values reach about +-1100; 1.0 divides by 255 first (DINO's training range).
 * `antialias=False`: torchvision 0.13's `Resize` on a tensor (the version the official environment pins) does
   not antialias; torchvision >= 0.17 does by default.
-* `size=224`, `max_size=480`, `layer=11`: the official settings.
+* `size=224`, `max_size=480`: the official resize. `layer=None` reads the file's last block, which is the
+  official `layer=11` for ViT-B/8's 12 blocks; the file's own width, depth, patch and grid set the network
+  (`models.vit.vit_config`), so a smaller DINO file (tests write tiny random ones) measures the same way.
 """
 from __future__ import annotations
 
@@ -71,16 +73,18 @@ def key_self_similarity(keys: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 @torch.no_grad()
-def structure_distance(model: VisionTransformer, source: np.ndarray, edited: np.ndarray, layer: int = 11,
+def structure_distance(model: VisionTransformer, source: np.ndarray, edited: np.ndarray, layer: int | None = None,
                        size: int = 224, max_size: int | None = 480, pixel_range: float = 255.0,
                        antialias: bool = False) -> float:
     """PIE-Bench's structure distance of two uint8 (H, W, 3) pictures of one size (the paper's tables show
-    it x 10^3). The keyword switches are the official quirks (module docstring)."""
+    it x 10^3). `layer`: the block whose keys are compared, None for the last (the official 11 of ViT-B/8).
+    The keyword switches are the official quirks (module docstring)."""
     source, edited = rgb_picture(source, "source"), rgb_picture(edited, "edited")
     if source.shape != edited.shape:
         raise ValueError(f"source {source.shape} and edited {edited.shape} differ in size; the official code "
                          "compares pictures of one size (crop or resize the edit first)")
     device = next(model.parameters()).device
+    layer = model.cfg.layers - 1 if layer is None else layer
     sims = [key_self_similarity(model.keys(dino_input(p, size, max_size, pixel_range, antialias, device), layer)[0])
             for p in (source, edited)]
     return F.mse_loss(sims[1], sims[0]).item()
