@@ -19,6 +19,7 @@ p2p.joint_control.joint_edit builds it. Variants, run side by side in one proces
   (c) blend      JointReplace(0.2) + LocalBlend(("cat", "dog")): every joint block's maps in its steps
   (d) store      JointReplace(0.2) + JointAttentionStore(): every block's maps at every step (what
                  joint_edit kept by default before; the attention pictures' cost)
+  (e) blend 5    (c) with LocalBlend(blocks=(16, 18, 20, 22, 24)): five blocks' maps in its steps
 
 The schedule has --num-steps steps (5: JointReplace(0.2) replaces step 0; LocalBlend reads and blends in
 steps 0 and 1, int(5 * 0.5) = 2); only the first --steps of them run (one transformer call of this size on a
@@ -49,16 +50,19 @@ from models.config import VAEConfig  # noqa: E402
 from models.flow import FlowConfig  # noqa: E402
 from models.mmdit import RMSNorm, SD3Config, SD3Transformer, sincos_2d  # noqa: E402
 from models.mmdit_model import SD3  # noqa: E402
+from models.attention import attend  # noqa: E402
 from models.mmdit_text import TextCond  # noqa: E402
 from models.tokenizer_json import read_tokenizer  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
 from p2p import JointAttentionStore, JointReplace, LocalBlend  # noqa: E402
-from p2p.joint_control import JointController  # noqa: E402
+from p2p.joint_control import JointController, image_text_probs, replace_projections  # noqa: E402
 from p2p.joint_pipeline import initial_joint_latent, joint_denoise  # noqa: E402
 
 PROMPTS = ["a photo of a cat sitting on a red car", "a photo of a dog sitting on a red car"]
 SPEC = JointReplace(0.2)
 BLEND = LocalBlend(("cat", "dog"))     # blocks None: every joint block; end_blend None: 0.5 of the steps
+# five joint blocks (layers 8-12; a dual layer's attn2 takes an index too): LocalBlend reading only these
+FEW_BLOCKS = LocalBlend(("cat", "dog"), blocks=(16, 18, 20, 22, 24))
 GUIDANCE = 7.0
 SEED = 0
 TOKENIZERS = ROOT / "tests" / "fixtures" / "mmdit" / "tiny-sd3"
@@ -67,7 +71,9 @@ VARIANTS = {
     "b": "edit: JointReplace(0.2)",
     "c": "edit: JointReplace(0.2) + LocalBlend (every block)",
     "d": "edit: JointReplace(0.2) + JointAttentionStore() (every block, every step)",
+    "e": "edit: JointReplace(0.2) + LocalBlend (5 blocks)",
 }
+BLENDS = {"c": BLEND, "e": FEW_BLOCKS}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -163,7 +169,7 @@ class Setup:
         if v == "a":
             return None
         store = JointAttentionStore() if v == "d" else None
-        ctrl = JointController(PROMPTS, SPEC, self.num_steps, self.layout, BLEND if v == "c" else None, store)
+        ctrl = JointController(PROMPTS, SPEC, self.num_steps, self.layout, BLENDS.get(v), store)
         ctrl.check_blocks(self.m.joint_sites(self.size, self.size))
         return ctrl
 
@@ -191,6 +197,27 @@ class Setup:
         return timed.times
 
 
+# ------------------------------------------------------------------------------------- one block's parts
+def block_parts(m: SD3, size: int, repeats: int) -> dict:
+    """{part: median seconds} of one joint block's attention work at this size on random q, k, v of the
+    model's shape and dtype (4 rows: [uncond src, uncond tgt, cond src, cond tgt]): the fused attention, the
+    conditional rows' image-to-text maps (what LocalBlend and a store form per block), and qiki's copies."""
+    site = m.joint_sites(size, size)[0]
+    heads, d = m.transformer.cfg.num_attention_heads, m.transformer.cfg.attention_head_dim
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(4, heads, site.text.stop, d, generator=g).to(m.dtype) for _ in range(3))
+    parts = {"fused attention (models.attention.attend)": lambda: attend(q, k, v),
+             "image-to-text maps, 2 conditional rows": lambda: image_text_probs(q[2:], k[2:], site),
+             "qiki replacement (q, k copies)": lambda: replace_projections("qiki", site, q, k, v, 2, range(3, 4))}
+    times = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 # ------------------------------------------------------------------------------------- main
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -202,6 +229,7 @@ def parse_args():
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="the transformer's dtype")
     ap.add_argument("--layers", type=int, default=24, help="transformer layers (24: SD3.5-medium; fewer: smoke run)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed first step of (c)")
+    ap.add_argument("--parts", type=int, default=5, help="repeats of the per-block parts' timing (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     return ap.parse_args()
 
@@ -220,6 +248,16 @@ def interleaved(setup: Setup, variants, repeats: int) -> dict:
 
 def load() -> str:
     return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+def report_parts(parts: dict, blocks: int) -> None:
+    if not parts:
+        return
+    print(f"\nOne joint block's parts (median of the repeats; the model has {blocks} joint blocks):\n")
+    print("| part | s per block | s per step, every block |")
+    print("|---|---:|---:|")
+    for name, s in parts.items():
+        print(f"| {name} | {s:.3f} | {s * blocks:.2f} |")
 
 
 def report(args, setup: Setup, variants, times, loads, t0) -> None:
@@ -256,8 +294,10 @@ def main() -> None:
     if not args.no_warmup:   # untimed: one step through the fused and the explicit-map kernels
         Setup(m, args.size, args.num_steps, 1).loop("c" if "c" in variants else variants[-1])
     times = interleaved(setup, variants, args.repeats)
+    parts = block_parts(m, args.size, args.parts) if args.parts else {}
     loads.append(load())
     report(args, setup, variants, times, loads, t0)
+    report_parts(parts, len(m.joint_sites(args.size, args.size)))
 
 
 if __name__ == "__main__":
