@@ -223,7 +223,8 @@ def cmd_edit(args) -> int:
     sd = load_model(cfg.ckpt, args.dtype, **model_options(args))
     cfg, inv, photo = prepare_inversion(args, cfg, sd, spec, said)  # --image / --inversion: edit a real photo
     cfg = model_settings(sd, cfg, said | (set(INVERTED) if inv is not None else set()))
-    store = None if joint else p2p.AttentionStore(self_attention=True) if cfg.show_attention else None
+    store = ((p2p.JointAttentionStore() if joint else p2p.AttentionStore(self_attention=True))
+             if cfg.show_attention else None)
     out = p2p.edit(sd, cfg.prompts, spec, local_blend=blend, store=store, **api_keywords(cfg, "EditConfig"),
                    inversion=inv, allow_other_model=args.allow_other_model, **memory_options(args))
     outputs = {output: image_grid(out.images, cfg.prompts, min_size=256)}

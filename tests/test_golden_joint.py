@@ -59,7 +59,7 @@ def rel(a, b):
 def test_an_edit_reproduces_the_official_code(models, name):
     t, meta, spec, blend = case(name)
     m = models[meta["family"]]
-    out = p2p.edit(m, meta["prompts"], spec, local_blend=blend, **settings(t, meta))
+    out = p2p.edit(m, meta["prompts"], spec, local_blend=blend, store=p2p.JointAttentionStore(), **settings(t, meta))
     assert rel(out.latents, unpacked(t, "z0")) < 1e-4
     assert np.abs(out.images.astype(int) - np.round(t["images"].numpy() * 255).astype(int)).max() <= 1
     plain = p2p.generate(m, meta["prompts"], **settings(t, meta))
@@ -93,6 +93,9 @@ def test_no_replaced_step_is_the_plain_run(models):
     m = models["sd3"]
     out = p2p.edit(m, meta["prompts"], JointReplace(0.0), **settings(t, meta))
     assert torch.equal(out.latents, p2p.generate(m, meta["prompts"], **settings(t, meta)).latents)
+    assert out.attention is None                                          # no maps kept unless a store is given
+    kept = p2p.edit(m, meta["prompts"], JointReplace(0.0), store=p2p.JointAttentionStore(), **settings(t, meta))
+    assert torch.equal(kept.latents, out.latents) and sorted(kept.attention.sums) == [0, 1, 2]
     with pytest.raises(ValueError, match=r"JointReplace blocks \[3\] name no joint block of this model; its blocks "
                                          r"are \[0, 1, 2\]"):
         p2p.edit(m, meta["prompts"], JointReplace(blocks=(2, 3)), **settings(t, meta))

@@ -170,6 +170,18 @@ def test_maps_are_stored_before_the_replacement_from_the_conditional_rows():
     assert store.maps(1).shape == (2, 3, 4)
 
 
+def test_maps_are_formed_only_in_the_blend_blocks_and_steps_and_other_steps_are_plain():
+    q, k, v = synthetic(4, 48 + 333, seed=6)
+    blend = LocalBlend(("cat", "dog"), end_blend=0.4, blocks=(1,))
+    ctrl = JointController(["a cat", "a dog"], JointReplace(0.2), 10, layout("sd3"), blend)   # no store
+    assert [ctrl.override(i) is None for i in range(10)] == [False] * 4 + [True] * 6
+    for i in range(4):
+        for s in (site(0, "transformer_blocks.0", "joint"), site(1, "transformer_blocks.1", "joint")):
+            out = ctrl.override(i)(s, q, k, v)
+            assert all(a is b for a, b in zip(out, (q, k, v))) == (i >= 2)   # replaced in steps 0, 1 only
+    assert list(ctrl.blend.entries) == [1] and len(ctrl.blend.entries[1]) == 4
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="method 'vi' is not one of"):
         JointReplace(method="vi")
