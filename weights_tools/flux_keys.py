@@ -94,12 +94,13 @@ def blocks(shapes, kind: str) -> int:
     return len({int(m[2]) for k in shapes if (m := BLOCK.fullmatch(k.rpartition(".")[0])) and m[1] == kind})
 
 
-def bfl_config(shapes: dict[str, tuple]) -> FluxConfig:
+def bfl_config(shapes: dict[str, tuple], axes_dims_rope: tuple | None = None) -> FluxConfig:
     """The FluxConfig of a BFL file, read from its shapes ({key: shape}). The rotary axes are not in the file:
-    BFL's FLUX.1 uses (16, 56, 56) for its 128-wide heads, the only head width read here."""
+    BFL's FLUX.1 uses (16, 56, 56) for its 128-wide heads, the only head width read here unless
+    `axes_dims_rope` is given (a diffusers folder's transformer/config.json says them)."""
     s = {k.removeprefix(COMFY_PREFIX): tuple(v) for k, v in shapes.items()}
     head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-    if head_dim != 128:
+    if head_dim != 128 and axes_dims_rope is None:
         raise CheckpointError(f"BFL Flux file with {head_dim}-wide heads: its rotary axes are not stored in the "
                               "file and are known only for FLUX.1's 128 (16, 56, 56); convert it to a diffusers "
                               "folder whose transformer/config.json gives axes_dims_rope")
@@ -108,7 +109,8 @@ def bfl_config(shapes: dict[str, tuple]) -> FluxConfig:
                       num_layers=blocks(s, "double_blocks"), num_single_layers=blocks(s, "single_blocks"),
                       attention_head_dim=head_dim, num_attention_heads=width // head_dim,
                       joint_attention_dim=s["txt_in.weight"][1], pooled_projection_dim=s["vector_in.in_layer.weight"][1],
-                      guidance_embeds="guidance_in.in_layer.weight" in s, axes_dims_rope=(16, 56, 56))
+                      guidance_embeds="guidance_in.in_layer.weight" in s,
+                      axes_dims_rope=tuple(axes_dims_rope) if axes_dims_rope is not None else (16, 56, 56))
 
 
 def load_bfl_transformer(path, device="cpu", dtype=torch.float32) -> FluxTransformer:
