@@ -102,8 +102,8 @@ def bfl_config(shapes: dict[str, tuple], axes_dims_rope: tuple | None = None) ->
     head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     if head_dim != 128 and axes_dims_rope is None:
         raise CheckpointError(f"BFL Flux file with {head_dim}-wide heads: its rotary axes are not stored in the "
-                              "file and are known only for FLUX.1's 128 (16, 56, 56); convert it to a diffusers "
-                              "folder whose transformer/config.json gives axes_dims_rope")
+                              "file and are known only for FLUX.1's 128 (16, 56, 56); give --base a diffusers Flux "
+                              "folder whose transformer/config.json gives axes_dims_rope, or convert it to one")
     width, in_channels = s["img_in.weight"]
     return FluxConfig(in_channels=in_channels, out_channels=s["final_layer.linear.weight"][0],
                       num_layers=blocks(s, "double_blocks"), num_single_layers=blocks(s, "single_blocks"),

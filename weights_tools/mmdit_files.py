@@ -130,7 +130,7 @@ def vae_part(src: Source, vae, base: Path | None, family: Family) -> Part:
         vae_src = open_vae(vae)
     elif any(k.startswith(VAE) for k in src.entries):
         vae_src = src
-    elif base_has(base, "vae"):
+    elif base_has(base, "vae") and has_weights(base / "vae"):
         vae_src = open_vae(base)
     else:
         raise CheckpointError(f"{src.where}: holds no VAE (no `{VAE}*`); give one: " + (
@@ -178,7 +178,10 @@ def text_towers(family: Family, src: Source, given: dict, base: Path | None) -> 
     for kind, s in sources.items():
         config = base / family.towers[kind] if base_has(base, family.towers[kind]) else None
         module = tower(kind, s, config, projection=family is SD3_FAMILY)
-        text_names(module, s)
+        try:
+            text_names(module, s)
+        except CheckpointError as e:
+            raise CheckpointError(f"the {kind} text encoder: {e}") from e
         out[kind] = (module, s)
     return out
 
