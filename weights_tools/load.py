@@ -165,15 +165,11 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     `clip_l`, `clip_g`, `t5` give the parts it lacks (`ae.safetensors`, `clip_l.safetensors`, ...), `base` a
     diffusers folder of the same model for the rest and the tokenizers.
     """
-    texts = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
-    if mmdit_pipeline(resolve_checkpoint(path)) is not None:
-        return load_mmdit_checked(resolve_checkpoint(path), device, dtype, config=config, vae=vae, base=base,
-                                  prediction_type=prediction_type, tokenizer=tokenizer, strict=strict, **texts)
-    if single_file_family(resolve_checkpoint(path)) is not None:
-        refuse_options(resolve_checkpoint(path), "an SD3 / Flux single file", config=config, strict=strict,
-                       prediction_type=prediction_type, tokenizer=tokenizer)
-        return load_mmdit_file(resolve_checkpoint(path), device, dtype, base=base, vae=vae, **texts)
-    refuse_options(path, "a UNet family's checkpoint (the text encoders' files are SD3's and Flux's)", **texts)
+    texts, unet_only = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}, dict(
+        config=config, strict=strict, prediction_type=prediction_type, tokenizer=tokenizer)
+    mmdit = load_mmdit_any(resolve_checkpoint(path), device, dtype, vae, base, texts, unet_only)
+    if mmdit is not None:
+        return mmdit
     src, cfg, _ = open_checked(path, config, strict, vae, prediction_type, base)
     cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
@@ -189,6 +185,18 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
         raise CheckpointError(f"{src.where}: internal error, still on the meta device after loading: {on_meta[:5]}")
     model.blend_level = named_blend_level(path)  # a named checkpoint's recommended LocalBlend level
     return model.requires_grad_(False).eval()  # weights to sample with: sd.decode(...) runs outside no_grad too
+
+
+def load_mmdit_any(path, device, dtype, vae, base, texts: dict, unet_only: dict):
+    """An MM-DiT folder or single file as its model (the UNet families' options refused), None for anything else
+    (which the text encoders' options are refused for)."""
+    if mmdit_pipeline(path) is not None:
+        return load_mmdit_checked(path, device, dtype, vae=vae, base=base, **unet_only, **texts)
+    if single_file_family(path) is not None:
+        refuse_options(path, "an SD3 / Flux single file", **unet_only)
+        return load_mmdit_file(path, device, dtype, base=base, vae=vae, **texts)
+    refuse_options(path, "a UNet family's checkpoint (the text encoders' files are SD3's and Flux's)", **texts)
+    return None
 
 
 def load_mmdit_checked(path, device, dtype, **given):
