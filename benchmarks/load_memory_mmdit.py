@@ -8,13 +8,12 @@ built on the meta device and each tensor assigned as it is read (fused q/k/v spl
 the process holds about one copy of the weights.
 
     python benchmarks/load_memory_mmdit.py                         # sd3.5-medium, flux-dev-half
-    python benchmarks/load_memory_mmdit.py --models sd3.5-medium --text   # with CLIP-L, CLIP-G, T5 XXL files
+    python benchmarks/load_memory_mmdit.py --models sd3.5-medium --dtype float16
 
-- sd3.5-medium: `sd3.5_medium.safetensors` as released (the MM-DiT and the VAE; `--text` adds clip_l.safetensors,
-  clip_g.safetensors and t5xxl_fp16.safetensors, given as --clip-l / --clip-g / --t5, and a folder of tokenizers).
+- sd3.5-medium: `sd3.5_medium.safetensors` as released (the MM-DiT and the VAE; no text encoders), text=False.
 - flux-dev-half: FLUX.1-dev's layout at full width (3072, 24 heads of 128) with 10 of its 19 double blocks and
   19 of its 38 single blocks (6.1B of 11.9B parameters: the whole 23.8 GB bf16 model cannot be held by a 24 GiB
-  machine beside anything else), with full-size ae.safetensors and clip_l.safetensors; text=False (no T5).
+  machine beside anything else), with a full-size ae.safetensors (given as `vae=`); text=False.
 """
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ import torch  # noqa: E402
 from models.config import VAEConfig  # noqa: E402
 from models.mmdit import SD3Config  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
-from weights_tools.mmdit_parts import released_clip  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -77,22 +75,7 @@ def vae_shapes(prefix: str = "") -> dict[str, tuple]:
         return {prefix + k: s for k, s in shapes_of(AutoencoderKL(VAE16)).items()}
 
 
-def clip_shapes(width: int, layers: int, projection: bool) -> dict[str, tuple]:
-    """A released CLIP text tower's transformers keys (CLIP-L: 768 x 12, CLIP-G: 1280 x 32)."""
-    fake = {"text_model.embeddings.token_embedding.weight": (49408, width),
-            "text_model.embeddings.position_embedding.weight": (77, width),
-            **{f"text_model.encoder.layers.{i}.x": () for i in range(layers)}}
-    with torch.device("meta"):
-        return shapes_of(released_clip(fake, "benchmark", projection))
-
-
-def t5_shapes() -> dict[str, tuple]:
-    from models.t5 import T5Config, T5EncoderModel
-    with torch.device("meta"):
-        return shapes_of(T5EncoderModel(T5Config()))
-
-
-def write_child(model: str, dtype: str, folder: str, text: str) -> None:
+def write_child(model: str, dtype: str, folder: str) -> None:
     """The model's files in `folder`: transformer file first, then its part files."""
     from test_flux_keys import bfl_shapes
     from test_mmdit_full_size import single_file_layout
@@ -100,40 +83,19 @@ def write_child(model: str, dtype: str, folder: str, text: str) -> None:
     d, dt = Path(folder), DTYPES[dtype]
     if model == "sd3.5-medium":
         files = {"sd3.5_medium.safetensors": single_file_layout(SD3Config(**SD35_MEDIUM)) | vae_shapes("first_stage_model.")}
-        if text == "1":
-            files |= {"clip_l.safetensors": clip_shapes(768, 12, True), "clip_g.safetensors": clip_shapes(1280, 32, True),
-                      "t5xxl_fp16.safetensors": t5_shapes()}
     else:
-        files = {"flux1-dev.safetensors": bfl_shapes(double=10, single=19), "ae.safetensors": vae_shapes(),
-                 "clip_l.safetensors": clip_shapes(768, 12, False)}
+        files = {"flux1-dev.safetensors": bfl_shapes(double=10, single=19), "ae.safetensors": vae_shapes()}
     params = sum(write_safetensors(d / name, shapes, dt) for name, shapes in files.items())
     print(json.dumps({"params": params, "bytes": sum(os.path.getsize(d / n) for n in files), "files": list(files)}))
 
 
-def tokenizer_folder(folder: Path, model: str) -> Path:
-    """model_index.json and the tokenizers of the tiny fixture folder: a single file carries none."""
-    import shutil
-    src = ROOT / "tests" / "fixtures" / "mmdit" / ("tiny-sd3" if model.startswith("sd3") else "tiny-flux")
-    out = folder / "tokenizers"
-    out.mkdir()
-    shutil.copy(src / "model_index.json", out)
-    for t in src.glob("tokenizer*"):
-        shutil.copytree(t, out / t.name)
-    return out
-
-
-def load_child(model: str, dtype: str, folder: str, text: str) -> None:
-    from weights_tools import load_checkpoint
+def load_child(model: str, dtype: str, folder: str) -> None:
     from weights_tools.mmdit_files import load_mmdit_file
 
     d = Path(folder)
     before = maxrss()
     t = time.perf_counter()
-    if model == "sd3.5-medium" and text == "1":
-        m = load_checkpoint(d / "sd3.5_medium.safetensors", dtype=DTYPES[dtype], clip_l=d / "clip_l.safetensors",
-                            clip_g=d / "clip_g.safetensors", t5=d / "t5xxl_fp16.safetensors",
-                            base=tokenizer_folder(d, model))
-    elif model == "sd3.5-medium":
+    if model == "sd3.5-medium":
         m = load_mmdit_file(d / "sd3.5_medium.safetensors", dtype=DTYPES[dtype], text=False)
     else:
         m = load_mmdit_file(d / "flux1-dev.safetensors", dtype=DTYPES[dtype], vae=d / "ae.safetensors", text=False)
@@ -157,10 +119,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["sd3.5-medium", "flux-dev-half"],
                     choices=["sd3.5-medium", "flux-dev-half"])
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    ap.add_argument("--text", action="store_true", help="sd3.5-medium: with full-size CLIP-L, CLIP-G and T5 XXL files")
     ap.add_argument("--dir", default=None, help="where the temporary files go (default: the system's)")
-    ap.add_argument("--_write", nargs=4, help=argparse.SUPPRESS)
-    ap.add_argument("--_load", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--_write", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--_load", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._write:
         return write_child(*args._write)
@@ -171,11 +132,10 @@ def main() -> None:
     print("| files | parameters | files GiB | weights GiB | RSS before load GiB | peak after load GiB "
           "| peak after reading every weight GiB | added (x weights) | load s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    text = "1" if args.text else "0"
     for name in args.models:
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
-            w = child("--_write", name, args.dtype, d, text)
-            m = child("--_load", name, args.dtype, d, text)
+            w = child("--_write", name, args.dtype, d)
+            m = child("--_load", name, args.dtype, d)
         added = m["touched"] - m["before"]
         print(f"| {name}: {', '.join(w['files'])} | {w['params'] / 1e9:.3f}B | {w['bytes'] / GIB:.2f} | "
               f"{m['weights'] / GIB:.2f} | {m['before'] / GIB:.2f} | {m['after'] / GIB:.2f} | {m['touched'] / GIB:.2f} "

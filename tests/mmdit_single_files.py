@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weights_tools.diffusers_keys import vae_key
-from weights_tools.flux_keys import COMFY_PREFIX, DOUBLE, PARAMS, SINGLE, SWAPPED, TOP as FLUX_TOP
+from weights_tools.flux_keys import DOUBLE, PARAMS, SINGLE, SWAPPED, TOP as FLUX_TOP
 from weights_tools.sd3_keys import BLOCK, PREFIX, TOP
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mmdit"
@@ -78,8 +78,10 @@ def ldm_vae(folder: Path) -> dict:
     return {vae_key(k, cfg): v for k, v in weights(folder).items()}
 
 
-def write_sd3(path: Path, folder: Path = TINY_SD3, text: bool = True, metadata: bool = True) -> Path:
-    """An official-layout SD3 single file from a diffusers SD3 folder's weights; `text`: with its text encoders."""
+def write_sd3(path: Path, folder: Path = TINY_SD3, text: bool = True) -> Path:
+    """An official-layout SD3 single file from a diffusers SD3 folder's weights; `text`: with its text encoders.
+    Its transformer config rides in the `mmdit_config` metadata: the tiny SD3's 8-wide heads without qk-norm are
+    not in its shapes."""
     tensors = sd3_official(weights(folder / "transformer"))
     tensors |= {"first_stage_model." + k: v for k, v in ldm_vae(folder / "vae").items()}
     if text:
@@ -87,7 +89,7 @@ def write_sd3(path: Path, folder: Path = TINY_SD3, text: bool = True, metadata: 
             tensors |= {f"text_encoders.{kind}.transformer.{k}": v for k, v in weights(folder / part).items()}
     config = (folder / "transformer" / "config.json").read_text()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"mmdit_config": config} if metadata else None)
+              metadata={"mmdit_config": config})
     return path
 
 

@@ -12,8 +12,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from mmdit_single_files import (TINY_FLUX, TINY_SD3, bfl_official, sd3_official, tokenizer_folder, weights,
-                                write_flux, write_sd3)
+from mmdit_single_files import TINY_FLUX, TINY_SD3, sd3_official, tokenizer_folder, weights, write_flux, write_sd3
 from models.flux import FluxTransformer
 from models.mmdit import SD3Config
 from models.mmdit_text import TextCond
@@ -22,9 +21,11 @@ from test_flux_keys import bfl_shapes
 from test_mmdit_full_size import CONFIGS, ours, single_file_layout
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
 from weights_tools.mmdit import load_mmdit
-from weights_tools.mmdit_files import bfl_plan, load_mmdit_file, open_single
+from weights_tools.flux_keys import bfl_config
+from weights_tools.mmdit_files import bfl_plan, load_mmdit_file
 from weights_tools.mmdit_parts import mapped
 from weights_tools.sd3_keys import sd3_file_config, sd3_model_name, sd3_plan
+from weights_tools.sources import Source
 
 SMALL_SD35 = dict(num_layers=3, num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16,
                   joint_attention_dim=24, pooled_projection_dim=12, pos_embed_max_size=8, qk_norm="rms_norm",
@@ -62,7 +63,6 @@ def test_values_are_diffusers_converter():
 
 
 def open_dict(state):
-    from weights_tools.sources import Source
     return Source("file", "dict", {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, state.__getitem__)
 
 
@@ -70,7 +70,7 @@ def test_full_size_flux_plan_fits_the_model():
     shapes = bfl_shapes()
     plan = bfl_plan(shapes)
     with torch.device("meta"):
-        model = FluxTransformer(__import__("weights_tools.flux_keys", fromlist=["bfl_config"]).bfl_config(shapes))
+        model = FluxTransformer(bfl_config(shapes))
     got = {k: (p.stop - p.start, *shapes[p.key][1:]) if p.start is not None else shapes[p.key] for k, p in plan.items()}
     assert got == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 

@@ -82,13 +82,13 @@ def open_single(path) -> Source:
     return open_file(path, path.stat().st_size, sniff(path))
 
 
+def family_of(keys) -> Family | None:
+    return SD3_FAMILY if is_sd3_file(keys) else FLUX_FAMILY if is_bfl_flux(keys) else None
+
+
 def single_file_family(path) -> Family | None:
     """SD3_FAMILY or FLUX_FAMILY for an MM-DiT single file (headers read), None for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    keys = open_single(path).entries
-    return SD3_FAMILY if is_sd3_file(keys) else FLUX_FAMILY if is_bfl_flux(keys) else None
+    return family_of(open_single(path).entries) if Path(path).is_file() else None
 
 
 def bfl_plan(shapes: dict[str, tuple]) -> dict[str, Piece]:
@@ -220,7 +220,7 @@ def checked_base(base, family: Family) -> Path | None:
 def prepare(path, text: bool = True, base=None, vae=None, **given) -> Prepared:
     """Everything loading checks, no tensor read: the parts on the meta device and their tensors' headers."""
     src = open_single(path)
-    family = SD3_FAMILY if is_sd3_file(src.entries) else FLUX_FAMILY if is_bfl_flux(src.entries) else None
+    family = family_of(src.entries)
     if family is None:
         raise CheckpointError(f"{path}: not an SD3 / SD3.5 single file (`{PREFIX}joint_blocks.*`) nor BFL's Flux "
                               "transformer (`double_blocks.*`, `img_in.weight`)")
