@@ -4,6 +4,7 @@ layouts (written from the tiny folders' own weights) generating exactly as the f
 each file, and the refusals (a part missing, a wrong or truncated file) before any tensor is read."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,19 +12,22 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from mmdit_single_files import TINY_FLUX, TINY_SD3, sd3_official, tokenizer_folder, weights, write_flux, write_sd3
 from models.flux import FluxTransformer
 from models.mmdit import SD3Config
 from models.mmdit_text import TextCond
+from p2p.cli import main
 from p2p.joint_pipeline import joint_generate
 from test_flux_keys import bfl_shapes
 from test_mmdit_full_size import CONFIGS, ours, single_file_layout
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
 from weights_tools.mmdit import load_mmdit
 from weights_tools.flux_keys import bfl_config
-from weights_tools.mmdit_files import bfl_plan, load_mmdit_file
-from weights_tools.mmdit_parts import mapped
+from weights_tools.mmdit_files import SD3_TEXT, bfl_plan, load_mmdit_file
+from weights_tools.mmdit_parts import mapped, prefixed, tower
+from weights_tools.mmdit_text import text_names
 from weights_tools.sd3_keys import sd3_file_config, sd3_model_name, sd3_plan
 from weights_tools.sources import Source
 
@@ -207,3 +211,45 @@ def test_inspect_names_each_file(files):
     for key, flag in (("flux_vae", "--vae"), ("flux_clip_l", "--clip-l"), ("flux_t5", "--t5")):
         info = inspect_checkpoint(files[key])
         assert not info["loadable"] and flag in info["problem"], info["problem"]
+
+
+def test_cli_generates_from_the_flux_files(files, tmp_path, capsys):
+    """`p2p generate --ckpt flux1-dev.safetensors --vae ae.safetensors --clip-l ... --t5 ... --base FOLDER`; the
+    sidecar names each part file by its SHA-256."""
+    out = tmp_path / "fox.png"
+    assert main(["generate", "--ckpt", str(files["flux_transformer"]), "--vae", str(files["flux_vae"]), "--clip-l",
+                 str(files["flux_clip_l"]), "--t5", str(files["flux_t5"]), "--base", str(files["tokenizers_flux"]),
+                 "--prompt", "a fox", "--steps", "2", "--height", "64", "--width", "64", "-o", str(out)]) == 0
+    record = json.loads(out.with_name(out.name + ".json").read_text())
+    assert record["clip_l"] == str(files["flux_clip_l"]) and len(record["t5_sha256"]) == 64
+    assert main(["inspect", str(files["flux_transformer"])]) == 0
+    assert "variant:  FLUX.1-dev" in capsys.readouterr().out
+
+
+RELEASED_TEXT = {"clip_l": (CLIPTextModelWithProjection, CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                                        num_hidden_layers=12, num_attention_heads=12,
+                                                                        projection_dim=768, hidden_act="quick_gelu")),
+                 "clip_g": (CLIPTextModelWithProjection, CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                                        num_hidden_layers=32, num_attention_heads=20,
+                                                                        projection_dim=1280, hidden_act="gelu")),
+                 "t5": (T5EncoderModel, T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
+                                                 feed_forward_proj="gated-gelu", vocab_size=32128))}
+
+
+@pytest.mark.parametrize("kind", RELEASED_TEXT)
+def test_released_text_towers_from_full_size_shapes(kind):
+    """SD3's CLIP-L, CLIP-G and T5 XXL in a single file (`text_encoders.*.transformer.*`, transformers' names, on
+    the meta device): the towers read from their shapes take every key, and have the released heads and widths."""
+    cls, config = RELEASED_TEXT[kind]
+    with torch.device("meta"):
+        theirs = cls(config)
+    prefix = SD3_TEXT[kind]
+    state = {prefix + k: v for k, v in theirs.state_dict().items()}
+    file = prefixed(open_dict(state), prefix)
+    module = tower(kind, file, None, projection=True)
+    assert set(text_names(module, file).values()) <= set(file.entries)
+    if kind == "t5":
+        assert module.cfg.num_heads == 64 and module.cfg.d_kv == 64
+    else:
+        cfg = module.text_model.cfg
+        assert (cfg.heads, cfg.hidden_act) == (config.num_attention_heads, config.hidden_act)
