@@ -14,7 +14,8 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from mmdit_single_files import TINY_FLUX, TINY_SD3, sd3_official, tokenizer_folder, weights, write_flux, write_sd3
+from mmdit_single_files import (TINY_FLUX, TINY_SD3, ldm_vae, sd3_official, tokenizer_folder, weights, write_flux,
+                                write_sd3)
 from models.flux import FluxTransformer
 from models.mmdit import SD3Config
 from models.mmdit_text import TextCond
@@ -22,6 +23,7 @@ from p2p.cli import main
 from p2p.joint_pipeline import joint_generate
 from test_flux_keys import bfl_shapes
 from test_mmdit_full_size import CONFIGS, ours, single_file_layout
+from test_mmdit_loading import sd35_folder
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
 from weights_tools.mmdit import load_mmdit
 from weights_tools.flux_keys import bfl_config
@@ -121,18 +123,12 @@ def test_sd3_file_without_text(files):
 
 
 def test_sd35_file_reads_its_config_from_shapes(tmp_path):
-    """A tiny SD3.5-like transformer (qk RMS-norm, dual attention in blocks 0 and 1) from diffusers, written in the
-    official layout without config metadata: the config comes from the shapes, velocities equal diffusers'."""
-    config = {k: v for k, v in SD3Transformer2DModel.load_config(TINY_SD3 / "transformer").items()
-              if not k.startswith("_")} | dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))
-    torch.manual_seed(0)
-    theirs = SD3Transformer2DModel(**config).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    state = sd3_official(theirs.state_dict())
-    state |= {k: v for k, v in load_file(write_sd3(tmp_path / "x.safetensors", text=False)).items()
-              if k.startswith("first_stage_model.")}
+    """A tiny SD3.5-like transformer (diffusers' SD3Transformer2DModel with qk RMS-norm, dual attention in blocks 0
+    and 1) written in the official layout without config metadata: the config comes from the shapes, velocities
+    equal diffusers', and with the folder's text encoders it generates as the folder."""
+    folder = sd35_folder(tmp_path)
+    theirs = SD3Transformer2DModel.from_pretrained(folder / "transformer").eval()
+    state = sd3_official(theirs.state_dict()) | {"first_stage_model." + k: v for k, v in ldm_vae(folder / "vae").items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sd3.5.safetensors"))
     m = load_mmdit_file(tmp_path / "sd3.5.safetensors", text=False)
     assert m.family == "SD3.5" and m.transformer.cfg.dual_attention_layers == (0, 1)
@@ -142,6 +138,7 @@ def test_sd35_file_reads_its_config_from_shapes(tmp_path):
     t = torch.tensor([1000.0, 250.0])
     with torch.no_grad():
         assert torch.allclose(m.velocity(x, t, TextCond(ctx, pooled)), theirs(x, ctx, pooled, t).sample, atol=1e-5)
+    same_output(load_mmdit_file(tmp_path / "sd3.5.safetensors", base=folder), load_mmdit(folder))
     info = inspect_checkpoint(tmp_path / "sd3.5.safetensors")
     assert info["variant"] == "SD3.5" and "qk RMS-norm" in info["variant_evidence"] and info["loadable"]
     assert any("clip_l.safetensors (--clip-l)" in n for n in info["needs"])
