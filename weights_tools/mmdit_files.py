@@ -29,12 +29,12 @@ from models.mmdit_text import FluxText, SD3Text
 from models.tokenizer_json import read_tokenizer
 from models.vae import AutoencoderKL
 
-from .flux_keys import COMFY_PREFIX, SWAPPED, bfl_config, is_bfl_flux, targets
+from .flux_keys import COMFY_PREFIX, bfl_config, bfl_plan, is_bfl_flux
 from .layout import CheckpointError
 from .mmdit import PIPELINES, Part, check_fit, load_flow, load_part, mmdit_pipeline, vae_factors
 from .mmdit_parts import OPTIONAL_TEXT, ldm_vae_config, mapped, prefixed, tower
 from .mmdit_text import load_part as load_text_part, text_names
-from .sd3_keys import PREFIX, Piece, is_sd3_file, sd3_file_config, sd3_plan
+from .sd3_keys import PREFIX, is_sd3_file, sd3_file_config, sd3_plan
 from .sources import Source, open_file, open_weights, read_json, sniff, weights_file
 from .vae_swap import VAE, open_vae
 
@@ -89,20 +89,6 @@ def family_of(keys) -> Family | None:
 def single_file_family(path) -> Family | None:
     """SD3_FAMILY or FLUX_FAMILY for an MM-DiT single file (headers read), None for anything else."""
     return family_of(open_single(path).entries) if Path(path).is_file() else None
-
-
-def bfl_plan(shapes: dict[str, tuple]) -> dict[str, Piece]:
-    """Our Flux transformer's keys -> where each is in a BFL file (flux_keys' map, read lazily)."""
-    width = shapes.get("img_in.weight", shapes.get(COMFY_PREFIX + "img_in.weight"))[0]
-    plan = {}
-    for key, shape in shapes.items():
-        names, module = targets(key.removeprefix(COMFY_PREFIX))
-        sizes = [width] * 3 + [shape[0] - 3 * width] * (len(names) == 4) if len(names) > 1 else [None]
-        start = 0
-        for name, size in zip(names, sizes):
-            plan[name] = Piece(key, start if size else None, start + size if size else None, module == SWAPPED)
-            start += size or 0
-    return plan
 
 
 def transformer_part(family: Family, src: Source, base: Path | None) -> Part:
