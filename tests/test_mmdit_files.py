@@ -189,6 +189,8 @@ def test_wrong_and_truncated_files_are_refused_unread(files, tmp_path, monkeypat
                         t5=files["flux_clip_l"], base=files["tokenizers_flux"])
     with pytest.raises(CheckpointError, match="not a whole VAE in the LDM names"):
         load_mmdit_file(files["flux_transformer"], vae=files["flux_t5"], base=files["tokenizers_flux"], text=False)
+    with pytest.raises(CheckpointError, match="Flux reads no clip_g text encoder.*leave --clip-g out"):
+        load_mmdit_file(files["flux_transformer"], clip_g=files["flux_clip_l"], base=files["tokenizers_flux"])
     with pytest.raises(CheckpointError, match="--base must be a diffusers Flux folder"):
         load_mmdit_file(files["flux_transformer"], base=TINY_SD3)
     with pytest.raises(CheckpointError, match="prediction_type cannot be given for an SD3 / Flux single file"):

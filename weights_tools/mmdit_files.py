@@ -25,7 +25,7 @@ from models.flux import FluxTransformer
 from models.flux_model import T5_LENGTH, Flux
 from models.mmdit import SD3Transformer
 from models.mmdit_model import SD3, MMDiTModel
-from models.mmdit_text import FluxText, SD3Text
+from models.mmdit_text import SD3_T5_LENGTH, FluxText, SD3Text
 from models.tokenizer_json import read_tokenizer
 from models.vae import AutoencoderKL
 
@@ -210,6 +210,10 @@ def prepare(path, text: bool = True, base=None, vae=None, **given) -> Prepared:
     if family is None:
         raise CheckpointError(f"{path}: not an SD3 / SD3.5 single file (`{PREFIX}joint_blocks.*`) nor BFL's Flux "
                               "transformer (`double_blocks.*`, `img_in.weight`)")
+    foreign = sorted(set(given) - set(family.towers))
+    if foreign:
+        raise CheckpointError(f"{path}: {family.name} reads no {', '.join(foreign)} text encoder (its towers: "
+                              f"{', '.join(family.towers)}); leave {', '.join('--' + k.replace('_', '-') for k in foreign)} out")
     base = checked_base(base, family)
     transformer, vae_p = transformer_part(family, src, base), vae_part(src, vae, base, family)
     for part in (transformer, vae_p):
@@ -235,7 +239,7 @@ def load_mmdit_file(path, device="cpu", dtype=torch.float32, text: bool = True, 
         load_text_part(module, src, dtype, device)
     if p.family is SD3_FAMILY:
         encoders = SD3Text(*(p.towers[k][0] for k in ("clip_l", "clip_g", "t5")), p.tokenizers) if text else None
-        model = SD3(transformer, vae_model, p.flow, *p.factors, encoders, 256)
+        model = SD3(transformer, vae_model, p.flow, *p.factors, encoders, SD3_T5_LENGTH)
     else:
         encoders = FluxText(p.towers["clip_l"][0], p.towers["t5"][0], p.tokenizers) if text else None
         model = Flux(transformer, vae_model, p.flow, *p.factors, encoders, T5_LENGTH)
