@@ -122,6 +122,15 @@ def test_sd3_file_without_text(files):
     assert (bare.scaling_factor, bare.shift_factor, bare.flow.shift) == (1.5305, 0.0609, 3.0) and bare.text is None
 
 
+def test_sd3_clip_l_without_projection_gets_the_identity(files, tmp_path):
+    clip_l = {k: v for k, v in weights(TINY_SD3 / "text_encoder").items() if k != "text_projection.weight"}
+    save_file(clip_l, str(tmp_path / "clip_l.safetensors"))
+    m = load_mmdit_file(files["sd3"], clip_l=tmp_path / "clip_l.safetensors", base=files["tokenizers_sd3"])
+    clip = m.text.text_encoder
+    assert torch.equal(clip.text_projection.weight, torch.eye(32))
+    assert torch.equal(clip.text_model.final_layer_norm.weight, clip_l["text_model.final_layer_norm.weight"])
+
+
 def test_sd35_file_reads_its_config_from_shapes(tmp_path):
     """A tiny SD3.5-like transformer (diffusers' SD3Transformer2DModel with qk RMS-norm, dual attention in blocks 0
     and 1) written in the official layout without config metadata: the config comes from the shapes, velocities

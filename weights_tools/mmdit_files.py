@@ -32,7 +32,7 @@ from models.vae import AutoencoderKL
 from .flux_keys import COMFY_PREFIX, bfl_config, bfl_plan, is_bfl_flux
 from .layout import CheckpointError
 from .mmdit import PIPELINES, Part, check_fit, load_flow, load_part, mmdit_pipeline, vae_factors
-from .mmdit_parts import OPTIONAL_TEXT, ldm_vae_config, mapped, prefixed, tower
+from .mmdit_parts import OPTIONAL_TEXT, ldm_vae_config, mapped, prefixed, tower, with_identity_projection
 from .mmdit_text import load_part as load_text_part, text_names
 from .sd3_keys import PREFIX, is_sd3_file, sd3_file_config, sd3_plan
 from .sources import Source, open_file, open_weights, read_json, sniff, weights_file
@@ -140,8 +140,10 @@ def text_source(kind: str, given, src: Source, base: Path | None, family: Family
         own = open_weights(base / family.towers[kind])
     else:
         return None
-    drop = OPTIONAL_TEXT if family is FLUX_FAMILY else OPTIONAL_TEXT[1:]
-    return prefixed(own, "", drop=drop)
+    if family is FLUX_FAMILY:
+        return prefixed(own, "", drop=OPTIONAL_TEXT)
+    own = prefixed(own, "", drop=OPTIONAL_TEXT[1:])
+    return with_identity_projection(own) if kind == "clip_l" else own
 
 
 def has_weights(folder: Path) -> bool:

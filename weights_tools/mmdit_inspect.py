@@ -8,7 +8,7 @@ from pathlib import Path
 from .flux_keys import COMFY_PREFIX, is_bfl_flux
 from .layout import CheckpointError
 from .mmdit_files import SD3_FAMILY, SD3_TEXT, open_single, prepare
-from .mmdit_parts import prefixed, tower
+from .mmdit_parts import OPTIONAL_TEXT, prefixed, tower, with_identity_projection
 from .mmdit_text import text_names
 from .sd3_keys import PREFIX, is_sd3_file, sd3_file_config, sd3_model_name
 from .vae_swap import VAE
@@ -55,7 +55,8 @@ def text_held(src) -> list[str]:
 def check_towers(src, kinds) -> None:
     """The file's own text towers against the released towers' shapes."""
     for kind in kinds:
-        s = prefixed(src, SD3_TEXT[kind], f"{src.where} ({SD3_TEXT[kind]}*)")
+        s = prefixed(src, SD3_TEXT[kind], f"{src.where} ({SD3_TEXT[kind]}*)", drop=OPTIONAL_TEXT[1:])
+        s = with_identity_projection(s) if kind == "clip_l" else s
         text_names(tower(kind, s, None, projection=True), s)
 
 

@@ -61,6 +61,19 @@ def prefixed(src: Source, prefix: str, where: str | None = None, drop: tuple = (
                                fetch=lambda key: src.fetch(names[key]))
 
 
+def with_identity_projection(src: Source) -> Source:
+    """A CLIP-L tower's tensors with an identity `text_projection` where the file has none: SD3's CLIP-L projection
+    is the identity (the SD3 reference code's; diffusers' single-file loader sets it so too), and a CLIP-L file
+    kept for SD3 may store none."""
+    if "text_projection.weight" in src.entries or "text_model.embeddings.token_embedding.weight" not in src.entries:
+        return src
+    shape, dtype = src.entries["text_model.embeddings.token_embedding.weight"]
+    fetch = src.fetch
+    return dataclasses.replace(src, entries=src.entries | {"text_projection.weight": ((shape[1], shape[1]), dtype)},
+                               fetch=lambda key: torch.eye(shape[1], dtype=dtype) if key == "text_projection.weight"
+                               else fetch(key))
+
+
 # ------------------------------------------------------------------------------------------------- VAE
 def count(shapes, pattern: str) -> int:
     return len({m[1] for k in shapes if (m := re.match(pattern, k))})
