@@ -152,19 +152,22 @@ READ_SHA256: dict = {}
 
 
 def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None, prediction_type=None,
-               tokenizer=None, model_config=None, base=None):
+               tokenizer=None, model_config=None, base=None, **text_files):
     """The checkpoint on the GPU if there is one, in `dtype` (a --dtype name); --non-strict's ignored
-    keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary); `model_config`: --model-config."""
+    keys listed on stderr; `tokenizer`: --tokenizer (LDM's vocabulary); `model_config`: --model-config;
+    `text_files`: --clip-l, --clip-g, --t5 (SD3 / Flux single files' text encoders)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IgnoredKeys)
         warnings.simplefilter("always", AssumedPrediction)
         path = resolve_checkpoint(ckpt)
-        for extra in (vae, base):  # hashed before reading too: the record names the files the model was read from
+        # hashed before reading too: the record names the files the model was read from
+        for extra in (vae, base, *text_files.values()):
             if extra is not None:
                 READ_SHA256[Path(extra)] = file_sha256(extra)
         sd, READ_SHA256[path] = hashed_read(path, lambda: load_checkpoint(
             ckpt, device="cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[dtype], strict=not non_strict,
-            vae=vae, prediction_type=prediction_type, tokenizer=tokenizer, config=model_config, base=base))
+            vae=vae, prediction_type=prediction_type, tokenizer=tokenizer, config=model_config, base=base,
+            **text_files))
     for w in caught:
         if issubclass(w.category, (IgnoredKeys, AssumedPrediction)):
             print(f"p2p: warning: {w.message}", file=sys.stderr)
@@ -174,10 +177,11 @@ def load_model(ckpt, dtype: str = "float32", non_strict: bool = False, vae=None,
 
 
 def model_options(args) -> dict:
-    """--model-config, --base, --non-strict, --vae, --prediction-type, --tokenizer: how the checkpoint is read
-    (load_model's keywords)."""
+    """--model-config, --base, --non-strict, --vae, --prediction-type, --tokenizer, --clip-l, --clip-g, --t5: how
+    the checkpoint is read (load_model's keywords)."""
     return {"model_config": args.model_config, "base": args.base, "non_strict": args.non_strict, "vae": args.vae,
-            "prediction_type": args.prediction_type, "tokenizer": args.tokenizer}
+            "prediction_type": args.prediction_type, "tokenizer": args.tokenizer, "clip_l": args.clip_l,
+            "clip_g": args.clip_g, "t5": args.t5}
 
 
 def settings_record(settings: dict, ckpt, args) -> dict:
@@ -185,7 +189,7 @@ def settings_record(settings: dict, ckpt, args) -> dict:
     VAE and a --base model by their SHA-256 too), versions, and the command's own words."""
     path = resolve_checkpoint(ckpt)
     vae = {f"{flag}_sha256": READ_SHA256.get(Path(getattr(args, flag))) or file_sha256(getattr(args, flag))
-           for flag in ("vae", "base") if getattr(args, flag)}
+           for flag in ("vae", "base", "clip_l", "clip_g", "t5") if getattr(args, flag)}
     sha = READ_SHA256.get(path) or file_sha256(path)
     return {"settings": settings, "checkpoint": str(path), "checkpoint_sha256": sha, "dtype": args.dtype,
             "p2p_version": p2p.__version__, "torch": torch.__version__, "argv": args.argv} | model_options(args) | vae

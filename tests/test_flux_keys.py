@@ -117,10 +117,10 @@ def test_a_file_of_another_layout_is_refused_by_name(tmp_path):
         load_bfl_transformer(tmp_path / "other.safetensors")
 
 
-def test_loading_a_bfl_file_as_a_checkpoint_says_what_to_load_instead(tmp_path):
+def test_loading_a_bfl_file_as_a_checkpoint_says_what_else_it_needs(tmp_path):
     from weights_tools import load_checkpoint
 
     shapes = bfl_shapes(double=1, single=1, heads=1)
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, tmp_path / "flux1-tiny.safetensors")
-    with pytest.raises(CheckpointError, match="FluxPipeline.*load_bfl_transformer"):
+    with pytest.raises(CheckpointError, match="holds no VAE.*--vae ae.safetensors.*--base a diffusers Flux folder"):
         load_checkpoint(tmp_path / "flux1-tiny.safetensors")

@@ -19,7 +19,10 @@ import torch
 from models.flux import FluxConfig, FluxTransformer
 
 from .layout import CheckpointError
-from .sources import open_file, sniff
+from .mmdit import load_part
+from .mmdit_parts import mapped
+from .sd3_keys import Piece
+from .sources import Source, open_file, sniff
 
 COMFY_PREFIX = "model.diffusion_model."
 # BFL module -> ours, one target per row block of a fused tensor
@@ -65,55 +68,60 @@ def targets(key: str) -> tuple[tuple[str, ...], str]:
     return tuple(f"{prefix}{t}.{PARAMS[param]}" for t in table[name]), module
 
 
-def split_rows(tensor: torch.Tensor, names: tuple[str, ...], width: int) -> dict[str, torch.Tensor]:
-    """Split a fused tensor by rows: q, k, v of `width` rows each, the rest (a single block's MLP) last."""
-    if len(names) == 1:
-        return {names[0]: tensor}
-    sizes = [width] * 3 + ([tensor.shape[0] - 3 * width] if len(names) == 4 else [])
-    return dict(zip(names, torch.split(tensor, sizes, dim=0)))
-
-
 def bfl_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A BFL Flux transformer state dict -> diffusers' FluxTransformer2DModel names (the names of
-    models.flux.FluxTransformer). Unknown keys are refused by name."""
+    models.flux.FluxTransformer), through `bfl_plan`, the map loading reads a file with. Unknown keys are refused
+    by name."""
     sd = {k.removeprefix(COMFY_PREFIX): v for k, v in state_dict.items()}
     if "img_in.weight" not in sd:
         raise CheckpointError("BFL Flux file without `img_in.weight`: not a Flux transformer file")
-    width = sd["img_in.weight"].shape[0]
-    out = {}
-    for key, tensor in sd.items():
-        names, module = targets(key)
-        if module == SWAPPED:
-            shift, scale = tensor.chunk(2, dim=0)
-            tensor = torch.cat([scale, shift], dim=0)
-        out.update(split_rows(tensor, names, width))
-    return out
+    src = Source("BFL Flux state dict", "dict", {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, sd.__getitem__)
+    out = mapped(src, bfl_plan(src.shapes), src.where)
+    return {k: out.fetch(k) for k in out.entries}
+
+
+def bfl_plan(shapes: dict[str, tuple]) -> dict[str, Piece]:
+    """Our Flux transformer's keys -> where each is in a BFL file ({key: shape}): a fused tensor split by rows
+    (q, k, v of `width` rows each, a single block's MLP the rest), the final AdaLN's halves swapped."""
+    width = shapes.get("img_in.weight", shapes.get(COMFY_PREFIX + "img_in.weight"))[0]
+    plan = {}
+    for key, shape in shapes.items():
+        names, module = targets(key.removeprefix(COMFY_PREFIX))
+        sizes = [width] * 3 + [shape[0] - 3 * width] * (len(names) == 4) if len(names) > 1 else [None]
+        start = 0
+        for name, size in zip(names, sizes):
+            plan[name] = Piece(key, start if size else None, start + size if size else None, module == SWAPPED)
+            start += size or 0
+    return plan
 
 
 def blocks(shapes, kind: str) -> int:
     return len({int(m[2]) for k in shapes if (m := BLOCK.fullmatch(k.rpartition(".")[0])) and m[1] == kind})
 
 
-def bfl_config(shapes: dict[str, tuple]) -> FluxConfig:
+def bfl_config(shapes: dict[str, tuple], axes_dims_rope: tuple | None = None) -> FluxConfig:
     """The FluxConfig of a BFL file, read from its shapes ({key: shape}). The rotary axes are not in the file:
-    BFL's FLUX.1 uses (16, 56, 56) for its 128-wide heads, the only head width read here."""
+    BFL's FLUX.1 uses (16, 56, 56) for its 128-wide heads, the only head width read here unless
+    `axes_dims_rope` is given (a diffusers folder's transformer/config.json says them)."""
     s = {k.removeprefix(COMFY_PREFIX): tuple(v) for k, v in shapes.items()}
     head_dim = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-    if head_dim != 128:
+    if head_dim != 128 and axes_dims_rope is None:
         raise CheckpointError(f"BFL Flux file with {head_dim}-wide heads: its rotary axes are not stored in the "
-                              "file and are known only for FLUX.1's 128 (16, 56, 56); convert it to a diffusers "
-                              "folder whose transformer/config.json gives axes_dims_rope")
+                              "file and are known only for FLUX.1's 128 (16, 56, 56); give --base a diffusers Flux "
+                              "folder whose transformer/config.json gives axes_dims_rope, or convert it to one")
     width, in_channels = s["img_in.weight"]
     return FluxConfig(in_channels=in_channels, out_channels=s["final_layer.linear.weight"][0],
                       num_layers=blocks(s, "double_blocks"), num_single_layers=blocks(s, "single_blocks"),
                       attention_head_dim=head_dim, num_attention_heads=width // head_dim,
                       joint_attention_dim=s["txt_in.weight"][1], pooled_projection_dim=s["vector_in.in_layer.weight"][1],
-                      guidance_embeds="guidance_in.in_layer.weight" in s, axes_dims_rope=(16, 56, 56))
+                      guidance_embeds="guidance_in.in_layer.weight" in s,
+                      axes_dims_rope=tuple(axes_dims_rope) if axes_dims_rope is not None else (16, 56, 56))
 
 
 def load_bfl_transformer(path, device="cpu", dtype=torch.float32) -> FluxTransformer:
     """A BFL single file (`flux1-dev.safetensors`, `flux1-schnell.safetensors`) as a FluxTransformer: its config
-    read from its shapes, its tensors renamed and split, every key of the model filled (strict)."""
+    read from its shapes, every key of the model filled (strict), each tensor read, split and renamed only when
+    it is assigned (one copy of the weights)."""
     path = Path(path)
     src = open_file(path, path.stat().st_size, sniff(path))
     if not is_bfl_flux(src.shapes):
@@ -121,7 +129,5 @@ def load_bfl_transformer(path, device="cpu", dtype=torch.float32) -> FluxTransfo
                               "a diffusers Flux folder loads as a folder")
     with torch.device("meta"):
         model = FluxTransformer(bfl_config(src.shapes))
-    state = bfl_to_diffusers({k: src.fetch(k) for k in src.shapes})
-    state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    load_part(model, mapped(src, bfl_plan(src.shapes), str(path)), device, dtype, str(path))
     return model.requires_grad_(False).eval()

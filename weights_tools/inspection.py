@@ -17,6 +17,7 @@ from .layout import DISTILLED_SDXL, CheckpointError, family_code, split_parts, v
 from .layouts import LAYOUTS
 from .load import resolve_config, said_schedule
 from .mmdit import mmdit_pipeline
+from .mmdit_inspect import describe_mmdit_file
 from .sources import open_source
 
 REPORTED_PARTS = ("unet", "vae", "text_encoder", "ema", "schedule", "position_ids", "unused", "other")
@@ -41,6 +42,12 @@ def inspect_checkpoint(path) -> dict:
     row = mmdit_pipeline(path)
     if row is not None:  # an MM-DiT folder: its own path (weights_tools/mmdit.py), not the UNet families' tables
         return info | mmdit_loadability(row, path)
+    single = describe_mmdit_file(path)  # an SD3 / Flux single file or a part file kept beside one
+    if single is not None:
+        grouped = single.pop("groups")
+        other = sorted(grouped.pop("other", ()))
+        parts = {name: _part_summary(entries) for name, entries in grouped.items()}
+        return info | single | {"parts": parts, "unknown_keys": other[:10], "unknown_count": len(other)}
     info.update(_loadability(src, variant))
     info["model"] = model_name(variant, info["prediction_type"])
     u = src.config.unet if src.config is not None else None
@@ -133,6 +140,8 @@ def format_inspection(info: dict) -> str:
              f"  predicts: {info['prediction_type'] or '?'} ({info['prediction_source']})",
              *([f"  schedule: {info['schedule']}"] if info.get("schedule") else []),
              f"  loadable: {'yes' if info['loadable'] else 'no: ' + info['problem']}",
+             *([f"  holds:    {', '.join(info['holds'])}"] if info.get("holds") else []),
+             *(f"  needs:    {need}" for need in info.get("needs", ())),
              f"  tensors:  {info['tensors']}"]
     for part, s in info["parts"].items():
         dt = ", ".join(f"{d} x{n}" for d, n in s["dtypes"].items())

@@ -112,8 +112,9 @@ KIND_NOTES = {DISTILLED_SDXL: ": SDXL with transformer blocks removed (a per-blo
                                  "model; loaded as SDXL it would give wrong pictures: use diffusers' "
                                  "StableDiffusionXLPipeline with its own scheduler",
               "Flux": " as a single file: BFL's `flux1-*.safetensors` holds the transformer alone (no VAE, no "
-                      "text encoders); load the FLUX.1 diffusers folder (model_index.json names FluxPipeline), or "
-                      "read this transformer with weights_tools.flux_keys.load_bfl_transformer",
+                      "text encoders); load it with its parts (--vae ae.safetensors, --clip-l clip_l.safetensors, "
+                      "--t5 t5xxl_fp16.safetensors, --base a FLUX.1 diffusers folder for the tokenizers), or load "
+                      "the FLUX.1 diffusers folder (model_index.json names FluxPipeline)",
               "CosXL-style EDM v-prediction": ": its sampling follows a continuous EDM sigma range "
                                               "(edm_vpred.sigma_min / sigma_max), which this package's DDIM / PLMS "
                                               "samplers do not model"}

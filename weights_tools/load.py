@@ -19,6 +19,7 @@ from .family import resolve_prediction
 from .layout import CheckpointError, family_code, leftover_keys, model_keys, model_shapes, validate_shapes
 from .layouts import LAYOUTS, SD2_SOURCE, sd2_default  # noqa: F401  (SD 2.x's default, imported from here too)
 from .mmdit import load_mmdit, mmdit_pipeline
+from .mmdit_files import load_mmdit_file, single_file_family
 from .registry import named_blend_level, resolve_checkpoint
 from .sources import Source, open_source, read_tensor
 from .unet_swap import open_unet
@@ -136,7 +137,8 @@ def warn_ignored(where: str, ignored: list[str]) -> None:
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict: bool = True,
-                    vae=None, prediction_type=None, tokenizer=None, base=None) -> StableDiffusion:
+                    vae=None, prediction_type=None, tokenizer=None, base=None, clip_l=None, clip_g=None,
+                    t5=None) -> StableDiffusion:
     """Load a Stable Diffusion v1.x / 2.x, SDXL or LDM-400M checkpoint (.safetensors, .ckpt, diffusers folder) in
     eval mode.
 
@@ -159,10 +161,15 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     `base`: `path` is a UNet alone (SDXL-Lightning's, Hyper-SD's `*_unet.safetensors`, in diffusers' names or
     the single-file layout, or a diffusers unet/ folder); the VAE, the text towers and the config come from
     `base` (a single file or a diffusers folder of the model it was trained from).
+    An SD3 / SD3.5 single file or BFL's Flux transformer file loads through weights_tools.mmdit_files: `vae`,
+    `clip_l`, `clip_g`, `t5` give the parts it lacks (`ae.safetensors`, `clip_l.safetensors`, ...), `base` a
+    diffusers folder of the same model for the rest and the tokenizers.
     """
-    if mmdit_pipeline(resolve_checkpoint(path)) is not None:
-        return load_mmdit_checked(resolve_checkpoint(path), device, dtype, config=config, vae=vae, base=base,
-                                  prediction_type=prediction_type, tokenizer=tokenizer, strict=strict)
+    texts, unet_only = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}, dict(
+        config=config, strict=strict, prediction_type=prediction_type, tokenizer=tokenizer)
+    mmdit = load_mmdit_any(resolve_checkpoint(path), device, dtype, vae, base, texts, unet_only)
+    if mmdit is not None:
+        return mmdit
     src, cfg, _ = open_checked(path, config, strict, vae, prediction_type, base)
     cfg, tok = with_tokenizer(cfg, tokenizer, src.where)  # before any tensor is read
     with torch.device("meta"):
@@ -180,13 +187,30 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, config=None, strict
     return model.requires_grad_(False).eval()  # weights to sample with: sd.decode(...) runs outside no_grad too
 
 
+def load_mmdit_any(path, device, dtype, vae, base, texts: dict, unet_only: dict):
+    """An MM-DiT folder or single file as its model (the UNet families' options refused), None for anything else
+    (which the text encoders' options are refused for)."""
+    if mmdit_pipeline(path) is not None:
+        return load_mmdit_checked(path, device, dtype, vae=vae, base=base, **unet_only, **texts)
+    if single_file_family(path) is not None:
+        refuse_options(path, "an SD3 / Flux single file", **unet_only)
+        return load_mmdit_file(path, device, dtype, base=base, vae=vae, **texts)
+    refuse_options(path, "a UNet family's checkpoint (the text encoders' files are SD3's and Flux's)", **texts)
+    return None
+
+
 def load_mmdit_checked(path, device, dtype, **given):
     """An MM-DiT folder, refusing the options that only the UNet families take (with their values given)."""
+    refuse_options(path, "an MM-DiT folder (its transformer, VAE, schedule and text come from the folder itself)",
+                   **given)
+    return load_mmdit(path, device, dtype)
+
+
+def refuse_options(path, what: str, **given) -> None:
+    """Refuse the options given (not None; strict only when False) that `what` does not take."""
     said = [k for k, v in given.items() if v is not None and not (k == "strict" and v)]
     if said:
-        raise CheckpointError(f"{path}: {', '.join(said)} cannot be given for an MM-DiT folder (its transformer, VAE, "
-                              "schedule and text come from the folder itself); leave them out")
-    return load_mmdit(path, device, dtype)
+        raise CheckpointError(f"{path}: {', '.join(said)} cannot be given for {what}; leave them out")
 
 
 def read_state_dict(path, config=None, strict: bool = True, vae=None,

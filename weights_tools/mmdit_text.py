@@ -90,6 +90,13 @@ def load_parts(model, folder: Path, dtype, device):
 def load_part(module: torch.nn.Module, src: Source, dtype, device) -> None:
     """The module's tensors from `src` under the same names, shapes checked; T5's embedding read once under
     whichever of its two names the file has."""
+    names = text_names(module, src)
+    read = {n: read_tensor(src, n, src.entries[n][0], device, kept_dtype(n, dtype)) for n in set(names.values())}
+    module.load_state_dict({k: read[n] for k, n in names.items()}, strict=True, assign=True)
+
+
+def text_names(module: torch.nn.Module, src: Source) -> dict[str, str]:
+    """The module's key -> the file's name for it, every key and shape checked before any tensor is read."""
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     names = {k: source_name(k, src) for k in wanted}
     missing = [k for k, n in names.items() if n is None]
@@ -99,8 +106,7 @@ def load_part(module: torch.nn.Module, src: Source, dtype, device) -> None:
     if missing or unexpected or wrong:
         raise CheckpointError(f"{src.where}: does not fit its config.json: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}, misshapen {wrong[:5]} (a file of another model?)")
-    read = {n: read_tensor(src, n, src.entries[n][0], device, kept_dtype(n, dtype)) for n in set(names.values())}
-    module.load_state_dict({k: read[n] for k, n in names.items()}, strict=True, assign=True)
+    return names
 
 
 def kept_dtype(key: str, dtype):

@@ -193,12 +193,12 @@ def _check_tiling(path: Path, entries: dict, data_size: int) -> None:
 def open_safetensors(path: Path, size: int) -> Source:
     raw, metadata = read_safetensors_header(path, size)
     names = _canonical_names(raw, str(path))
-    handle = {}
 
     def fetch(key: str) -> torch.Tensor:
-        if "f" not in handle:
-            handle["f"] = safe_open(str(path), framework="pt", device="cpu")
-        return handle["f"].get_tensor(names[key])
+        """One tensor, the file mapped only while it is read: a mapping kept open keeps every page read so far
+        resident, and the process would hold the weights twice (the file's pages and the loaded copy)."""
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_tensor(names[key])
 
     src = Source(str(path), "safetensors", {c: raw[k] for c, k in names.items()}, fetch, dict(metadata),
                  prediction=said_in_metadata(metadata, str(path)))

@@ -52,12 +52,18 @@ def model_option_flags(q) -> None:
                         "else epsilon)")
     q.add_argument("--tokenizer", help="LDM-400M: BERT's vocab.txt, which its single file lacks (a diffusers "
                                        "folder's tokenizer/ is found without it)")
+    for flag, what in (("--clip-l", "clip_l.safetensors"), ("--clip-g", "clip_g.safetensors"),
+                       ("--t5", "t5xxl_fp16.safetensors")):
+        q.add_argument(flag, dest=flag[2:].replace("-", "_"), metavar="FILE",
+                       help=f"SD3 / Flux single files: the text encoder's own file ({what}) where the model file lacks "
+                            "it (a diffusers folder given as --base also gives it, and the tokenizers)")
 
 
 def load_options(args) -> dict:
     """load_checkpoint's keywords from model_option_flags' flags."""
     return {"config": args.model_config, "base": args.base, "strict": not args.non_strict, "vae": args.vae,
-            "prediction_type": args.prediction_type, "tokenizer": args.tokenizer}
+            "prediction_type": args.prediction_type, "tokenizer": args.tokenizer, "clip_l": args.clip_l,
+            "clip_g": args.clip_g, "t5": args.t5}
 
 
 def _run_batches(out_dir: Path, batches, ab: dict, sd, device, dtype, bar, identity: dict, load: dict) -> None:
