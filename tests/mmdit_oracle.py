@@ -271,3 +271,16 @@ def run_official(pipe, prompts, x_T, num_steps, guidance, height, width, method=
     finally:
         pipe.transformer.set_attn_processor(plain)
     return (z if family == "sd3" else unpack(z, height // 8, width // 8)), ctrl
+
+
+def randomize(module, seed):
+    """The golden folders' weight draw: 1-D 0.1 N(0, 1) (+1 for norm weights), else N(0, 1)/sqrt(numel p[0])."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1:
+                norm = ("norm" in name or "ln" in name) and name.endswith("weight")
+                p.copy_(0.1 * torch.randn(p.shape, generator=g) + (1.0 if norm else 0.0))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    return module
