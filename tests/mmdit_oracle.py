@@ -15,9 +15,13 @@ FluxPipeline, to hold p2p.joint_control to it beyond the recorded golden cases.
 """
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
@@ -91,7 +95,7 @@ class Official:
         self.replace_blocks, self.aggregate_blocks = replace_blocks, aggregate_blocks
         self.alpha, self.threshold, self.grid = alpha, threshold, (height // 16, width // 16)
         self.step, self.calls, self.controlled, self.heads = 0, 0, 0, None
-        self.cfg, self.place_to_idx, self.store, self.masks = None, {}, {}, []
+        self.cfg, self.place_to_idx, self.store, self.masks, self.margins = None, {}, {}, [], []
 
     def slices(self, seq):
         img = seq - self.text_len
@@ -141,6 +145,7 @@ class Official:
             m = m / m.amax(dim=(2, 3), keepdim=True)
         else:
             m = (maps / maps.amax(-1, keepdim=True))[..., None]
+        self.margins.append((m - self.threshold).abs().min().item())
         m = m > self.threshold
         mask = (m[:1] | m[1:]).to(x.dtype)
         self.masks.append(mask)
@@ -284,3 +289,29 @@ def randomize(module, seed):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
     return module
+
+
+def model_config(folder):
+    cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def sd35_folder(sd3_folder, out, seed=31):
+    """An SD3.5-medium-like folder: the SD3 folder's text encoders, VAE and scheduler with a new random
+    transformer that has qk RMS-norm and dual attention (an image-only attn2) in blocks 0 and 1, so attn2
+    processors take block indices 1 and 3 and the joint blocks are 0, 2, 4."""
+    shutil.copytree(sd3_folder, out, ignore=shutil.ignore_patterns("transformer"))
+    cfg = model_config(sd3_folder) | {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)}
+    randomize(SD3Transformer2DModel(**cfg), seed).save_pretrained(Path(out) / "transformer")
+    return Path(out)
+
+
+def schnell_folder(flux_folder, out, seed=37):
+    """A FLUX.1-schnell-like folder: the Flux folder's parts with a new random transformer without guidance
+    embedding and schnell's static scheduler (shift 1, no dynamic shifting)."""
+    shutil.copytree(flux_folder, out, ignore=shutil.ignore_patterns("transformer"))
+    randomize(FluxTransformer2DModel(**model_config(flux_folder) | {"guidance_embeds": False}), seed).save_pretrained(
+        Path(out) / "transformer")
+    path = Path(out) / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"use_dynamic_shifting": False, "shift": 1.0}))
+    return Path(out)
