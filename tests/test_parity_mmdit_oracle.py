@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import p2p
-from p2p.joint_control import JointController, JointReplace, blend_mask, model_layout, smooth
+from p2p.joint_control import JointController, JointReplace, blend_alpha, blend_mask, model_layout, smooth
 from p2p.joint_pipeline import joint_generate
-from tests.mmdit_oracle import load_pipe, run_official, schnell_folder, sd35_folder
+from tests.mmdit_oracle import alpha_layers, load_pipe, run_official, schnell_folder, sd35_folder
 from weights_tools import load_checkpoint
 from weights_tools.mmdit_text import load_flux_text, load_sd3_text
 
@@ -90,7 +90,8 @@ def as_official(mask, family):
 
 
 # model, method, replace_steps, LocalBlend (words, threshold, end_blend, blocks) or None, height, width, steps,
-# guidance (None: the model's), prompts (None: the model's pair)
+# guidance (None: the model's), prompts (None: the model's pair)[, {"blocks": JointReplace blocks,
+# "start_blend": LocalBlend start_blend}]
 CASES = {
     **{f"sd3_{mm}": ("sd3", mm, 0.2, None, 96, 128, 10, None, None)
        for mm in ("qi", "ki", "qk", "qikt", "qtki", "qtkt", "kivi")},
@@ -120,6 +121,13 @@ CASES = {
     "sd35_qiki": ("sd35", "qiki", 0.2, None, 96, 128, 10, None, None),
     "sd35_blend_2_4": ("sd35", "qiki", 0.2, (SD3_WORDS, 0.9, 0.5, (2, 4)), 96, 128, 10, None, None),
     "sd35_blend_0_64x64": ("sd35", "qtki", 0.5, (SD3_WORDS, 0.985, 1.0, (0,)), 64, 64, 7, None, None),
+    "sd3_replace_pair_80x112": ("sd3", "qiki", (0.1, 0.6), (SD3_WORDS, 0.9, 0.5, (1, 2)), 80, 112, 10, None, None),
+    "flux_replace_single_blocks": ("flux", "qiki", 0.5, None, 96, 128, 10, None, None, {"blocks": (2, 3)}),
+    "flux_blend_start0.2": ("flux", "qiki", 0.2, (FLUX_WORDS, 0.75, 0.6, (1, 2)), 96, 128, 10, None, None,
+                            {"start_blend": 0.2}),
+    "sd35_replace_blocks_0_4": ("sd35", "qk", 0.5, (SD3_WORDS, 0.95, 0.5, (4,)), 96, 128, 10, None, None,
+                                {"blocks": (0, 4)}),
+    "sd35_blend_every_block": ("sd35", "qiki", 0.2, (SD3_WORDS, 0.9, 0.5, None), 96, 128, 10, None, None),
     "schnell_qiki": ("schnell", "qiki", 0.5, None, 96, 128, 4, None, None),
     "schnell_blend_single": ("schnell", "qiki", 0.5, (FLUX_WORDS, 0.75, 0.5, (2, 3)), 96, 128, 4, None, None),
 }
@@ -127,26 +135,30 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_library_agrees_with_the_oracle(pair, name):
-    model, method, rs, lb, h, w, n, g, prompts = CASES[name]
+    model, method, rs, lb, h, w, n, g, prompts, *extra = CASES[name]
+    extra = extra[0] if extra else {}
     m, pipe = pair(model)
     family = "sd3" if model.startswith("sd3") else "flux"
     prompts = prompts or (SD3_PROMPTS if family == "sd3" else FLUX_PROMPTS)
     g = GUIDANCE[model] if g is None else g
     x_T = torch.randn((1, 16, h // 8, w // 8), generator=torch.Generator().manual_seed(864))
-    blend = None if lb is None else p2p.LocalBlend(lb[0], threshold=lb[1], end_blend=lb[2], blocks=lb[3])
-    spec = JointReplace(replace_steps=rs, method=method)
+    start = extra.get("start_blend", 0.0)
+    blend = None if lb is None else p2p.LocalBlend(lb[0], threshold=lb[1], start_blend=start, end_blend=lb[2],
+                                                   blocks=lb[3])
+    spec = JointReplace(replace_steps=rs, method=method, blocks=extra.get("blocks"))
     kw = dict(latents=x_T, num_steps=n, guidance_scale=g, height=h, width=w)
     out = p2p.edit(m, prompts, spec, local_blend=blend, progress=False, **kw)
-    z, ctrl = run_official(pipe, prompts, x_T, n, g, h, w, method=method, replace_steps=float(rs),
-                           words=None if lb is None else lb[0], threshold=0.3 if lb is None else lb[1],
-                           blend_steps=0.5 if lb is None else float(lb[2]),
-                           aggregate_blocks=None if lb is None else list(lb[3]))
+    z, ctrl = run_official(pipe, prompts, x_T, n, g, h, w, method=method, replace_steps=rs,
+                           replace_blocks=extra.get("blocks"), words=None if lb is None else lb[0],
+                           threshold=0.3 if lb is None else lb[1],
+                           blend_steps=0.5 if lb is None else (start, lb[2]),
+                           aggregate_blocks=None if lb is None or lb[3] is None else list(lb[3]))
     assert rel(out.latents, z) <= 1e-5
     assert rel(out.latents[1], out.latents[0]) > 1e-3            # the target row is edited
     if lb is not None:
         assert min(ctrl.margins) > 1e-4                           # no mask value sits on the threshold
         masks = [as_official(k, family) for k in library_masks(m, prompts, spec, blend, **kw)]
-        assert len(masks) == len(ctrl.masks) == int(n * lb[2])
+        assert len(masks) == len(ctrl.masks) == int(n * lb[2]) - int(n * start)
         assert all(map(torch.equal, masks, ctrl.masks))
         assert any(0 < k.mean() < 1 for k in masks)               # a partial mask at some step
 
@@ -185,3 +197,31 @@ def test_bad_input_is_refused_naming_the_fix(pair):
         p2p.edit(m, SD3_PROMPTS + SD3_PROMPTS[:1], JointReplace(), local_blend=p2p.LocalBlend(SD3_WORDS), **kw)
     with pytest.raises(ValueError, match="an edit needs a source prompt and at least one edited prompt"):
         p2p.edit(m, SD3_PROMPTS[:1], JointReplace(), **kw)
+
+
+# prompt pairs and blend words whose token columns must be the official ones: punctuation on either side,
+# apostrophes, hyphens, digits, capitals (not in the tiny T5 vocabulary), several words in one string,
+# multi-token words, doubled spaces, characters the T5 vocabulary lacks
+WORD_CASES = [
+    (["a (cat) sitting on a red-haired car.", "a (dog) sitting on a red-haired car."], [["(cat)"], ["(dog)"]]),
+    (["a cat's hat on a car", "a dog's hat on a car"], [["cat's"], ["dog's"]]),
+    (["2 cats sitting on 3 cars", "2 dogs sitting on 3 cars"], [["cats", "2"], ["dogs"]]),
+    (["A Cat sitting on a car", "A Dog sitting on a car"], [["Cat"], ["Dog"]]),
+    (["a cat sitting on a red car", "a dog sitting on a red car"], [["red car"], ["red car"]]),
+    (["a zebra-striped cat; on a car!", "a zebra-striped dog; on a car!"], [["cat;", "zebra-striped"], ["dog;"]]),
+    (["a cat... sitting!!", "a dog... sitting!!"], [["cat...", "sitting!!"], ["dog..."]]),
+    (["a capybara", "a hedgehog"], [["capybara"], ["hedgehog"]]),
+    (["a   cat  sitting", "a dog sitting"], [["cat"], ["dog"]]),
+    (["a cat @#$ sitting", "a dog @#$ sitting"], [["sitting"], ["sitting"]]),
+    (["a watercolor painting of a cat", "a watercolor painting of a dog"], [["watercolor"], ["painting"]]),
+]
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+@pytest.mark.parametrize("k", range(len(WORD_CASES)))
+def test_word_columns_are_the_official_ones(pair, model, k):
+    m, pipe = pair(model)
+    prompts, words = WORD_CASES[k]
+    toks = (pipe.tokenizer, pipe.tokenizer_3 if model == "sd3" else pipe.tokenizer_2)
+    want = alpha_layers(model, prompts, words, toks, 256 if model == "sd3" else 512)
+    assert want.any() and torch.equal(blend_alpha(model_layout(m), prompts, words).to(want.dtype), want)
