@@ -6,6 +6,8 @@ The schedule is N sigmas from (about) 1 down, then 0, bent towards 1 by a shift:
 - static (SD3 / SD3.5: `shift` 3.0): sigma' = s sigma / (1 + (s - 1) sigma). diffusers spaces the N
   timesteps linearly from sigma_max to sigma_min of its shifted 1000-step table, then shifts them again,
   so the last sigma is the table's smallest, shifted twice (a quirk kept: it moves SD3's z0);
+  FluxPipeline passes sigmas linspace(1, 1/N, N) instead, and a static shift bends those (FLUX.1-schnell:
+  shift 1, use_dynamic_shifting false, so they are its schedule as they are);
 - dynamic (Flux: `use_dynamic_shifting`): the pipeline passes sigmas linspace(1, 1/N, N) and
   mu = the image sequence length on the line through (base_image_seq_len, base_shift) and
   (max_image_seq_len, max_shift); sigma' = e^mu / (e^mu + (1/sigma - 1)).
@@ -58,9 +60,14 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return image_seq_len * m + b
 
 
-def static_sigmas(cfg: FlowConfig, num_steps: int) -> np.ndarray:
-    """(N,) float64 sigmas of a static shift, as set_timesteps without given sigmas: spaced between the
-    shifted table's ends (sigma_max = 1, sigma_min = shift(1/1000)), then shifted (again)."""
+def static_sigmas(cfg: FlowConfig, num_steps: int, pipeline_sigmas: bool = False) -> np.ndarray:
+    """(N,) sigmas of a static shift. As set_timesteps without given sigmas (StableDiffusion3Pipeline): spaced
+    between the shifted table's ends (sigma_max = 1, sigma_min = shift(1/1000)), then shifted (again), float64.
+    pipeline_sigmas: as FluxPipeline, which always passes linspace(1, 1/N, N) (FLUX.1-schnell's static
+    schedule, shift 1: those sigmas as they are), float32."""
+    if pipeline_sigmas:
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+        return cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
     n = cfg.num_train_timesteps
     table = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy()) / n
     table = cfg.shift * table / (1 + (cfg.shift - 1) * table)
@@ -83,10 +90,12 @@ class FlowMatchEuler:
     timesteps: torch.Tensor  # (N,) fp32: sigma * num_train_timesteps, what the model is given
 
     @classmethod
-    def create(cls, num_steps: int, flow: FlowConfig = FlowConfig(), image_seq_len: int | None = None
-               ) -> "FlowMatchEuler":
+    def create(cls, num_steps: int, flow: FlowConfig = FlowConfig(), image_seq_len: int | None = None,
+               pipeline_sigmas: bool = False) -> "FlowMatchEuler":
         """The schedule of N steps. image_seq_len: the image's token count ((h/2)(w/2) latent patches),
-        which the dynamic shift needs."""
+        which the dynamic shift needs. pipeline_sigmas: the pipeline passes linspace(1, 1/N, N) as the
+        sigmas to shift, as FluxPipeline does whether the shift is dynamic or static (the dynamic shift
+        always starts from them)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         if flow.use_dynamic_shifting:
@@ -94,7 +103,7 @@ class FlowMatchEuler:
                 raise ValueError("a dynamic shift (use_dynamic_shifting) needs image_seq_len, the image's token count")
             sigmas = dynamic_sigmas(flow, num_steps, image_seq_len)
         else:
-            sigmas = static_sigmas(flow, num_steps)
+            sigmas = static_sigmas(flow, num_steps, pipeline_sigmas)
         sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
         return cls(torch.cat([sigmas, torch.zeros(1)]), sigmas * flow.num_train_timesteps)
 

@@ -28,6 +28,7 @@ class Flux(MMDiTModel):
     """FLUX.1: the Flux transformer, distilled guidance where it embeds one, text = T5's t5_length positions."""
     uses_cfg = False
     family = "Flux"
+    pipeline_sigmas = True  # FluxPipeline hands its scheduler linspace(1, 1/N, N), schnell's static schedule too
     default_size = DEFAULT_SIZE
 
     def __init__(self, transformer: FluxTransformer, vae: AutoencoderKL, flow: FlowConfig, scaling_factor: float,

@@ -32,6 +32,7 @@ class MMDiTModel(nn.Module):
     latent_channels = 16
     latent_downsample = 8
     family = ""  # what p2p inspect and messages call it ("SD3", "SD3.5", "Flux")
+    pipeline_sigmas = False  # the pipeline passes linspace(1, 1/N, N) sigmas to its scheduler (FluxPipeline)
 
     def __init__(self, vae: AutoencoderKL, flow: FlowConfig, scaling_factor: float, shift_factor: float,
                  text: nn.Module | None = None):
@@ -80,7 +81,7 @@ class MMDiTModel(nn.Module):
         """The flow schedule of a run: its dynamic shift (where the folder's scheduler has one) reads the
         image's token count, (h/2)(w/2)."""
         h, w = self.latent_grid(height, width)
-        return FlowMatchEuler.create(num_steps, self.flow, (h // 2) * (w // 2))
+        return FlowMatchEuler.create(num_steps, self.flow, (h // 2) * (w // 2), self.pipeline_sigmas)
 
 
 class SD3(MMDiTModel):

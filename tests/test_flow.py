@@ -19,10 +19,13 @@ SD3 = FlowConfig(shift=3.0)
 FLUX = FlowConfig(shift=3.0, use_dynamic_shifting=True)
 
 
-def oracle(cfg: FlowConfig, n: int, seq_len: int | None = None):
-    """diffusers' scheduler set as StableDiffusion3Pipeline / FluxPipeline set it."""
+def oracle(cfg: FlowConfig, n: int, seq_len: int | None = None, flux: bool = False):
+    """diffusers' scheduler set as StableDiffusion3Pipeline / FluxPipeline set it (flux: a static shift on the
+    pipeline's sigmas, FLUX.1-schnell's)."""
     s = FlowMatchEulerDiscreteScheduler(shift=cfg.shift, use_dynamic_shifting=cfg.use_dynamic_shifting)
-    if cfg.use_dynamic_shifting:
+    if flux and not cfg.use_dynamic_shifting:
+        s.set_timesteps(n, sigmas=np.linspace(1.0, 1 / n, n))
+    elif cfg.use_dynamic_shifting:
         mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
         s.set_timesteps(n, sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
     else:
@@ -38,6 +41,17 @@ def test_schedule_equals_diffusers(cfg, seq_len, n):
     assert torch.equal(ours.sigmas, theirs.sigmas)
     assert torch.equal(ours.timesteps, theirs.timesteps)
     assert ours.num_steps == n and [c.row for c in ours.calls] == list(range(n))
+
+
+@pytest.mark.parametrize("n", [1, 4, 10])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flux_static_schedule_shifts_the_pipelines_sigmas(shift, n):
+    """FluxPipeline passes linspace(1, 1/N, N) whatever the shift: FLUX.1-schnell (static shift 1) samples
+    those sigmas, not SD3's spacing of the 1000-step table."""
+    cfg = FlowConfig(shift=shift)
+    ours, theirs = FlowMatchEuler.create(n, cfg, 48, pipeline_sigmas=True), oracle(cfg, n, flux=True)
+    assert torch.equal(ours.sigmas, theirs.sigmas) and torch.equal(ours.timesteps, theirs.timesteps)
+    assert not torch.equal(ours.sigmas, FlowMatchEuler.create(n, cfg).sigmas) or n == 1
 
 
 def test_step_equals_diffusers():
