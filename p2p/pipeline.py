@@ -224,8 +224,7 @@ def edit(sd, prompts, spec=None, *, local_blend=None, seed: int = EditConfig.see
     steps and guidance instead, and its source row is the inversion's latent at each of its timesteps.
     Other weights than the inversion's are an error, a warning with allow_other_model (Inversion.check_model).
     source_row: how the source row follows the inversion (Inversion.source_correction; None: the method's).
-    An MM-DiT model (SD3 / SD3.5 / Flux) goes to joint_control.joint_edit: None is its own (docs/mmdit-p2p.md);
-    its maps are kept only in a given store."""
+    An MM-DiT model goes to joint_control.joint_edit (docs/mmdit-p2p.md): maps only in a given store."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     follow = inversion is not None and getattr(spec, "follows_inversion", False)
     num_steps, guidance_scale, steps_offset, height, width, latents, sampler = edit_settings(
