@@ -245,8 +245,8 @@ def depths_in_file(shapes: dict, u: UNetConfig) -> dict:
 def distilled_sdxl(shapes: dict) -> str | None:
     """Evidence that an SDXL-keyed single file is a distilled SDXL (SSD-1B, Segmind-Vega), or None: a middle
     block without a transformer, or output blocks whose transformer depths differ from their level's input blocks'."""
-    depth = transformer_depths(shapes)
-    ops = sorted(int(m[1]) for k in shapes if (m := re.match(rf"{re.escape(PREFIXES['unet'])}input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    depth, unet = transformer_depths(shapes), re.escape(PREFIXES["unet"])
+    ops = sorted(int(m[1]) for k in shapes if (m := re.match(rf"{unet}input_blocks\.(\d+)\.0\.op\.weight$", k)))
     if not ops or not any(side == "input_blocks" for side, _ in depth):
         return None
     if ("middle_block", 0) not in depth:
