@@ -2,7 +2,8 @@
 before any tensor is read: a UNet saved alone (SDXL-Lightning / Hyper-SD: diffusers' layout; or the single-file
 layout), a file without its VAE (names its family and --vae),
 SDXL inpainting / instruct-pix2pix single files and folders (9 / 8 input channels), an unCLIP folder without
-model_index.json, an SSD-1B / Segmind-Vega single file that names no config."""
+model_index.json, SDXL keys that fit no distilled SDXL UNet."""
+import dataclasses
 import json
 import shutil
 
@@ -12,6 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import sdxl_oracles as X
 from weights_tools import CheckpointError, inspect_checkpoint, load_checkpoint
+from models import load_config
+from weights_tools.layouts import LAYOUTS
 from weights_tools.tiny import make_tiny
 from weights_tools.sources import open_source
 
@@ -138,15 +141,31 @@ def test_an_unclip_folder_without_model_index_is_named(folder, tmp_path, monkeyp
     assert "v1.x is supported" not in msg
 
 
-@pytest.mark.parametrize("drop", [UNET + "middle_block.1.", "transformer_blocks.1."])
-def test_a_distilled_sdxl_single_file_is_named(tiny_file, tmp_path, monkeypatch, drop):
+def tiny_default(monkeypatch):
+    """The SDXL family's default config made the tiny SDXL's, which the tiny file's keys fit."""
+    monkeypatch.setitem(LAYOUTS, "sdxl", dataclasses.replace(LAYOUTS["sdxl"], default_config=lambda p: load_config("tiny-sdxl")))
+
+
+def test_sdxl_keys_that_fit_no_distilled_unet_are_refused(tiny_file, tmp_path, monkeypatch):
+    """A distilled SDXL file that names no config loads with the depths its keys say (tests/test_distilled_sdxl.py);
+    keys that fit no UNet (the middle transformer gone, both middle resnets kept) are refused unread, naming them."""
+    tiny_default(monkeypatch)
+    path = tmp_path / "ssd.safetensors"
+    save_file({k: v for k, v in load_file(tiny_file).items() if not k.startswith(UNET + "middle_block.1.")}, str(path))
+    msg = refused_unread(path, monkeypatch, r"tensors do not fit the model built from SDXL base's config, "
+                         r"configs/sdxl-base.yaml, its transformer depths as the file's keys say")
+    assert "unexpected: model.diffusion_model.middle_block.2." in msg
+
+
+def test_an_output_block_with_fewer_transformer_blocks_is_a_distilled_sdxl(tiny_file, tmp_path, monkeypatch):
+    tiny_default(monkeypatch)
     state = load_file(tiny_file)
     first_up = next(k for k in sorted(state) if k.startswith(UNET + "output_blocks.") and ".transformer_blocks.1." in k)
     block = first_up[:first_up.index(".transformer_blocks.")]
-    dropped = {k: v for k, v in state.items()
-               if not (k.startswith(drop) if drop.startswith(UNET) else k.startswith(block + "." + drop))}
-    assert len(dropped) < len(state)
     path = tmp_path / "ssd.safetensors"
-    save_file(dropped, str(path))
-    msg = refused_unread(path, monkeypatch, r"this is a distilled SDXL \(SSD-1B / Segmind-Vega\) checkpoint \(SDXL keys, ")
-    assert "load its diffusers folder" in msg  # which reads the per-block depths (tests/test_distilled_sdxl.py)
+    save_file({k: v for k, v in state.items() if not k.startswith(block + ".transformer_blocks.1.")}, str(path))
+    info = inspect_checkpoint(path)
+    assert info["loadable"] and info["variant"] == "SDXL", info["problem"]
+    assert f"distilled SDXL: `{block[len(UNET):block.rindex('.')]}` has 1 transformer blocks" in info["variant_evidence"]
+    assert info["model"] == ("distilled SDXL (transformer depths down [0, 1, 2], up [1, 2, 2, 1, 1, 1, 0, 0, 0], "
+                             "middle block with a transformer)")

@@ -13,7 +13,7 @@ from models import FAMILIES
 from models.config import NoiseSchedule
 
 from .family import resolve_prediction
-from .layout import DISTILLED_SDXL, CheckpointError, family_code, split_parts, validate_shapes
+from .layout import CheckpointError, distilled_name, family_code, split_parts, validate_shapes
 from .layouts import LAYOUTS
 from .load import resolve_config, said_schedule
 from .mmdit import mmdit_pipeline
@@ -50,9 +50,9 @@ def inspect_checkpoint(path) -> dict:
         return info | single | {"parts": parts, "unknown_keys": other[:10], "unknown_count": len(other)}
     info.update(_loadability(src, variant))
     info["model"] = model_name(variant, info["prediction_type"])
-    u = src.config.unet if src.config is not None else None
-    if u is not None and (u.transformer_depth_output is not None or u.middle != "attention"):
-        info["model"] = DISTILLED_SDXL if src.config.family == "sdxl" else f"{info['model']} (distilled UNet)"
+    cfg = resolve_config(src).config if not src.problem else None  # the file's own config, or its family's fitted
+    if cfg is not None and (cfg.unet.transformer_depth_output is not None or cfg.unet.middle != "attention"):
+        info["model"] = distilled_name(cfg.unet) if cfg.family == "sdxl" else f"{info['model']} (distilled UNet)"
     return info
 
 

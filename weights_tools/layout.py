@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from models import FAMILIES, PREFIXES, AutoencoderKL, SDConfig, UNetModel, prefixes
+from models import FAMILIES, PREFIXES, AutoencoderKL, SDConfig, UNetConfig, UNetModel, prefixes
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Layout:
     predicts: Callable | None = None  # (Source, SDConfig) -> (prediction, why): the rule when nothing says
     models: dict = field(default_factory=dict)  # prediction type -> model name in reports (SD 2.x base / v)
     config_hint: str = ""       # which configs/ files describe it, for messages
+    # (canonical {key: shape}, default config) -> that config fitted to what the file's keys say, for a file that
+    # names none (SDXL: a distilled UNet's transformer depths, SSD-1B and Segmind-Vega); None: the default as is
+    fitted: Callable | None = None
 
 
 # code -> Layout, in recognition order (a single file is the first family whose `recognise` answers)
@@ -90,17 +93,13 @@ SHIM_RE = re.compile(r"^(model\.diffusion_model\..*\.proj_(in|out)\.weight"
 # a UNet saved alone in diffusers' layout (SDXL-Lightning's and Hyper-SD's `*_unet.safetensors`): variant ->
 # (the key that tells it, family), checked in order; such a file is refused with what else it needs
 UNET_ALONE = {"SDXL UNet alone": ("add_embedding.linear_1.weight", "sdxl"), "UNet alone": ("conv_in.weight", None)}
-DISTILLED_SDXL = "distilled SDXL (SSD-1B / Segmind-Vega)"
-UNSUPPORTED = ("inpainting", "pix2pix", "SDXL inpainting", "SDXL pix2pix", *UNET_ALONE, DISTILLED_SDXL, "depth",
+DISTILLED_SDXL = "distilled SDXL"  # SDXL with transformer blocks removed (SSD-1B, Segmind-Vega): loads as SDXL
+UNSUPPORTED = ("inpainting", "pix2pix", "SDXL inpainting", "SDXL pix2pix", *UNET_ALONE, "depth",
                "upscaler", "SDXL refiner", "unCLIP", "SD3", "Flux", "Kandinsky",
                "DeepFloyd IF", "PixArt", "Stable Cascade", "DiT", "Playground v2.5",
                "CosXL-style EDM v-prediction", "unknown")
 # what a refused kind is, where its name alone does not say why it cannot run here
-KIND_NOTES = {DISTILLED_SDXL: ": SDXL with transformer blocks removed (a per-block depth on the way up that differs "
-                              "from the way down, and a middle block without a transformer); a single file that "
-                              "names no config does not say its depths: load its diffusers folder (segmind/SSD-1B, "
-                              "segmind/Segmind-Vega), or a file converted from it (python -m weights_tools.convert)",
-              "SDXL inpainting": ": its UNet reads 9 channels (the noisy latents, the mask and the masked picture's "
+KIND_NOTES = {"SDXL inpainting": ": its UNet reads 9 channels (the noisy latents, the mask and the masked picture's "
                                  "latents); SDXL base text-to-image files read 4",
               "SDXL pix2pix": ": an instruct-pix2pix model, its UNet reads 8 channels (the noisy latents and the "
                               "input picture's latents); SDXL base text-to-image files read 4",
@@ -205,7 +204,7 @@ def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
         evidence = row.recognise(shapes)
         if evidence:
             distilled = distilled_sdxl(shapes) if code == "sdxl" else None
-            return (DISTILLED_SDXL, distilled) if distilled else (family_name(code), evidence)
+            return family_name(code), f"{evidence}; {DISTILLED_SDXL}: {distilled}" if distilled else evidence
     if any(k.startswith("down_blocks.") for k in shapes):
         for variant, (key, _) in UNET_ALONE.items():
             if key in shapes:
@@ -213,27 +212,74 @@ def detect_variant(shapes: dict[str, tuple]) -> tuple[str, str]:
     return "unknown", f"no UNet keys (`{unet}*`)"
 
 
-def distilled_sdxl(shapes: dict) -> str | None:
-    """Evidence that an SDXL-keyed single file is a distilled SDXL (SSD-1B, Segmind-Vega), or None: a middle
-    block without a transformer, or output blocks whose transformer depths differ from their level's input blocks'."""
+def transformer_depths(shapes: dict) -> dict[tuple[str, int], int]:
+    """Transformer blocks of each SpatialTransformer an SGM UNet's keys hold: (side, block) -> depth, side
+    `input_blocks` / `output_blocks` / `middle_block` (block 0). A transformer with its norm and projections but
+    no blocks has depth 0 (distilled SDXL keeps them where it removed a block's every layer)."""
     unet = re.escape(PREFIXES["unet"])
     depth: dict[tuple[str, int], int] = {}
     for k in shapes:
-        if m := re.match(rf"{unet}(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.1\.transformer_blocks\.(\d+)\.", k):
+        if m := re.match(rf"{unet}(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.1\."
+                         rf"(?:transformer_blocks\.(\d+)\.|proj_in\.weight$)", k):
             side, _, n = m[1].partition(".")
-            depth[side, int(n or 0)] = max(depth.get((side, int(n or 0)), 0), int(m[2]) + 1)
+            site = (side, int(n or 0))
+            depth[site] = max(depth.get(site, 0), int(m[2]) + 1 if m[2] else 0)
+    return depth
+
+
+def depths_in_file(shapes: dict, u: UNetConfig) -> dict:
+    """The UNetConfig depth fields an SGM UNet's keys say, on `u`'s levels and blocks per level (a config of the
+    family that names the widths): a depth per level on the way down (the deepest of the level's blocks), one
+    per output block where they differ from their level's, and the middle block's kind (no transformer: one
+    resnet). Read from key names alone, so a distilled SDXL file that names no config (SSD-1B, Segmind-Vega)
+    builds its own UNet; `validate_shapes` then checks every key and shape against it."""
+    depth, per, levels = transformer_depths(shapes), u.num_res_blocks + 1, len(u.channel_mult)
+    down = tuple(max((depth.get(("input_blocks", level * per + 1 + i), 0) for i in range(u.num_res_blocks)), default=0)
+                 for level in range(levels))
+    out = tuple(depth.get(("output_blocks", n), 0) for n in range(levels * per))
+    same = all(out[n] == down[levels - 1 - n // per] for n in range(levels * per))
+    return {"transformer_depth": down, "transformer_depth_output": None if same else out,
+            "middle": "attention" if ("middle_block", 0) in depth else "resnet"}
+
+
+def distilled_sdxl(shapes: dict) -> str | None:
+    """Evidence that an SDXL-keyed single file is a distilled SDXL (SSD-1B, Segmind-Vega), or None: a middle
+    block without a transformer, or output blocks whose transformer depths differ from their level's input blocks'."""
+    depth, unet = transformer_depths(shapes), re.escape(PREFIXES["unet"])
     ops = sorted(int(m[1]) for k in shapes if (m := re.match(rf"{unet}input_blocks\.(\d+)\.0\.op\.weight$", k)))
     if not ops or not any(side == "input_blocks" for side, _ in depth):
         return None
     if ("middle_block", 0) not in depth:
-        return "SDXL keys, and no transformer in the middle block (`middle_block.1.transformer_blocks.*`)"
+        return "no transformer in the middle block (`middle_block.1.transformer_blocks.*`)"
     per, levels = ops[0], len(ops) + 1  # blocks per level (the resnets and a resampler slot), levels
     down = {(n - 1) // per: d for (side, n), d in depth.items() if side == "input_blocks"}
     for (side, n), d in sorted(depth.items()):
-        if side == "output_blocks" and down.get(levels - 1 - n // per) != d:
-            return (f"SDXL keys, and `output_blocks.{n}` has {d} transformer blocks where its level's input blocks "
+        if side == "output_blocks" and down.get(levels - 1 - n // per, 0) != d:
+            return (f"`output_blocks.{n}` has {d} transformer blocks where its level's input blocks "
                     f"have {down.get(levels - 1 - n // per, 0)}")
     return None
+
+
+# Segmind's distilled SDXL models by their UNet, on SDXL base's widths (model_channels 320, channel_mult 1 2 4,
+# a 2048-wide context) and a middle block of one resnet (diffusers' configs of segmind/SSD-1B and
+# segmind/Segmind-Vega: transformer_layers_per_block, reverse_transformer_layers_per_block, mid_block_type
+# UNetMidBlock2D): name -> (depth per level on the way down, depth per output block)
+DISTILLED_MODELS = {"SSD-1B": ((0, 2, 4), (4, 4, 10, 2, 1, 1, 0, 0, 0)),
+                    "Segmind-Vega": ((0, 1, 2), (2, 2, 2, 1, 1, 1, 0, 0, 0))}
+
+
+def distilled_name(u: UNetConfig) -> str | None:
+    """What a distilled SDXL UNet is: SSD-1B or Segmind-Vega where its depths and widths are theirs, else
+    "distilled SDXL" with its depths; None for a UNet that is not distilled (SDXL base's shape)."""
+    if u.transformer_depth_output is None and u.middle == "attention":
+        return None
+    levels, per = len(u.channel_mult), u.num_res_blocks + 1
+    down = tuple(u.depth(level) for level in range(levels))
+    up = tuple(u.output_depth(n, levels - 1 - n // per) for n in range(levels * per))
+    widths = (u.model_channels, tuple(u.channel_mult), u.context_dim, u.middle) == (320, (1, 2, 4), 2048, "resnet")
+    name = next((n for n, d in DISTILLED_MODELS.items() if widths and d == (down, up)), None)
+    return name or (f"{DISTILLED_SDXL} (transformer depths down {list(down)}, up {list(up)}, middle block "
+                    f"{'of one resnet' if u.middle == 'resnet' else 'with a transformer'})")
 
 
 def refusal(variant: str, evidence: str, where: str, family: str | None = None) -> str | None:

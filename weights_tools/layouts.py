@@ -6,6 +6,7 @@ is added. Rows are in recognition order: the first whose `recognise` answers nam
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from models import FAMILIES, PREFIXES, SDConfig, load_config
 
 from . import diffusers_keys as dk
-from .layout import LAYOUTS, FolderLayout, Layout, position_ids
+from .layout import LAYOUTS, FolderLayout, Layout, depths_in_file, position_ids
 
 UNET = PREFIXES["unet"]
 POSITION_IDS = FAMILIES["sd1"].text_prefix + "embeddings.position_ids"
@@ -26,8 +27,8 @@ SD2_BASE_STEP = "875000"  # global_step of the SD 2.x 512-px base files: epsilon
 SD_V1_SOURCE = "SD v1's own config (no config given, none in the file; every key and shape checked)"
 SD2_SOURCE = ("SD 2.x's own config, configs/sd-v2-base.yaml or sd-v2-v.yaml by the prediction type (no config "
               "given, none in the file; every key and shape checked)")
-SDXL_SOURCE = ("SDXL base's config, configs/sdxl-base.yaml (an SDXL checkpoint by its keys; no config given, none "
-               "in the file; every key and shape checked)")
+SDXL_SOURCE = ("SDXL base's config, configs/sdxl-base.yaml, its transformer depths as the file's keys say (an SDXL "
+               "checkpoint by its keys; no config given, none in the file; every key and shape checked)")
 LDM_SOURCE = "LDM-400M's config, configs/ldm-400m.yaml (no config given, none in the file; every key and shape checked)"
 
 
@@ -89,6 +90,13 @@ def sdxl_carried(cfg: SDConfig) -> dict:
             SDXL_LOGIT_SCALE: torch.tensor(math.log(1 / 0.07))}
 
 
+def sdxl_fitted(shapes: dict, cfg: SDConfig) -> SDConfig:
+    """SDXL base's config with the transformer depths the file's keys say: a distilled SDXL (SSD-1B,
+    Segmind-Vega), shipped as a single file that names no config, has fewer blocks per level, a depth per
+    output block and a middle block of one resnet; SDXL base's own keys give SDXL base's config back."""
+    return cfg.replace(unet=dataclasses.replace(cfg.unet, **depths_in_file(shapes, cfg.unet)))
+
+
 def nothing(cfg: SDConfig) -> dict:
     return {}
 
@@ -101,7 +109,8 @@ ROWS = (
            folder=FolderLayout(parts=SD_PARTS | {"text_encoder_2": "text_encoder_2"}, config=dk.sdxl_folder_config,
                                key=dk.sdxl_key, openclip_towers={"text_encoder_2": dk.SDXL_OPENCLIP_PREFIX},
                                openclip_readout=("penultimate", False)),
-           unused=(SDXL_LOGIT_SCALE,), position_ids=(SDXL_POSITION_IDS,), config_hint=" (configs/sdxl-base.yaml)"),
+           unused=(SDXL_LOGIT_SCALE,), position_ids=(SDXL_POSITION_IDS,), config_hint=" (configs/sdxl-base.yaml)",
+           fitted=sdxl_fitted),
     Layout(family="sd2", recognise=sd2_keys, default_config=sd2_default, default_source=SD2_SOURCE, carried=nothing,
            folder=FolderLayout(parts=SD_PARTS, config=dk.sd2_folder_config, key=dk.to_ldm_key,
                                openclip_towers={"text_encoder": SD2_TEXT}, openclip_readout=("last", True)),

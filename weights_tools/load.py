@@ -58,7 +58,15 @@ def resolve_config(src: Source, config=None) -> Resolved:
     if src.config is not None:
         return Resolved(src.config, src.config_source)
     row = LAYOUTS[family_code(src.variant[0]) or "sd1"]  # an unknown kind is then named by the shape check
-    return Resolved(row.default_config(None), row.default_source, row.family)
+    return Resolved(family_default(src, row.family, None), row.default_source, row.family)
+
+
+def family_default(src: Source, family: str, prediction: str | None) -> SDConfig:
+    """The family's own config for a file that names none (its Layout's `default_config` for the prediction
+    type), fitted to what the file's keys say where the family's Layout fits one (SDXL: a distilled UNet's depths)."""
+    row = LAYOUTS[family]
+    cfg = row.default_config(prediction)
+    return row.fitted(src.shapes, cfg) if row.fitted is not None else cfg
 
 
 def with_tokenizer(cfg: SDConfig, tokenizer, where: str) -> tuple[SDConfig, object]:
@@ -110,7 +118,7 @@ def open_checked(path, config=None, strict: bool = True, vae=None,
     if prediction_type is None and default is not None:
         warn_assumed(src, cfg, prediction, why)
     if default is not None:  # a family's own config may follow the prediction type (SD 2.x: 512 px base, 768 px v)
-        cfg = LAYOUTS[default].default_config(prediction)
+        cfg = family_default(src, default, prediction)
     return src, said_schedule(src, cfg).replace(prediction_type=prediction), cfg_source
 
 

@@ -20,7 +20,7 @@ from models.textfile import BadTextFile, parse_json, read_json as read_json_file
 
 from . import diffusers_keys
 from .family import folder_family, prediction_name, read_markers, said_in_metadata
-from .layout import (DISTILLED_SDXL, SUPPORTED_KINDS, BadConfig, CheckpointError, FolderLayout, canonical_key,
+from .layout import (SUPPORTED_KINDS, BadConfig, CheckpointError, FolderLayout, canonical_key,
                      check_plausible, detect_variant,
                      family_code, refusal)
 from .layouts import LAYOUTS
@@ -69,8 +69,6 @@ def open_source(path, vae_given: bool = False) -> Source:
         return open_diffusers(path, vae_given)
     src = with_projection_matrices(open_file(path, path.stat().st_size, sniff(path)))
     src.variant = detect_variant(src.shapes)
-    if src.variant[0] == DISTILLED_SDXL and src.config is not None and src.config.family == "sdxl":
-        src.variant = ("SDXL", f"{src.variant[1]}; its ldm_config names the per-block depths")
     return src
 
 
