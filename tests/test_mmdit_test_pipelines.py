@@ -1,0 +1,97 @@
+"""diffusers' own tiny test pipelines for SD3, SD3.5 and Flux (their fast tests' `get_dummy_components`), which
+differ from the real models in what a loader may assume away: 1 x 1 patches, a one-level VAE (no downsampling:
+vae_scale_factor 2 ** (1 - 1) = 1) with one norm group, 4 latent channels (SD3) or 1 (Flux, packed 2 x 2 into the
+transformer's 4), a T5 narrower than the two CLIP towers side by side (SD3 crops the CLIP features to T5's
+width), joint_attention_dim 32, axes_dims_rope (4, 4, 8). Saved by diffusers, each folder loads with
+`load_checkpoint` and generates as StableDiffusion3Pipeline / FluxPipeline do from the same x_T.
+
+The fast tests read their T5 and tokenizers from the hub (hf-internal-testing/tiny-random-t5, tiny-random-clip);
+here the T5 is built from that model's configuration (d_model 32, d_kv 8, d_ff 37, 5 layers, 4 heads, 8
+relative-position buckets, vocabulary 1103, the original T5's relu feed-forward), seeded, and the tokenizers are
+a CLIP BPE of 1000 ids (test_diffusers_test_pipelines.tiny_bpe) and the tiny T5 tokenizer of tests/fixtures/mmdit.
+"""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import p2p
+from test_diffusers_test_pipelines import tiny_bpe
+from weights_tools import load_checkpoint
+
+pytest.importorskip("diffusers")
+MMDIT = __import__("pathlib").Path(__file__).parent / "fixtures" / "mmdit"
+PROMPTS = ["a photo of a cat riding a bicycle", "a lion eating a burger"]
+STEPS, SIZE = 3, 32
+CLIP = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
+            projection_dim=32)
+TINY_RANDOM_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=5, num_decoder_layers=5, num_heads=4,
+                      relative_attention_num_buckets=8, vocab_size=1103, feed_forward_proj="relu", dropout_rate=0.0)
+SD35 = dict(num_layers=2, pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def t5():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(**TINY_RANDOM_T5))
+
+
+def t5_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(MMDIT / "tiny-sd3" / "tokenizer_3"), local_files_only=True)
+
+
+
+def sd3_test_pipeline(clip_tokenizer, transformer_extra: dict):
+    """StableDiffusion3PipelineFastTests.get_dummy_components (SD3.5: the SD3.5 transformer tests' settings)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**{**dict(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4),
+        **transformer_extra})
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP))
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP))
+    text_encoder_3 = t5()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3, tokenizer=clip_tokenizer,
+        tokenizer_2=clip_tokenizer, tokenizer_3=t5_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_test_pipeline(clip_tokenizer):
+    """FluxPipelineFastTests.get_dummy_components."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP))
+    text_encoder_2 = t5()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer,
+                        tokenizer_2=t5_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
