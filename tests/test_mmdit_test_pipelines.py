@@ -10,20 +10,22 @@ here the T5 is built from that model's configuration (d_model 32, d_kv 8, d_ff 3
 relative-position buckets, vocabulary 1103, the original T5's relu feed-forward), seeded, and the tokenizers are
 a CLIP BPE of 1000 ids (test_diffusers_test_pipelines.tiny_bpe) and the tiny T5 tokenizer of tests/fixtures/mmdit.
 """
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import p2p
+from models.flux import pack, unpack
 from test_diffusers_test_pipelines import tiny_bpe
 from weights_tools import load_checkpoint
 
 pytest.importorskip("diffusers")
-MMDIT = __import__("pathlib").Path(__file__).parent / "fixtures" / "mmdit"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # each pipeline is built and run, ~10 s
+MMDIT = Path(__file__).parent / "fixtures" / "mmdit"
 PROMPTS = ["a photo of a cat riding a bicycle", "a lion eating a burger"]
-STEPS, SIZE = 3, 32
+STEPS, H, W = 3, 32, 48
 CLIP = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
             num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
             projection_dim=32)
@@ -95,3 +97,75 @@ def flux_test_pipeline(clip_tokenizer):
                         tokenizer_2=t5_tokenizer())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# family -> (what the folder holds: latent channels, VAE downsample, latent pixels per token, default size)
+EXPECTED = {"SD3": (4, 1, 1, 32), "SD3.5": (4, 1, 1, 32), "Flux": (1, 1, 2, 128)}
+
+
+@pytest.fixture(scope="module", params=list(EXPECTED))
+def built(request, tmp_path_factory):
+    """(family, the diffusers pipeline, our model loaded from the folder the pipeline saved)."""
+    family, root = request.param, tmp_path_factory.mktemp(request.param)
+    tokenizer = tiny_bpe(root / "bpe", pad="<|endoftext|>")
+    pipe = (flux_test_pipeline(tokenizer) if family == "Flux"
+            else sd3_test_pipeline(tokenizer, SD35 if family == "SD3.5" else {}))
+    pipe.save_pretrained(root / "saved")
+    return family, pipe, load_checkpoint(root / "saved")
+
+
+def x_T(m, seed=5):
+    f = m.latent_downsample
+    return torch.randn((1, m.latent_channels, H // f, W // f), generator=torch.Generator().manual_seed(seed))
+
+
+def pipeline_output(family, pipe, x, guidance, output_type):
+    """The pipeline's z0 (unpacked for Flux) or its pictures as uint8, from x_T x for both prompts."""
+    x = x.expand(len(PROMPTS), -1, -1, -1)
+    out = pipe(prompt=PROMPTS, latents=pack(x) if family == "Flux" else x, guidance_scale=guidance, height=H,
+               width=W, num_inference_steps=STEPS, output_type=output_type).images
+    if output_type == "np":
+        return np.round(out * 255).astype(np.int16)
+    return unpack(out, *x.shape[2:]) if family == "Flux" else out
+
+
+def test_the_folder_tells_the_latent_and_token_sizes(built):
+    family, pipe, m = built
+    assert m.family == family
+    assert (m.latent_channels, m.latent_downsample, m.latent_patch, m.default_size) == EXPECTED[family]
+    assert m.latent_downsample == pipe.vae_scale_factor
+    cond = m.encode_prompts(PROMPTS)
+    assert cond.context.shape[-1] == 32  # SD3: the two CLIP towers' 64 channels cropped to T5's 32
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_generates_as_the_pipeline(built, guidance):
+    family, pipe, m = built
+    x = x_T(m)
+    ours = p2p.generate(m, PROMPTS, latents=x, num_steps=STEPS, guidance_scale=guidance, height=H, width=W,
+                        progress=False)
+    theirs = pipeline_output(family, pipe, x, guidance, "latent")
+    assert ours.latents.shape == theirs.shape == (2, *x.shape[1:])
+    assert (ours.latents - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    images = pipeline_output(family, pipe, x, guidance, "np")
+    assert np.abs(ours.images.astype(np.int16) - images).max() <= 1
+
+
+def test_an_edit_keeps_the_source_row_and_changes_the_others(built):
+    _, _, m = built
+    prompts = ["a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle"]
+    kw = dict(latents=x_T(m, seed=9), num_steps=STEPS, guidance_scale=4.0, height=H, width=W, progress=False)
+    edited = p2p.edit(m, prompts, p2p.JointReplace(0.5), **kw)
+    plain = p2p.generate(m, prompts, **kw)
+    assert torch.allclose(edited.latents[0], plain.latents[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(edited.latents[1], plain.latents[1], rtol=0, atol=1e-5)
+
+
+def test_local_blend_is_refused_where_tokens_are_not_16_pixels(built):
+    """The official LocalBlend builds its mask on an (H/16, W/16) grid, which these models' tokens (1 x 1 or 2 x 2
+    pixels) do not have: refused, naming the token size."""
+    _, _, m = built
+    side = m.token_side
+    with pytest.raises(ValueError, match=f"16 x 16 pixels.*{side} x {side}.*edit without local_blend"):
+        p2p.edit(m, ["a cat", "a dog"], p2p.JointReplace(0.5), local_blend=p2p.LocalBlend(("cat", "dog")),
+                 latents=x_T(m), num_steps=STEPS, height=H, width=W, progress=False)
