@@ -7,7 +7,8 @@ width), joint_attention_dim 32, axes_dims_rope (4, 4, 8). Saved by diffusers, ea
 
 The fast tests read their T5 and tokenizers from the hub (hf-internal-testing/tiny-random-t5, tiny-random-clip);
 here the T5 is built from that model's configuration (d_model 32, d_kv 8, d_ff 37, 5 layers, 4 heads, 8
-relative-position buckets, vocabulary 1103, the original T5's relu feed-forward), seeded, and the tokenizers are
+relative-position buckets, vocabulary 1000, the original T5's relu feed-forward, initializer_factor 0.002),
+seeded, in eval mode as from_pretrained leaves it, and the tokenizers are
 a CLIP BPE of 1000 ids (test_diffusers_test_pipelines.tiny_bpe) and the tiny T5 tokenizer of tests/fixtures/mmdit.
 """
 from pathlib import Path
@@ -29,8 +30,11 @@ STEPS, H, W = 3, 32, 48
 CLIP = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
             num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
             projection_dim=32)
+# hf-internal-testing/tiny-random-t5's config.json (as exported from the hub model), seeded weights of our own
 TINY_RANDOM_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=5, num_decoder_layers=5, num_heads=4,
-                      relative_attention_num_buckets=8, vocab_size=1103, feed_forward_proj="relu", dropout_rate=0.0)
+                      relative_attention_num_buckets=8, relative_attention_max_distance=128, vocab_size=1000,
+                      feed_forward_proj="relu", dropout_rate=0.1, initializer_factor=0.002, layer_norm_epsilon=1e-6,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=0, decoder_start_token_id=0)
 SD35 = dict(num_layers=2, pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm")
 
 
@@ -38,7 +42,7 @@ def t5():
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    return T5EncoderModel(T5Config(**TINY_RANDOM_T5))
+    return T5EncoderModel(T5Config(**TINY_RANDOM_T5)).eval()  # eval, as from_pretrained leaves the hub's
 
 
 def t5_tokenizer():
