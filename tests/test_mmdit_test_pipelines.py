@@ -173,3 +173,17 @@ def test_local_blend_is_refused_where_tokens_are_not_16_pixels(built):
     with pytest.raises(ValueError, match=f"16 x 16 pixels.*{side} x {side}.*edit without local_blend"):
         p2p.edit(m, ["a cat", "a dog"], p2p.JointReplace(0.5), local_blend=p2p.LocalBlend(("cat", "dog")),
                  latents=x_T(m), num_steps=STEPS, height=H, width=W, progress=False)
+
+
+def test_a_photo_inverts_and_edits_at_the_models_sizes(built):
+    """A photo loaded at 34 x 50 (multiples of the model's 1- or 2-pixel tokens, not of the real models' 16)
+    inverts to the model's own latent and edits at that size."""
+    from PIL import Image
+
+    _, _, m = built
+    h, w = 34, 50
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    inv = p2p.invert(m, photo, "a photo of a cat", num_steps=STEPS, height=h, width=w, progress=False)
+    assert tuple(inv.x_T.shape) == (1, m.latent_channels, h // m.latent_downsample, w // m.latent_downsample)
+    out = p2p.edit(m, ["a photo of a cat", "a photo of a dog"], p2p.JointReplace(0.5), inversion=inv, progress=False)
+    assert out.images.shape == (2, h, w, 3)
