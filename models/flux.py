@@ -70,7 +70,7 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     if h % 2 or w % 2:
         raise ValueError(f"latent of {h}x{w}: Flux packs 2x2 patches, so both sides must be even "
-                         "(image sides multiples of 16)")
+                         "(image sides multiples of 2 x the VAE's downsampling: 16 for FLUX.1)")
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 

@@ -21,7 +21,7 @@ from .mmdit_model import MMDiTModel
 from .vae import AutoencoderKL
 
 T5_LENGTH = 512      # FluxPipeline's max_sequence_length
-DEFAULT_SIZE = 1024  # FluxPipeline's default_sample_size 128 x the VAE's 8
+DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px with the 8x VAE
 
 
 class Flux(MMDiTModel):
@@ -29,12 +29,17 @@ class Flux(MMDiTModel):
     uses_cfg = False
     family = "Flux"
     pipeline_sigmas = True  # FluxPipeline hands its scheduler linspace(1, 1/N, N), schnell's static schedule too
-    default_size = DEFAULT_SIZE
+    latent_patch = 2  # FluxPipeline packs 2 x 2 latent pixels into a token
 
     def __init__(self, transformer: FluxTransformer, vae: AutoencoderKL, flow: FlowConfig, scaling_factor: float,
                  shift_factor: float, text: nn.Module | None = None, t5_length: int = T5_LENGTH):
         super().__init__(vae, flow, scaling_factor, shift_factor, text)
         self.transformer, self.t5_length = transformer, t5_length
+
+    @property
+    def default_size(self) -> int:
+        """FluxPipeline's default height and width: default_sample_size x its vae_scale_factor."""
+        return DEFAULT_SAMPLE_SIZE * self.latent_downsample
 
     @property
     def guidance_embeds(self) -> bool:

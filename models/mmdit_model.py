@@ -2,11 +2,12 @@
 sampling loop (p2p/joint_pipeline.py) and the joint-attention controller read them.
 
     m.vae, m.decode(z) -> images (B, 3, H, W) in [0, 1], m.encode(images) -> z
-    m.latent_channels (16), m.latent_downsample (8)
+    m.latent_channels, m.latent_downsample: the VAE's (16 and 8 in SD3 / Flux; diffusers' test pipelines: 4 or
+        1 and 1), m.latent_patch: latent pixels per image token side (SD3: the patch size; Flux: 2, its packing)
     m.encode_prompts(prompts) -> TextCond (context (B, S_txt, W), pooled (B, P)); m.tokenizers
     m.uses_cfg, m.guidance_embeds, m.flow (FlowConfig), m.sampler(num_steps, height, width), m.default_size
     m.default_steps, m.default_guidance: what the model's diffusers pipeline samples with when given none
-    m.velocity(x, t, cond, guidance=None, attn_override=None) -> v, x the latent (B, 16, h, w) and t the
+    m.velocity(x, t, cond, guidance=None, attn_override=None) -> v, x the latent (B, C, h, w) and t the
         sampler's timestep (sigma * 1000; each model converts it as its diffusers pipeline does)
     m.joint_sites(height, width) -> [JointSite], m.text_positions
 
@@ -29,8 +30,6 @@ class MMDiTModel(nn.Module):
     """What SD3 and Flux share: the VAE with its scaling and shift, the text module, the flow schedule.
     A subclass adds its transformer, `velocity`, `joint_sites`, `uses_cfg`, `guidance_embeds` and the text
     layout (`text_positions`)."""
-    latent_channels = 16
-    latent_downsample = 8
     family = ""  # what p2p inspect and messages call it ("SD3", "SD3.5", "Flux")
     pipeline_sigmas = False  # the pipeline passes linspace(1, 1/N, N) sigmas to its scheduler (FluxPipeline)
 
@@ -49,6 +48,21 @@ class MMDiTModel(nn.Module):
         return next(self.vae.parameters()).dtype
 
     @property
+    def latent_channels(self) -> int:
+        """The VAE's latent channels (vae/config.json's latent_channels)."""
+        return self.vae.cfg.z_channels
+
+    @property
+    def latent_downsample(self) -> int:
+        """Pixels per latent pixel: 2 ** (levels - 1) of the VAE (the pipelines' vae_scale_factor)."""
+        return self.vae.cfg.downsample
+
+    @property
+    def token_side(self) -> int:
+        """Pixels per image token side (16 in SD3 / SD3.5 / Flux): sizes are multiples of it."""
+        return self.latent_downsample * self.latent_patch
+
+    @property
     def tokenizers(self) -> dict:
         """name -> tokenizer ("clip", "clip_g", "t5"): the text module's."""
         return dict(getattr(self.text, "tokenizers", {}))
@@ -61,7 +75,7 @@ class MMDiTModel(nn.Module):
         return self.text.encode(list(prompts))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 16, h, w) in diffusion space -> images (B, 3, 8h, 8w) in [0, 1]."""
+        """Latents (B, C, h, w) in diffusion space -> images (B, 3, f h, f w) in [0, 1], f the VAE's downsample."""
         images = self.vae.decode(z.to(self.dtype) / self.scaling_factor + self.shift_factor)
         return (images / 2 + 0.5).clamp(0, 1)
 
@@ -71,17 +85,20 @@ class MMDiTModel(nn.Module):
         return (mean - self.shift_factor) * self.scaling_factor
 
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) of the latent of a height x width picture; sizes must be multiples of 16 (8 x the 2 x 2 patch)."""
-        if height <= 0 or width <= 0 or height % 16 or width % 16:
-            raise ValueError(f"height and width must be positive multiples of 16 for {self.family or 'an MM-DiT'} "
-                             f"(an 8x VAE and 2 x 2 patches), got {height} x {width}")
+        """(h, w) of the latent of a height x width picture; sizes must be multiples of `token_side` (SD3, Flux:
+        16, an 8x VAE and 2 x 2 patches), as the pipelines require."""
+        f, p = self.latent_downsample, self.latent_patch
+        if height <= 0 or width <= 0 or height % (f * p) or width % (f * p):
+            raise ValueError(f"height and width must be positive multiples of {f * p} for {self.family or 'an MM-DiT'} "
+                             f"(a {f}x VAE and {p} x {p} patches), got {height} x {width}")
         return height // self.latent_downsample, width // self.latent_downsample
 
     def sampler(self, num_steps: int, height: int, width: int) -> FlowMatchEuler:
         """The flow schedule of a run: its dynamic shift (where the folder's scheduler has one) reads the
-        image's token count, (h/2)(w/2)."""
+        image's token count, (h/p)(w/p) for p x p patches."""
         h, w = self.latent_grid(height, width)
-        return FlowMatchEuler.create(num_steps, self.flow, (h // 2) * (w // 2), self.pipeline_sigmas)
+        p = self.latent_patch
+        return FlowMatchEuler.create(num_steps, self.flow, (h // p) * (w // p), self.pipeline_sigmas)
 
 
 class SD3(MMDiTModel):
@@ -96,6 +113,7 @@ class SD3(MMDiTModel):
         self.transformer, self.t5_length = transformer, t5_length
         cfg = transformer.cfg
         self.family = "SD3.5" if cfg.qk_norm or cfg.dual_attention_layers else "SD3"
+        self.latent_patch = cfg.patch_size
         self.default_size = cfg.sample_size * self.latent_downsample  # 1024 px for SD3 / SD3.5
 
     @property
@@ -111,5 +129,4 @@ class SD3(MMDiTModel):
 
     def joint_sites(self, height: int, width: int) -> list[JointSite]:
         h, w = self.latent_grid(height, width)
-        p = self.transformer.cfg.patch_size
-        return self.transformer.sites(h // p, w // p, 77 + self.t5_length)
+        return self.transformer.sites(h // self.latent_patch, w // self.latent_patch, 77 + self.t5_length)

@@ -11,7 +11,8 @@ What sets T5 apart from CLIP's tower:
   logits; only the first block holds the table, every block adds the same bias;
 - the logits q k^T are NOT divided by sqrt(d) (T5 folds the scale into its initialisation);
 - RMS norm without mean or bias (T5LayerNorm), pre-norm residual blocks, a final norm;
-- a gated-GELU feed-forward (v1.1): wo(gelu_tanh(wi_0 x) * wi_1 x), no biases anywhere;
+- a gated-GELU feed-forward (v1.1): wo(gelu_tanh(wi_0 x) * wi_1 x), no biases anywhere (the original T5's
+  `feed_forward_proj="relu"`, wo(relu(wi x)), is read too: diffusers' own test pipelines use one);
 - no attention mask here: SD3 and Flux encode the pad tokens and attend to them.
 
 fp16, as transformers runs T5 (T5 overflows fp16's range in its feed-forward): a model loaded in fp16 keeps
@@ -44,6 +45,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     dense_act_fn: str = "gelu_new"  # gated-gelu's activation: transformers' gelu_new, GELU's tanh form
+    gated: bool = True  # T5 v1.1's wi_0 / wi_1 gate; False: the original T5's single wi
 
     def __post_init__(self):
         if self.dense_act_fn not in ACTIVATIONS:
@@ -55,19 +57,18 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, config: dict) -> "T5Config":
-        """From a transformers `T5EncoderModel` config.json. Only the gated feed-forward of T5 v1.1 (SD3's,
-        Flux's) is implemented; the original T5's `relu` (DenseReluDense.wi) is refused by name."""
-        proj = config.get("feed_forward_proj", "relu")
-        if not str(proj).startswith("gated-"):
-            raise ValueError(f"T5 config says feed_forward_proj {proj!r}: only T5 v1.1's gated feed-forward "
-                             "('gated-gelu', wi_0 / wi_1 / wo) is implemented, the one SD3 and Flux use")
+        """From a transformers `T5EncoderModel` config.json: T5 v1.1's gated feed-forward ("gated-gelu", SD3's
+        and Flux's) or the original T5's ungated one ("relu", transformers' default)."""
+        proj = str(config.get("feed_forward_proj", "relu"))
+        gated = proj.startswith("gated-")
         act = "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1]  # as transformers' T5Config derives it
         try:
             return cls(vocab_size=int(config["vocab_size"]), d_model=int(config["d_model"]), d_kv=int(config["d_kv"]),
                        d_ff=int(config["d_ff"]), num_layers=int(config["num_layers"]), num_heads=int(config["num_heads"]),
                        relative_attention_num_buckets=int(config.get("relative_attention_num_buckets", 32)),
                        relative_attention_max_distance=int(config.get("relative_attention_max_distance", 128)),
-                       layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-6)), dense_act_fn=act)
+                       layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-6)), dense_act_fn=act,
+                       gated=gated)
         except KeyError as e:
             raise ValueError(f"T5 config.json lacks {e}: not a transformers T5 config") from None
 
@@ -148,10 +149,23 @@ class T5DenseGatedActDense(nn.Module):
         return self.wo(h.to(self.wo.weight.dtype))  # wo stays fp32 in an fp16 model (see the module docstring)
 
 
+class T5DenseActDense(nn.Module):
+    """The original T5's feed-forward: wo(act(wi x)), no biases."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.dense_act_fn]
+
+    def forward(self, x):
+        return self.wo(self.act(self.wi(x)).to(self.wo.weight.dtype))
+
+
 class T5LayerFF(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.DenseReluDense = T5DenseGatedActDense(cfg)
+        self.DenseReluDense = T5DenseGatedActDense(cfg) if cfg.gated else T5DenseActDense(cfg)
         self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def forward(self, x):

@@ -400,6 +400,22 @@ class JointController:
         return self.blend(i, x) if self.blend is not None else x
 
 
+# the picture's pixels per image token side that the official MM-DiT LocalBlend builds its mask grid with
+# (height // 16 x width // 16): SD3's and Flux's 8x VAE and 2 x 2 patches
+OFFICIAL_TOKEN_SIDE = 16
+
+
+def check_blend_grid(m) -> None:
+    """Refuse LocalBlend on a model whose image tokens are not 16 x 16 pixels (diffusers' test pipelines: a 1x
+    VAE, 1 x 1 or packed 2 x 2 patches): the official LocalBlend reshapes the maps to (H/16, W/16), which does
+    not describe such a model's token grid, so it has no mask to follow there."""
+    if m.token_side != OFFICIAL_TOKEN_SIDE:
+        raise ValueError(f"LocalBlend needs image tokens of 16 x 16 pixels (the official MM-DiT LocalBlend's "
+                         f"H/16 x W/16 mask grid); this {m.family} model's are {m.token_side} x {m.token_side} "
+                         f"(a {m.latent_downsample}x VAE, {m.latent_patch} x {m.latent_patch} patches): "
+                         "edit without local_blend")
+
+
 # ----------------------------------------------------------------------------- p2p.edit on an MM-DiT model
 # p2p.edit's options that only a UNet takes, with their defaults (an MM-DiT edit refuses any other value)
 UNET_ONLY = {"steps_offset": None, "sampler": None, "low_memory": False, "offload": False, "fast": True}
@@ -435,6 +451,8 @@ def joint_edit(m, prompts, spec: JointReplace | None = None, *, local_blend=None
     elif source_row is not None:
         raise ValueError(f"source_row={source_row!r} says how the source row follows an inversion: pass inversion=")
     num_steps, guidance_scale = model_defaults(m, num_steps, guidance_scale)
+    if local_blend is not None:
+        check_blend_grid(m)
     layout = model_layout(m) if local_blend is not None else ()
     controller = JointController(prompts, spec, num_steps, layout, local_blend, store)
     controller.check_blocks(m.joint_sites(height or m.default_size, width or m.default_size))

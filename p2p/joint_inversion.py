@@ -46,7 +46,7 @@ def photo_input(m, image, height: int | None, width: int | None, offsets=(0, 0, 
     if not torch.is_tensor(image):
         height, width = height or m.default_size, width or m.default_size
         m.latent_grid(height, width)
-        return (load_image(image, height, width, offsets, 16) + 1) / 2
+        return (load_image(image, height, width, offsets, m.token_side) + 1) / 2
     if image.dim() != 4 or image.shape[:2] != (1, 3):
         raise ValueError(f"an image tensor must be (1, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
     m.latent_grid(image.shape[2], image.shape[3])

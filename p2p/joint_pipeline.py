@@ -8,7 +8,8 @@
         x = controller.after_step(i, x)              # LocalBlend; advances the controller's step
     images = decode(x)
 
-x_T is (1 or B, 16, H/8, W/8): one CPU draw from manual_seed(seed), shared by the batch, unless given.
+x_T is (1 or B, C, H/f, W/f), C and f the model's latent channels and VAE downsampling (SD3, Flux: 16 and 8):
+one CPU draw from manual_seed(seed), shared by the batch, unless given.
 Under classifier-free guidance the override sees the full transformer batch, the conditional rows
 second; the unconditional rows' text is the negative prompt ("" by default) through every encoder.
 """
@@ -60,7 +61,7 @@ def guidance_inputs(m, cond, negative, guidance_scale: float):
 
 
 def guided_velocity(m, x, t, batch_cond, guidance, guidance_scale: float, attn_override=None) -> torch.Tensor:
-    """v at latents x (B, 16, h, w) and timestep t: with CFG one call on [x, x], v = u + g (c - u)."""
+    """v at latents x (B, C, h, w) and timestep t: with CFG one call on [x, x], v = u + g (c - u)."""
     if not guidance_batch(m, guidance_scale):
         return m.velocity(x, t, batch_cond, guidance, attn_override)
     v_u, v_c = m.velocity(torch.cat([x, x]), t, batch_cond, None, attn_override).chunk(2)
@@ -69,7 +70,7 @@ def guided_velocity(m, x, t, batch_cond, guidance, guidance_scale: float, attn_o
 
 def joint_denoise(m, cond, x_T, sampler, guidance_scale: float, negative="", controller=None,
                   progress: bool = True, desc: str = "sampling", correction=None) -> torch.Tensor:
-    """The loop of the module docstring from x_T to z0 (B, 16, h, w); cond: the prompts' TextCond.
+    """The loop of the module docstring from x_T to z0 (B, C, h, w); cond: the prompts' TextCond.
     correction(i, x) -> x, if given, adjusts the latents after step i, before the controller's after_step
     (the source row that follows an inversion: p2p.joint_inversion)."""
     rows = cond.context.shape[0]

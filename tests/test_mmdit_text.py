@@ -71,7 +71,11 @@ def test_refusals_name_the_problem(tmp_path):
     folder = flux_copy(tmp_path / "b")
     config = json.loads((folder / "text_encoder_2" / "config.json").read_text())
     (folder / "text_encoder_2" / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "relu"}))
-    with pytest.raises(BadConfig, match="only T5 v1.1's gated feed-forward"):
+    with pytest.raises(CheckpointError, match=r"missing \['encoder.block.0.layer.1.DenseReluDense.wi.weight'.*"
+                                              r"unexpected \['encoder.block.0.layer.1.DenseReluDense.wi_0.weight"):
+        load_flux_text(folder)  # the original T5's ungated feed-forward, but the file holds T5 v1.1's gate
+    (folder / "text_encoder_2" / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "gated-tanh"}))
+    with pytest.raises(BadConfig, match="dense_act_fn 'tanh' is not one this encoder implements"):
         load_flux_text(folder)
     (folder / "text_encoder_2" / "config.json").write_text(json.dumps({**config, "d_ff": 64}))
     with pytest.raises(CheckpointError, match=r"misshapen \['encoder.block.0.layer.1.DenseReluDense.wi_0.weight"):

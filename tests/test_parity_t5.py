@@ -10,7 +10,8 @@ from models.t5 import T5Config, T5EncoderModel, relative_position_bucket
 TOL = 1e-5
 
 # the golden tiny config (tiny-sd3's text_encoder_3, tiny-flux's text_encoder_2), a wider one whose
-# sequences reach past max_distance (the logarithmic buckets and their cap), and another gated activation
+# sequences reach past max_distance (the logarithmic buckets and their cap), another gated activation and
+# the ungated relu
 CONFIGS = {
     "tiny-golden": dict(vocab_size=288, d_model=96, d_kv=8, d_ff=128, num_layers=2, num_heads=4,
                         relative_attention_num_buckets=32, relative_attention_max_distance=128),
@@ -18,6 +19,10 @@ CONFIGS = {
                   relative_attention_num_buckets=16, relative_attention_max_distance=20, layer_norm_epsilon=1e-5),
     "gated-silu": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                        feed_forward_proj="gated-silu"),
+    # the original T5's ungated feed-forward, in hf-internal-testing/tiny-random-t5's sizes (diffusers' test
+    # pipelines' T5)
+    "relu": dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=5, num_heads=4,
+                 relative_attention_num_buckets=8, feed_forward_proj="relu"),
 }
 
 

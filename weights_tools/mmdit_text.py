@@ -116,6 +116,7 @@ def kept_dtype(key: str, dtype):
 
 
 def source_name(key: str, src: Source) -> str | None:
-    """The file's name for one of the module's keys: itself, or for T5's embedding either of its names."""
-    candidates = T5_EMBEDDING if key in T5_EMBEDDING else (key,)
+    """The file's name for one of the module's keys: itself, for T5's embedding either of its names, and for
+    CLIP's `text_model.*` also the name without that prefix (how transformers 5 saves a bare CLIPTextModel)."""
+    candidates = T5_EMBEDDING if key in T5_EMBEDDING else (key, key.removeprefix("text_model."))
     return next((n for n in candidates if n in src.entries), None)
