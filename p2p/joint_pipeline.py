@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .outputs import Output, check_finite
+from .outputs import Output, check_finite, initial_noise
 
 
 def is_mmdit(model) -> bool:
@@ -91,14 +91,7 @@ def joint_denoise(m, cond, x_T, sampler, guidance_scale: float, negative="", con
 
 def initial_joint_latent(m, seed: int, height: int, width: int, latents=None, batch: int = 1) -> torch.Tensor:
     """x_T: `latents` if given (1 or B rows), else one CPU draw from manual_seed(seed)."""
-    shape = (m.latent_channels, *m.latent_grid(height, width))
-    if latents is None:
-        return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
-    latents = torch.as_tensor(latents)
-    if latents.dim() != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] not in (1, batch):
-        raise ValueError(f"latents must have shape (1 or {batch}, {', '.join(map(str, shape))}) for a "
-                         f"{height} x {width} picture, got {tuple(latents.shape)}")
-    return latents
+    return initial_noise((m.latent_channels, *m.latent_grid(height, width)), seed, height, width, latents, batch)
 
 
 def to_uint8_rounded(images: torch.Tensor) -> np.ndarray:

@@ -26,3 +26,15 @@ def check_finite(x: torch.Tensor, where: str) -> torch.Tensor:
                              "`p2p inspect` and the file's source), or the numbers overflowed (in fp16, decode the "
                              "VAE in fp32; a huge guidance_scale); nothing was written")
     return x
+
+
+def initial_noise(shape: tuple, seed: int, height: int, width: int, latents=None, batch: int = 1) -> torch.Tensor:
+    """x_T of `shape` (C, h, w) for a height x width picture: `latents` if given (1 or `batch` rows, checked),
+    else ONE CPU draw from manual_seed(seed), which the batch shares."""
+    if latents is None:
+        return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
+    latents = torch.as_tensor(latents)
+    if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(shape) or latents.shape[0] not in (1, batch):
+        raise ValueError(f"latents must have shape (1 or {batch}, {', '.join(map(str, shape))}) for a "
+                         f"{height} x {width} picture, got {tuple(latents.shape)}")
+    return latents

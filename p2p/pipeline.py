@@ -23,7 +23,7 @@ from .config import EditConfig, GenerateConfig
 from .control import Controller
 from .joint_control import joint_edit
 from .joint_pipeline import is_mmdit, joint_generate
-from .outputs import NonFiniteError, Output, check_finite  # noqa: F401  (NonFiniteError: named here too)
+from .outputs import NonFiniteError, Output, check_finite, initial_noise  # noqa: F401  (NonFiniteError: named here too)
 from .settings import check_values, refuse_old_names
 
 
@@ -36,14 +36,7 @@ def initial_latent(sd, seed: int, height: int, width: int, latents=None, batch: 
     """x_T: `latents` if given (1 or N rows), else ONE CPU draw from manual_seed(seed), expanded to the batch."""
     sd.cfg.check_size(height, width)
     f = sd.latent_downsample
-    shape = (sd.cfg.unet.in_channels, height // f, width // f)
-    if latents is None:
-        latents = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
-    latents = torch.as_tensor(latents)
-    if latents.dim() != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] not in (1, batch):
-        raise ValueError(f"latents must have shape (1 or {batch}, {', '.join(map(str, shape))}), "
-                         f"got {tuple(latents.shape)}")
-    return latents
+    return initial_noise((sd.cfg.unet.in_channels, height // f, width // f), seed, height, width, latents, batch)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
