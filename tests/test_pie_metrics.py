@@ -1,8 +1,9 @@
 """The PIE-Bench evaluator: which picture and prompt each metric reads (as the benchmark's evaluate.py), the
-conventions reaching the metrics, skipped metrics naming their files, and bad files and inputs refused by name.
-The metrics' values themselves are held to torchmetrics, lpips and transformers by tests/test_parity_pie_*.py."""
+conventions reaching the metrics (each switch changing its metrics and no other, the docs' switch table), skipped
+metrics naming their files, and bad files and inputs refused by name. The metrics' values themselves are held to torchmetrics, lpips and transformers by tests/test_parity_pie_*.py."""
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from models.clip_vision import CLIPPair, CLIPVisionConfig
 from models.config import CLIPTextConfig
 from models.vit import VisionTransformer, ViTConfig
 from p2p.bench.clipscore import clip_similarity, load_clip
-from p2p.bench.conventions import NAMES
+from p2p.bench.conventions import NAMES, TABLE_END, TABLE_START, markdown_table
 from p2p.bench.lpips import SqueezeLPIPS, load_lpips, lpips_unedited
 from p2p.bench.metrics import METRICS, Conventions, Evaluator, MetricFiles
 from p2p.bench.pixels import mean_squared_error, peak_signal_noise_ratio, structural_similarity
@@ -210,3 +211,11 @@ def test_each_switch_changes_its_metrics_and_no_other(files, small_last_map, wid
     if name == "clip_empty_mask":
         assert math.isnan(official["clip_similarity_target_image_edit_part"])
         assert other["clip_similarity_target_image_edit_part"] >= 0
+
+
+def test_the_docs_switch_table_is_the_declarations():
+    text = (Path(__file__).parent.parent / "docs" / "pie-bench-metrics.md").read_text()
+    assert TABLE_START in text and TABLE_END in text, "docs/pie-bench-metrics.md lost its switch table markers"
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
+    assert table == markdown_table(), ("docs/pie-bench-metrics.md's switch table is stale: paste "
+                                       "p2p.bench.conventions.markdown_table() between its markers")
