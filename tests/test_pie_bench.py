@@ -407,8 +407,8 @@ def test_every_switch_is_a_flag_and_a_config_key_and_the_two_agree(tmp_path):
 
 @pytest.mark.parametrize("yaml_text, says", [
     ("ssim_boarder: reflect\n", r"metrics.yaml: unknown keys \['ssim_boarder'\].*ssim_border"),
-    ("ssim_border: same\n", r"metrics.yaml: ssim_border='same' is not allowed; ssim_border takes one of valid, reflect"),
-    ("dino_antialias: 'yes'\n", r"metrics.yaml: dino_antialias='yes' is not allowed; dino_antialias takes true or false"),
+    ("ssim_border: same\n", r"metrics.yaml: ssim_border='same' is not allowed; .* takes one of valid, reflect"),
+    ("dino_antialias: 'yes'\n", r"metrics.yaml: dino_antialias='yes' is not allowed; .* takes true or false"),
     ("dino_pixel_range: 0\n", r"metrics.yaml: dino_pixel_range=0 is not allowed; .* a number from 1 to 255")])
 def test_a_bad_switch_is_refused_before_anything_runs(data, tmp_path, monkeypatch, capsys, yaml_text, says):
     config, out = tmp_path / "metrics.yaml", tmp_path / "results"

@@ -1,6 +1,7 @@
 """The PIE-Bench evaluator: which picture and prompt each metric reads (as the benchmark's evaluate.py), the
 conventions reaching the metrics (each switch changing its metrics and no other, the docs' switch table), skipped
-metrics naming their files, and bad files and inputs refused by name. The metrics' values themselves are held to torchmetrics, lpips and transformers by tests/test_parity_pie_*.py."""
+metrics naming their files, and bad files and inputs refused by name. The metrics' values themselves are held to
+torchmetrics, lpips and transformers by tests/test_parity_pie_*.py."""
 import dataclasses
 import math
 from pathlib import Path
@@ -193,7 +194,8 @@ def small_last_map(files, tmp_path_factory) -> MetricFiles:
     torch.save({k: v * 1e-5 if k.startswith("features.12.expand") else v for k, v in state.items()},
                folder / "squeezenet1_1-b8a52dc0.pth")
     linear = torch.load(files.lpips_linear, weights_only=True)
-    torch.save({k: v if k.startswith("lin6") else torch.zeros_like(v) for k, v in linear.items()}, folder / "squeeze.pth")
+    torch.save({k: v if k.startswith("lin6") else torch.zeros_like(v) for k, v in linear.items()},
+               folder / "squeeze.pth")
     return dataclasses.replace(files, lpips_backbone=str(folder / "squeezenet1_1-b8a52dc0.pth"),
                                lpips_linear=str(folder / "squeeze.pth"))
 

@@ -68,7 +68,8 @@ def metrics_config(args) -> dict:
     unknown = sorted(set(config) - set(FILE_FLAGS) - set(SWITCH_NAMES))
     if unknown:
         raise ValueError(f"{args.metrics_config}: unknown keys {unknown}; a metrics config names the files "
-                         f"{', '.join(FILE_FLAGS)} and the conventions {', '.join(SWITCH_NAMES)} (docs/pie-bench-metrics.md)")
+                         f"{', '.join(FILE_FLAGS)} and the conventions {', '.join(SWITCH_NAMES)} "
+                         "(docs/pie-bench-metrics.md)")
     return config
 
 

@@ -24,8 +24,8 @@ SWITCHES = (
             "official), or reflect: every pixel, windows reaching into the reflection (>= 1.4.2)", "--ssim-border",
             GROUP, choices=SSIM_BORDERS),
     Setting("lpips_norm", "lpips", (str,), "LPIPS' feature normalisation x / (norm(x) + 1e-10) (lpips, "
-            "torchmetrics < 1.2.1, official), or torchmetrics: x / sqrt(norm(x)^2 + 1e-8) (>= 1.2.1)", "--lpips-norm", GROUP,
-            choices=NORMS),
+            "torchmetrics < 1.2.1, official), or torchmetrics: x / sqrt(norm(x)^2 + 1e-8) (>= 1.2.1)", "--lpips-norm",
+            GROUP, choices=NORMS),
     Setting("dino_pixel_range", 255.0, (float, int), "the structure distance's DINO input range: 255 (official, "
             "pictures in 0..255 before ImageNet's normalisation), 1 (0..1, as DINO was trained)",
             "--dino-pixel-range", GROUP, range=(1.0, 255.0), cli={"metavar": "RANGE"}),
@@ -98,7 +98,7 @@ def add_switch_flags(parser) -> None:
     """The switches' flags (a bool one as --X / --no-X), left None when not given."""
     g = parser.add_argument_group("metric conventions (default: the official evaluation's; docs/pie-bench-metrics.md)")
     for s in SWITCHES:
-        g.add_argument(s.flag, **(flag_options(s) | ({} if s.types == (bool,) else {"type": s.types[0]})))
+        g.add_argument(s.flag, **flag_options(s))
 
 
 def conventions_of(args, config: dict, path) -> Conventions:
@@ -122,7 +122,8 @@ TABLE_END = "<!-- end of the switch table -->"
 
 def markdown_table() -> str:
     """docs/pie-bench-metrics.md's table of the switches: YAML key, flag, official default, what it takes."""
-    rows = ["| YAML key (`Conventions` field) | flag | official (default) | takes | what it is |", "|---|---|---|---|---|"]
+    rows = ["| YAML key (`Conventions` field) | flag | official (default) | takes | what it is |",
+            "|---|---|---|---|---|"]
     for s in SWITCHES:
         flag = f"`{s.flag}` / `--no-{s.flag[2:]}`" if s.types == (bool,) else f"`{s.flag}`"
         default = str(s.default).lower() if s.types == (bool,) else f"{s.default:g}" if s.range else s.default

@@ -133,9 +133,8 @@ def report(out_dir, log=print) -> dict:
     csv.writer(buf).writerows([["row", "edit_type", "pictures", *(c for _, c, _ in COLUMNS)], *lines])
     out = Path(out_dir)
     scale = {m: k for m, _, k in COLUMNS}
-    write_files_atomic({out / "pie_bench.csv": buf.getvalue().encode(),
-                        out / "pie_bench.json": json_bytes({"units": UNITS, "table_scale": scale, "conventions": conventions,
-                                                             "rows": summary})})
+    table = {"units": UNITS, "table_scale": scale, "conventions": conventions, "rows": summary}
+    write_files_atomic({out / "pie_bench.csv": buf.getvalue().encode(), out / "pie_bench.json": json_bytes(table)})
     log(UNITS)
     log(conventions_line(conventions))
     log(text_table(lines))

@@ -96,7 +96,8 @@ def evaluate_row(out_dir, row: str, entries: list[Entry], evaluator, computed, f
         png, _ = picture_files(out_dir, row, entry.id)
         values = evaluator(*pictures(entry, png), entry.source_prompt, entry.target_prompt)
         rec = {"id": entry.id, "edit_type": entry.edit_type, "picture_key": key, "files": files,
-               "conventions": conventions, "metrics": {k: to_json(v) for k, v in values.items()}, "skipped": dict(evaluator.skipped)}
+               "conventions": conventions, "metrics": {k: to_json(v) for k, v in values.items()},
+               "skipped": dict(evaluator.skipped)}
         write_bytes_atomic(metric_file(out_dir, row, entry.id), json_bytes(rec))
         done.append(entry.id)
     return done
