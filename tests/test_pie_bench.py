@@ -1,8 +1,11 @@
 """PIE-Bench: the data reader (RLE masks, brackets, blended words, malformed files), every row's protocol on the
-tiny model, resuming a killed run with identical bytes, resumable evaluation, and the report."""
+tiny model, resuming a killed run with identical bytes, resumable evaluation, and the report; the metric
+conventions as flags and config keys, refused when bad, measured again when changed and named by the report."""
+import argparse
 import csv
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 import p2p.bench.command as bench_command
 import p2p.bench.run as bench_run
 from p2p.bench import Protocol, decode_mask, evaluate_row, read_mapping, report, run_row
+from p2p.bench.conventions import NAMES, OFFICIAL, Conventions, record
 from p2p.bench.pie import strip_brackets
 from p2p.bench.protocol import INVERSIONS, p2p_edit
 from p2p.bench.run import picture_files
@@ -377,3 +381,79 @@ def test_the_command_refuses_bad_data_before_loading_anything(data, tmp_path, ti
              monkeypatch)
     assert rc == 2 and "DDIM reconstruction" in capsys.readouterr().err and not out.exists()
     assert main(["bench", "report", str(tmp_path)]) == 2 and "no measured pictures" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the metric conventions
+OTHER_FLAGS = ["--average", "region", "--ssim-border", "reflect", "--lpips-norm", "torchmetrics", "--dino-pixel-range",
+               "1", "--dino-antialias", "--clip-keep-eos", "--clip-empty-mask", "score"]
+OTHER_YAML = ("average: region\nssim_border: reflect\nlpips_norm: torchmetrics\ndino_pixel_range: 1\n"
+              "dino_antialias: true\nclip_keep_eos: true\nclip_empty_mask: score\n")
+
+
+def measured_under(argv) -> Conventions:
+    args = bench_command.add_arguments(argparse.ArgumentParser()).parse_args(["eval", "out", "data", *argv])
+    return bench_command.measurement(args)[1]
+
+
+def test_every_switch_is_a_flag_and_a_config_key_and_the_two_agree(tmp_path):
+    config = tmp_path / "metrics.yaml"
+    config.write_text(OTHER_YAML)
+    by_flags, by_file = measured_under(OTHER_FLAGS), measured_under(["--metrics-config", str(config)])
+    assert by_flags == by_file != Conventions() and measured_under([]) == Conventions()
+    assert set(record(by_flags)) == set(NAMES) and all(record(by_flags)[k] != OFFICIAL[k] for k in NAMES)
+    back = measured_under(["--metrics-config", str(config), "--ssim-border", "valid", "--no-dino-antialias"])
+    assert (back.ssim_border, back.dino_antialias, back.average) == ("valid", False, "region")   # flags win
+
+
+@pytest.mark.parametrize("yaml_text, says", [
+    ("ssim_boarder: reflect\n", r"metrics.yaml: unknown keys \['ssim_boarder'\].*ssim_border"),
+    ("ssim_border: same\n", r"metrics.yaml: ssim_border='same' is not allowed; .* takes one of valid, reflect"),
+    ("dino_antialias: 'yes'\n", r"metrics.yaml: dino_antialias='yes' is not allowed; .* takes true or false"),
+    ("dino_pixel_range: 0\n", r"metrics.yaml: dino_pixel_range=0 is not allowed; .* a number from 1 to 255")])
+def test_a_bad_switch_is_refused_before_anything_runs(data, tmp_path, monkeypatch, capsys, yaml_text, says):
+    config, out = tmp_path / "metrics.yaml", tmp_path / "results"
+    config.write_text(yaml_text)
+    monkeypatch.setattr(bench_command, "read_mapping", lambda *a: pytest.fail("the data was read"))
+    monkeypatch.setattr(bench_command, "load_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    for command in (["pie", str(data), "--method", "p2p", "--inversion", "direct", "-o", str(out), "--ckpt", "x"],
+                    ["eval", str(out), str(data)]):
+        assert main(["bench", *command, "--metrics-config", str(config)]) == 2
+        assert re.search(says, capsys.readouterr().err) and not out.exists()
+    assert main(["bench", "eval", str(out), str(data), "--dino-pixel-range", "300"]) == 2
+    assert "--dino-pixel-range: dino_pixel_range=300.0 is not allowed" in capsys.readouterr().err
+
+
+def test_a_convention_change_measures_again_and_the_report_names_the_conventions(edited, tmp_path, capsys):
+    data, out, _ = edited
+    out = copied(out, tmp_path)
+    run = ["bench", "eval", str(out), str(data), "--method", "p2p", "--inversion", "direct", "--no-progress"]
+    assert main(run) == 0                                          # no metric file: PSNR, MSE, SSIM
+    assert "3 to measure" in capsys.readouterr().out
+    official = json.loads((out / "pie_bench.json").read_text())
+    config = tmp_path / "metrics.yaml"
+    config.write_text("average: region\n")
+    assert main([*run, "--average", "region"]) == 0
+    text = capsys.readouterr().out
+    assert "3 to measure" in text and "except in direct+p2p [average=region]" in text
+    assert main([*run, "--metrics-config", str(config)]) == 0     # the same conventions as the flag's: nothing to do
+    assert "0 to measure" in capsys.readouterr().out
+    summary = json.loads((out / "pie_bench.json").read_text())
+    assert list(summary["rows"]) == ["direct+p2p [average=region]"]
+    assert summary["conventions"]["direct+p2p [average=region]"] == OFFICIAL | {"average": "region"}
+    mse = lambda s: next(iter(s["rows"].values()))["all"]["mse_unedit_part"]["mean"]  # noqa: E731
+    assert mse(summary) > mse(official)          # over the unedited pixels only: no blacked-out zeros in the mean
+    assert official["conventions"] == {"direct+p2p": OFFICIAL}
+
+
+def test_a_row_measured_under_two_sets_of_conventions_is_tabulated_apart(edited, tmp_path):
+    _, out, entries = edited
+    out = copied(out, tmp_path)
+    ev, region = PixelEvaluator(), record(Conventions(average="region"))
+    evaluate_row(out, "direct+p2p", entries, ev, ev.names, {}, region, progress=False, log=quiet)
+    assert evaluate_row(out, "direct+p2p", entries, ev, ev.names, {}, region, progress=False, log=quiet) == []
+    assert evaluate_row(out, "direct+p2p", entries[:1], ev, ev.names, {}, progress=False, log=quiet) == [entries[0].id]
+    said = []
+    summary = report(out, log=said.append)
+    assert {k: v["all"]["pictures"] for k, v in summary.items()} == {"direct+p2p": 1, "direct+p2p [average=region]": 2}
+    assert any(s.startswith("warning: direct+p2p's pictures were measured under 2 sets of conventions") for s in said)
+    assert json.loads(metric_file(out, "direct+p2p", entries[1].id).read_text())["conventions"] == region

@@ -1,7 +1,10 @@
 """The PIE-Bench evaluator: which picture and prompt each metric reads (as the benchmark's evaluate.py), the
-conventions reaching the metrics, skipped metrics naming their files, and bad files and inputs refused by name.
-The metrics' values themselves are held to torchmetrics, lpips and transformers by tests/test_parity_pie_*.py."""
+conventions reaching the metrics (each switch changing its metrics and no other, the docs' switch table), skipped
+metrics naming their files, and bad files and inputs refused by name. The metrics' values themselves are held to
+torchmetrics, lpips and transformers by tests/test_parity_pie_*.py."""
+import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from models.clip_vision import CLIPPair, CLIPVisionConfig
 from models.config import CLIPTextConfig
 from models.vit import VisionTransformer, ViTConfig
 from p2p.bench.clipscore import clip_similarity, load_clip
+from p2p.bench.conventions import NAMES, TABLE_END, TABLE_START, markdown_table
 from p2p.bench.lpips import SqueezeLPIPS, load_lpips, lpips_unedited
 from p2p.bench.metrics import METRICS, Conventions, Evaluator, MetricFiles
 from p2p.bench.pixels import mean_squared_error, peak_signal_noise_ratio, structural_similarity
@@ -153,3 +157,67 @@ def test_bad_pictures_and_masks_are_refused_with_the_fix(case):
         ev(source, edited[:32], mask, SOURCE_PROMPT, TARGET_PROMPT)
     with pytest.raises(ValueError, match="uint8 .H, W, 3."):
         ev(source.astype(np.float32), edited, mask, SOURCE_PROMPT, TARGET_PROMPT)
+
+
+# each switch of p2p.bench.conventions, its other choice and the metrics it changes (and no other)
+ALTERNATIVES = {"average": ("region", {"psnr_unedit_part", "mse_unedit_part", "ssim_unedit_part"}),
+                "ssim_border": ("reflect", {"ssim_unedit_part"}),
+                "lpips_norm": ("torchmetrics", {"lpips_unedit_part"}),
+                "dino_pixel_range": (1.0, {"structure_distance"}),
+                "dino_antialias": (True, {"structure_distance"}),
+                "clip_keep_eos": (True, set(METRICS[5:])),
+                "clip_empty_mask": ("score", {"clip_similarity_target_image_edit_part"})}
+
+
+@pytest.fixture(scope="module")
+def wide_case():
+    """A 256 x 256 pair (DINO's resize to 224 shrinks it: where antialiasing matters), its box mask and no mask."""
+    source, edited, box = picture_pair(1, 256)
+    return source, edited, {"box": masks(256, box)["box+frame"], "empty": np.zeros((256, 256))}
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_every_switch_is_listed_here():
+    assert set(ALTERNATIVES) == set(NAMES)
+
+
+@pytest.fixture(scope="module")
+def small_last_map(files, tmp_path_factory) -> MetricFiles:
+    """LPIPS whose last map (its last Fire block's expand layers scaled by 1e-5) holds feature vectors near zero,
+    where the two normalisations differ, and whose other six linear layers are zero: on the other maps the two
+    agree to float32's rounding, and their terms would hide the last map's in the sum."""
+    folder = tmp_path_factory.mktemp("small-last-map")
+    state = torch.load(files.lpips_backbone, weights_only=True)
+    torch.save({k: v * 1e-5 if k.startswith("features.12.expand") else v for k, v in state.items()},
+               folder / "squeezenet1_1-b8a52dc0.pth")
+    linear = torch.load(files.lpips_linear, weights_only=True)
+    torch.save({k: v if k.startswith("lin6") else torch.zeros_like(v) for k, v in linear.items()},
+               folder / "squeeze.pth")
+    return dataclasses.replace(files, lpips_backbone=str(folder / "squeezenet1_1-b8a52dc0.pth"),
+                               lpips_linear=str(folder / "squeeze.pth"))
+
+
+@pytest.mark.parametrize("name", ALTERNATIVES)
+def test_each_switch_changes_its_metrics_and_no_other(files, small_last_map, wide_case, name):
+    source, edited, mask_of = wide_case
+    value, changes = ALTERNATIVES[name]
+    files = small_last_map if name == "lpips_norm" else files
+    mask = mask_of["empty" if name == "clip_empty_mask" else "box"]
+    long_prompt = " ".join(["a rusty mountain bicycle"] * 30)           # over 77 ids: where keep_eos matters
+    official = Evaluator(files)(source, edited, mask, long_prompt, long_prompt)
+    other = Evaluator(files, conventions=Conventions(**{name: value}))(source, edited, mask, long_prompt, long_prompt)
+    assert {m for m in METRICS if not same(official[m], other[m])} == changes
+    if name == "clip_empty_mask":
+        assert math.isnan(official["clip_similarity_target_image_edit_part"])
+        assert other["clip_similarity_target_image_edit_part"] >= 0
+
+
+def test_the_docs_switch_table_is_the_declarations():
+    text = (Path(__file__).parent.parent / "docs" / "pie-bench-metrics.md").read_text()
+    assert TABLE_START in text and TABLE_END in text, "docs/pie-bench-metrics.md lost its switch table markers"
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
+    assert table == markdown_table(), ("docs/pie-bench-metrics.md's switch table is stale: paste "
+                                       "p2p.bench.conventions.markdown_table() between its markers")

@@ -6,7 +6,8 @@ The parts: pie.py (the data folder: the mapping file, the pictures, the masks, e
 (each row's inversion and edit, with the published settings), run.py (one row over the pictures, a PNG and a
 record per picture), score.py (each picture measured with `metrics.Evaluator`), report.py (the table: printed,
 CSV, JSON), command.py (`p2p bench pie | eval | report`, torchrun); the metrics: metrics.py (the Evaluator),
-pixels.py, lpips.py, structure.py, clipscore.py, inputs.py.
+conventions.py (the official code's quirks as switches: flags, config keys, records), pixels.py, lpips.py,
+structure.py, clipscore.py, inputs.py.
 """
 from .pie import EDIT_TYPES, Entry, decode_mask, read_mapping
 from .protocol import Protocol, run_entry

@@ -38,6 +38,7 @@ CLIP_KEYS = ("text_model.embeddings.token_embedding.weight", "text_model.encoder
              "vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.mlp.fc1.weight",
              "text_projection.weight", "visual_projection.weight")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+EMPTY_MASKS = ("nan", "score")  # the edit part of an empty mask: nan (the official report) or the black picture's score
 
 
 @dataclass
@@ -155,7 +156,7 @@ def clip_similarity(scorer: ClipScorer, image: np.ndarray, text: str, mask: np.n
     """100 * max(cos, 0) of CLIP's embeddings of a uint8 (H, W, 3) picture (times `mask` where given) and
     `text`. The keyword switches are the official quirks (module docstring)."""
     image = rgb_picture(image, "image")
-    if empty_mask not in ("nan", "score"):
+    if empty_mask not in EMPTY_MASKS:
         raise ValueError(f"empty_mask must be 'nan' (the official report) or 'score', got {empty_mask!r}")
     if mask is not None:
         image = masked_picture(image, mask)

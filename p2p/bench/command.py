@@ -27,6 +27,7 @@ from weights_tools.registry import resolve_checkpoint
 from ..config import read_yaml
 from ..settings import SOURCE_ROWS, add_flags, flag_values, settings_of, use_threads
 from ..sweep.command import DTYPES, dtype_option, load_options, model_option_flags, reading
+from .conventions import NAMES as SWITCH_NAMES, Conventions, add_switch_flags, conventions_of, differences, record
 from .metrics import METRICS, Evaluator, MetricFiles
 from .pie import EDIT_TYPES, read_mapping
 from .protocol import EDIT_METHODS, INVERSIONS, Protocol
@@ -61,15 +62,27 @@ def ranks():
 
 
 # ------------------------------------------------------------------------------- metric files
-def metric_files(args) -> MetricFiles:
-    """--dino / --clip / --lpips-backbone / --lpips-linear over --metrics-config's keys of the same names."""
+def metrics_config(args) -> dict:
+    """--metrics-config's keys, every one known: the metric files and the conventions' switches."""
     config = read_yaml(args.metrics_config) if args.metrics_config else {}
-    unknown = sorted(set(config) - set(FILE_FLAGS))
+    unknown = sorted(set(config) - set(FILE_FLAGS) - set(SWITCH_NAMES))
     if unknown:
         raise ValueError(f"{args.metrics_config}: unknown keys {unknown}; a metrics config names the files "
-                         f"{', '.join(FILE_FLAGS)}")
+                         f"{', '.join(FILE_FLAGS)} and the conventions {', '.join(SWITCH_NAMES)} "
+                         "(docs/pie-bench-metrics.md)")
+    return config
+
+
+def metric_files(args, config: dict) -> MetricFiles:
+    """--dino / --clip / --lpips-backbone / --lpips-linear over --metrics-config's keys of the same names."""
     paths = {k: getattr(args, k) or config.get(k) for k in FILE_FLAGS}
     return MetricFiles(**{k: str(v) if v is not None else None for k, v in paths.items()})
+
+
+def measurement(args) -> tuple[MetricFiles, Conventions]:
+    """The metric files and the conventions the flags and --metrics-config give, checked before anything runs."""
+    config = metrics_config(args)
+    return metric_files(args, config), conventions_of(args, config, args.metrics_config)
 
 
 def files_identity(files: MetricFiles) -> dict:
@@ -78,13 +91,16 @@ def files_identity(files: MetricFiles) -> dict:
             for k in FILE_FLAGS}
 
 
-def evaluator(args, device: str, log) -> tuple:
-    """(Evaluator, the metrics it computes, the files' identity); each skipped metric's reason logged once."""
-    files = metric_files(args)
-    ev = Evaluator(files, device=device)
+def evaluator(measured: tuple[MetricFiles, Conventions], device: str, log) -> tuple:
+    """(Evaluator, the metrics it computes, the files' identity, the conventions' record); each skipped metric's
+    reason logged once, and the conventions where they are not the official ones."""
+    files, conventions = measured
+    ev = Evaluator(files, device=device, conventions=conventions)
     for metric, why in ev.skipped.items():
         log(f"skipping {metric}: {why}")
-    return ev, tuple(m for m in METRICS if m not in ev.skipped), files_identity(files)
+    if differences(record(conventions)):
+        log(f"measuring under conventions other than the official ones: {differences(record(conventions))}")
+    return ev, tuple(m for m in METRICS if m not in ev.skipped), files_identity(files), record(conventions)
 
 
 # ------------------------------------------------------------------------------- commands
@@ -99,6 +115,7 @@ def edit_types(args):
 
 def cmd_pie(args) -> int:
     """Edit the pending pictures of one row, measure them, and (rank 0) write the report."""
+    measured = measurement(args)  # the metrics config checked before anything runs
     p = protocol(args)
     entries = read_mapping(args.data_dir, edit_types(args))  # every entry checked before a model loads
     if args.limit is not None and args.limit < 1:
@@ -111,7 +128,7 @@ def cmd_pie(args) -> int:
                "dtype": args.dtype, "reading": reading(DTYPES[args.dtype], load_options(args))}
     with ranks() as (rank, world, barrier, device):
         log = print if rank == 0 else (lambda *a: None)
-        scoring = evaluator(args, device, log) if args.evaluate else None
+        scoring = evaluator(measured, device, log) if args.evaluate else None
         sd = load_checkpoint(ckpt, device=device, dtype=DTYPES[args.dtype], **load_options(args))
         run_row(sd, p, entries, args.output, weights, limit=args.limit, rank=rank, world=world, barrier=barrier,
                 progress=args.progress, log=log)
@@ -127,12 +144,13 @@ def cmd_pie(args) -> int:
 
 def cmd_eval(args) -> int:
     """Measure the edited pictures of one row (--method / --inversion) or of every row in OUT."""
+    measured = measurement(args)
     entries = read_mapping(args.data_dir, edit_types(args))
     out = Path(args.output)
     rows = [Protocol(args.method, args.inversion).row] if args.method else edited_rows(out)
     with ranks() as (rank, world, barrier, device):
         log = print if rank == 0 else (lambda *a: None)
-        scoring = evaluator(args, device, log)
+        scoring = evaluator(measured, device, log)
         for row in rows:
             evaluate_row(out, row, entries, *scoring, rank=rank, world=world, barrier=barrier, progress=args.progress,
                          log=log)
@@ -164,7 +182,9 @@ def metric_flags(q) -> None:
     g.add_argument("--lpips-backbone", dest="lpips_backbone", help="torchvision's SqueezeNet 1.1 (squeezenet1_1-b8a52dc0.pth): LPIPS's backbone")
     g.add_argument("--lpips-linear", dest="lpips_linear", help="LPIPS v0.1's SqueezeNet linear layers (squeeze.pth)")
     g.add_argument("--metrics-config", dest="metrics_config", metavar="YAML",
-                   help="a YAML file naming them: dino, clip, lpips_backbone, lpips_linear (flags win)")
+                   help="a YAML file naming them: dino, clip, lpips_backbone, lpips_linear, and the conventions below "
+                        "by their names (" + ", ".join(SWITCH_NAMES) + "); flags win")
+    add_switch_flags(q)
 
 
 def common_flags(q) -> None:

@@ -12,7 +12,8 @@ The mask is 1 on the edited region (the benchmark's decoded mask, its one-pixel 
 caller decodes it). Prompts lose their `[` `]` edit markers, as evaluate.py strips them. A metric of an empty
 region (no unedited pixel; no edited pixel for the edit part) is nan, where evaluate.py writes "nan".
 A metric whose weight file is not given is skipped, `Evaluator.skipped` saying which file to get.
-The official code's quirks are `Conventions`, each defaulting to the official behaviour (docs/pie-bench-metrics.md).
+The official code's quirks are `Conventions` (p2p.bench.conventions), each defaulting to the official behaviour
+(docs/pie-bench-metrics.md).
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ import numpy as np
 
 from .clipscore import CLIP_FILE, clip_similarity, load_clip
 from .inputs import rgb_picture
-from .lpips import BACKBONE_FILE, LINEAR_FILE, NORMS, load_lpips, lpips_unedited
-from .pixels import (AVERAGES, SSIM_BORDERS, edit_mask, mean_squared_error, peak_signal_noise_ratio,
-                     structural_similarity)
+from .conventions import Conventions
+from .lpips import BACKBONE_FILE, LINEAR_FILE, load_lpips, lpips_unedited
+from .pixels import edit_mask, mean_squared_error, peak_signal_noise_ratio, structural_similarity
 from .structure import DINO_FILE, load_dino, structure_distance
 
 METRICS = ("structure_distance", "psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part", "ssim_unedit_part",
@@ -39,24 +40,6 @@ class MetricFiles:
     clip: str | None = None               # the three CLIP similarities
     lpips_backbone: str | None = None     # lpips_unedit_part, with lpips_linear
     lpips_linear: str | None = None
-
-
-@dataclass(frozen=True)
-class Conventions:
-    """Where the benchmark's code has a quirk or depends on a library's version: the official choice (default)
-    and its alternative. See docs/pie-bench-metrics.md."""
-    average: str = "frame"            # PSNR / MSE / SSIM over the blacked-out whole frame, or "region": unedited only
-    ssim_border: str = "valid"        # SSIM windows inside the picture (torchmetrics <= 1.4.1), or "reflect" (>= 1.4.2)
-    lpips_norm: str = "lpips"         # x / (|x| + 1e-10) (lpips, torchmetrics < 1.2.1) or "torchmetrics" (>= 1.2.1)
-    dino_pixel_range: float = 255.0   # the structure distance's DINO input in 0..255 (official) or 1.0
-    dino_antialias: bool = False      # torchvision 0.13's resize (no antialias) or True (torchvision >= 0.17)
-    clip_keep_eos: bool = False       # a prompt over 77 ids cut as torchmetrics does, or True: EOS kept
-
-    def __post_init__(self):
-        for name, value, allowed in (("average", self.average, AVERAGES), ("ssim_border", self.ssim_border,
-                                     SSIM_BORDERS), ("lpips_norm", self.lpips_norm, NORMS)):
-            if value not in allowed:
-                raise ValueError(f"Conventions.{name}={value!r}: choose one of {allowed}")
 
 
 def skip_reasons(files: MetricFiles) -> dict[str, str]:
@@ -141,4 +124,4 @@ class Evaluator:
 
     def clip_similarity_target_image_edit_part(self, g: Given) -> float:
         return clip_similarity(self.clip, g.edited, g.target_prompt, mask=g.mask,
-                               keep_eos=self.conventions.clip_keep_eos)
+                               empty_mask=self.conventions.clip_empty_mask, keep_eos=self.conventions.clip_keep_eos)

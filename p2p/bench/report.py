@@ -6,7 +6,13 @@ PSNR in dB and CLIP similarity as 100 x cos, unscaled), which the printed table'
 A metric undefined for a picture (NaN, stored as null: the official evaluation's "nan") is left out of its mean,
 and the JSON gives how many pictures each mean is over. A metric file whose picture was edited again since is
 left out. Writes OUT/pie_bench.csv (the printed numbers) and OUT/pie_bench.json (the raw means, how many pictures each is
-over, and `table_scale`: the factor from a raw mean to the printed number).
+over, `table_scale`: the factor from a raw mean to the printed number, and `conventions`: each row's).
+
+Each metric record keeps the conventions it was measured under (p2p.bench.conventions). A row's numbers are
+means over pictures measured under one set: a row measured under the official conventions keeps its name; one
+measured under others is named `ROW [switch=value, ...]` by the switches that differ; a row whose pictures were
+measured under several sets (a measuring run stopped midway after a change) becomes one row per set, with a
+warning to measure them again under one.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pathlib import Path
 from models.textfile import read_json
 from weights_tools.files import json_bytes, write_files_atomic
 
+from .conventions import differences
 from .pie import EDIT_TYPES
 from .run import read_done
 from .score import from_json
@@ -62,17 +69,39 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
-def collect(out_dir) -> dict:
-    """{row: summary} of every row folder in OUT that has metric records."""
+def by_conventions(row: str, records: list[dict], log=print) -> dict:
+    """{label: (conventions, records)}: the row's records split by the conventions they were measured under, each
+    set's label the row's name, followed by the switches that differ from the official ones ([...])."""
+    sets: dict[str, tuple] = {}
+    for rec in records:
+        kept = rec.get("conventions")
+        differ = differences(kept)
+        sets.setdefault(f"{row} [{differ}]" if differ else row, (kept, []))[1].append(rec)
+    if len(sets) > 1:
+        log(f"warning: {row}'s pictures were measured under {len(sets)} sets of conventions, tabulated apart as "
+            f"{', '.join(sets)}; run `p2p bench eval` again to measure them all under one")
+    return sets
+
+
+def collect(out_dir, log=print) -> tuple[dict, dict]:
+    """({row: summary}, {row: conventions}) of every row folder in OUT that has metric records, a row split by
+    the conventions its pictures were measured under (`by_conventions`)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir} does not exist: give the -o folder of `p2p bench pie`")
     rows = {d.name: row_records(d) for d in sorted(out_dir.iterdir()) if (d / "metrics").is_dir()}
-    rows = {name: summarise(rs) for name, rs in rows.items() if rs}
-    if not rows:
+    sets = {label: kept for name, rs in rows.items() if rs for label, kept in by_conventions(name, rs, log).items()}
+    if not sets:
         raise ValueError(f"{out_dir} holds no measured pictures (ROW/metrics/*.json): run `p2p bench pie` (or "
                          f"`p2p bench eval`) first")
-    return rows
+    return {label: summarise(rs) for label, (_, rs) in sets.items()}, {label: c for label, (c, _) in sets.items()}
+
+
+def conventions_line(conventions: dict) -> str:
+    """The printed line saying which conventions the numbers used."""
+    other = [label for label, c in conventions.items() if differences(c)]
+    return ("conventions: the official evaluation's" + (f", except in {', '.join(other)}" if other else "") +
+            " (docs/pie-bench-metrics.md; pie_bench.json gives each row's)")
 
 
 def cell(entry: dict | None, scale: float) -> str:
@@ -98,15 +127,16 @@ def text_table(lines: list[list[str]]) -> str:
 
 def report(out_dir, log=print) -> dict:
     """Print the table and write OUT/pie_bench.csv and OUT/pie_bench.json; the summary."""
-    summary = collect(out_dir)
+    summary, conventions = collect(out_dir, log)
     lines = table_rows(summary)
     buf = io.StringIO()
     csv.writer(buf).writerows([["row", "edit_type", "pictures", *(c for _, c, _ in COLUMNS)], *lines])
     out = Path(out_dir)
     scale = {m: k for m, _, k in COLUMNS}
-    write_files_atomic({out / "pie_bench.csv": buf.getvalue().encode(),
-                        out / "pie_bench.json": json_bytes({"units": UNITS, "table_scale": scale, "rows": summary})})
+    table = {"units": UNITS, "table_scale": scale, "conventions": conventions, "rows": summary}
+    write_files_atomic({out / "pie_bench.csv": buf.getvalue().encode(), out / "pie_bench.json": json_bytes(table)})
     log(UNITS)
+    log(conventions_line(conventions))
     log(text_table(lines))
     log(f"wrote {out / 'pie_bench.csv'} and {out / 'pie_bench.json'}")
     return summary
