@@ -31,7 +31,8 @@ from ..settings import METHODS, SOURCE_ROWS
 from .pie import Entry
 
 EDIT_METHODS = ("p2p", "masactrl", "pnp")
-INVERSIONS = {"p2p": METHODS, "masactrl": ("ddim", "direct"), "pnp": ("direct",)}
+# the published table's rows: UNet inversions only (the flow inversion is an MM-DiT model's; PIE-Bench's rows are SD v1)
+INVERSIONS = {"p2p": tuple(m for m in METHODS if m != "flow"), "masactrl": ("ddim", "direct"), "pnp": ("direct",)}
 PNP_NEGATIVE = "ugly, blurry, black, low res, unrealistic"
 
 
