@@ -61,7 +61,13 @@ def check_towers(src, kinds) -> None:
 
 
 def describe_sd3(src) -> dict:
-    cfg = sd3_file_config(src.shapes, src.metadata, src.where)
+    try:
+        cfg = sd3_file_config(src.shapes, src.metadata, src.where)
+    except CheckpointError as e:  # keys missing or of another model: named, not loadable
+        return {"variant": "SD3", "model": "SD3 / SD3.5 (unreadable)", "family": None, "loadable": False,
+                "variant_evidence": f"found `{PREFIX}joint_blocks.*`", "config_source": "none: the keys it needs are missing", "problem": str(e),
+                **FLOW,
+                "holds": [], "needs": [], "groups": groups(src, {"transformer": PREFIX, "other": ""})}
     model, evidence = sd3_model_name(cfg)
     held = text_held(src)
     has_vae = any(k.startswith(VAE) for k in src.entries)

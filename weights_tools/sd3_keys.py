@@ -100,9 +100,13 @@ def sd3_file_config(shapes: dict[str, tuple], metadata: dict | None = None, wher
     s = {k.removeprefix(PREFIX): tuple(v) for k, v in shapes.items() if k.startswith(PREFIX)}
     try:
         return shapes_config(s)
-    except (KeyError, ValueError, ZeroDivisionError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{where}: this is an SD3 / SD3.5 checkpoint (its {PREFIX}joint_blocks keys) without "
+                              f"{PREFIX}{e.args[0]}: the file is truncated or mixes another model's keys; use the file "
+                              f"as released, or its diffusers folder") from e
+    except (ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{where}: the MM-DiT's shapes do not describe an SD3 / SD3.5 transformer "
-                              f"({type(e).__name__}: {e}); the file is incomplete or of another model") from e
+                              f"({e}); the file is incomplete or of another model") from e
 
 
 def shapes_config(s: dict[str, tuple]) -> SD3Config:
