@@ -55,7 +55,7 @@ from models.mmdit_text import TextCond  # noqa: E402
 from models.tokenizer_json import read_tokenizer  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
 from p2p import JointAttentionStore, JointReplace, LocalBlend  # noqa: E402
-from p2p.joint_control import JointController, image_text_probs, replace_projections  # noqa: E402
+from p2p.joint_control import JointController, image_text_probs, replace_projections, word_maps  # noqa: E402
 from p2p.joint_pipeline import initial_joint_latent, joint_denoise  # noqa: E402
 
 PROMPTS = ["a photo of a cat sitting on a red car", "a photo of a dog sitting on a red car"]
@@ -201,13 +201,17 @@ class Setup:
 def block_parts(m: SD3, size: int, repeats: int) -> dict:
     """{part: median seconds} of one joint block's attention work at this size on random q, k, v of the
     model's shape and dtype (4 rows: [uncond src, uncond tgt, cond src, cond tgt]): the fused attention, the
-    conditional rows' image-to-text maps (what LocalBlend and a store form per block), and qiki's copies."""
+    conditional rows' image-to-text maps (what a store forms per block), their word maps (what LocalBlend
+    forms per block, by the fused kernel) and qiki's copies."""
     site = m.joint_sites(size, size)[0]
     heads, d = m.transformer.cfg.num_attention_heads, m.transformer.cfg.attention_head_dim
     g = torch.Generator().manual_seed(SEED)
     q, k, v = (torch.randn(4, heads, site.text.stop, d, generator=g).to(m.dtype) for _ in range(3))
+    alpha = torch.zeros(2, site.text.stop - site.text.start)
+    alpha[:, [6, 7, 8, 82, 83, 84]] = 1
     parts = {"fused attention (models.attention.attend)": lambda: attend(q, k, v),
              "image-to-text maps, 2 conditional rows": lambda: image_text_probs(q[2:], k[2:], site),
+             "word maps (LocalBlend), 2 conditional rows": lambda: word_maps(q[2:], k[2:], site, alpha),
              "qiki replacement (q, k copies)": lambda: replace_projections("qiki", site, q, k, v, 2, range(3, 4))}
     times = {name: [] for name in parts}
     for _ in range(repeats):

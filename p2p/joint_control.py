@@ -132,6 +132,19 @@ def image_text_probs(q: torch.Tensor, k: torch.Tensor, site: JointSite) -> torch
     return total / q.shape[1]
 
 
+def word_maps(q: torch.Tensor, k: torch.Tensor, site: JointSite, alpha: torch.Tensor) -> torch.Tensor:
+    """(B, S_img) fp32: row i's mean over its word columns (alpha[i] > 0, alpha (B, S_txt)) of softmax(q k^T /
+    sqrt(d)) on the image rows, averaged over heads; zeros for a row with no word columns. That mean is the
+    softmax times a value column holding 1/n on the word columns, so the fused kernel forms it without the
+    (S_img, S) probabilities: the same maps as image_text_probs's column mean to fp32 rounding. The value is
+    padded with zero columns to the head dim d: the CPU kernel is several times slower on narrower values."""
+    words = (alpha > 0).float()
+    w = q.new_zeros(q.shape[0], 1, q.shape[2], q.shape[-1], dtype=torch.float32)
+    w[:, 0, site.text, 0] = words / words.sum(-1, keepdim=True).clamp(min=1)
+    out = F.scaled_dot_product_attention(q[:, :, site.image].float(), k.float(), w.expand(-1, q.shape[1], -1, -1))
+    return out[..., 0].mean(1)
+
+
 # ----------------------------------------------------------------------------- word -> text columns
 def piece_places(pieces: list[str], word, prompt: str) -> list[int]:
     """Which whitespace pieces `word` names: every piece equal to it (a str of several words: each of them),
@@ -258,12 +271,13 @@ class JointBlender:
     def reads(self, site: JointSite, step: int) -> bool:
         return step in self.steps and (self.blocks is None or site.index in self.blocks)
 
-    def add(self, site: JointSite, probs: torch.Tensor) -> None:
-        """probs (P, S_img, S_txt) of the conditional rows: row i's mean over its own word columns."""
-        alpha = self.alpha.to(probs.device)
-        row = [probs[i][:, alpha[i] > 0].mean(-1) if alpha[i].any() else probs.new_zeros(probs.shape[1])
-               for i in range(probs.shape[0])]
-        self.entries.setdefault(site.index, []).append(torch.stack(row))
+    def read(self, site: JointSite, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Store the word maps of the conditional rows' projections q, k (P, heads, S, d)."""
+        self.add(site, word_maps(q, k, site, self.alpha.to(q.device)))
+
+    def add(self, site: JointSite, maps: torch.Tensor) -> None:
+        """maps (P, S_img): row i's mean over its own word columns of the head-averaged joint softmax."""
+        self.entries.setdefault(site.index, []).append(maps)
         self.grid, self.pool = site.grid, site.kind in POOLED_KINDS
 
     def aggregate(self) -> torch.Tensor:
@@ -376,12 +390,10 @@ class JointController:
                              f"batch) or {2 * P} ([uncond..., cond...])")
         store = self.store is not None and self.store.wants(site)
         blend = self.blend is not None and self.blend.reads(site, i)
-        if store or blend:
-            probs = image_text_probs(q[B - P:], k[B - P:], site)
-            if store:
-                self.store.add(site, probs)
-            if blend:
-                self.blend.add(site, probs)
+        if store:
+            self.store.add(site, image_text_probs(q[B - P:], k[B - P:], site))
+        if blend:
+            self.blend.read(site, q[B - P:], k[B - P:])
         if i in self.replace_steps and self.spec.applies(site):
             q, k, v = replace_projections(self.spec.method, site, q, k, v, B - P, range(B - P + 1, B))
         return q, k, v

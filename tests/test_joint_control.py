@@ -15,7 +15,8 @@ import p2p.viz
 from p2p import LocalBlend
 from p2p.blend import Blender
 from p2p.joint_control import (METHODS, JointAttentionStore, JointBlender, JointController, JointReplace,
-                               blend_alpha, blend_mask, image_text_probs, model_layout, smooth, text_columns)
+                               blend_alpha, blend_mask, image_text_probs, model_layout, smooth, text_columns,
+                               word_maps)
 
 FIX = Path(__file__).parent / "fixtures" / "mmdit"
 GRID, LATENT = (6, 8), (12, 16)
@@ -86,8 +87,7 @@ def test_after_step_blends_their_latents_bit_for_bit_and_stops_at_end_blend(name
     for s in range(10):
         if s < 5:
             for i, n, kind in STORED[name]:
-                ctrl.blend.add(site(i, n, kind, text=333 if not flux else 512), t[f"store.{n}"][s][:, :, None]
-                               .expand(-1, -1, ctrl.blend.alpha.shape[1]))
+                ctrl.blend.add(site(i, n, kind, text=333 if not flux else 512), t[f"store.{n}"][s])
         x = t["latents_pre_callback_steps"][s]
         out = ctrl.after_step(s, unpack(x) if flux else x)
         assert torch.equal(pack(out) if flux else out, t["latents_steps"][s]), s
@@ -168,6 +168,27 @@ def test_maps_are_stored_before_the_replacement_from_the_conditional_rows():
     assert torch.allclose(store.sums[0], probs, atol=1e-6)
     assert torch.allclose(image_text_probs(q[2:], k[2:], SD3_SITE), probs, atol=1e-6)
     assert store.maps(1).shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("name", sorted(STORED))
+def test_word_maps_from_the_fused_kernel_are_the_explicit_softmaxs_column_means(name):
+    """On the recorded cases' shapes (the tiny models' heads and head dims) and random q, k: within 1e-6 of the
+    explicit fp32 softmax's column means, element by element; a row with no word columns gets zeros."""
+    _, meta = case(name)
+    flux = name.startswith("flux")
+    heads, d = (2, 16) if flux else (4, 8)
+    words = [tuple(w) for w in meta["controller"]["local_blend_words"]]
+    alpha = blend_alpha(layout(meta["family"]), meta["prompts"], words)
+    alpha = torch.cat([alpha, torch.zeros_like(alpha[:1])])
+    for i, n, kind in STORED[name]:
+        where = site(i, n, kind, text=512 if flux else 333)
+        g = torch.Generator().manual_seed(i)
+        q, k = (torch.randn(3, heads, 48 + where.text.stop - where.text.start, d, generator=g) for _ in range(2))
+        probs = image_text_probs(q, k, where)
+        want = torch.stack([probs[r][:, alpha[r] > 0].mean(-1) for r in range(2)])
+        got = word_maps(q, k, where, alpha)
+        assert got.dtype == torch.float32 and torch.equal(got[2], torch.zeros(48))
+        assert ((got[:2] - want).abs() / want.abs()).max() < 1e-6
 
 
 def test_maps_are_formed_only_in_the_blend_blocks_and_steps_and_other_steps_are_plain():
