@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from models import attention
 from models.joint import JointSite
 
 from . import joint_inversion
@@ -119,29 +120,27 @@ def replace_projections(method: str, site: JointSite, q, k, v, source: int, targ
 
 def image_text_probs(q: torch.Tensor, k: torch.Tensor, site: JointSite) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) over the whole joint sequence, averaged over heads, on the image rows and the
-    text columns: (B, S_img, S_txt) in fp32. One head at a time, so that the (S_img, S) logits are never
-    formed for all heads at once. Where the scale is a power of two (head dims 4, 16, 64, 256) it multiplies
-    the queries instead of the logits: the same bits, S / d times fewer multiplications."""
-    scale = q.shape[-1] ** -0.5
-    exact = math.frexp(scale)[0] == 0.5
+    text columns: (B, S_img, S_txt) in fp32. The map is models.attention.attention_probs, the one definition
+    (looked up at call time, so an edited one counts here too), one head at a time, so that the (S_img, S)
+    logits are never formed for all heads at once."""
     total = 0
     for h in range(q.shape[1]):
-        qh, kh = q[:, h, site.image].float(), k[:, h].float().transpose(-1, -2)
-        logits = torch.matmul(qh * scale, kh) if exact else torch.matmul(qh, kh) * scale
-        total = total + logits.softmax(-1)[..., site.text]
+        probs = attention.attention_probs(q[:, h:h + 1, site.image].float(), k[:, h:h + 1].float())
+        total = total + probs[:, 0, :, site.text]
     return total / q.shape[1]
 
 
 def word_maps(q: torch.Tensor, k: torch.Tensor, site: JointSite, alpha: torch.Tensor) -> torch.Tensor:
     """(B, S_img) fp32: row i's mean over its word columns (alpha[i] > 0, alpha (B, S_txt)) of softmax(q k^T /
     sqrt(d)) on the image rows, averaged over heads; zeros for a row with no word columns. That mean is the
-    softmax times a value column holding 1/n on the word columns, so the fused kernel forms it without the
-    (S_img, S) probabilities: the same maps as image_text_probs's column mean to fp32 rounding. The value is
-    padded with zero columns to the head dim d: the CPU kernel is several times slower on narrower values."""
+    attention output for a value column holding 1/n on the word columns, so models.attention.attend forms it
+    (the fused kernel while it equals the definition) without the (S_img, S) probabilities: the same maps as
+    image_text_probs's column mean to fp32 rounding. The value is padded with zero columns to the head dim d:
+    the CPU kernel is several times slower on narrower values."""
     words = (alpha > 0).float()
     w = q.new_zeros(q.shape[0], 1, q.shape[2], q.shape[-1], dtype=torch.float32)
     w[:, 0, site.text, 0] = words / words.sum(-1, keepdim=True).clamp(min=1)
-    out = F.scaled_dot_product_attention(q[:, :, site.image].float(), k.float(), w.expand(-1, q.shape[1], -1, -1))
+    out = attention.attend(q[:, :, site.image].float(), k.float(), w.expand(-1, q.shape[1], -1, -1))
     return out[..., 0].mean(1)
 
 

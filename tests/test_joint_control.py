@@ -191,6 +191,27 @@ def test_word_maps_from_the_fused_kernel_are_the_explicit_softmaxs_column_means(
         assert ((got[:2] - want).abs() / want.abs()).max() < 1e-6
 
 
+def test_the_maps_follow_an_edited_attention_definition(monkeypatch):
+    """The joint maps are models.attention's one definition: a temperature patched into attention_probs reaches
+    both the stored maps and LocalBlend's word maps (the fused kernel then no longer runs), equal to the stock
+    maps of queries scaled by 1/T."""
+    from models import attention
+    stock = attention.attention_probs
+    monkeypatch.setattr(attention, "attention_probs", lambda q, k, mask=None: stock(q / 2.0, k, mask))
+    where = site(1, "transformer_blocks.1", "joint", text=333)
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 4, 48 + 333, 8, generator=g) for _ in range(2))
+    alpha = torch.zeros(2, 333)
+    alpha[0, 6], alpha[1, 7:9] = 1, 1
+    with pytest.warns(UserWarning, match="no longer matches the fused kernel"):
+        got = word_maps(q, k, where, alpha)
+    probs = image_text_probs(q, k, where)
+    monkeypatch.setattr(attention, "attention_probs", stock)
+    want = image_text_probs(q / 2.0, k, where)
+    assert torch.allclose(probs, want, rtol=1e-6, atol=0) and not torch.allclose(probs, image_text_probs(q, k, where))
+    assert torch.allclose(got, word_maps(q / 2.0, k, where, alpha), rtol=1e-5, atol=0)
+
+
 def test_maps_are_formed_only_in_the_blend_blocks_and_steps_and_other_steps_are_plain():
     q, k, v = synthetic(4, 48 + 333, seed=6)
     blend = LocalBlend(("cat", "dog"), end_blend=0.4, blocks=(1,))
