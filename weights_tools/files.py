@@ -23,7 +23,10 @@ def make_parents(paths) -> list[Path]:
     made = []
     for p in paths:
         for folder in reversed([a for a in [p.parent, *p.parent.parents] if not a.exists()]):
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile by another process (a torchrun rank): not ours to remove
+                continue
             made.insert(0, folder)
     return made
 
